@@ -1,0 +1,13 @@
+"""Test setup: CUDA kernels run in numba's simulator unless told otherwise.
+
+On a machine with an NVIDIA GPU, run ``NUMBA_ENABLE_CUDASIM=0 python -m pytest`` to test
+the kernels on the real device. The variable must be set before numba is imported,
+which is why it is set here, at collection time.
+"""
+
+import os
+import sys
+
+os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
+os.environ.setdefault("TINYFRCNN_QUICK", "1")
+sys.path.insert(0, os.path.dirname(__file__))

@@ -1,0 +1,102 @@
+"""Input validation shared by every public op.
+
+Numba kernels do not check bounds, so every public function checks its arguments here
+first and raises ``ValueError`` naming the argument and what is wrong. Device arrays
+are checked for shape and dtype; their values are checked on a host copy only where
+the op reads them as indices or coordinates (small arrays such as boxes and RoIs).
+"""
+
+import numpy as np
+
+from .device import is_device_array
+
+FLOAT_DTYPES = (np.float32, np.float64)
+
+
+def _host_values(x):
+    return x.copy_to_host() if is_device_array(x) else x
+
+
+def as_array(x, name, ndim=None, dtypes=None, where=""):
+    """Return ``x`` as an array (NumPy or device), checking dimensions and dtype."""
+    prefix = f"{where}: " if where else ""
+    if not is_device_array(x):
+        if isinstance(x, (list, tuple)) or np.isscalar(x):
+            x = np.asarray(x)
+        if not isinstance(x, np.ndarray):
+            raise ValueError(f"{prefix}{name} must be a NumPy or CUDA device array, got {type(x).__name__}")
+    if ndim is not None and x.ndim != ndim:
+        raise ValueError(f"{prefix}{name} must be {ndim}-D, got shape {tuple(x.shape)}")
+    if dtypes is not None and np.dtype(x.dtype) not in [np.dtype(d) for d in dtypes]:
+        names = ", ".join(np.dtype(d).name for d in dtypes)
+        raise ValueError(f"{prefix}{name} must have dtype {names}, got {np.dtype(x.dtype).name}")
+    return x
+
+
+def as_float_array(x, name, ndim=None, where=""):
+    """A float32/float64 array with ``ndim`` dimensions; ints are rejected, not cast."""
+    x = as_array(x, name, ndim=ndim, where=where)
+    if np.dtype(x.dtype) not in [np.dtype(d) for d in FLOAT_DTYPES]:
+        prefix = f"{where}: " if where else ""
+        raise ValueError(f"{prefix}{name} must be float32 or float64, got {np.dtype(x.dtype).name}")
+    return x
+
+
+def check_finite(x, name, where=""):
+    """Raise if ``x`` holds NaN or inf (device arrays are checked on a host copy)."""
+    values = _host_values(x)
+    if values.size and not np.isfinite(values).all():
+        prefix = f"{where}: " if where else ""
+        bad = np.argwhere(~np.isfinite(values))[0]
+        raise ValueError(f"{prefix}{name} holds NaN or inf (first at index {tuple(int(i) for i in bad)})")
+    return x
+
+
+def check_boxes(boxes, name="boxes", where=""):
+    """(N, 4) float boxes (x1, y1, x2, y2), finite, with x2 >= x1 and y2 >= y1."""
+    boxes = as_float_array(boxes, name, ndim=2, where=where)
+    prefix = f"{where}: " if where else ""
+    if boxes.shape[1] != 4:
+        raise ValueError(f"{prefix}{name} must have shape (N, 4), got {tuple(boxes.shape)}")
+    check_finite(boxes, name, where)
+    values = _host_values(boxes)
+    bad = (values[:, 2] < values[:, 0]) | (values[:, 3] < values[:, 1])
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise ValueError(f"{prefix}{name}[{i}] = {values[i].tolist()} has x2 < x1 or y2 < y1")
+    return boxes
+
+
+def check_number(value, name, low=None, high=None, low_open=False, high_open=False, where=""):
+    """A finite real number within [low, high] (ends open where asked)."""
+    prefix = f"{where}: " if where else ""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{prefix}{name} must be a number, got {value!r}") from None
+    if not np.isfinite(v):
+        raise ValueError(f"{prefix}{name} must be finite, got {value!r}")
+    if low is not None and (v < low or (low_open and v == low)):
+        raise ValueError(f"{prefix}{name} must be {'>' if low_open else '>='} {low}, got {value!r}")
+    if high is not None and (v > high or (high_open and v == high)):
+        raise ValueError(f"{prefix}{name} must be {'<' if high_open else '<='} {high}, got {value!r}")
+    return v
+
+
+def check_positive_int(value, name, where=""):
+    """An integer > 0 (bools rejected)."""
+    prefix = f"{where}: " if where else ""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+        raise ValueError(f"{prefix}{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def pair(value, name, where=""):
+    """An int or an (h, w) pair of positive ints, as an (h, w) tuple."""
+    if isinstance(value, (tuple, list)):
+        if len(value) != 2:
+            prefix = f"{where}: " if where else ""
+            raise ValueError(f"{prefix}{name} must be an int or an (h, w) pair, got {value!r}")
+        return check_positive_int(value[0], name, where), check_positive_int(value[1], name, where)
+    v = check_positive_int(value, name, where)
+    return v, v
