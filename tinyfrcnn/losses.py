@@ -1,0 +1,259 @@
+"""Losses of Faster R-CNN: softmax cross-entropy and smooth L1, each with its gradient.
+
+The paper's multi-task loss for one image is
+
+    L({p_i}, {t_i}) = 1/N_cls sum_i L_cls(p_i, p*_i) + lambda 1/N_reg sum_i p*_i L_reg(t_i, t*_i)
+
+with L_cls the log loss over classes (softmax cross-entropy) and L_reg the robust
+smooth-L1 loss of Fast R-CNN. Both functions here return ``(loss, gradient)``; the
+gradient is with respect to the first argument (the network's output), so training
+code hands it straight to the layer's ``backward``.
+
+Both ops run the Numba CPU kernel on NumPy arrays and the CUDA kernel on numba device
+arrays (one thread per row or element); the per-row losses are summed on the host, in
+float64, so the scalar loss is a Python float either way.
+"""
+
+import math
+
+import numpy as np
+from numba import cuda, njit
+
+from .checks import as_array, as_float_array, check_finite, check_number
+from .device import grid_1d, on_device, to_device, to_host
+
+
+# ---------------------------------------------------------------- cross-entropy
+
+
+def _softmax_cross_entropy_reference(logits, labels, ignore_index=-1):
+    """Plain NumPy: mean of -log softmax(z)_y over rows whose label is not ignored."""
+    z = logits.astype(np.float64)
+    keep = labels != ignore_index
+    n = int(keep.sum())
+    log_p = z - z.max(axis=1, keepdims=True)
+    log_p = log_p - np.log(np.exp(log_p).sum(axis=1, keepdims=True))  # (N, K)
+    grad = np.zeros_like(z)
+    if n == 0:
+        return 0.0, grad.astype(logits.dtype)
+    rows = np.flatnonzero(keep)
+    loss = -log_p[rows, labels[rows]].sum() / n
+    grad[rows] = np.exp(log_p[rows])
+    grad[rows, labels[rows]] -= 1.0
+    return float(loss), (grad / n).astype(logits.dtype)
+
+
+@njit(cache=True)
+def _softmax_cross_entropy_cpu(logits, labels, ignore_index, scale, row_loss, grad):
+    n, k = logits.shape
+    for i in range(n):
+        y = labels[i]
+        if y == ignore_index:
+            row_loss[i] = 0.0
+            for j in range(k):
+                grad[i, j] = 0.0
+            continue
+        m = logits[i, 0]
+        for j in range(1, k):
+            m = max(m, logits[i, j])
+        total = 0.0
+        for j in range(k):
+            total += math.exp(logits[i, j] - m)
+        log_total = math.log(total)
+        row_loss[i] = log_total - (logits[i, y] - m)
+        for j in range(k):
+            g = math.exp(logits[i, j] - m - log_total)
+            if j == y:
+                g -= 1.0
+            grad[i, j] = g * scale
+
+
+@cuda.jit
+def _softmax_cross_entropy_cuda(logits, labels, ignore_index, scale, row_loss, grad):
+    i = cuda.grid(1)
+    n = logits.shape[0]
+    k = logits.shape[1]
+    if i >= n:
+        return
+    y = labels[i]
+    if y == ignore_index:
+        row_loss[i] = 0.0
+        for j in range(k):
+            grad[i, j] = 0.0
+        return
+    m = logits[i, 0]
+    for j in range(1, k):
+        m = max(m, logits[i, j])
+    total = 0.0
+    for j in range(k):
+        total += math.exp(logits[i, j] - m)
+    log_total = math.log(total)
+    row_loss[i] = log_total - (logits[i, y] - m)
+    for j in range(k):
+        g = math.exp(logits[i, j] - m - log_total)
+        if j == y:
+            g -= 1.0
+        grad[i, j] = g * scale
+
+
+def softmax_cross_entropy(logits, labels, ignore_index=-1):
+    """Mean softmax cross-entropy over the rows that are not ignored, and its gradient.
+
+    ``L = 1/n sum_{i: y_i != ignore} (log sum_j exp z_ij - z_{i,y_i})`` with ``n`` the
+    number of kept rows; ``dL/dz_ij = (softmax(z_i)_j - [j == y_i]) / n`` on kept rows
+    and 0 on ignored ones. Computed with the log-sum-exp shift, so large logits do not
+    overflow. The same numbers as
+    ``torch.nn.functional.cross_entropy(logits, labels, ignore_index=ignore_index)``,
+    except when every row is ignored: torch returns NaN (0/0), this returns loss 0 and
+    a zero gradient, so an image with no sampled rows adds nothing to training.
+
+    logits: (N, K) float32/float64; labels: (N,) integers in [0, K) or ``ignore_index``.
+    Returns ``(loss: float, grad (N, K) of logits' dtype)``.
+    """
+    where = "softmax_cross_entropy"
+    logits = as_float_array(logits, "logits", ndim=2, where=where)
+    labels = as_array(labels, "labels", ndim=1, where=where)
+    if not np.issubdtype(np.dtype(labels.dtype), np.integer):
+        raise ValueError(f"{where}: labels must have an integer dtype, got {np.dtype(labels.dtype).name}")
+    n, k = logits.shape
+    if labels.shape[0] != n:
+        raise ValueError(f"{where}: labels has {labels.shape[0]} rows but logits has {n}")
+    if k == 0:
+        raise ValueError(f"{where}: logits must have at least one class column, got shape {(n, k)}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, (int, np.integer)):
+        raise ValueError(f"{where}: ignore_index must be an integer, got {ignore_index!r}")
+    gpu = on_device({"logits": logits, "labels": labels})
+    check_finite(logits, "logits", where)
+    host_labels = to_host(labels)
+    keep = host_labels != ignore_index
+    bad = keep & ((host_labels < 0) | (host_labels >= k))
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise ValueError(
+            f"{where}: labels[{i}] = {int(host_labels[i])} is outside [0, {k}) "
+            f"and is not ignore_index ({ignore_index})"
+        )
+    count = int(keep.sum())
+    scale = 1.0 / count if count else 0.0
+    if n == 0:
+        grad = np.zeros((0, k), logits.dtype)
+        return 0.0, (to_device(grad) if gpu else grad)
+    if gpu:
+        row_loss = cuda.device_array(n, np.float64)
+        grad = cuda.device_array((n, k), logits.dtype)
+        blocks, threads = grid_1d(n)
+        _softmax_cross_entropy_cuda[blocks, threads](logits, labels, ignore_index, scale, row_loss, grad)
+        row_loss = row_loss.copy_to_host()
+    else:
+        logits = np.ascontiguousarray(logits)
+        labels = np.ascontiguousarray(labels, dtype=np.int64)
+        row_loss = np.empty(n, np.float64)
+        grad = np.empty((n, k), logits.dtype)
+        _softmax_cross_entropy_cpu(logits, labels, ignore_index, scale, row_loss, grad)
+    return float(row_loss.sum() * scale), grad
+
+
+# ---------------------------------------------------------------- smooth L1
+
+
+def _smooth_l1_reference(pred, target, beta=1.0, weights=None):
+    """Plain NumPy: sum of w * (0.5 x^2 / beta if |x| < beta else |x| - 0.5 beta)."""
+    x = pred.astype(np.float64) - target.astype(np.float64)
+    w = np.ones_like(x) if weights is None else weights.astype(np.float64)
+    ax = np.abs(x)
+    small = ax < beta
+    safe_beta = beta if beta > 0 else 1.0
+    loss = np.where(small, 0.5 * x * x / safe_beta, ax - 0.5 * beta)
+    grad = np.where(small, x / safe_beta, np.sign(x))
+    return float((w * loss).sum()), (w * grad).astype(pred.dtype)
+
+
+@njit(cache=True)
+def _smooth_l1_cpu(pred, target, weights, use_weights, beta, elem_loss, grad):
+    for i in range(pred.size):
+        x = pred[i] - target[i]
+        ax = abs(x)
+        if ax < beta:
+            loss = 0.5 * x * x / beta
+            g = x / beta
+        else:
+            loss = ax - 0.5 * beta
+            g = 1.0 if x > 0 else (-1.0 if x < 0 else 0.0)
+        if use_weights:
+            loss *= weights[i]
+            g *= weights[i]
+        elem_loss[i] = loss
+        grad[i] = g
+
+
+@cuda.jit
+def _smooth_l1_cuda(pred, target, weights, use_weights, beta, elem_loss, grad):
+    i = cuda.grid(1)
+    if i >= pred.size:
+        return
+    x = pred[i] - target[i]
+    ax = abs(x)
+    if ax < beta:
+        loss = 0.5 * x * x / beta
+        g = x / beta
+    else:
+        loss = ax - 0.5 * beta
+        g = 1.0 if x > 0 else (-1.0 if x < 0 else 0.0)
+    if use_weights:
+        loss *= weights[i]
+        g *= weights[i]
+    elem_loss[i] = loss
+    grad[i] = g
+
+
+def smooth_l1(pred, target, beta=1.0, weights=None):
+    """Summed smooth-L1 loss of ``pred - target`` and its gradient w.r.t. ``pred``.
+
+    Per element, with ``x = pred - target``::
+
+        f(x) = 0.5 x^2 / beta   if |x| < beta        f'(x) = x / beta
+               |x| - 0.5 beta   otherwise                    sign(x)
+
+    Both pieces and their slopes meet at ``|x| = beta``, so the loss is C^1. The result
+    is ``sum w * f(x)`` with optional per-element ``weights`` (e.g. the paper's p*_i,
+    zero for negative anchors); the same numbers as
+    ``(weights * torch.nn.functional.smooth_l1_loss(pred, target, reduction="none",
+    beta=beta)).sum()``. ``beta = 0`` is the L1 loss, as in torch. The paper and
+    py-faster-rcnn write the loss with sigma: ``beta = 1 / sigma**2`` (sigma = 3 for
+    the RPN, 1 for the Fast R-CNN head).
+
+    pred, target, weights: float arrays of one shape and dtype.
+    Returns ``(loss: float, grad of pred's shape and dtype)``.
+    """
+    where = "smooth_l1"
+    pred = as_float_array(pred, "pred", where=where)
+    target = as_float_array(target, "target", where=where)
+    beta = check_number(beta, "beta", low=0.0, where=where)
+    named = {"pred": pred, "target": target}
+    if weights is not None:
+        named["weights"] = as_float_array(weights, "weights", where=where)
+    for name, a in named.items():
+        if tuple(a.shape) != tuple(pred.shape):
+            raise ValueError(f"{where}: {name} has shape {tuple(a.shape)} but pred has {tuple(pred.shape)}")
+        if np.dtype(a.dtype) != np.dtype(pred.dtype):
+            raise ValueError(f"{where}: {name} has dtype {np.dtype(a.dtype).name} but pred has {np.dtype(pred.dtype).name}")
+        check_finite(a, name, where)
+    gpu = on_device(named)
+    shape, dtype, size = tuple(pred.shape), pred.dtype, int(np.prod(pred.shape))
+    if size == 0:
+        grad = np.zeros(shape, dtype)
+        return 0.0, (to_device(grad) if gpu else grad)
+    if gpu:
+        flat = [a.reshape(size) for a in (pred, target)]
+        w = weights.reshape(size) if weights is not None else cuda.device_array(1, dtype)
+        elem_loss = cuda.device_array(size, np.float64)
+        grad = cuda.device_array(size, dtype)
+        blocks, threads = grid_1d(size)
+        _smooth_l1_cuda[blocks, threads](flat[0], flat[1], w, weights is not None, beta, elem_loss, grad)
+        return float(elem_loss.copy_to_host().sum()), grad.reshape(shape)
+    flat = [np.ascontiguousarray(a).reshape(size) for a in (pred, target)]
+    w = np.ascontiguousarray(weights).reshape(size) if weights is not None else np.ones(1, dtype)
+    elem_loss = np.empty(size, np.float64)
+    grad = np.empty(size, dtype)
+    _smooth_l1_cpu(flat[0], flat[1], w, weights is not None, beta, elem_loss, grad)
+    return float(elem_loss.sum()), grad.reshape(shape)
