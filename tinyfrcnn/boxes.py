@@ -1,0 +1,238 @@
+"""Boxes: area, intersection over union, clipping, and the paper's box parameterisation.
+
+Boxes are ``(x1, y1, x2, y2)`` in continuous pixel coordinates: width is ``x2 - x1``,
+with no "+1" (py-faster-rcnn's convention is ``x2 - x1 + 1``; chapter 3 compares the two).
+
+Faster R-CNN regresses a box ``(x, y, w, h)`` (centre, width, height) relative to an
+anchor or proposal ``(x_a, y_a, w_a, h_a)`` (Ren et al. 2015, eq. 2):
+
+    t_x = (x - x_a) / w_a,   t_y = (y - y_a) / h_a,
+    t_w = log(w / w_a),      t_h = log(h / h_a).
+
+``box_iou`` has a Numba CPU kernel and a CUDA kernel (it is the op that runs on
+anchors x ground truth every step). ``box_area``, ``clip_boxes``, ``remove_small_boxes``,
+``encode`` and ``decode`` are a few elementwise NumPy lines each: memory-bound, already
+vectorised, so a kernel would buy nothing; they take NumPy arrays.
+"""
+
+import math
+
+import numpy as np
+from numba import cuda, njit, prange
+
+from .checks import as_float_array, check_boxes, check_finite, check_number
+from .device import grid_1d, is_device_array, on_device
+
+BBOX_XFORM_CLIP = math.log(1000.0 / 16)
+
+
+def _host_only(x, name, where):
+    if is_device_array(x):
+        raise ValueError(f"{where}: {name} must be a NumPy array (this op runs on the host), got a device array")
+
+
+def box_area(boxes):
+    """Area ``(x2 - x1) * (y2 - y1)`` of each (N, 4) box, as (N,)."""
+    _host_only(boxes, "boxes", "box_area")
+    boxes = check_boxes(boxes, "boxes", "box_area")
+    return (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+
+
+# ---------------------------------------------------------------- IoU
+
+def _box_iou_reference(a, b):
+    """IoU = |A ∩ B| / (|A| + |B| - |A ∩ B|), plain NumPy broadcasting; 0 where the union is 0."""
+    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])  # (N,)
+    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])  # (M,)
+    lt = np.maximum(a[:, None, :2], b[None, :, :2])  # (N, M, 2)
+    rb = np.minimum(a[:, None, 2:], b[None, :, 2:])  # (N, M, 2)
+    wh = np.clip(rb - lt, 0, None)  # (N, M, 2)
+    inter = wh[..., 0] * wh[..., 1]  # (N, M)
+    union = area_a[:, None] + area_b[None, :] - inter  # (N, M)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        iou = inter / union
+    return np.where(inter > 0, iou, 0).astype(inter.dtype)
+
+
+@njit(cache=True, parallel=True)
+def _box_iou_cpu(a, b, out):
+    n, m = a.shape[0], b.shape[0]
+    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])  # (M,)
+    for i in prange(n):
+        ax1, ay1, ax2, ay2 = a[i, 0], a[i, 1], a[i, 2], a[i, 3]
+        area_a = (ax2 - ax1) * (ay2 - ay1)
+        for j in range(m):
+            w = min(ax2, b[j, 2]) - max(ax1, b[j, 0])
+            h = min(ay2, b[j, 3]) - max(ay1, b[j, 1])
+            if w <= 0 or h <= 0:
+                out[i, j] = 0
+                continue
+            inter = w * h
+            out[i, j] = inter / (area_a + area_b[j] - inter)
+
+
+@cuda.jit
+def _box_iou_cuda(a, b, out):
+    i, j = cuda.grid(2)
+    if i >= a.shape[0] or j >= b.shape[0]:
+        return
+    ax1, ay1, ax2, ay2 = a[i, 0], a[i, 1], a[i, 2], a[i, 3]
+    bx1, by1, bx2, by2 = b[j, 0], b[j, 1], b[j, 2], b[j, 3]
+    w = min(ax2, bx2) - max(ax1, bx1)
+    h = min(ay2, by2) - max(ay1, by1)
+    if w <= 0 or h <= 0:
+        out[i, j] = 0
+        return
+    inter = w * h
+    out[i, j] = inter / ((ax2 - ax1) * (ay2 - ay1) + (bx2 - bx1) * (by2 - by1) - inter)
+
+
+def box_iou(a, b):
+    """Pairwise intersection over union of (N, 4) and (M, 4) boxes, as (N, M).
+
+    IoU(A, B) = |A ∩ B| / (|A| + |B| - |A ∩ B|). Same numbers as
+    ``torchvision.ops.box_iou`` (same operation order, in the input dtype), except
+    where two zero-area boxes meet: torchvision returns 0/0 = NaN there, this returns 0
+    (boxes that share no area have IoU 0). NumPy in, CPU kernel; device arrays in,
+    CUDA kernel, device array out.
+    """
+    a = check_boxes(a, "a", "box_iou")
+    b = check_boxes(b, "b", "box_iou")
+    if on_device({"a": a, "b": b}):
+        if a.dtype != b.dtype:
+            raise ValueError(f"box_iou: a and b must share a dtype on the device, got {a.dtype} and {b.dtype}")
+        out = cuda.device_array((a.shape[0], b.shape[0]), dtype=a.dtype)  # (N, M)
+        if a.shape[0] and b.shape[0]:
+            bx, tx = grid_1d(a.shape[0], 16)
+            by, ty = grid_1d(b.shape[0], 16)
+            _box_iou_cuda[(bx, by), (tx, ty)](a, b, out)
+        return out
+    dtype = np.result_type(a.dtype, b.dtype)
+    a = np.ascontiguousarray(a, dtype=dtype)
+    b = np.ascontiguousarray(b, dtype=dtype)
+    out = np.empty((a.shape[0], b.shape[0]), dtype=dtype)  # (N, M)
+    if a.shape[0] and b.shape[0]:
+        _box_iou_cpu(a, b, out)
+    return out
+
+
+# ---------------------------------------------------------------- clip, filter
+
+def _check_box_groups(boxes, name, where):
+    """(N, 4*K) float boxes, each group of 4 a valid box."""
+    _host_only(boxes, name, where)
+    boxes = as_float_array(boxes, name, ndim=2, where=where)
+    if boxes.shape[1] == 0 or boxes.shape[1] % 4:
+        raise ValueError(f"{where}: {name} must have shape (N, 4) or (N, 4*K), got {boxes.shape}")
+    check_boxes(boxes.reshape(-1, 4), name, where)
+    return boxes
+
+
+def clip_boxes(boxes, height, width):
+    """Clamp x to [0, width] and y to [0, height] (torchvision's clip_boxes_to_image).
+
+    ``boxes`` is (N, 4) or (N, 4*K) (one box per class); returns a new array of the
+    same shape and dtype.
+    """
+    boxes = _check_box_groups(boxes, "boxes", "clip_boxes")
+    height = check_number(height, "height", low=0, where="clip_boxes")
+    width = check_number(width, "width", low=0, where="clip_boxes")
+    out = boxes.copy()
+    np.clip(out[:, 0::2], 0, width, out=out[:, 0::2])
+    np.clip(out[:, 1::2], 0, height, out=out[:, 1::2])
+    return out
+
+
+def remove_small_boxes(boxes, min_size):
+    """int64 indices of boxes whose width and height are both >= ``min_size`` (as torchvision)."""
+    _host_only(boxes, "boxes", "remove_small_boxes")
+    boxes = check_boxes(boxes, "boxes", "remove_small_boxes")
+    min_size = check_number(min_size, "min_size", low=0, where="remove_small_boxes")
+    w = boxes[:, 2] - boxes[:, 0]
+    h = boxes[:, 3] - boxes[:, 1]
+    return np.flatnonzero((w >= min_size) & (h >= min_size)).astype(np.int64)
+
+
+# ---------------------------------------------------------------- encode / decode
+
+def _check_weights(weights, where):
+    if not isinstance(weights, (tuple, list, np.ndarray)) or len(weights) != 4:
+        raise ValueError(f"{where}: weights must be 4 numbers (wx, wy, ww, wh), got {weights!r}")
+    return tuple(check_number(w, "weights", low=0, low_open=True, where=where) for w in weights)
+
+
+def _centre_size(boxes):
+    w = boxes[:, 2] - boxes[:, 0]
+    h = boxes[:, 3] - boxes[:, 1]
+    return boxes[:, 0] + 0.5 * w, boxes[:, 1] + 0.5 * h, w, h
+
+
+def encode(reference, target, weights=(1.0, 1.0, 1.0, 1.0)):
+    """Regression targets (N, 4) that move each ``reference`` box (anchor) onto ``target``.
+
+    t_x = wx (x - x_a) / w_a,  t_y = wy (y - y_a) / h_a,
+    t_w = ww log(w / w_a),     t_h = wh log(h / h_a),
+    with centres x = x1 + w/2, w = x2 - x1. Same numbers as torchvision's
+    ``BoxCoder(weights).encode_single(target, reference)`` (float32: up to last-bit
+    differences of log between NumPy and torch). Both boxes need positive
+    width and height (the logarithm). dtype: the common dtype of the inputs.
+    """
+    where = "encode"
+    _host_only(reference, "reference", where)
+    _host_only(target, "target", where)
+    reference = check_boxes(reference, "reference", where)
+    target = check_boxes(target, "target", where)
+    if reference.shape[0] != target.shape[0]:
+        raise ValueError(f"{where}: reference has {reference.shape[0]} boxes but target has {target.shape[0]}")
+    dtype = np.result_type(reference.dtype, target.dtype)
+    reference, target = reference.astype(dtype, copy=False), target.astype(dtype, copy=False)
+    wx, wy, ww, wh = (dtype.type(w) for w in _check_weights(weights, where))
+    xa, ya, wa, ha = _centre_size(reference)
+    x, y, w, h = _centre_size(target)
+    for name, size in (("reference", wa), ("reference", ha), ("target", w), ("target", h)):
+        if size.size and not (size > 0).all():
+            i = int(np.flatnonzero(~(size > 0))[0])
+            raise ValueError(f"{where}: {name}[{i}] has zero width or height (log(w / w_a) is undefined)")
+    tx = wx * (x - xa) / wa
+    ty = wy * (y - ya) / ha
+    tw = ww * np.log(w / wa)
+    th = wh * np.log(h / ha)
+    return np.stack([tx, ty, tw, th], axis=1)  # (N, 4)
+
+
+def decode(reference, deltas, weights=(1.0, 1.0, 1.0, 1.0)):
+    """Apply (N, 4) or (N, 4*K) ``deltas`` to (N, 4) ``reference`` boxes; the inverse of encode.
+
+    x = t_x / wx * w_a + x_a,  w = exp(min(t_w / ww, log(1000/16))) * w_a  (same for y, h),
+    then (x - w/2, y - h/2, x + w/2, y + h/2). The clamp keeps exp finite, as torchvision
+    does. Same numbers as torchvision's ``BoxCoder(weights).decode_single`` (float64: identical;
+    float32: within the last-bit differences of exp between NumPy and torch). Output has
+    the shape and dtype of ``deltas``.
+    """
+    where = "decode"
+    _host_only(reference, "reference", where)
+    _host_only(deltas, "deltas", where)
+    reference = check_boxes(reference, "reference", where)
+    deltas = as_float_array(deltas, "deltas", ndim=2, where=where)
+    if deltas.shape[1] == 0 or deltas.shape[1] % 4:
+        raise ValueError(f"{where}: deltas must have shape (N, 4) or (N, 4*K), got {deltas.shape}")
+    if deltas.shape[0] != reference.shape[0]:
+        raise ValueError(f"{where}: reference has {reference.shape[0]} boxes but deltas has {deltas.shape[0]} rows")
+    check_finite(deltas, "deltas", where)
+    dtype = deltas.dtype
+    wx, wy, ww, wh = (dtype.type(w) for w in _check_weights(weights, where))
+    xa, ya, wa, ha = (v[:, None] for v in _centre_size(reference.astype(dtype, copy=False)))  # (N, 1)
+    dx = deltas[:, 0::4] / wx  # (N, K)
+    dy = deltas[:, 1::4] / wy
+    dw = np.minimum(deltas[:, 2::4] / ww, dtype.type(BBOX_XFORM_CLIP))
+    dh = np.minimum(deltas[:, 3::4] / wh, dtype.type(BBOX_XFORM_CLIP))
+    x = dx * wa + xa
+    y = dy * ha + ya
+    half_w = dtype.type(0.5) * (np.exp(dw) * wa)
+    half_h = dtype.type(0.5) * (np.exp(dh) * ha)
+    out = np.empty_like(deltas)  # (N, 4*K)
+    out[:, 0::4] = x - half_w
+    out[:, 1::4] = y - half_h
+    out[:, 2::4] = x + half_w
+    out[:, 3::4] = y + half_h
+    return out
