@@ -1,0 +1,460 @@
+"""Neural-network layers with hand-written backward passes.
+
+Every layer is a ``Module``: ``forward(x)`` computes the output and keeps what the
+backward pass needs, ``backward(grad_out)`` returns dL/dx and *adds* dL/dparam into
+each parameter's ``.grad`` (so gradients from several uses sum up, and
+``zero_grad()`` is the caller's job). Outputs and gradients match ``torch.nn`` layers of
+the same name: conv is cross-correlation with torch's weight layout, output sizes are
+floored, and max-pool sends a tied window's gradient to its first maximum in row-major
+order.
+
+The dtype follows the input: float32 in, float32 out; float64 in, float64 out (the
+parameters are float32 by default and are cast for the computation; ``astype(np.float64)``
+makes them float64 for gradient checks).
+"""
+
+import numpy as np
+from numba import njit, prange
+
+from .checks import as_float_array, check_positive_int, pair
+from .device import is_device_array
+from .im2col import col2im, im2col, output_size
+
+
+class Parameter:
+    """A trainable array ``data`` and its gradient ``grad`` (same shape and dtype)."""
+
+    def __init__(self, data):
+        self.data = np.ascontiguousarray(data)
+        self.grad = np.zeros_like(self.data)
+
+    @property
+    def shape(self):
+        return self.data.shape
+
+    def zero_grad(self):
+        self.grad[...] = 0
+
+    def accumulate(self, g):
+        """``grad += g`` (cast to the parameter's dtype)."""
+        self.grad += g.astype(self.grad.dtype, copy=False)
+
+    def __repr__(self):
+        return f"Parameter(shape={self.data.shape}, dtype={self.data.dtype.name})"
+
+
+class Module:
+    """Base class: ``forward``, ``backward``, ``parameters`` and ``__call__ = forward``.
+
+    ``parameters()`` collects, in attribute order, every ``Parameter`` attribute and the
+    parameters of every ``Module`` attribute (or list/tuple of modules).
+    """
+
+    def forward(self, x):
+        raise NotImplementedError
+
+    def backward(self, grad_out):
+        raise NotImplementedError
+
+    def __call__(self, x):
+        return self.forward(x)
+
+    def parameters(self):
+        params = []
+        for value in vars(self).values():
+            items = value if isinstance(value, (list, tuple)) else [value]
+            for item in items:
+                if isinstance(item, Parameter):
+                    params.append(item)
+                elif isinstance(item, Module):
+                    params.extend(item.parameters())
+        return params
+
+    def zero_grad(self):
+        for p in self.parameters():
+            p.zero_grad()
+
+    def astype(self, dtype):
+        """Convert every parameter (data and grad) to ``dtype`` in place; returns self."""
+        dtype = np.dtype(dtype)
+        if dtype not in (np.dtype(np.float32), np.dtype(np.float64)):
+            raise ValueError(f"{type(self).__name__}.astype: dtype must be float32 or float64, got {dtype.name}")
+        for p in self.parameters():
+            p.data = p.data.astype(dtype)
+            p.grad = p.grad.astype(dtype)
+        return self
+
+    def _name(self):
+        return type(self).__name__
+
+
+def _check_input(x, layer, ndim, what):
+    """Float array with ``ndim`` dims and no NaN/inf; raises ValueError naming ``layer``."""
+    if is_device_array(x):
+        raise NotImplementedError(f"{layer}: no CUDA kernels yet; pass NumPy arrays")
+    x = as_float_array(x, "x", where=layer)
+    if x.ndim != ndim:
+        raise ValueError(f"{layer}: x must be {ndim}-D {what}, got shape {x.shape}")
+    _check_finite_fast(x, "x", layer)
+    return x
+
+
+def _check_finite_fast(x, name, layer):
+    # A sum is finite whenever every term is (and is cheap); only on failure look closer.
+    if x.size and not np.isfinite(x.sum(dtype=np.float64)):
+        bad = ~np.isfinite(x)
+        if bad.any():
+            first = tuple(int(i) for i in np.argwhere(bad)[0])
+            raise ValueError(f"{layer}: {name} holds NaN or inf (first at index {first}), shape {x.shape}")
+
+
+def _check_grad(grad_out, expected_shape, dtype, layer):
+    """grad_out must be a float array of the forward output's shape (cast to ``dtype``)."""
+    if expected_shape is None:
+        raise ValueError(f"{layer}: backward called before forward")
+    if is_device_array(grad_out):
+        raise NotImplementedError(f"{layer}: no CUDA kernels yet; pass NumPy arrays")
+    grad_out = as_float_array(grad_out, "grad_out", where=layer)
+    if grad_out.shape != tuple(expected_shape):
+        raise ValueError(
+            f"{layer}: grad_out must have the forward output's shape {tuple(expected_shape)}, "
+            f"got {grad_out.shape}"
+        )
+    _check_finite_fast(grad_out, "grad_out", layer)
+    return np.ascontiguousarray(grad_out, dtype=dtype)
+
+
+def _he_normal(shape, fan_in, rng):
+    return (rng.standard_normal(shape) * np.sqrt(2.0 / fan_in)).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------- Conv2d
+
+
+def _conv2d_reference(x, w, b, stride, padding):
+    """Naive loops: out[n,o,y,x] = b[o] + sum_{c,i,j} w[o,c,i,j] xpad[n,c,y*sh+i,x*sw+j]."""
+    (sh, sw), (ph, pw) = pair(stride, "stride"), _padding_pair(padding, "padding", "_conv2d_reference")
+    n, c, h, wd = x.shape
+    o, _, kh, kw = w.shape
+    oh, ow = output_size(h, kh, sh, ph), output_size(wd, kw, sw, pw)
+    xp = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)))
+    out = np.zeros((n, o, oh, ow), dtype=x.dtype)
+    for y in range(oh):
+        for xo in range(ow):
+            patch = xp[:, :, y * sh:y * sh + kh, xo * sw:xo * sw + kw]  # (N, C, kh, kw)
+            out[:, :, y, xo] = np.tensordot(patch, w, axes=([1, 2, 3], [1, 2, 3])) + b
+    return out
+
+
+def _padding_pair(value, name, where):
+    if isinstance(value, (tuple, list)):
+        if len(value) != 2:
+            raise ValueError(f"{where}: {name} must be an int or an (h, w) pair, got {value!r}")
+        vals = tuple(value)
+    else:
+        vals = (value, value)
+    for v in vals:
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
+            raise ValueError(f"{where}: {name} must be a non-negative integer or pair, got {value!r}")
+    return int(vals[0]), int(vals[1])
+
+
+class Conv2d(Module):
+    """2-D convolution (cross-correlation), same numbers as ``torch.nn.Conv2d``.
+
+        out[n, o, y, x] = b[o] + sum_{c, i, j} w[o, c, i, j] * xpad[n, c, y*sh + i, x*sw + j]
+
+    with output size ``(H + 2p - k) // s + 1``. Computed as ``w @ im2col(x)``; backward:
+    dL/dw = sum_n g[n] @ cols[n]^T, dL/db = sum over n, y, x of g, and
+    dL/dx = col2im(w^T @ g).
+
+    Init (He et al. 2015, "Kaiming" normal): ``w ~ N(0, 2 / fan_in)`` with
+    ``fan_in = in_channels * kh * kw``, ``b = 0``, drawn from ``rng``
+    (``np.random.default_rng(0)`` when None). Weight (out, in, kh, kw), bias (out,).
+    """
+
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, rng=None):
+        where = "Conv2d"
+        self.in_channels = check_positive_int(in_channels, "in_channels", where)
+        self.out_channels = check_positive_int(out_channels, "out_channels", where)
+        self.kernel_size = pair(kernel_size, "kernel_size", where)
+        self.stride = pair(stride, "stride", where)
+        self.padding = _padding_pair(padding, "padding", where)
+        rng = np.random.default_rng(0) if rng is None else rng
+        kh, kw = self.kernel_size
+        fan_in = self.in_channels * kh * kw
+        self.weight = Parameter(_he_normal((self.out_channels, self.in_channels, kh, kw), fan_in, rng))
+        self.bias = Parameter(np.zeros(self.out_channels, dtype=np.float32))
+        self._cache = None
+
+    def __repr__(self):
+        return (f"Conv2d({self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+                f"stride={self.stride}, padding={self.padding})")
+
+    def forward(self, x):
+        where = "Conv2d"
+        x = _check_input(x, where, 4, "(N, C, H, W)")
+        n, c, h, w = x.shape
+        if c != self.in_channels:
+            raise ValueError(f"{where}: x has {c} channels (shape {x.shape}) but in_channels={self.in_channels}")
+        (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
+        if kh > h + 2 * ph or kw > w + 2 * pw:
+            raise ValueError(
+                f"{where}: kernel_size {self.kernel_size} is larger than the padded input "
+                f"{(h + 2 * ph, w + 2 * pw)} (x shape {x.shape}, padding {self.padding})"
+            )
+        oh, ow = output_size(h, kh, sh, ph), output_size(w, kw, sw, pw)
+        wmat = self.weight.data.astype(x.dtype, copy=False).reshape(self.out_channels, -1)  # (O, C*kh*kw)
+        bias = self.bias.data.astype(x.dtype, copy=False)
+        cols = im2col(x, self.kernel_size, self.stride, self.padding)  # (N, C*kh*kw, OH*OW)
+        out = np.matmul(wmat, cols)  # (N, O, OH*OW)
+        out += bias[:, None]
+        self._cache = (cols, wmat, x.shape, (n, self.out_channels, oh, ow))
+        return out.reshape(n, self.out_channels, oh, ow)  # (N, O, OH, OW)
+
+    def backward(self, grad_out):
+        cols, wmat, x_shape, out_shape = self._cache if self._cache else (None, None, None, None)
+        g = _check_grad(grad_out, out_shape, wmat.dtype if wmat is not None else None, "Conv2d")
+        n = out_shape[0]
+        g = g.reshape(n, self.out_channels, -1)  # (N, O, OH*OW)
+        if n:
+            dw = np.matmul(g, cols.transpose(0, 2, 1)).sum(axis=0)  # (O, C*kh*kw)
+            self.weight.accumulate(dw.reshape(self.weight.shape))
+            self.bias.accumulate(g.sum(axis=(0, 2)))
+        dcols = np.matmul(wmat.T, g)  # (N, C*kh*kw, OH*OW)
+        return col2im(dcols, x_shape, self.kernel_size, self.stride, self.padding)
+
+
+# ----------------------------------------------------------------------------- ReLU
+
+
+class ReLU(Module):
+    """max(x, 0); the gradient passes where x > 0 (and is 0 at x = 0, as in torch)."""
+
+    def __init__(self):
+        self._mask = None
+
+    def forward(self, x):
+        x = as_float_array(x, "x", where="ReLU")
+        _check_finite_fast(x, "x", "ReLU")
+        self._mask = x > 0
+        self._dtype = x.dtype
+        return np.maximum(x, 0, dtype=x.dtype)
+
+    def backward(self, grad_out):
+        mask = self._mask
+        shape, dtype = (None, None) if mask is None else (mask.shape, self._dtype)
+        g = _check_grad(grad_out, shape, dtype, "ReLU")
+        return g * mask
+
+
+# ----------------------------------------------------------------------------- MaxPool2d
+
+
+def _maxpool2d_reference(x, k, s):
+    """Naive loops: out[n,c,y,x] = max over the k x k window at (y*s, x*s); no padding."""
+    (kh, kw), (sh, sw) = pair(k, "k"), pair(s, "s")
+    n, c, h, w = x.shape
+    oh, ow = output_size(h, kh, sh, 0), output_size(w, kw, sw, 0)
+    out = np.empty((n, c, oh, ow), dtype=x.dtype)
+    for y in range(oh):
+        for xo in range(ow):
+            out[:, :, y, xo] = x[:, :, y * sh:y * sh + kh, xo * sw:xo * sw + kw].max(axis=(2, 3))
+    return out
+
+
+@njit(cache=True, parallel=True)
+def _maxpool2d_forward_cpu(x, kh, kw, sh, sw, out, argmax):
+    n, c, h, w = x.shape
+    oh, ow = out.shape[2], out.shape[3]
+    for nc in prange(n * c):
+        b = nc // c
+        ch = nc % c
+        for y in range(oh):
+            for xo in range(ow):
+                y0 = y * sh
+                x0 = xo * sw
+                best = x[b, ch, y0, x0]
+                best_i = y0 * w + x0
+                for i in range(kh):
+                    for j in range(kw):
+                        v = x[b, ch, y0 + i, x0 + j]
+                        if v > best:
+                            best = v
+                            best_i = (y0 + i) * w + x0 + j
+                out[b, ch, y, xo] = best
+                argmax[b, ch, y, xo] = best_i
+
+
+@njit(cache=True, parallel=True)
+def _maxpool2d_backward_cpu(grad_out, argmax, dx):
+    n, c, h, w = dx.shape
+    oh, ow = grad_out.shape[2], grad_out.shape[3]
+    for nc in prange(n * c):
+        b = nc // c
+        ch = nc % c
+        for y in range(h):
+            for xx in range(w):
+                dx[b, ch, y, xx] = 0
+        for y in range(oh):
+            for xo in range(ow):
+                idx = argmax[b, ch, y, xo]
+                dx[b, ch, idx // w, idx % w] += grad_out[b, ch, y, xo]
+
+
+def maxpool2d_forward(x, kernel, stride):
+    """(out, argmax): window maxima and the flat index (y*W + x) of each window's first max."""
+    (kh, kw), (sh, sw) = kernel, stride
+    n, c, h, w = x.shape
+    oh, ow = output_size(h, kh, sh, 0), output_size(w, kw, sw, 0)
+    out = np.empty((n, c, oh, ow), dtype=x.dtype)  # (N, C, OH, OW)
+    argmax = np.empty((n, c, oh, ow), dtype=np.int64)  # (N, C, OH, OW)
+    if out.size:
+        _maxpool2d_forward_cpu(np.ascontiguousarray(x), kh, kw, sh, sw, out, argmax)
+    return out, argmax
+
+
+def maxpool2d_backward(grad_out, argmax, x_shape):
+    """Route each output gradient to its window's recorded argmax (summing overlaps)."""
+    dx = np.empty(x_shape, dtype=grad_out.dtype)  # (N, C, H, W)
+    if dx.size:
+        _maxpool2d_backward_cpu(np.ascontiguousarray(grad_out), argmax, dx)
+    return dx
+
+
+class MaxPool2d(Module):
+    """Max pooling, same numbers as ``torch.nn.MaxPool2d`` (no padding, floor mode).
+
+        out[n, c, y, x] = max_{i<kh, j<kw} x[n, c, y*sh + i, x*sw + j]
+
+    ``stride`` defaults to ``kernel_size``. The gradient of each output goes to the
+    element that won its window; on a tie, to the first maximum in row-major window order.
+    """
+
+    def __init__(self, kernel_size, stride=None):
+        self.kernel_size = pair(kernel_size, "kernel_size", "MaxPool2d")
+        self.stride = self.kernel_size if stride is None else pair(stride, "stride", "MaxPool2d")
+        self._cache = None
+
+    def __repr__(self):
+        return f"MaxPool2d(kernel_size={self.kernel_size}, stride={self.stride})"
+
+    def forward(self, x):
+        where = "MaxPool2d"
+        x = _check_input(x, where, 4, "(N, C, H, W)")
+        kh, kw = self.kernel_size
+        if kh > x.shape[2] or kw > x.shape[3]:
+            raise ValueError(
+                f"{where}: kernel_size {self.kernel_size} is larger than the input "
+                f"{x.shape[2:]} (x shape {x.shape})"
+            )
+        out, argmax = maxpool2d_forward(x, self.kernel_size, self.stride)
+        self._cache = (argmax, x.shape, x.dtype)
+        return out
+
+    def backward(self, grad_out):
+        argmax, x_shape, dtype = self._cache if self._cache else (None, None, None)
+        g = _check_grad(grad_out, None if argmax is None else argmax.shape, dtype, "MaxPool2d")
+        return maxpool2d_backward(g, argmax, x_shape)
+
+
+# ----------------------------------------------------------------------------- Linear
+
+
+class Linear(Module):
+    """Fully connected layer, same numbers as ``torch.nn.Linear``: y = x w^T + b.
+
+    Backward: dL/dx = g w, dL/dw = g^T x, dL/db = sum_n g. Init: He normal,
+    ``w ~ N(0, 2 / in_features)``, ``b = 0``, from ``rng`` (``np.random.default_rng(0)``
+    when None). Weight (out, in), bias (out,).
+    """
+
+    def __init__(self, in_features, out_features, rng=None):
+        where = "Linear"
+        self.in_features = check_positive_int(in_features, "in_features", where)
+        self.out_features = check_positive_int(out_features, "out_features", where)
+        rng = np.random.default_rng(0) if rng is None else rng
+        self.weight = Parameter(_he_normal((self.out_features, self.in_features), self.in_features, rng))
+        self.bias = Parameter(np.zeros(self.out_features, dtype=np.float32))
+        self._cache = None
+
+    def __repr__(self):
+        return f"Linear({self.in_features}, {self.out_features})"
+
+    def forward(self, x):
+        where = "Linear"
+        x = _check_input(x, where, 2, "(N, in_features)")
+        if x.shape[1] != self.in_features:
+            raise ValueError(f"{where}: x has {x.shape[1]} features (shape {x.shape}) but in_features={self.in_features}")
+        w = self.weight.data.astype(x.dtype, copy=False)
+        self._cache = (x, w)
+        return x @ w.T + self.bias.data.astype(x.dtype, copy=False)  # (N, out_features)
+
+    def backward(self, grad_out):
+        x, w = self._cache if self._cache else (None, None)
+        shape = None if x is None else (x.shape[0], self.out_features)
+        g = _check_grad(grad_out, shape, None if x is None else x.dtype, "Linear")
+        self.weight.accumulate(g.T @ x)
+        self.bias.accumulate(g.sum(axis=0))
+        return g @ w  # (N, in_features)
+
+
+# ----------------------------------------------------------------------------- Flatten
+
+
+class Flatten(Module):
+    """(N, ...) -> (N, -1); backward reshapes the gradient back."""
+
+    def __init__(self):
+        self._shape = None
+
+    def forward(self, x):
+        x = as_float_array(x, "x", where="Flatten")
+        if x.ndim < 1:
+            raise ValueError(f"Flatten: x must have a batch dimension, got shape {x.shape}")
+        self._shape, self._dtype = x.shape, x.dtype
+        return x.reshape(x.shape[0], -1)
+
+    def backward(self, grad_out):
+        shape = self._shape
+        flat = None if shape is None else (shape[0], int(np.prod(shape[1:], dtype=np.int64)))
+        g = _check_grad(grad_out, flat, None if shape is None else self._dtype, "Flatten")
+        return g.reshape(shape)
+
+
+# ----------------------------------------------------------------------------- Sequential
+
+
+class Sequential(Module):
+    """Layers applied in order; backward runs them in reverse."""
+
+    def __init__(self, *layers):
+        for i, layer in enumerate(layers):
+            if not isinstance(layer, Module):
+                raise ValueError(f"Sequential: layer {i} must be a Module, got {type(layer).__name__}")
+        self.layers = list(layers)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return Sequential(*self.layers[i])
+        return self.layers[i]
+
+    def __len__(self):
+        return len(self.layers)
+
+    def __iter__(self):
+        return iter(self.layers)
+
+    def __repr__(self):
+        inner = "".join(f"\n  ({i}): {layer!r}" for i, layer in enumerate(self.layers))
+        return f"Sequential({inner}\n)"
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer.forward(x)
+        return x
+
+    def backward(self, grad_out):
+        for layer in reversed(self.layers):
+            grad_out = layer.backward(grad_out)
+        return grad_out
