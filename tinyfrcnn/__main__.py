@@ -1,0 +1,182 @@
+"""Command line: ``python -m tinyfrcnn train | evaluate | detect``."""
+
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+
+DEFAULT_OUT = os.path.join("runs", "shapes")
+
+
+def _positive_int(text):
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return v
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog="python -m tinyfrcnn",
+        description="Faster R-CNN from scratch in NumPy + Numba, trained on a toy shapes dataset.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{train,evaluate,detect}")
+
+    t = sub.add_parser("train", help="train a detector on the shapes dataset",
+                       description="Train Faster R-CNN (approximate joint training) on the built-in shapes "
+                                   "dataset; writes checkpoint.npz, loss_curve.png and metrics.json into --out.")
+    t.add_argument("--out", default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")
+    t.add_argument("--steps", type=_positive_int, help="SGD steps (default from TrainConfig)")
+    t.add_argument("--batch-size", type=_positive_int, help="images per step")
+    t.add_argument("--lr", type=float, help="base learning rate")
+    t.add_argument("--seed", type=int, help="random seed (same seed, same run)")
+    t.add_argument("--train-images", type=_positive_int, help="size of the training split")
+    t.add_argument("--eval-every", type=int, help="validation AP every N steps (0: never)")
+    t.add_argument("--pooling", choices=("roi_pool", "roi_align"), help="RoI pooling of the head")
+    t.add_argument("--schedule", choices=("joint", "alternating"), default="joint",
+                   help="approximate joint training (default) or the paper's 4-step alternating training")
+    t.add_argument("--resume", metavar="CHECKPOINT", help="continue a run from its checkpoint")
+    t.add_argument("--test-images", type=int, default=500,
+                   help="evaluate on this many test images at the end (0: skip; default 500)")
+    t.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    e = sub.add_parser("evaluate", help="AP of a checkpoint on the test split",
+                       description="COCO-style AP (overall and per class) of a checkpoint on the shapes test split.")
+    e.add_argument("--checkpoint", required=True, help="a .npz checkpoint written by train")
+    e.add_argument("--images", type=_positive_int, default=500, help="number of test images (default 500)")
+    e.add_argument("--json", action="store_true", help="print one JSON object on one line")
+
+    d = sub.add_parser("detect", help="draw detections on images",
+                       description="Run a checkpoint on PNG/JPEG images and write <name>_detections.png files. "
+                                   "Images of any size are resized (aspect kept) so their longer side is "
+                                   "--size pixels, the size the detector was trained at; boxes are mapped "
+                                   "back to the original pixels.")
+    d.add_argument("--checkpoint", required=True, help="a .npz checkpoint written by train")
+    d.add_argument("images", nargs="+", metavar="IMAGE", help="PNG or JPEG files")
+    d.add_argument("--out", default=".", help="folder for the drawn images (default: current folder)")
+    d.add_argument("--size", type=_positive_int, default=128, help="longer side after resizing (default 128)")
+    d.add_argument("--score-thresh", type=float, default=0.5, help="draw detections above this score")
+    return parser
+
+
+def _ap_table(ap, class_names):
+    lines = [f"{'':12s} {'AP':>7s} {'AP50':>7s} {'AP75':>7s}",
+             f"{'all':12s} {ap['AP']:7.3f} {ap['AP50']:7.3f} {ap['AP75']:7.3f}"]
+    for label, value in sorted(ap["per_class"].items()):
+        lines.append(f"{class_names[int(label)]:12s} {value:7.3f}")
+    return "\n".join(lines)
+
+
+def cmd_train(args):
+    from .model import ModelConfig
+    from .shapes import CLASS_NAMES, shapes_split
+    from .train import TrainConfig, evaluate_model, train, train_alternating
+
+    tc = TrainConfig()
+    for name in ("steps", "batch_size", "lr", "seed", "train_images", "eval_every"):
+        value = getattr(args, name)
+        if value is not None:
+            setattr(tc, name, value)
+    mc = ModelConfig()
+    if args.pooling:
+        mc.pooling = args.pooling
+    if args.schedule == "alternating":
+        if args.resume:
+            raise SystemExit("error: --resume works with the joint schedule only")
+        trainer = train_alternating(args.out, mc, tc, progress=not args.no_progress)
+    else:
+        trainer = train(args.out, mc, tc, resume=args.resume, progress=not args.no_progress)
+    print(f"checkpoint: {trainer.checkpoint_path()}")
+    if args.test_images:
+        test = shapes_split("test", args.test_images)
+        ap = evaluate_model(trainer.model, test)[0]
+        print(f"test split ({len(test)} images):")
+        print(_ap_table(ap, CLASS_NAMES))
+        path = os.path.join(args.out, "metrics.json")
+        with open(path) as f:
+            metrics = json.load(f)
+        metrics["test"] = {"images": len(test), "AP": ap["AP"], "AP50": ap["AP50"], "AP75": ap["AP75"],
+                           "per_class": {CLASS_NAMES[int(k)]: v for k, v in ap["per_class"].items()}}
+        with open(path, "w") as f:
+            json.dump(metrics, f, indent=2)
+    return 0
+
+
+def _load_model(path):
+    from .model import FasterRCNN
+
+    if not os.path.exists(path):
+        raise SystemExit(f"error: checkpoint {path!r} does not exist")
+    try:
+        return FasterRCNN.load(path)[0]
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+def cmd_evaluate(args):
+    from .shapes import CLASS_NAMES, shapes_split
+    from .train import evaluate_model
+
+    model = _load_model(args.checkpoint)
+    test = shapes_split("test", args.images)
+    ap = evaluate_model(model, test)[0]
+    if args.json:
+        print(json.dumps({"AP": ap["AP"], "AP50": ap["AP50"], "AP75": ap["AP75"],
+                          "per_class": {CLASS_NAMES[int(k)]: v for k, v in ap["per_class"].items()}}))
+    else:
+        print(f"test split ({len(test)} images):")
+        print(_ap_table(ap, CLASS_NAMES))
+    return 0
+
+
+def load_image(path, size):
+    """Read a PNG/JPEG as (3, h, w) float32 in [0, 1], resized so its longer side is
+    ``size``; returns (image, scale) where original = resized / scale."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not os.path.isfile(path):
+        raise SystemExit(f"error: image {path!r} does not exist")
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            w, h = im.size
+            scale = size / max(w, h)
+            nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
+            im = im.resize((nw, nh), Image.BILINEAR)
+            arr = np.asarray(im, dtype=np.float32) / 255.0  # (h, w, 3)
+    except (UnidentifiedImageError, OSError) as e:
+        raise SystemExit(f"error: cannot read {path!r} as an image: {e}") from None
+    return np.ascontiguousarray(arr.transpose(2, 0, 1)), (nw / w, nh / h)
+
+
+def cmd_detect(args):
+    from .shapes import CLASS_NAMES
+    from .viz import save_detections
+
+    model = _load_model(args.checkpoint)
+    os.makedirs(args.out, exist_ok=True)
+    for path in args.images:
+        image, (sx, sy) = load_image(path, args.size)
+        det = model.detect(image[None])[0]
+        keep = det["scores"] >= args.score_thresh
+        boxes = det["boxes"][keep] / np.array([sx, sy, sx, sy], dtype=np.float32)
+        original, _ = load_image(path, max(round(image.shape[2] / sx), round(image.shape[1] / sy)))
+        name = os.path.splitext(os.path.basename(path))[0]
+        out = os.path.join(args.out, f"{name}_detections.png")
+        save_detections(out, original, boxes, det["labels"][keep], det["scores"][keep], CLASS_NAMES)
+        print(f"{path}: {int(keep.sum())} detections -> {out}")
+    return 0
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    return {"train": cmd_train, "evaluate": cmd_evaluate, "detect": cmd_detect}[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,299 @@
+"""Faster R-CNN: one backbone whose features feed both the RPN and the Fast R-CNN head.
+
+Training (approximate joint training, the paper's section 3.2): the backbone runs once,
+the RPN predicts objectness and box deltas for every anchor, its proposals (held
+constant, no gradient through their coordinates) are sampled against the ground truth
+and pooled by the head, and the four losses
+
+    L = L_rpn_cls + L_rpn_reg + L_head_cls + L_head_box
+
+send their gradients back into the shared features, where the two streams add up.
+"""
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field, fields
+
+import numpy as np
+
+from . import anchors as anchors_mod
+from .backbone import BACKBONE_STRIDE, make_backbone
+from .checks import as_float_array, check_boxes, check_finite
+from .head import FastRCNNHead, head_loss, postprocess_detections
+from .layers import Module, Parameter
+from .rpn import RPNHead, generate_proposals, rpn_loss
+from .targets import anchor_targets, sample_labels, sample_proposals
+
+CHECKPOINT_FORMAT = "tinyfrcnn-checkpoint-1"
+
+
+@dataclass
+class ModelConfig:
+    """Everything that fixes the network's shape and its training targets."""
+
+    num_classes: int = 3
+    backbone_channels: tuple = (16, 32, 64, 64)
+    anchor_sizes: tuple = (16, 32, 64)
+    anchor_ratios: tuple = (0.5, 1.0, 2.0)
+    rpn_mid_channels: int = 64
+    rpn_pos_iou: float = 0.7
+    rpn_neg_iou: float = 0.3
+    rpn_batch: int = 256
+    rpn_pos_fraction: float = 0.5
+    rpn_sigma: float = 3.0
+    rpn_nms: float = 0.7
+    rpn_min_size: float = 2.0
+    rpn_pre_nms_train: int = 2000
+    rpn_post_nms_train: int = 500
+    rpn_pre_nms_test: int = 1000
+    rpn_post_nms_test: int = 300
+    roi_batch: int = 64
+    fg_fraction: float = 0.25
+    fg_iou: float = 0.5
+    bg_iou: tuple = (0.0, 0.5)
+    pool_size: int = 7
+    pooling: str = "roi_align"
+    head_hidden: int = 256
+    head_sigma: float = 1.0
+    score_thresh: float = 0.05
+    nms_thresh: float = 0.3
+    max_detections: int = 100
+
+    def to_json(self):
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text):
+        raw = json.loads(text)
+        known = {f.name for f in fields(cls)}
+        unknown = set(raw) - known
+        if unknown:
+            raise ValueError(f"checkpoint config has unknown keys {sorted(unknown)}")
+        for key, value in raw.items():
+            if isinstance(value, list):
+                raw[key] = tuple(value)
+        return cls(**raw)
+
+
+def named_parameters(module, prefix=""):
+    """(name, Parameter) pairs of a module tree, in a fixed order (attribute order)."""
+    out = []
+    items = module.layers if hasattr(module, "layers") and isinstance(module.layers, (list, tuple)) else None
+    if items is not None:
+        for i, layer in enumerate(items):
+            out += named_parameters(layer, f"{prefix}{i}.")
+        return out
+    for name, value in vars(module).items():
+        if isinstance(value, Parameter):
+            out.append((prefix + name, value))
+        elif isinstance(value, Module):
+            out += named_parameters(value, f"{prefix}{name}.")
+        elif isinstance(value, (list, tuple)) and value and all(isinstance(v, Module) for v in value):
+            for i, v in enumerate(value):
+                out += named_parameters(v, f"{prefix}{name}.{i}.")
+    return out
+
+
+class FasterRCNN(Module):
+    """Backbone + RPN + Fast R-CNN head sharing the backbone's features."""
+
+    def __init__(self, config=None, rng=None):
+        self.config = config = config or ModelConfig()
+        rng = rng if rng is not None else np.random.default_rng(0)
+        self.stride = BACKBONE_STRIDE
+        self.backbone = make_backbone(config.backbone_channels, rng=rng)
+        feat_ch = config.backbone_channels[-1]
+        self.base_anchors = self._base_anchors(config)  # (k, 4)
+        self.num_anchors = len(self.base_anchors)
+        self.rpn = RPNHead(feat_ch, config.rpn_mid_channels, self.num_anchors, rng=rng)
+        self.head = FastRCNNHead(
+            feat_ch, config.num_classes, pool_size=config.pool_size, hidden=config.head_hidden,
+            spatial_scale=1.0 / self.stride, pooling=config.pooling, rng=rng,
+        )
+        self._cache = None
+
+    @staticmethod
+    def _base_anchors(config):
+        sizes = np.asarray(config.anchor_sizes, dtype=np.float64)
+        return anchors_mod.base_anchors(base_size=1, scales=tuple(sizes), ratios=tuple(config.anchor_ratios))
+
+    def parameters(self):
+        return [p for _, p in self.named_parameters()]
+
+    def named_parameters(self):
+        return (named_parameters(self.backbone, "backbone.") + named_parameters(self.rpn, "rpn.")
+                + named_parameters(self.head, "head."))
+
+    def anchors_for(self, feat_height, feat_width):
+        """All anchors over a feature grid: (feat_height * feat_width * k, 4)."""
+        return anchors_mod.grid_anchors(self.base_anchors, feat_height, feat_width, self.stride)
+
+    # ------------------------------------------------------------------ training
+    def forward(self, images, gt_boxes, gt_labels, rng):
+        """Run one training step's forward pass and its losses.
+
+        images (N, 3, H, W); gt_boxes and gt_labels: one (K_i, 4) / (K_i,) array per image.
+        Returns a dict of the four loss terms (floats) and their sum ``loss``; the
+        gradients of the losses w.r.t. the network's outputs are kept for ``backward``.
+        """
+        cfg = self.config
+        images = as_float_array(images, "images", ndim=4, where="FasterRCNN.forward")
+        check_finite(images, "images", "FasterRCNN.forward")
+        n, _, height, width = images.shape
+        if len(gt_boxes) != n or len(gt_labels) != n:
+            raise ValueError(
+                f"FasterRCNN.forward: got {n} images but {len(gt_boxes)} gt_boxes and {len(gt_labels)} gt_labels")
+        feats = self.backbone.forward(images)  # (N, C, h, w)
+        fh, fw = feats.shape[2:]
+        anchors = self.anchors_for(fh, fw)  # (A, 4)
+        logits, deltas = self.rpn.forward(feats)  # (N, A, 2), (N, A, 4)
+
+        grad_logits = np.zeros_like(logits)
+        grad_deltas = np.zeros_like(deltas)
+        rpn_cls = rpn_reg = 0.0
+        rois, roi_labels, roi_targets = [], [], []
+        for i in range(n):
+            boxes = check_boxes(np.asarray(gt_boxes[i], dtype=np.float32).reshape(-1, 4), f"gt_boxes[{i}]",
+                                "FasterRCNN.forward")
+            labels = np.asarray(gt_labels[i], dtype=np.int64).reshape(-1)
+            labels_a, _, reg_targets = anchor_targets(
+                anchors, boxes, pos_iou=cfg.rpn_pos_iou, neg_iou=cfg.rpn_neg_iou,
+                image_size=(height, width), allowed_border=0)
+            labels_a = sample_labels(labels_a, cfg.rpn_batch, cfg.rpn_pos_fraction, rng=rng)
+            out = rpn_loss(logits[i], deltas[i], labels_a, reg_targets, sigma=cfg.rpn_sigma)
+            rpn_cls += out["loss_cls"] / n
+            rpn_reg += out["loss_reg"] / n
+            grad_logits[i] = out["grad_logits"] / n
+            grad_deltas[i] = out["grad_deltas"] / n
+
+            proposals, _ = generate_proposals(
+                logits[i], deltas[i], anchors, (height, width), cfg.rpn_pre_nms_train,
+                cfg.rpn_post_nms_train, nms_thresh=cfg.rpn_nms, min_size=cfg.rpn_min_size)
+            sample = sample_proposals(
+                proposals, boxes, labels, num_samples=cfg.roi_batch, fg_fraction=cfg.fg_fraction,
+                fg_iou=cfg.fg_iou, bg_iou=cfg.bg_iou, rng=rng)
+            r = sample["rois"]
+            rois.append(np.concatenate([np.full((len(r), 1), i, dtype=r.dtype), r], axis=1))  # (S, 5)
+            roi_labels.append(sample["labels"])
+            roi_targets.append(sample["box_targets"])
+
+        rois = np.concatenate(rois).astype(feats.dtype)  # (R, 5)
+        cls_logits, box_deltas = self.head.forward(feats, rois)  # (R, C+1), (R, 4(C+1))
+        h = head_loss(cls_logits, box_deltas, np.concatenate(roi_labels), np.concatenate(roi_targets),
+                      sigma=cfg.head_sigma)
+        self._cache = (grad_logits, grad_deltas, h["grad_cls"], h["grad_box"])
+        losses = {
+            "rpn_cls": float(rpn_cls), "rpn_reg": float(rpn_reg),
+            "head_cls": float(h["loss_cls"]), "head_box": float(h["loss_box"]),
+        }
+        losses["loss"] = sum(losses.values())
+        return losses
+
+    def backward(self):
+        """Back-propagate the losses of the last ``forward`` into every parameter's grad."""
+        if self._cache is None:
+            raise ValueError("FasterRCNN.backward: call forward first")
+        grad_logits, grad_deltas, grad_cls, grad_box = self._cache
+        self._cache = None
+        grad_feats = self.head.backward(grad_cls, grad_box)  # (N, C, h, w)
+        grad_feats = grad_feats + self.rpn.backward(grad_logits, grad_deltas)
+        self.backbone.backward(grad_feats)
+
+    # ----------------------------------------------------------------- inference
+    def propose(self, images):
+        """RPN proposals for each image at test settings: list of ((P, 4), (P,))."""
+        feats = self.backbone.forward(images)
+        return self._propose(feats, images.shape[2], images.shape[3])[1]
+
+    def _propose(self, feats, height, width):
+        cfg = self.config
+        anchors = self.anchors_for(*feats.shape[2:])
+        logits, deltas = self.rpn.forward(feats)
+        out = [generate_proposals(logits[i], deltas[i], anchors, (height, width), cfg.rpn_pre_nms_test,
+                                  cfg.rpn_post_nms_test, nms_thresh=cfg.rpn_nms, min_size=cfg.rpn_min_size)
+               for i in range(len(feats))]
+        return feats, out
+
+    def detect(self, images):
+        """Detections for a batch: a list with one dict per image, ``boxes`` (D, 4),
+        ``scores`` (D,), ``labels`` (D,) int64 in 1..C."""
+        cfg = self.config
+        images = as_float_array(images, "images", ndim=4, where="FasterRCNN.detect")
+        check_finite(images, "images", "FasterRCNN.detect")
+        n, _, height, width = images.shape
+        feats, proposals = self._propose(self.backbone.forward(images), height, width)
+        rois = np.concatenate(
+            [np.concatenate([np.full((len(p), 1), i, dtype=np.float32), p.astype(np.float32)], axis=1)
+             for i, (p, _) in enumerate(proposals)]).astype(feats.dtype)  # (R, 5)
+        cls_logits, box_deltas = self.head.forward(feats, rois)
+        results = []
+        for i in range(n):
+            sel = rois[:, 0] == i
+            results.append(postprocess_detections(
+                rois[sel, 1:], cls_logits[sel], box_deltas[sel], (height, width),
+                score_thresh=cfg.score_thresh, nms_thresh=cfg.nms_thresh, max_detections=cfg.max_detections))
+        return results
+
+    # ---------------------------------------------------------------- checkpoints
+    def state_dict(self):
+        return {name: p.data for name, p in self.named_parameters()}
+
+    def load_state_dict(self, state):
+        for name, p in self.named_parameters():
+            if name not in state:
+                raise ValueError(f"checkpoint lacks parameter {name!r}")
+            value = np.asarray(state[name])
+            if value.shape != p.data.shape:
+                raise ValueError(
+                    f"checkpoint parameter {name!r} has shape {value.shape}, the model expects {p.data.shape}")
+            p.data[...] = value
+
+    def save(self, path, extra=None):
+        """Write weights, configuration and ``extra`` arrays to one ``.npz`` file, atomically:
+        a temporary file in the same folder is renamed over ``path`` only once complete."""
+        arrays = {f"param/{k}": v for k, v in self.state_dict().items()}
+        arrays["format"] = np.array(CHECKPOINT_FORMAT)
+        arrays["config"] = np.array(self.config.to_json())
+        for k, v in (extra or {}).items():
+            arrays[f"extra/{k}"] = np.asarray(v)
+        save_npz_atomically(path, arrays)
+
+    @classmethod
+    def load(cls, path):
+        """Rebuild a model from a checkpoint; returns (model, extra arrays)."""
+        arrays = read_checkpoint(path)
+        model = cls(ModelConfig.from_json(str(arrays["config"])))
+        model.load_state_dict({k[len("param/"):]: v for k, v in arrays.items() if k.startswith("param/")})
+        extra = {k[len("extra/"):]: v for k, v in arrays.items() if k.startswith("extra/")}
+        return model, extra
+
+
+def save_npz_atomically(path, arrays):
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def read_checkpoint(path):
+    """All arrays of a checkpoint file, after checking it is one."""
+    if not os.path.isfile(path):
+        raise ValueError(f"checkpoint {path!r} does not exist")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            arrays = {k: f[k] for k in f.files}
+    except Exception as e:
+        raise ValueError(f"{path!r} is not a tinyfrcnn checkpoint (cannot read it as .npz: {e})") from None
+    if "format" not in arrays or str(arrays["format"]) != CHECKPOINT_FORMAT or "config" not in arrays:
+        raise ValueError(f"{path!r} is not a tinyfrcnn checkpoint (no '{CHECKPOINT_FORMAT}' marker)")
+    return arrays

@@ -1,0 +1,236 @@
+"""Training loops: approximate joint training (the default) and the paper's 4-step
+alternating training, with SGD + momentum, warm-up and step decay.
+
+A run is a pure function of its seed: the same seed draws the same images in the same
+order, samples the same anchors and proposals and so gives the same losses. A
+checkpoint stores the weights, the momentum buffers, the step, the random generator's
+state and the loss history, so ``resume`` continues exactly where the run stopped.
+"""
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from .evaluate import coco_ap
+from .model import FasterRCNN, ModelConfig, read_checkpoint
+from .optim import SGD, warmup_step_lr
+from .shapes import shapes_split
+
+LOSS_TERMS = ("rpn_cls", "rpn_reg", "head_cls", "head_box")
+
+
+@dataclass
+class TrainConfig:
+    """How to train: optimiser, schedule, data and bookkeeping."""
+
+    steps: int = 1500
+    batch_size: int = 4
+    lr: float = 0.02
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    warmup_steps: int = 100
+    decay_at: tuple = (0.7, 0.9)
+    gamma: float = 0.1
+    seed: int = 0
+    train_images: int = 4000
+    val_images: int = 100
+    eval_every: int = 500
+    checkpoint_every: int = 250
+    schedule: str = "joint"
+
+    @property
+    def milestones(self):
+        return tuple(int(round(f * self.steps)) for f in self.decay_at)
+
+
+class NonFiniteLoss(RuntimeError):
+    """A loss term became NaN or inf."""
+
+
+def evaluate_model(model, dataset, batch_size=16, progress=None):
+    """COCO-style AP of ``model`` on every image of ``dataset`` (see evaluate.coco_ap)."""
+    detections, truths = [], []
+    for start in range(0, len(dataset), batch_size):
+        idx = list(range(start, min(start + batch_size, len(dataset))))
+        images, boxes, labels = dataset.batch(idx)
+        detections += model.detect(images)
+        truths += [{"boxes": b, "labels": l} for b, l in zip(boxes, labels)]
+        if progress is not None:
+            progress.update(len(idx))
+    return coco_ap(detections, truths), detections, truths
+
+
+def _rng_state_json(rng):
+    return json.dumps(rng.bit_generator.state)
+
+
+def _rng_from_json(text):
+    rng = np.random.default_rng()
+    rng.bit_generator.state = json.loads(text)
+    return rng
+
+
+class Trainer:
+    """One training run: model, optimiser, data, generator and history."""
+
+    def __init__(self, model_config=None, train_config=None, out_dir=None):
+        self.cfg = train_config or TrainConfig()
+        if self.cfg.schedule not in ("joint",):
+            raise ValueError(f"Trainer: schedule must be 'joint' (use train_alternating for 4-step), got {self.cfg.schedule!r}")
+        self.rng = np.random.default_rng(self.cfg.seed)
+        self.model = FasterRCNN(model_config or ModelConfig(), rng=np.random.default_rng(self.cfg.seed))
+        self.optim = SGD(self.model.parameters(), lr=self.cfg.lr, momentum=self.cfg.momentum,
+                         weight_decay=self.cfg.weight_decay)
+        self.data = shapes_split("train", self.cfg.train_images)
+        self.out_dir = out_dir
+        self.step = 0
+        self.history = {k: [] for k in LOSS_TERMS + ("loss", "lr")}
+        self.evals = []
+        self._order = np.zeros(0, dtype=np.int64)
+
+    # -- data order: a fresh permutation of the training split per epoch
+    def _next_indices(self):
+        b = self.cfg.batch_size
+        if len(self._order) < b:
+            self._order = np.concatenate([self._order, self.rng.permutation(len(self.data))])
+        idx, self._order = self._order[:b], self._order[b:]
+        return idx
+
+    def lr_at(self, step):
+        c = self.cfg
+        return warmup_step_lr(step, c.lr, c.milestones, gamma=c.gamma, warmup_steps=c.warmup_steps)
+
+    def train_step(self):
+        """One SGD step on one batch; returns the loss terms."""
+        idx = self._next_indices()
+        images, boxes, labels = self.data.batch(idx)
+        self.optim.lr = self.lr_at(self.step)
+        self.optim.zero_grad()
+        losses = self.model.forward(images, boxes, labels, rng=self.rng)
+        for term in LOSS_TERMS:
+            if not math.isfinite(losses[term]):
+                raise NonFiniteLoss(f"step {self.step}: loss term {term} is {losses[term]}")
+        self.model.backward()
+        self.optim.step()
+        for k in LOSS_TERMS + ("loss",):
+            self.history[k].append(losses[k])
+        self.history["lr"].append(self.optim.lr)
+        self.step += 1
+        return losses
+
+    # -- checkpoints
+    def checkpoint_path(self):
+        return os.path.join(self.out_dir, "checkpoint.npz")
+
+    def save(self, path=None):
+        path = path or self.checkpoint_path()
+        extra = {f"momentum/{name}": buf for name, buf in zip(
+            (n for n, _ in self.model.named_parameters()), self.optim.momentum_buffers()) if buf is not None}
+        extra["train_state"] = json.dumps({
+            "step": self.step, "rng": _rng_state_json(self.rng), "order": self._order.tolist(),
+            "history": self.history, "evals": self.evals, "train_config": asdict(self.cfg),
+        })
+        self.model.save(path, extra=extra)
+        return path
+
+    @classmethod
+    def resume(cls, path, out_dir=None, steps=None):
+        """Continue a run from its checkpoint (optionally with a new total step count)."""
+        model, extra = FasterRCNN.load(path)
+        if "train_state" not in extra:
+            raise ValueError(f"{path!r} holds weights only, not a training state to resume")
+        state = json.loads(str(extra["train_state"]))
+        tc = dict(state["train_config"])
+        for key, value in tc.items():
+            if isinstance(value, list):
+                tc[key] = tuple(value)
+        if steps is not None:
+            tc["steps"] = steps
+        self = cls(model.config, TrainConfig(**tc), out_dir=out_dir or os.path.dirname(os.path.abspath(path)))
+        self.model = model
+        self.optim = SGD(model.parameters(), lr=self.cfg.lr, momentum=self.cfg.momentum,
+                         weight_decay=self.cfg.weight_decay)
+        names = [n for n, _ in model.named_parameters()]
+        self.optim.load_momentum_buffers([extra.get(f"momentum/{n}") for n in names])
+        self.step = state["step"]
+        self.rng = _rng_from_json(state["rng"])
+        self._order = np.asarray(state["order"], dtype=np.int64)
+        self.history = state["history"]
+        self.evals = state["evals"]
+        return self
+
+
+def train(out_dir, model_config=None, train_config=None, resume=None, progress=True, log=print):
+    """Train (or resume) a detector, writing into ``out_dir``: checkpoint.npz,
+    loss_curve.png and metrics.json. Returns the Trainer."""
+    from tqdm.auto import tqdm
+
+    os.makedirs(out_dir, exist_ok=True)
+    trainer = Trainer.resume(resume, out_dir=out_dir) if resume else Trainer(model_config, train_config, out_dir)
+    cfg = trainer.cfg
+    val = shapes_split("val", cfg.val_images) if cfg.val_images else None
+    bar = tqdm(total=cfg.steps, initial=trainer.step, disable=not progress, desc="train", unit="step")
+    started = time.perf_counter()
+    images_seen = 0
+    try:
+        while trainer.step < cfg.steps:
+            losses = trainer.train_step()
+            images_seen += cfg.batch_size
+            bar.update(1)
+            if trainer.step % 10 == 0 or trainer.step == cfg.steps:
+                recent = {k: np.mean(trainer.history[k][-20:]) for k in LOSS_TERMS}
+                bar.set_postfix({k: f"{v:.3f}" for k, v in recent.items()}, refresh=False)
+            if cfg.checkpoint_every and trainer.step % cfg.checkpoint_every == 0:
+                trainer.save()
+            if val is not None and cfg.eval_every and (trainer.step % cfg.eval_every == 0 or trainer.step == cfg.steps):
+                ap = evaluate_model(trainer.model, val)[0]
+                trainer.evals.append({"step": trainer.step, "AP": ap["AP"], "AP50": ap["AP50"]})
+                bar.write(f"step {trainer.step}: val AP {ap['AP']:.3f}  AP50 {ap['AP50']:.3f}")
+    except NonFiniteLoss as e:
+        bar.close()
+        raise NonFiniteLoss(f"{e}; training stopped, the last good checkpoint is {trainer.checkpoint_path()}") from None
+    except KeyboardInterrupt:
+        bar.close()
+        path = trainer.save()
+        log(f"interrupted at step {trainer.step}: checkpoint saved to {path} (continue with --resume {path})")
+        raise
+    bar.close()
+    elapsed = time.perf_counter() - started
+    trainer.save()
+    write_run_report(trainer, elapsed, images_seen)
+    return trainer
+
+
+def write_run_report(trainer, elapsed, images_seen):
+    """loss_curve.png and metrics.json beside the checkpoint."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    from .viz import plot_curves
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    plot_curves(ax, {k: trainer.history[k] for k in LOSS_TERMS + ("loss",)}, smooth=25)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_yscale("log")
+    ax.set_title("Faster R-CNN training losses")
+    fig.tight_layout()
+    fig.savefig(os.path.join(trainer.out_dir, "loss_curve.png"), dpi=100)
+    plt.close(fig)
+    metrics = {
+        "steps": trainer.step,
+        "seconds": elapsed,
+        "images_per_second": images_seen / elapsed if elapsed > 0 else None,
+        "final_losses": {k: float(np.mean(trainer.history[k][-50:])) for k in LOSS_TERMS + ("loss",)},
+        "val": trainer.evals,
+        "train_config": asdict(trainer.cfg),
+        "model_config": json.loads(trainer.model.config.to_json()),
+    }
+    with open(os.path.join(trainer.out_dir, "metrics.json"), "w") as f:
+        json.dump(metrics, f, indent=2)
