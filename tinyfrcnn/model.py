@@ -13,7 +13,7 @@ send their gradients back into the shared features, where the two streams add up
 import json
 import os
 import tempfile
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 
@@ -130,12 +130,15 @@ class FasterRCNN(Module):
         return anchors_mod.grid_anchors(self.base_anchors, feat_height, feat_width, self.stride)
 
     # ------------------------------------------------------------------ training
-    def forward(self, images, gt_boxes, gt_labels, rng):
+    def forward(self, images, gt_boxes, gt_labels, rng, train_rpn=True, train_head=True, proposals=None):
         """Run one training step's forward pass and its losses.
 
         images (N, 3, H, W); gt_boxes and gt_labels: one (K_i, 4) / (K_i,) array per image.
         Returns a dict of the four loss terms (floats) and their sum ``loss``; the
         gradients of the losses w.r.t. the network's outputs are kept for ``backward``.
+        ``train_rpn`` / ``train_head`` switch either loss off (the 4-step schedule trains
+        them apart); ``proposals`` (one (P_i, 4) array per image) replaces the model's
+        own proposals for the head, as step 2 of that schedule needs.
         """
         cfg = self.config
         images = as_float_array(images, "images", ndim=4, where="FasterRCNN.forward")
@@ -157,48 +160,63 @@ class FasterRCNN(Module):
             boxes = check_boxes(np.asarray(gt_boxes[i], dtype=np.float32).reshape(-1, 4), f"gt_boxes[{i}]",
                                 "FasterRCNN.forward")
             labels = np.asarray(gt_labels[i], dtype=np.int64).reshape(-1)
-            labels_a, _, reg_targets = anchor_targets(
-                anchors, boxes, pos_iou=cfg.rpn_pos_iou, neg_iou=cfg.rpn_neg_iou,
-                image_size=(height, width), allowed_border=0)
-            labels_a = sample_labels(labels_a, cfg.rpn_batch, cfg.rpn_pos_fraction, rng=rng)
-            out = rpn_loss(logits[i], deltas[i], labels_a, reg_targets, sigma=cfg.rpn_sigma)
-            rpn_cls += out["loss_cls"] / n
-            rpn_reg += out["loss_reg"] / n
-            grad_logits[i] = out["grad_logits"] / n
-            grad_deltas[i] = out["grad_deltas"] / n
-
-            proposals, _ = generate_proposals(
-                logits[i], deltas[i], anchors, (height, width), cfg.rpn_pre_nms_train,
-                cfg.rpn_post_nms_train, nms_thresh=cfg.rpn_nms, min_size=cfg.rpn_min_size)
+            if train_rpn:
+                labels_a, _, reg_targets = anchor_targets(
+                    anchors, boxes, pos_iou=cfg.rpn_pos_iou, neg_iou=cfg.rpn_neg_iou,
+                    image_size=(height, width), allowed_border=0)
+                labels_a = sample_labels(labels_a, cfg.rpn_batch, cfg.rpn_pos_fraction, rng=rng)
+                out = rpn_loss(logits[i], deltas[i], labels_a, reg_targets, sigma=cfg.rpn_sigma)
+                rpn_cls += out["loss_cls"] / n
+                rpn_reg += out["loss_reg"] / n
+                grad_logits[i] = out["grad_logits"] / n
+                grad_deltas[i] = out["grad_deltas"] / n
+            if not train_head:
+                continue
+            if proposals is not None:
+                props = np.asarray(proposals[i], dtype=np.float32).reshape(-1, 4)
+            else:
+                props, _ = generate_proposals(
+                    logits[i], deltas[i], anchors, (height, width), cfg.rpn_pre_nms_train,
+                    cfg.rpn_post_nms_train, nms_thresh=cfg.rpn_nms, min_size=cfg.rpn_min_size)
             sample = sample_proposals(
-                proposals, boxes, labels, num_samples=cfg.roi_batch, fg_fraction=cfg.fg_fraction,
+                props, boxes, labels, num_samples=cfg.roi_batch, fg_fraction=cfg.fg_fraction,
                 fg_iou=cfg.fg_iou, bg_iou=cfg.bg_iou, rng=rng)
             r = sample["rois"]
             rois.append(np.concatenate([np.full((len(r), 1), i, dtype=r.dtype), r], axis=1))  # (S, 5)
             roi_labels.append(sample["labels"])
             roi_targets.append(sample["box_targets"])
 
-        rois = np.concatenate(rois).astype(feats.dtype)  # (R, 5)
-        cls_logits, box_deltas = self.head.forward(feats, rois)  # (R, C+1), (R, 4(C+1))
-        h = head_loss(cls_logits, box_deltas, np.concatenate(roi_labels), np.concatenate(roi_targets),
-                      sigma=cfg.head_sigma)
-        self._cache = (grad_logits, grad_deltas, h["grad_cls"], h["grad_box"])
+        head_cls = head_box = 0.0
+        grad_cls = grad_box = None
+        if train_head:
+            rois = np.concatenate(rois).astype(feats.dtype)  # (R, 5)
+            cls_logits, box_deltas = self.head.forward(feats, rois)  # (R, C+1), (R, 4(C+1))
+            h = head_loss(cls_logits, box_deltas, np.concatenate(roi_labels), np.concatenate(roi_targets),
+                          sigma=cfg.head_sigma)
+            head_cls, head_box = h["loss_cls"], h["loss_box"]
+            grad_cls, grad_box = h["grad_cls"], h["grad_box"]
+        self._cache = (grad_logits if train_rpn else None, grad_deltas, grad_cls, grad_box)
         losses = {
             "rpn_cls": float(rpn_cls), "rpn_reg": float(rpn_reg),
-            "head_cls": float(h["loss_cls"]), "head_box": float(h["loss_box"]),
+            "head_cls": float(head_cls), "head_box": float(head_box),
         }
         losses["loss"] = sum(losses.values())
         return losses
 
-    def backward(self):
-        """Back-propagate the losses of the last ``forward`` into every parameter's grad."""
+    def backward(self, train_backbone=True):
+        """Back-propagate the losses of the last ``forward`` into every parameter's grad
+        (the shared features receive the sum of the RPN's and the head's gradients)."""
         if self._cache is None:
             raise ValueError("FasterRCNN.backward: call forward first")
         grad_logits, grad_deltas, grad_cls, grad_box = self._cache
         self._cache = None
-        grad_feats = self.head.backward(grad_cls, grad_box)  # (N, C, h, w)
-        grad_feats = grad_feats + self.rpn.backward(grad_logits, grad_deltas)
-        self.backbone.backward(grad_feats)
+        grad_feats = 0
+        if grad_cls is not None:
+            grad_feats = grad_feats + self.head.backward(grad_cls, grad_box)  # (N, C, h, w)
+        if grad_logits is not None:
+            grad_feats = grad_feats + self.rpn.backward(grad_logits, grad_deltas)
+        if train_backbone:
+            self.backbone.backward(grad_feats)
 
     # ----------------------------------------------------------------- inference
     def propose(self, images):

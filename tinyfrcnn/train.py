@@ -234,3 +234,68 @@ def write_run_report(trainer, elapsed, images_seen):
     }
     with open(os.path.join(trainer.out_dir, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=2)
+
+
+def train_alternating(out_dir, model_config=None, train_config=None, progress=True, log=print):
+    """The paper's 4-step alternating training (section 3.2), each step a quarter of
+    ``train_config.steps``:
+
+    1. train backbone + RPN;
+    2. train a second, freshly initialised backbone + the head on step 1's proposals;
+    3. keep step 2's backbone fixed, and fine-tune the RPN (from step 1) on it;
+    4. keep the backbone fixed, and fine-tune the head on step 3's proposals.
+
+    The two networks then share step 2's backbone. (The paper starts both backbones
+    from ImageNet weights; here both start from random ones.)
+    """
+    from tqdm.auto import tqdm
+
+    cfg = train_config or TrainConfig()
+    mc = model_config or ModelConfig()
+    os.makedirs(out_dir, exist_ok=True)
+    rng = np.random.default_rng(cfg.seed)
+    data = shapes_split("train", cfg.train_images)
+    rpn_net = FasterRCNN(mc, rng=np.random.default_rng(cfg.seed))
+    det_net = FasterRCNN(mc, rng=np.random.default_rng(cfg.seed + 1))
+    quarter = max(1, cfg.steps // 4)
+    started = time.perf_counter()
+    history = {k: [] for k in LOSS_TERMS + ("loss", "lr")}
+
+    def stage(name, model, params, train_rpn, train_head, train_backbone, proposer=None):
+        optim = SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        milestones = tuple(int(round(f * quarter)) for f in cfg.decay_at)
+        bar = tqdm(total=quarter, disable=not progress, desc=name, unit="step")
+        for step in range(quarter):
+            idx = rng.choice(len(data), size=cfg.batch_size, replace=False)
+            images, boxes, labels = data.batch(idx)
+            optim.lr = warmup_step_lr(step, cfg.lr, milestones, gamma=cfg.gamma, warmup_steps=cfg.warmup_steps)
+            optim.zero_grad()
+            props = [p for p, _ in proposer.propose(images)] if proposer is not None else None
+            losses = model.forward(images, boxes, labels, rng=rng, train_rpn=train_rpn, train_head=train_head,
+                                   proposals=props)
+            for term in LOSS_TERMS:
+                if not math.isfinite(losses[term]):
+                    raise NonFiniteLoss(f"{name}, step {step}: loss term {term} is {losses[term]}")
+            model.backward(train_backbone=train_backbone)
+            optim.step()
+            for k in LOSS_TERMS + ("loss",):
+                history[k].append(losses[k])
+            history["lr"].append(optim.lr)
+            bar.update(1)
+        bar.close()
+
+    stage("1/4 backbone+RPN", rpn_net, rpn_net.backbone.parameters() + rpn_net.rpn.parameters(),
+          True, False, True)
+    stage("2/4 backbone+head", det_net, det_net.backbone.parameters() + det_net.head.parameters(),
+          False, True, True, proposer=rpn_net)
+    for mine, theirs in zip(det_net.rpn.parameters(), rpn_net.rpn.parameters()):
+        mine.data[...] = theirs.data
+    stage("3/4 RPN on fixed backbone", det_net, det_net.rpn.parameters(), True, False, False)
+    stage("4/4 head on fixed backbone", det_net, det_net.head.parameters(), False, True, False)
+
+    trainer = Trainer(mc, cfg, out_dir)
+    trainer.model, trainer.history, trainer.step = det_net, history, 4 * quarter
+    trainer.optim = SGD(det_net.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    trainer.save()
+    write_run_report(trainer, time.perf_counter() - started, 4 * quarter * cfg.batch_size)
+    return trainer
