@@ -1,0 +1,643 @@
+"""RoI max pooling (Fast R-CNN) and RoIAlign (Mask R-CNN), forward and backward.
+
+Both turn a region of interest of any size into a fixed ``ph x pw`` grid of features, so
+that one fully connected head can score every proposal.
+
+RoI max pooling (Girshick, "Fast R-CNN", 2015, section 2.1): "RoI max pooling works by
+dividing the h x w RoI window into an H x W grid of sub-windows of approximate size
+h/H x w/W and then max-pooling the values in each sub-window into the corresponding
+output grid cell." The RoI corners are rounded to feature cells, and so are the bin
+edges: two quantisations. Its gradient (section 2.3) routes each output gradient to the
+input that won the max:
+
+    dL/dx_i = sum_r sum_j [i = i*(r, j)] dL/dy_rj
+
+RoIAlign (He et al., "Mask R-CNN", 2017) drops the rounding: each bin is the average of
+``sx x sy`` bilinear samples taken at regularly spaced points inside it, so the output
+is a continuous (piecewise-linear) function of the features and of the RoI.
+
+Both give the same numbers as ``torchvision.ops.roi_pool`` and
+``torchvision.ops.roi_align`` on the same input (argmax here is a flat index into the
+whole feature array rather than into one channel plane).
+"""
+
+import math
+
+import numpy as np
+from numba import cuda, njit, prange
+
+from .checks import as_float_array, check_boxes, check_finite, check_number, pair
+from .device import grid_1d, is_device_array, on_device
+
+FLT_MAX = float(np.finfo(np.float32).max)
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _check_rois(rois, n_images, dtype, where):
+    """(R, 5) finite RoIs with integer batch indices in [0, n_images) and x2 >= x1, y2 >= y1.
+
+    Returns a host copy in ``dtype`` (device RoIs are copied: they are small).
+    """
+    rois = as_float_array(rois, "rois", ndim=2, where=where)
+    if rois.shape[1] != 5:
+        raise ValueError(f"{where}: rois must have shape (R, 5) as (batch_index, x1, y1, x2, y2), "
+                         f"got {tuple(rois.shape)}")
+    host = rois.copy_to_host() if is_device_array(rois) else np.asarray(rois)
+    check_finite(host, "rois", where)
+    check_boxes(host[:, 1:], "rois[:, 1:]", where)
+    batch = host[:, 0]
+    bad = (batch != np.round(batch)) | (batch < 0) | (batch >= n_images)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise ValueError(f"{where}: rois[{i}, 0] = {batch[i]!r} is not an integer batch index "
+                         f"in [0, {n_images})")
+    return host.astype(dtype, copy=False)
+
+
+def _check_inputs(features, rois, output_size, spatial_scale, where):
+    """Validate the forward arguments; returns (on_gpu, (ph, pw), scale, host rois)."""
+    features = as_float_array(features, "features", ndim=4, where=where)
+    N, C, H, W = features.shape
+    if H == 0 or W == 0:
+        raise ValueError(f"{where}: features must have non-zero height and width, got {tuple(features.shape)}")
+    ph, pw = pair(output_size, "output_size", where)
+    scale = check_number(spatial_scale, "spatial_scale", low=0, low_open=True, where=where)
+    host = _check_rois(rois, N, features.dtype, where)
+    gpu = on_device({"features": features, "rois": rois})
+    return gpu, (ph, pw), scale, host
+
+
+def _round_half_away(v):
+    """C's round(): halves go away from zero (np.round goes to even)."""
+    t = np.trunc(v)
+    return t + np.sign(v) * (np.abs(v - t) >= 0.5)
+
+
+def _empty(gpu, shape, dtype):
+    return cuda.device_array(shape, dtype=dtype) if gpu else np.zeros(shape, dtype=dtype)
+
+
+def _to(gpu, *arrays):
+    return tuple(cuda.to_device(np.ascontiguousarray(a)) for a in arrays) if gpu else arrays
+
+
+# --------------------------------------------------------------------------- RoI max pooling
+
+
+def _roi_pool_reference(features, rois, output_size, spatial_scale):
+    """Plain loops: returns (output (R, C, ph, pw), argmax (R, C, ph, pw) flat indices, -1 if empty)."""
+    ph, pw = pair(output_size, "output_size")
+    N, C, H, W = features.shape
+    T = features.dtype.type
+    out = np.zeros((len(rois), C, ph, pw), dtype=features.dtype)
+    argmax = np.full(out.shape, -1, dtype=np.int64)
+    flat_index = np.arange(features.size).reshape(features.shape)  # (N, C, H, W)
+    for r, roi in enumerate(rois.astype(features.dtype)):
+        b = int(roi[0])
+        x1, y1, x2, y2 = (int(_round_half_away(v * T(spatial_scale))) for v in roi[1:])
+        bin_h = T(max(y2 - y1 + 1, 1)) / T(ph)
+        bin_w = T(max(x2 - x1 + 1, 1)) / T(pw)
+        for i in range(ph):
+            h0 = min(max(int(np.floor(T(i) * bin_h)) + y1, 0), H)
+            h1 = min(max(int(np.ceil(T(i + 1) * bin_h)) + y1, 0), H)
+            for j in range(pw):
+                w0 = min(max(int(np.floor(T(j) * bin_w)) + x1, 0), W)
+                w1 = min(max(int(np.ceil(T(j + 1) * bin_w)) + x1, 0), W)
+                if h1 <= h0 or w1 <= w0:
+                    continue
+                window = features[b, :, h0:h1, w0:w1].reshape(C, -1)  # (C, bin area)
+                k = window.argmax(axis=1)
+                out[r, :, i, j] = window[np.arange(C), k]
+                argmax[r, :, i, j] = flat_index[b, :, h0:h1, w0:w1].reshape(C, -1)[np.arange(C), k]
+    return out, argmax
+
+
+def _pool_bins(rois, spatial_scale, pooled_h, pooled_w, height, width):
+    """Quantised sub-window edges of every RoI, computed in the RoIs' dtype as torchvision does.
+
+    Corners: round(x * scale); size: max(end - start + 1, 1); bin k covers
+    [floor(k * size / P), ceil((k + 1) * size / P)) offset by the start, clipped to the map.
+    Returns hstart, hend (R, ph) and wstart, wend (R, pw), int64.
+    """
+    T = rois.dtype.type
+    x1, y1, x2, y2 = (_round_half_away(rois[:, k] * T(spatial_scale)).astype(np.int64) for k in range(1, 5))
+
+    def edges(start, end, pooled, limit):
+        size = np.maximum(end - start + 1, 1).astype(rois.dtype)
+        bin_size = (size / T(pooled))[:, None]  # (R, 1)
+        k = np.arange(pooled + 1, dtype=rois.dtype)[None, :]  # (1, P + 1)
+        lo = np.floor(k[:, :-1] * bin_size).astype(np.int64) + start[:, None]  # (R, P)
+        hi = np.ceil(k[:, 1:] * bin_size).astype(np.int64) + start[:, None]  # (R, P)
+        return np.clip(lo, 0, limit), np.clip(hi, 0, limit)
+
+    hstart, hend = edges(y1, y2, pooled_h, height)
+    wstart, wend = edges(x1, x2, pooled_w, width)
+    return hstart, hend, wstart, wend
+
+
+@njit(cache=True, parallel=True)
+def _roi_pool_forward_cpu(features, batch, hstart, hend, wstart, wend, out, argmax):
+    R, C, PH, PW = out.shape
+    H, W = features.shape[2], features.shape[3]
+    for rc in prange(R * C):
+        r = rc // C
+        c = rc - r * C
+        n = batch[r]
+        base = (n * C + c) * H * W
+        for i in range(PH):
+            for j in range(PW):
+                if hend[r, i] <= hstart[r, i] or wend[r, j] <= wstart[r, j]:
+                    out[r, c, i, j] = 0
+                    argmax[r, c, i, j] = -1
+                    continue
+                best = -FLT_MAX
+                best_at = -1
+                for y in range(hstart[r, i], hend[r, i]):
+                    for x in range(wstart[r, j], wend[r, j]):
+                        v = features[n, c, y, x]
+                        if v > best:
+                            best = v
+                            best_at = base + y * W + x
+                out[r, c, i, j] = best
+                argmax[r, c, i, j] = best_at
+
+
+@njit(cache=True, parallel=True)
+def _roi_pool_backward_cpu(grad_out, argmax, grad_in):
+    # grad_in is flat; every argmax of channel c lies in a channel-c plane, so the
+    # channels never share an input and can run in parallel without races.
+    R, C, PH, PW = grad_out.shape
+    for c in prange(C):
+        for r in range(R):
+            for i in range(PH):
+                for j in range(PW):
+                    a = argmax[r, c, i, j]
+                    if a >= 0:
+                        grad_in[a] += grad_out[r, c, i, j]
+
+
+@cuda.jit
+def _roi_pool_forward_cuda(features, batch, hstart, hend, wstart, wend, out, argmax):
+    R, C, PH, PW = out.shape
+    H, W = features.shape[2], features.shape[3]
+    t = cuda.grid(1)
+    if t >= R * C * PH * PW:
+        return
+    j = t % PW
+    i = (t // PW) % PH
+    c = (t // (PW * PH)) % C
+    r = t // (PW * PH * C)
+    n = batch[r]
+    if hend[r, i] <= hstart[r, i] or wend[r, j] <= wstart[r, j]:
+        out[r, c, i, j] = 0
+        argmax[r, c, i, j] = -1
+        return
+    base = (n * C + c) * H * W
+    best = -FLT_MAX
+    best_at = -1
+    for y in range(hstart[r, i], hend[r, i]):
+        for x in range(wstart[r, j], wend[r, j]):
+            v = features[n, c, y, x]
+            if v > best:
+                best = v
+                best_at = base + y * W + x
+    out[r, c, i, j] = best
+    argmax[r, c, i, j] = best_at
+
+
+@cuda.jit
+def _roi_pool_backward_cuda(grad_out, argmax, grad_in):
+    R, C, PH, PW = grad_out.shape
+    t = cuda.grid(1)
+    if t >= R * C * PH * PW:
+        return
+    j = t % PW
+    i = (t // PW) % PH
+    c = (t // (PW * PH)) % C
+    r = t // (PW * PH * C)
+    a = argmax[r, c, i, j]
+    if a >= 0:
+        cuda.atomic.add(grad_in, a, grad_out[r, c, i, j])
+
+
+def roi_pool(features, rois, output_size, spatial_scale):
+    """RoI max pooling (Fast R-CNN): ``y[r, c, i, j] = max over bin (i, j) of RoI r``.
+
+    features (N, C, H, W) float32/float64; rois (R, 5) as (batch_index, x1, y1, x2, y2)
+    in image coordinates; the feature map is the image scaled by ``spatial_scale``.
+    Returns ``(output (R, C, ph, pw), argmax (R, C, ph, pw) int64)``: argmax is the flat
+    index into ``features`` of each maximum, -1 for an empty bin (whose output is 0).
+    Same numbers as ``torchvision.ops.roi_pool``.
+    """
+    where = "roi_pool"
+    gpu, (ph, pw), scale, host = _check_inputs(features, rois, output_size, spatial_scale, where)
+    N, C, H, W = features.shape
+    R = host.shape[0]
+    out = _empty(gpu, (R, C, ph, pw), features.dtype)
+    argmax = _empty(gpu, (R, C, ph, pw), np.int64)
+    if out.size == 0:
+        return out, argmax
+    batch = host[:, 0].astype(np.int64)
+    bins = _pool_bins(host, scale, ph, pw, H, W)
+    if gpu:
+        batch, *bins = _to(True, batch, *bins)
+        blocks, threads = grid_1d(out.size)
+        _roi_pool_forward_cuda[blocks, threads](features, batch, *bins, out, argmax)
+    else:
+        _roi_pool_forward_cpu(np.ascontiguousarray(features), batch, *bins, out, argmax)
+    return out, argmax
+
+
+def roi_pool_backward(grad_out, argmax, features_shape):
+    """Gradient of RoI max pooling: each output gradient goes to its argmax input.
+
+    ``dL/dx[a] = sum of dL/dy[r, c, i, j] over all (r, c, i, j) with argmax = a``;
+    empty bins (argmax -1) send nothing. Returns an array of ``features_shape``.
+    """
+    where = "roi_pool_backward"
+    grad_out = as_float_array(grad_out, "grad_out", ndim=4, where=where)
+    argmax = _check_argmax(argmax, grad_out, features_shape, where)
+    gpu = on_device({"grad_out": grad_out, "argmax": argmax})
+    size = int(np.prod(features_shape))
+    grad_in = np.zeros(size, dtype=grad_out.dtype)
+    if gpu:
+        grad_in = cuda.to_device(grad_in)
+        if grad_out.size:
+            blocks, threads = grid_1d(grad_out.size)
+            _roi_pool_backward_cuda[blocks, threads](grad_out, argmax, grad_in)
+    elif grad_out.size:
+        _roi_pool_backward_cpu(np.ascontiguousarray(grad_out), np.ascontiguousarray(argmax), grad_in)
+    return grad_in.reshape(tuple(features_shape))
+
+
+def _check_shape(features_shape, where):
+    try:
+        shape = tuple(int(s) for s in features_shape)
+    except (TypeError, ValueError):
+        raise ValueError(f"{where}: features_shape must be (N, C, H, W), got {features_shape!r}") from None
+    if len(shape) != 4 or min(shape) < 0:
+        raise ValueError(f"{where}: features_shape must be (N, C, H, W), got {features_shape!r}")
+    return shape
+
+
+def _check_argmax(argmax, grad_out, features_shape, where):
+    shape = _check_shape(features_shape, where)
+    if not is_device_array(argmax):
+        argmax = np.asarray(argmax)
+    if tuple(argmax.shape) != tuple(grad_out.shape):
+        raise ValueError(f"{where}: argmax has shape {tuple(argmax.shape)} but grad_out has "
+                         f"{tuple(grad_out.shape)}; they must match")
+    if np.dtype(argmax.dtype) != np.int64:
+        raise ValueError(f"{where}: argmax must be int64, got {np.dtype(argmax.dtype).name}")
+    if grad_out.shape[1] != shape[1]:
+        raise ValueError(f"{where}: grad_out has {grad_out.shape[1]} channels but features_shape "
+                         f"{shape} has {shape[1]}")
+    values = argmax.copy_to_host() if is_device_array(argmax) else argmax
+    if values.size and (values.min() < -1 or values.max() >= int(np.prod(shape))):
+        raise ValueError(f"{where}: argmax holds indices outside [-1, {int(np.prod(shape))}) "
+                         f"for features_shape {shape}")
+    return argmax
+
+
+class RoIPool:
+    """RoI max pooling layer: ``forward(features, rois)``, ``backward(grad_out)`` -> d features.
+
+    The RoIs are constants (Fast R-CNN does not back-propagate into box coordinates).
+    """
+
+    def __init__(self, output_size, spatial_scale):
+        self.output_size = pair(output_size, "output_size", "RoIPool")
+        self.spatial_scale = check_number(spatial_scale, "spatial_scale", low=0, low_open=True, where="RoIPool")
+        self._argmax = None
+        self._shape = None
+
+    def forward(self, features, rois):
+        out, self._argmax = roi_pool(features, rois, self.output_size, self.spatial_scale)
+        self._shape = tuple(features.shape)
+        return out
+
+    def backward(self, grad_out):
+        if self._argmax is None:
+            raise ValueError("RoIPool.backward: call forward first")
+        return roi_pool_backward(grad_out, self._argmax, self._shape)
+
+    def parameters(self):
+        return []
+
+    def __repr__(self):
+        return f"RoIPool(output_size={self.output_size}, spatial_scale={self.spatial_scale})"
+
+
+# --------------------------------------------------------------------------- RoIAlign
+
+
+def _roi_align_reference(features, rois, output_size, spatial_scale, sampling_ratio=-1, aligned=True):
+    """Plain loops over RoIs, bins and sample points; returns (R, C, ph, pw)."""
+    ph, pw = pair(output_size, "output_size")
+    N, C, H, W = features.shape
+    out = np.zeros((len(rois), C, ph, pw), dtype=features.dtype)
+    offset = 0.5 if aligned else 0.0
+
+    def bilinear(b, y, x):
+        if y < -1 or y > H or x < -1 or x > W:
+            return 0.0
+        y, x = min(max(y, 0.0), H - 1.0), min(max(x, 0.0), W - 1.0)
+        y0, x0 = int(y), int(x)
+        y1, x1 = min(y0 + 1, H - 1), min(x0 + 1, W - 1)
+        ly, lx = y - y0, x - x0
+        f = features[b]  # (C, H, W)
+        return ((1 - ly) * (1 - lx) * f[:, y0, x0] + (1 - ly) * lx * f[:, y0, x1]
+                + ly * (1 - lx) * f[:, y1, x0] + ly * lx * f[:, y1, x1])
+
+    for r, (b, *box) in enumerate(rois.tolist()):
+        x1, y1, x2, y2 = (v * spatial_scale - offset for v in box)
+        rw, rh = x2 - x1, y2 - y1
+        if not aligned:
+            rw, rh = max(rw, 1.0), max(rh, 1.0)
+        bh, bw = rh / ph, rw / pw
+        gh = sampling_ratio if sampling_ratio > 0 else math.ceil(rh / ph)
+        gw = sampling_ratio if sampling_ratio > 0 else math.ceil(rw / pw)
+        for i in range(ph):
+            for j in range(pw):
+                total = 0.0
+                for iy in range(gh):
+                    for ix in range(gw):
+                        y = y1 + i * bh + (iy + 0.5) * bh / gh
+                        x = x1 + j * bw + (ix + 0.5) * bw / gw
+                        total = total + bilinear(int(b), y, x)
+                out[r, :, i, j] = total / max(gh * gw, 1)
+    return out
+
+
+def _align_geometry(rois, spatial_scale, pooled_h, pooled_w, sampling_ratio, aligned):
+    """Per-RoI start, bin size and sampling grid, in the RoIs' dtype as torchvision computes them.
+
+    start = x * scale - 0.5 (aligned); bin = (end - start) / P (at least 1 / P when not
+    aligned); grid = sampling_ratio, or ceil(roi size / P) when sampling_ratio <= 0.
+    Returns y0, x0, bin_h, bin_w (R,) floats and grid_h, grid_w (R,) int64.
+    """
+    T = rois.dtype.type
+    offset = T(0.5) if aligned else T(0.0)
+    x1, y1, x2, y2 = (rois[:, k] * T(spatial_scale) - offset for k in range(1, 5))
+    roi_w, roi_h = x2 - x1, y2 - y1
+    if not aligned:
+        roi_w, roi_h = np.maximum(roi_w, T(1)), np.maximum(roi_h, T(1))
+    bin_h, bin_w = roi_h / T(pooled_h), roi_w / T(pooled_w)
+    if sampling_ratio > 0:
+        grid_h = np.full(len(rois), sampling_ratio, dtype=np.int64)
+        grid_w = grid_h.copy()
+    else:
+        grid_h = np.ceil(roi_h / T(pooled_h)).astype(np.int64)
+        grid_w = np.ceil(roi_w / T(pooled_w)).astype(np.int64)
+    return y1, x1, bin_h, bin_w, grid_h, grid_w
+
+
+def _axis_sample(t, size):
+    """Bilinear neighbours of coordinate ``t`` on an axis of ``size`` cells.
+
+    Returns (low, high, frac, inside): samples beyond [-1, size] contribute nothing;
+    others are clamped into [0, size - 1].
+    """
+    if t < -1.0 or t > size:
+        return 0, 0, 0.0, False
+    if t <= 0.0:
+        t = 0.0
+    low = int(t)
+    if low >= size - 1:
+        return size - 1, size - 1, 0.0, True
+    return low, low + 1, t - low, True
+
+
+_axis_sample_cpu = njit(cache=True)(_axis_sample)
+_axis_sample_cuda = cuda.jit(device=True)(_axis_sample)
+
+
+@njit(cache=True)
+def _axis_table(start, bin_size, pooled, grid, size):
+    """Sample neighbours along one axis for every (bin, sample): arrays of length pooled * grid."""
+    n = pooled * grid
+    low = np.empty(n, np.int64)
+    high = np.empty(n, np.int64)
+    frac = np.empty(n, np.float64)
+    inside = np.empty(n, np.bool_)
+    for p in range(pooled):
+        for g in range(grid):
+            t = start + p * bin_size + (g + 0.5) * bin_size / grid
+            low[p * grid + g], high[p * grid + g], frac[p * grid + g], inside[p * grid + g] = \
+                _axis_sample_cpu(t, size)
+    return low, high, frac, inside
+
+
+@njit(cache=True, parallel=True)
+def _roi_align_forward_cpu(features, batch, y0, x0, bin_h, bin_w, grid_h, grid_w, out):
+    R, C, PH, PW = out.shape
+    H, W = features.shape[2], features.shape[3]
+    for r in prange(R):
+        gh, gw = grid_h[r], grid_w[r]
+        yl, yh, ly, yin = _axis_table(y0[r], bin_h[r], PH, gh, H)
+        xl, xh, lx, xin = _axis_table(x0[r], bin_w[r], PW, gw, W)
+        count = max(gh * gw, 1)
+        n = batch[r]
+        for c in range(C):
+            for i in range(PH):
+                for j in range(PW):
+                    total = 0.0
+                    for a in range(i * gh, (i + 1) * gh):
+                        if not yin[a]:
+                            continue
+                        for b in range(j * gw, (j + 1) * gw):
+                            if not xin[b]:
+                                continue
+                            hy, hx = 1.0 - ly[a], 1.0 - lx[b]
+                            total += (hy * hx * features[n, c, yl[a], xl[b]]
+                                      + hy * lx[b] * features[n, c, yl[a], xh[b]]
+                                      + ly[a] * hx * features[n, c, yh[a], xl[b]]
+                                      + ly[a] * lx[b] * features[n, c, yh[a], xh[b]])
+                    out[r, c, i, j] = total / count
+
+
+@njit(cache=True, parallel=True)
+def _roi_align_backward_cpu(grad_out, batch, y0, x0, bin_h, bin_w, grid_h, grid_w, grad_in):
+    # Parallel over channels: a channel's gradients only land in that channel's planes.
+    R, C, PH, PW = grad_out.shape
+    H, W = grad_in.shape[2], grad_in.shape[3]
+    for c in prange(C):
+        for r in range(R):
+            gh, gw = grid_h[r], grid_w[r]
+            yl, yh, ly, yin = _axis_table(y0[r], bin_h[r], PH, gh, H)
+            xl, xh, lx, xin = _axis_table(x0[r], bin_w[r], PW, gw, W)
+            count = max(gh * gw, 1)
+            n = batch[r]
+            for i in range(PH):
+                for j in range(PW):
+                    g = grad_out[r, c, i, j] / count
+                    for a in range(i * gh, (i + 1) * gh):
+                        if not yin[a]:
+                            continue
+                        for b in range(j * gw, (j + 1) * gw):
+                            if not xin[b]:
+                                continue
+                            hy, hx = 1.0 - ly[a], 1.0 - lx[b]
+                            grad_in[n, c, yl[a], xl[b]] += g * hy * hx
+                            grad_in[n, c, yl[a], xh[b]] += g * hy * lx[b]
+                            grad_in[n, c, yh[a], xl[b]] += g * ly[a] * hx
+                            grad_in[n, c, yh[a], xh[b]] += g * ly[a] * lx[b]
+
+
+@cuda.jit
+def _roi_align_forward_cuda(features, batch, y0, x0, bin_h, bin_w, grid_h, grid_w, out):
+    R, C, PH, PW = out.shape
+    H, W = features.shape[2], features.shape[3]
+    t = cuda.grid(1)
+    if t >= R * C * PH * PW:
+        return
+    j = t % PW
+    i = (t // PW) % PH
+    c = (t // (PW * PH)) % C
+    r = t // (PW * PH * C)
+    n = batch[r]
+    gh, gw = grid_h[r], grid_w[r]
+    total = 0.0
+    for iy in range(gh):
+        y = y0[r] + i * bin_h[r] + (iy + 0.5) * bin_h[r] / gh
+        yl, yh, ly, yin = _axis_sample_cuda(y, H)
+        if not yin:
+            continue
+        for ix in range(gw):
+            x = x0[r] + j * bin_w[r] + (ix + 0.5) * bin_w[r] / gw
+            xl, xh, lx, xin = _axis_sample_cuda(x, W)
+            if not xin:
+                continue
+            hy, hx = 1.0 - ly, 1.0 - lx
+            total += (hy * hx * features[n, c, yl, xl] + hy * lx * features[n, c, yl, xh]
+                      + ly * hx * features[n, c, yh, xl] + ly * lx * features[n, c, yh, xh])
+    out[r, c, i, j] = total / max(gh * gw, 1)
+
+
+@cuda.jit
+def _roi_align_backward_cuda(grad_out, batch, y0, x0, bin_h, bin_w, grid_h, grid_w, grad_in):
+    R, C, PH, PW = grad_out.shape
+    H, W = grad_in.shape[2], grad_in.shape[3]
+    t = cuda.grid(1)
+    if t >= R * C * PH * PW:
+        return
+    j = t % PW
+    i = (t // PW) % PH
+    c = (t // (PW * PH)) % C
+    r = t // (PW * PH * C)
+    n = batch[r]
+    gh, gw = grid_h[r], grid_w[r]
+    g = grad_out[r, c, i, j] / max(gh * gw, 1)
+    for iy in range(gh):
+        y = y0[r] + i * bin_h[r] + (iy + 0.5) * bin_h[r] / gh
+        yl, yh, ly, yin = _axis_sample_cuda(y, H)
+        if not yin:
+            continue
+        for ix in range(gw):
+            x = x0[r] + j * bin_w[r] + (ix + 0.5) * bin_w[r] / gw
+            xl, xh, lx, xin = _axis_sample_cuda(x, W)
+            if not xin:
+                continue
+            hy, hx = 1.0 - ly, 1.0 - lx
+            cuda.atomic.add(grad_in, (n, c, yl, xl), g * hy * hx)
+            cuda.atomic.add(grad_in, (n, c, yl, xh), g * hy * lx)
+            cuda.atomic.add(grad_in, (n, c, yh, xl), g * ly * hx)
+            cuda.atomic.add(grad_in, (n, c, yh, xh), g * ly * lx)
+
+
+def _check_sampling(sampling_ratio, aligned, where):
+    if isinstance(sampling_ratio, bool) or not isinstance(sampling_ratio, (int, np.integer)):
+        raise ValueError(f"{where}: sampling_ratio must be an integer (<= 0 for adaptive), got {sampling_ratio!r}")
+    if not isinstance(aligned, (bool, np.bool_)):
+        raise ValueError(f"{where}: aligned must be True or False, got {aligned!r}")
+    return int(sampling_ratio), bool(aligned)
+
+
+def roi_align(features, rois, output_size, spatial_scale, sampling_ratio=-1, aligned=True):
+    """RoIAlign (Mask R-CNN): each bin is the mean of bilinear samples on a regular grid.
+
+    ``y[r, c, i, j] = 1/(sy sx) sum_{iy, ix} bilinear(x[b_r, c], p_y, p_x)`` with sample
+    points ``p_y = y1 + i*bin_h + (iy + 1/2) * bin_h / sy`` (likewise x), where
+    ``y1 = y1_image * spatial_scale - 1/2`` when ``aligned`` (pixel centres), and
+    ``sy = sampling_ratio`` or ``ceil(roi_h / ph)`` when ``sampling_ratio <= 0``.
+    Samples beyond [-1, H] x [-1, W] count as 0; nearer ones are clamped onto the map.
+    Returns (R, C, ph, pw). Same numbers as ``torchvision.ops.roi_align``.
+    """
+    where = "roi_align"
+    sampling_ratio, aligned = _check_sampling(sampling_ratio, aligned, where)
+    gpu, (ph, pw), scale, host = _check_inputs(features, rois, output_size, spatial_scale, where)
+    R, C = host.shape[0], features.shape[1]
+    out = _empty(gpu, (R, C, ph, pw), features.dtype)
+    if out.size == 0:
+        return out
+    batch = host[:, 0].astype(np.int64)
+    geometry = _align_geometry(host, scale, ph, pw, sampling_ratio, aligned)
+    if gpu:
+        batch, *geometry = _to(True, batch, *geometry)
+        blocks, threads = grid_1d(out.size)
+        _roi_align_forward_cuda[blocks, threads](features, batch, *geometry, out)
+    else:
+        _roi_align_forward_cpu(np.ascontiguousarray(features), batch, *geometry, out)
+    return out
+
+
+def roi_align_backward(grad_out, rois, features_shape, spatial_scale, sampling_ratio=-1, aligned=True):
+    """Gradient of RoIAlign w.r.t. the features: each sample hands ``g / (sy sx)`` to its
+    four neighbours in proportion to their bilinear weights. Returns ``features_shape``."""
+    where = "roi_align_backward"
+    sampling_ratio, aligned = _check_sampling(sampling_ratio, aligned, where)
+    grad_out = as_float_array(grad_out, "grad_out", ndim=4, where=where)
+    shape = _check_shape(features_shape, where)
+    R, C, ph, pw = grad_out.shape
+    if 0 in shape[2:]:
+        raise ValueError(f"{where}: features_shape must have non-zero height and width, got {shape}")
+    scale = check_number(spatial_scale, "spatial_scale", low=0, low_open=True, where=where)
+    host = _check_rois(rois, shape[0], grad_out.dtype, where)
+    gpu = on_device({"grad_out": grad_out, "rois": rois})
+    if host.shape[0] != R or C != shape[1]:
+        raise ValueError(f"{where}: grad_out has shape {tuple(grad_out.shape)} but there are {host.shape[0]} "
+                         f"rois and features_shape {shape} has {shape[1]} channels")
+    grad_in = np.zeros(shape, dtype=grad_out.dtype)
+    if grad_out.size == 0:
+        return cuda.to_device(grad_in) if gpu else grad_in
+    batch = host[:, 0].astype(np.int64)
+    geometry = _align_geometry(host, scale, ph, pw, sampling_ratio, aligned)
+    if gpu:
+        grad_in = cuda.to_device(grad_in)
+        batch, *geometry = _to(True, batch, *geometry)
+        blocks, threads = grid_1d(grad_out.size)
+        _roi_align_backward_cuda[blocks, threads](grad_out, batch, *geometry, grad_in)
+    else:
+        _roi_align_backward_cpu(np.ascontiguousarray(grad_out), batch, *geometry, grad_in)
+    return grad_in
+
+
+class RoIAlign:
+    """RoIAlign layer: ``forward(features, rois)``, ``backward(grad_out)`` -> d features."""
+
+    def __init__(self, output_size, spatial_scale, sampling_ratio=-1, aligned=True):
+        self.output_size = pair(output_size, "output_size", "RoIAlign")
+        self.spatial_scale = check_number(spatial_scale, "spatial_scale", low=0, low_open=True, where="RoIAlign")
+        self.sampling_ratio, self.aligned = _check_sampling(sampling_ratio, aligned, "RoIAlign")
+        self._rois = None
+        self._shape = None
+
+    def forward(self, features, rois):
+        out = roi_align(features, rois, self.output_size, self.spatial_scale, self.sampling_ratio, self.aligned)
+        self._rois, self._shape = rois, tuple(features.shape)
+        return out
+
+    def backward(self, grad_out):
+        if self._rois is None:
+            raise ValueError("RoIAlign.backward: call forward first")
+        return roi_align_backward(grad_out, self._rois, self._shape, self.spatial_scale,
+                                  self.sampling_ratio, self.aligned)
+
+    def parameters(self):
+        return []
+
+    def __repr__(self):
+        return (f"RoIAlign(output_size={self.output_size}, spatial_scale={self.spatial_scale}, "
+                f"sampling_ratio={self.sampling_ratio}, aligned={self.aligned})")
