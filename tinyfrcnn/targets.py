@@ -1,0 +1,250 @@
+"""Training targets: which anchors and proposals are objects, and where their boxes are.
+
+Two places in Faster R-CNN need a teacher's answer for each box the network looks at:
+
+* the RPN (paper, section 3.1.2): each anchor is labelled positive (an object), negative
+  (background) or ignored by its IoU with the ground truth, and 256 of them are sampled
+  per image with at most half positives;
+* the Fast R-CNN head: 128 proposals per image are sampled, a quarter foreground
+  (IoU >= 0.5) and the rest background (IoU in [0, 0.5)), each labelled with its
+  matched ground truth's class.
+
+Regression targets are the paper's (t_x, t_y, t_w, t_h) from ``tinyfrcnn.boxes.encode``.
+These functions work on NumPy arrays on the host, as py-faster-rcnn's anchor and
+proposal target layers do: the arrays are small (a few thousand boxes), the logic is
+data-dependent bookkeeping, and the one hot loop, the IoU matrix, is
+``tinyfrcnn.boxes.box_iou``'s kernel.
+"""
+
+import numpy as np
+
+from .boxes import box_iou, encode
+from .checks import as_array, check_boxes, check_number, check_positive_int
+from .device import is_device_array
+
+
+def _host(x, name, where):
+    if is_device_array(x):
+        raise ValueError(f"{where}: {name} is a CUDA device array; targets are computed on the host, "
+                         "pass a NumPy array (tinyfrcnn.device.to_host)")
+    return x
+
+
+def _check_rng(rng, where):
+    if not isinstance(rng, np.random.Generator):
+        raise ValueError(f"{where}: rng must be a numpy.random.Generator (np.random.default_rng(seed)), got {rng!r}")
+    return rng
+
+
+def _check_image_size(image_size, where):
+    if not isinstance(image_size, (tuple, list)) or len(image_size) != 2:
+        raise ValueError(f"{where}: image_size must be a (height, width) pair, got {image_size!r}")
+    return (check_number(image_size[0], "image_size", low=0, low_open=True, where=where),
+            check_number(image_size[1], "image_size", low=0, low_open=True, where=where))
+
+
+def check_gt_boxes(gt_boxes, image_size=None, where="", name="gt_boxes"):
+    """(G, 4) ground-truth boxes: finite, positive width and height, inside the image if given."""
+    gt_boxes = check_boxes(_host(gt_boxes, name, where), name, where)
+    prefix = f"{where}: " if where else ""
+    w = gt_boxes[:, 2] - gt_boxes[:, 0]
+    h = gt_boxes[:, 3] - gt_boxes[:, 1]
+    empty = ~((w > 0) & (h > 0))
+    if empty.any():
+        i = int(np.flatnonzero(empty)[0])
+        raise ValueError(f"{prefix}{name}[{i}] = {gt_boxes[i].tolist()} has zero width or height")
+    if image_size is not None:
+        height, width = _check_image_size(image_size, where)
+        outside = ((gt_boxes[:, 0] < 0) | (gt_boxes[:, 1] < 0)
+                   | (gt_boxes[:, 2] > width) | (gt_boxes[:, 3] > height))
+        if outside.any():
+            i = int(np.flatnonzero(outside)[0])
+            raise ValueError(f"{prefix}{name}[{i}] = {gt_boxes[i].tolist()} is not inside the "
+                             f"{height:g}x{width:g} image")
+    return gt_boxes
+
+
+def _check_labels(labels, name, where, allowed=None):
+    labels = as_array(_host(labels, name, where), name, ndim=1, where=where)
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"{where}: {name} must have an integer dtype, got {labels.dtype.name}")
+    if allowed is not None and labels.size and not np.isin(labels, allowed).all():
+        bad = labels[~np.isin(labels, allowed)][0]
+        raise ValueError(f"{where}: {name} must hold only {list(allowed)}, found {int(bad)}")
+    return labels
+
+
+# ---------------------------------------------------------------- anchors (RPN)
+
+
+def label_anchors(anchors, gt_boxes, pos_iou=0.7, neg_iou=0.3, image_size=None, allowed_border=None):
+    """Label each anchor positive (1), negative (0) or ignored (-1), as the paper's RPN.
+
+    With IoU the (A, G) matrix between anchors and ground truth, in py-faster-rcnn's order
+    (a later rule overrides an earlier one):
+
+    1. an anchor whose best IoU is < ``neg_iou`` is negative;
+    2. for each ground truth, the anchor(s) with the highest IoU with it are positive (all
+       tied ones; a ground truth that overlaps no anchor at all is skipped). This gives
+       every object at least one positive anchor even when no IoU reaches ``pos_iou``;
+    3. an anchor whose best IoU is >= ``pos_iou`` is positive.
+
+    Anchors in between are ignored. When ``image_size`` (h, w) and ``allowed_border`` are
+    given, anchors that cross the image border by more than ``allowed_border`` pixels are
+    ignored and take no part in rule 2 (the paper ignores cross-boundary anchors in
+    training; py-faster-rcnn's allowed border is 0). ``image_size`` alone only checks that
+    the ground truth lies inside the image.
+
+    Returns ``labels`` (A,) int64 and ``matched_gt`` (A,) int64: the index of each anchor's
+    highest-IoU ground truth (for every anchor, whatever its label; also for an anchor made
+    positive by rule 2, which keeps its own argmax as py-faster-rcnn and torchvision do).
+    With no ground truth every (inside) anchor is negative and ``matched_gt`` is all -1.
+    """
+    where = "label_anchors"
+    anchors = check_boxes(_host(anchors, "anchors", where), "anchors", where)
+    gt_boxes = check_gt_boxes(gt_boxes, image_size, where)
+    neg_iou = check_number(neg_iou, "neg_iou", low=0.0, high=1.0, where=where)
+    pos_iou = check_number(pos_iou, "pos_iou", low=neg_iou, high=1.0, where=where)
+    num_anchors = anchors.shape[0]
+    inside = np.ones(num_anchors, dtype=bool)
+    if allowed_border is not None:
+        if image_size is None:
+            raise ValueError(f"{where}: allowed_border needs image_size (height, width)")
+        b = check_number(allowed_border, "allowed_border", where=where)
+        height, width = _check_image_size(image_size, where)
+        inside = ((anchors[:, 0] >= -b) & (anchors[:, 1] >= -b)
+                  & (anchors[:, 2] <= width + b) & (anchors[:, 3] <= height + b))
+    labels = np.full(num_anchors, -1, dtype=np.int64)
+    if gt_boxes.shape[0] == 0:
+        labels[inside] = 0
+        return labels, np.full(num_anchors, -1, dtype=np.int64)
+    if num_anchors == 0:
+        return labels, np.zeros(0, dtype=np.int64)
+
+    iou = box_iou(anchors, gt_boxes)  # (A, G)
+    matched_gt = iou.argmax(axis=1).astype(np.int64)
+    iou = np.where(inside[:, None], iou, -1.0)  # (A, G): outside anchors never win
+    best_iou = iou.max(axis=1)  # (A,)
+
+    labels[inside & (best_iou < neg_iou)] = 0
+    best_per_gt = iou.max(axis=0)  # (G,)
+    is_best = (iou == best_per_gt[None, :]) & (best_per_gt > 0)[None, :]  # (A, G)
+    labels[is_best.any(axis=1)] = 1
+    labels[inside & (best_iou >= pos_iou)] = 1
+    return labels, matched_gt
+
+
+def sample_labels(labels, num_samples=256, positive_fraction=0.5, rng=None):
+    """Keep a random mini-batch of ``num_samples`` labelled anchors; set the rest to -1.
+
+    At most ``int(num_samples * positive_fraction)`` positives are kept (a random subset
+    when there are more); negatives, also chosen at random, fill the batch up to
+    ``num_samples`` (fewer when there are not enough). The paper: 256 anchors per image,
+    up to half positive, padded with negatives. ``rng`` is a ``np.random.Generator``;
+    the same seed gives the same batch. Returns a new (A,) int64 array.
+    """
+    where = "sample_labels"
+    labels = _check_labels(labels, "labels", where, allowed=(-1, 0, 1))
+    num_samples = check_positive_int(num_samples, "num_samples", where)
+    positive_fraction = check_number(positive_fraction, "positive_fraction", low=0.0, high=1.0, where=where)
+    rng = _check_rng(rng, where)
+    positive = np.flatnonzero(labels == 1)
+    negative = np.flatnonzero(labels == 0)
+    num_pos = min(positive.size, int(num_samples * positive_fraction))
+    num_neg = min(negative.size, num_samples - num_pos)
+    out = np.full(labels.shape, -1, dtype=np.int64)
+    out[rng.permutation(positive)[:num_pos]] = 1
+    out[rng.permutation(negative)[:num_neg]] = 0
+    return out
+
+
+def anchor_targets(anchors, gt_boxes, pos_iou=0.7, neg_iou=0.3, image_size=None, allowed_border=None,
+                   weights=(1.0, 1.0, 1.0, 1.0)):
+    """Anchor labels, matched ground truth and regression targets for the RPN.
+
+    ``labels, matched_gt = label_anchors(...)`` (no sampling: follow with
+    ``sample_labels``), and ``reg_targets`` (A, 4) = ``encode(anchors, gt[matched_gt],
+    weights)`` on positive anchors, zeros elsewhere (the paper's p*_i makes the
+    regression loss zero there anyway). The RPN uses unit weights, as the paper.
+    """
+    labels, matched_gt = label_anchors(anchors, gt_boxes, pos_iou, neg_iou, image_size, allowed_border)
+    anchors = np.asarray(anchors)
+    dtype = np.result_type(anchors.dtype, np.asarray(gt_boxes).dtype)
+    reg_targets = np.zeros((labels.shape[0], 4), dtype=dtype)  # (A, 4)
+    pos = np.flatnonzero(labels == 1)
+    if pos.size:
+        reg_targets[pos] = encode(anchors[pos], np.asarray(gt_boxes)[matched_gt[pos]], weights)
+    return labels, matched_gt, reg_targets
+
+
+# ---------------------------------------------------------------- proposals (Fast R-CNN head)
+
+
+def sample_proposals(proposals, gt_boxes, gt_labels, num_samples=128, fg_fraction=0.25, fg_iou=0.5,
+                     bg_iou=(0.0, 0.5), rng=None, weights=(10.0, 10.0, 5.0, 5.0), num_classes=None,
+                     image_size=None):
+    """Sample the RoIs that train the Fast R-CNN head, with their class and box targets.
+
+    The ground-truth boxes are appended to the proposals (so every object has at least
+    one perfect RoI early in training). Each RoI is matched to its highest-IoU ground
+    truth. Foreground: IoU >= ``fg_iou``, at most ``int(fg_fraction * num_samples)``
+    chosen at random. Background: IoU in [bg_lo, bg_hi), chosen at random to fill the
+    rest; when there are too few, all of them are taken and the batch is smaller than
+    ``num_samples`` (py-faster-rcnn samples with replacement instead; a smaller batch
+    repeats nothing). No ground truth: every RoI is a background candidate.
+
+    ``box_targets`` are ``encode(roi, gt, weights)``; the default (10, 10, 5, 5) divides
+    the deltas by py-faster-rcnn's target stds (0.1, 0.1, 0.2, 0.2). Background rows are 0.
+
+    Returns a dict: ``rois`` (S, 4), ``labels`` (S,) int64 (the gt's class, 0 for
+    background), ``box_targets`` (S, 4), ``indices`` (S,) int64 into
+    ``concatenate([proposals, gt_boxes])``, ``matched_gt`` (S,) int64 (-1 for background).
+    Foreground rows come first.
+    """
+    where = "sample_proposals"
+    proposals = check_boxes(_host(proposals, "proposals", where), "proposals", where)
+    gt_boxes = check_gt_boxes(gt_boxes, image_size, where)
+    gt_labels = _check_labels(gt_labels, "gt_labels", where)
+    if gt_labels.shape[0] != gt_boxes.shape[0]:
+        raise ValueError(f"{where}: gt_labels has {gt_labels.shape[0]} entries but gt_boxes has {gt_boxes.shape[0]}")
+    high = None if num_classes is None else check_positive_int(num_classes, "num_classes", where)
+    bad = (gt_labels < 1) if high is None else ((gt_labels < 1) | (gt_labels > high))
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        allowed = "1..num_classes" if high is None else f"1..{high}"
+        raise ValueError(f"{where}: gt_labels[{i}] = {int(gt_labels[i])} is outside {allowed} (0 is background)")
+    num_samples = check_positive_int(num_samples, "num_samples", where)
+    fg_fraction = check_number(fg_fraction, "fg_fraction", low=0.0, high=1.0, where=where)
+    fg_iou = check_number(fg_iou, "fg_iou", low=0.0, high=1.0, low_open=True, where=where)
+    if not isinstance(bg_iou, (tuple, list)) or len(bg_iou) != 2:
+        raise ValueError(f"{where}: bg_iou must be a (low, high) pair, got {bg_iou!r}")
+    bg_lo = check_number(bg_iou[0], "bg_iou", low=0.0, high=1.0, where=where)
+    bg_hi = check_number(bg_iou[1], "bg_iou", low=bg_lo, high=fg_iou, low_open=True, where=where)
+    rng = _check_rng(rng, where)
+
+    dtype = np.result_type(proposals.dtype, gt_boxes.dtype)
+    rois = np.concatenate([proposals.astype(dtype), gt_boxes.astype(dtype)])  # (P + G, 4)
+    if gt_boxes.shape[0]:
+        iou = box_iou(rois, gt_boxes)  # (P + G, G)
+        best_iou = iou.max(axis=1)
+        matched = iou.argmax(axis=1).astype(np.int64)
+    else:
+        best_iou = np.zeros(rois.shape[0], dtype=dtype)
+        matched = np.full(rois.shape[0], -1, dtype=np.int64)
+
+    fg = np.flatnonzero(best_iou >= fg_iou)
+    bg = np.flatnonzero((best_iou >= bg_lo) & (best_iou < bg_hi))
+    num_fg = min(fg.size, int(fg_fraction * num_samples))
+    fg = rng.permutation(fg)[:num_fg]
+    bg = rng.permutation(bg)[:min(bg.size, num_samples - num_fg)]
+    keep = np.concatenate([fg, bg]).astype(np.int64)  # (S,)
+
+    labels = np.zeros(keep.size, dtype=np.int64)
+    labels[:num_fg] = gt_labels[matched[fg]]
+    box_targets = np.zeros((keep.size, 4), dtype=dtype)  # (S, 4)
+    if num_fg:
+        box_targets[:num_fg] = encode(rois[fg], gt_boxes.astype(dtype)[matched[fg]], weights)
+    matched_out = matched[keep].copy()
+    matched_out[num_fg:] = -1
+    return {"rois": rois[keep], "labels": labels, "box_targets": box_targets,
+            "indices": keep, "matched_gt": matched_out}
