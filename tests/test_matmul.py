@@ -1,0 +1,181 @@
+"""matmul: CPU path, the tiled and naive CUDA kernels (simulator), validation, PTX."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+from numba import cuda
+
+from ptx import assert_compiles_to_ptx
+from tinyfrcnn import matmul as mm
+from tinyfrcnn.device import is_device_array
+from tinyfrcnn.matmul import matmul
+
+# Tiny tiles keep the simulator quick (16 threads a block) while a 17x33x5 product
+# still spans several tiles in M and K and leaves ragged edges in every dimension.
+SMALL = mm.Tiling(bm=8, bn=8, bk=4, tm=2, tn=2)
+TOL = {np.float32: 2e-5, np.float64: 1e-12}
+TRANSPOSES = [(False, False), (True, False), (False, True), (True, True)]
+
+
+def operands(rng, m, k, n, trans_a, trans_b, dtype):
+    """Stored arrays a, b whose op(a) is (m, k) and op(b) is (k, n)."""
+    a = rng.standard_normal((k, m) if trans_a else (m, k)).astype(dtype)
+    b = rng.standard_normal((n, k) if trans_b else (k, n)).astype(dtype)
+    return a, b
+
+
+def assert_close(got, want, dtype):
+    scale = max(1.0, float(np.abs(want).max(initial=0.0)))
+    np.testing.assert_allclose(got, want, rtol=0, atol=TOL[dtype] * scale)
+
+
+# ------------------------------------------------------------------ CPU
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("trans_a,trans_b", TRANSPOSES)
+def test_cpu_matches_reference(dtype, trans_a, trans_b):
+    rng = np.random.default_rng(0)
+    a, b = operands(rng, 17, 33, 5, trans_a, trans_b, dtype)
+    got = matmul(a, b, trans_a, trans_b)
+    assert got.dtype == dtype and got.shape == (17, 5)
+    assert_close(got, mm._matmul_reference(a, b, trans_a, trans_b), dtype)
+
+
+def test_cpu_out_and_accumulate():
+    rng = np.random.default_rng(1)
+    a, b = operands(rng, 6, 4, 3, False, True, np.float64)
+    want = mm._matmul_reference(a, b, False, True)
+    out = np.full((6, 3), np.nan)
+    assert matmul(a, b, trans_b=True, out=out) is out
+    assert_close(out, want, np.float64)
+    start = rng.standard_normal((6, 3))
+    out = start.copy()
+    matmul(a, b, trans_b=True, out=out, accumulate=True)
+    assert_close(out, start + want, np.float64)
+
+
+def test_hand_worked():
+    a = np.array([[1.0, 2.0], [3.0, 4.0]])
+    b = np.array([[5.0, 6.0], [7.0, 8.0]])
+    np.testing.assert_array_equal(matmul(a, b), [[19.0, 22.0], [43.0, 50.0]])
+    np.testing.assert_array_equal(matmul(a, b, trans_a=True), [[26.0, 30.0], [38.0, 44.0]])
+    out = cuda.device_array((2, 2), dtype=np.float64)
+    matmul(cuda.to_device(a), cuda.to_device(b), trans_b=True, out=out)
+    np.testing.assert_array_equal(out.copy_to_host(), [[17.0, 23.0], [39.0, 53.0]])
+
+
+@pytest.mark.parametrize("gpu", [False, True])
+def test_empty(gpu):
+    put = cuda.to_device if gpu else np.asarray
+    back = (lambda x: x.copy_to_host()) if gpu else np.asarray
+    got = back(matmul(put(np.zeros((0, 3))), put(np.zeros((3, 4)))))
+    assert got.shape == (0, 4)
+    got = back(matmul(put(np.zeros((2, 0))), put(np.zeros((0, 4)))))
+    np.testing.assert_array_equal(got, np.zeros((2, 4)))
+    out = put(np.ones((2, 4)))
+    got = back(matmul(put(np.zeros((2, 0))), put(np.zeros((0, 4))), out=out, accumulate=True))
+    np.testing.assert_array_equal(got, np.ones((2, 4)))
+
+
+# ------------------------------------------------------------------ validation
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(a=np.ones(3), b=np.ones((3, 2))), "a must be 2-D"),
+        (dict(a=np.ones((2, 3), dtype=np.int64), b=np.ones((3, 2))), "a must be float32 or float64"),
+        (dict(a=np.ones((2, 3)), b=np.ones((3, 2), dtype=np.float32)), "share a dtype"),
+        (dict(a=np.ones((2, 3)), b=np.ones((2, 2))), "inner dimensions differ"),
+        (dict(a=np.ones((2, 3)), b=np.ones((3, 2)), trans_a=True), "inner dimensions differ"),
+        (dict(a=np.ones((2, 3)), b=np.ones((3, 2)), out=np.ones((3, 2))), r"out must have shape \(2, 2\)"),
+        (dict(a=np.ones((2, 3)), b=np.ones((3, 2)), out=np.ones((2, 2), np.float32)), "out must have dtype"),
+        (dict(a=np.ones((2, 3)), b=np.ones((3, 2)), accumulate=True), "accumulate=True needs out"),
+        (dict(a=np.ones((2, 3)), b=np.ones((3, 2)), trans_a=1), "trans_a must be True or False"),
+        (dict(a=[[1, 2]], b=np.ones((2, 2))), "a must be float32 or float64"),
+    ],
+)
+def test_validation(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        matmul(**kwargs)
+
+
+def test_mixing_host_and_device_is_an_error():
+    a, b = np.ones((2, 3)), np.ones((3, 2))
+    with pytest.raises(ValueError, match="device arrays"):
+        matmul(cuda.to_device(a), b)
+    with pytest.raises(ValueError, match="out"):
+        matmul(cuda.to_device(a), cuda.to_device(b), out=np.ones((2, 2)))
+
+
+def test_bad_tiling_is_rejected():
+    with pytest.raises(ValueError, match="multiple"):
+        mm.tiled_kernel((8, 8, 4, 3, 2))
+    with pytest.raises(ValueError, match="evenly"):
+        mm.tiled_kernel((8, 8, 1, 2, 2))
+
+
+# ------------------------------------------------------------------ CUDA (simulator)
+
+
+def run_kernel(launch, a, b, trans_a, trans_b, accumulate, start, **kw):
+    out = cuda.to_device(start)
+    launch(cuda.to_device(a), cuda.to_device(b), out, trans_a, trans_b, accumulate, **kw)
+    return out.copy_to_host()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("trans_a,trans_b", TRANSPOSES)
+@pytest.mark.parametrize("kernel", ["tiled", "naive"])
+def test_cuda_kernels_match_reference(kernel, trans_a, trans_b, dtype):
+    rng = np.random.default_rng(2)
+    a, b = operands(rng, 17, 33, 5, trans_a, trans_b, dtype)
+    want = mm._matmul_reference(a, b, trans_a, trans_b)
+    launch, kw = (mm.launch_tiled, dict(tiling=SMALL)) if kernel == "tiled" else (mm.launch_naive, {})
+    accumulate = trans_a != trans_b  # half the cases add into a nonzero start
+    start = rng.standard_normal((17, 5)).astype(dtype) if accumulate else np.full((17, 5), np.nan, dtype)
+    got = run_kernel(launch, a, b, trans_a, trans_b, accumulate, start, **kw)
+    assert_close(got, want + (start if accumulate else 0), dtype)
+
+
+@pytest.mark.parametrize("m,k,n", [(1, 1, 1), (16, 8, 16), (8, 4, 8), (3, 9, 17)])
+def test_tiled_kernel_tile_multiples_and_ragged(m, k, n):
+    rng = np.random.default_rng(3)
+    a, b = operands(rng, m, k, n, False, False, np.float64)
+    got = run_kernel(mm.launch_tiled, a, b, False, False, False, np.full((m, n), np.nan), tiling=SMALL)
+    assert_close(got, mm._matmul_reference(a, b), np.float64)
+
+
+def test_public_matmul_on_device_uses_the_default_tiling():
+    rng = np.random.default_rng(4)
+    a, b = operands(rng, 17, 33, 5, True, True, np.float32)
+    start = rng.standard_normal((17, 5)).astype(np.float32)
+    out = cuda.to_device(start)
+    got = matmul(cuda.to_device(a), cuda.to_device(b), trans_a=True, trans_b=True, out=out, accumulate=True)
+    assert got is out
+    assert_close(got.copy_to_host(), start + mm._matmul_reference(a, b, True, True), np.float32)
+    fresh = matmul(cuda.to_device(a), cuda.to_device(b), trans_a=True, trans_b=True)
+    assert is_device_array(fresh) and fresh.dtype == np.float32
+    np.testing.assert_array_equal(fresh.copy_to_host() + start, got.copy_to_host())
+
+
+@settings(max_examples=8, deadline=None)
+@given(
+    m=st.integers(1, 9), k=st.integers(0, 9), n=st.integers(1, 9),
+    trans_a=st.booleans(), trans_b=st.booleans(), seed=st.integers(0, 2**16),
+)
+def test_tiled_kernel_any_shape(m, k, n, trans_a, trans_b, seed):
+    rng = np.random.default_rng(seed)
+    a, b = operands(rng, m, k, n, trans_a, trans_b, np.float64)
+    tiling = mm.Tiling(bm=4, bn=4, bk=2, tm=2, tn=2)
+    got = run_kernel(mm.launch_tiled, a, b, trans_a, trans_b, False, np.full((m, n), np.nan), tiling=tiling)
+    assert_close(got, mm._matmul_reference(a, b, trans_a, trans_b), np.float64)
+
+
+def test_kernels_compile_to_ptx():
+    jobs = []
+    for dtype in ("float32", "float64"):
+        sig = f"void({dtype}[:, :], {dtype}[:, :], {dtype}[:, :], boolean, boolean, boolean)"
+        jobs += [("tinyfrcnn.matmul", "_matmul_tiled_kernel", sig), ("tinyfrcnn.matmul", "_matmul_naive_kernel", sig)]
+    assert_compiles_to_ptx(jobs)

@@ -1,0 +1,238 @@
+"""Matrix multiply: ``C = op(A) @ op(B)``, with ``op(X)`` either ``X`` or ``X^T``.
+
+Every convolution and linear layer is a matrix product once im2col has laid the input
+out as columns: forward ``Y = W X``, backward ``dW = dY X^T`` and ``dX = W^T dY``. The
+transposes come for free here: the kernels read the stored array with swapped indices
+instead of materialising ``X^T``, and ``accumulate=True`` adds into ``out`` because
+parameter gradients accumulate over a batch.
+
+CPU: ``np.matmul`` is the kernel. It calls BLAS, which is already cache-blocked,
+vectorised and multi-threaded; a Numba triple loop would be both slower and no clearer
+than the CUDA kernels below, which are where the blocking is written out by hand.
+
+CUDA, two kernels:
+
+- ``_matmul_naive_kernel``: one thread per output element, reading a row of ``op(A)``
+  and a column of ``op(B)`` straight from global memory: ``2K`` loads per ``2K`` flops.
+- the tiled kernel: a block of threads computes a ``BM x BN`` tile of ``C``. It walks
+  ``K`` in steps of ``BK``: the block copies a ``BM x BK`` tile of ``op(A)`` and a
+  ``BK x BN`` tile of ``op(B)`` into shared memory (each element loaded from global
+  memory once per block instead of once per output), waits (``syncthreads``), and
+  each thread accumulates its own ``TM x TN`` outputs in registers. Each value read
+  from shared memory is then used ``TN`` (or ``TM``) times.
+"""
+
+import math
+from collections import namedtuple
+
+import numpy as np
+from numba import cuda
+
+from .checks import as_float_array
+from .device import on_device
+
+Tiling = namedtuple("Tiling", "bm bn bk tm tn")
+Tiling.__doc__ = """Block tile ``bm x bn`` of C, ``bk`` of K per step, ``tm x tn`` outputs per thread."""
+
+TILING = Tiling(bm=128, bn=128, bk=8, tm=8, tn=8)
+NAIVE_BLOCK = (16, 16)
+
+
+def _matmul_reference(a, b, trans_a=False, trans_b=False):
+    """``op(a) @ op(b)`` in float64."""
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    return np.matmul(a.T if trans_a else a, b.T if trans_b else b)
+
+
+@cuda.jit
+def _matmul_naive_kernel(a, b, out, trans_a, trans_b, accumulate):
+    """One thread per ``out[i, j] = sum_k op(A)[i, k] op(B)[k, j]``; x runs along j so
+    that neighbouring threads write neighbouring outputs."""
+    j, i = cuda.grid(2)
+    m, n = out.shape
+    if i >= m or j >= n:
+        return
+    k_total = a.shape[0] if trans_a else a.shape[1]
+    acc = cuda.local.array(1, dtype=out.dtype)
+    acc[0] = 0
+    for k in range(k_total):
+        x = a[k, i] if trans_a else a[i, k]
+        y = b[j, k] if trans_b else b[k, j]
+        acc[0] += x * y
+    if accumulate:
+        out[i, j] += acc[0]
+    else:
+        out[i, j] = acc[0]
+
+
+def _make_tiled_kernel(bm, bn, bk, tm, tn):
+    """Compile-time tile sizes (numba freezes the closure values into the kernel)."""
+    if bm % tm or bn % tn:
+        raise ValueError(f"tile {bm}x{bn} must be a multiple of the per-thread block {tm}x{tn}")
+    threads_m, threads_n = bm // tm, bn // tn
+    threads = threads_m * threads_n
+    if (bm * bk) % threads or (bk * bn) % threads:
+        raise ValueError(f"the {threads} threads must load the {bm}x{bk} and {bk}x{bn} tiles evenly")
+    a_loads, b_loads = bm * bk // threads, bk * bn // threads
+
+    @cuda.jit
+    def kernel(a, b, out, trans_a, trans_b, accumulate):
+        m, n = out.shape
+        k_total = a.shape[0] if trans_a else a.shape[1]
+        row0 = cuda.blockIdx.y * bm
+        col0 = cuda.blockIdx.x * bn
+        tid = cuda.threadIdx.x
+        ty = tid // threads_n
+        tx = tid % threads_n
+        # Thread (ty, tx) owns rows ty + i*threads_m and columns tx + j*threads_n of the
+        # tile: a warp then reads consecutive words of b_tile and writes consecutive
+        # columns of out.
+        a_tile = cuda.shared.array((bk, bm), dtype=a.dtype)  # op(A)[row0:, k0:]^T
+        b_tile = cuda.shared.array((bk, bn), dtype=b.dtype)  # op(B)[k0:, col0:]
+        acc = cuda.local.array((tm, tn), dtype=out.dtype)
+        a_reg = cuda.local.array(tm, dtype=a.dtype)
+        b_reg = cuda.local.array(tn, dtype=b.dtype)
+        for i in range(tm):
+            for j in range(tn):
+                acc[i, j] = 0
+
+        for k0 in range(0, k_total, bk):
+            # Load: neighbouring threads take neighbouring addresses of the stored
+            # array (coalesced), whichever way it is transposed; outside the matrix, 0.
+            for r in range(a_loads):
+                e = tid + r * threads
+                if trans_a:
+                    mm = e % bm
+                    kk = e // bm
+                else:
+                    kk = e % bk
+                    mm = e // bk
+                gi = row0 + mm
+                gk = k0 + kk
+                a_tile[kk, mm] = 0
+                if gi < m and gk < k_total:
+                    a_tile[kk, mm] = a[gk, gi] if trans_a else a[gi, gk]
+            for r in range(b_loads):
+                e = tid + r * threads
+                if trans_b:
+                    kk = e % bk
+                    nn = e // bk
+                else:
+                    nn = e % bn
+                    kk = e // bn
+                gj = col0 + nn
+                gk = k0 + kk
+                b_tile[kk, nn] = 0
+                if gj < n and gk < k_total:
+                    b_tile[kk, nn] = b[gj, gk] if trans_b else b[gk, gj]
+            cuda.syncthreads()  # tiles complete before anyone reads them
+
+            for kk in range(bk):
+                for i in range(tm):
+                    a_reg[i] = a_tile[kk, ty + i * threads_m]
+                for j in range(tn):
+                    b_reg[j] = b_tile[kk, tx + j * threads_n]
+                for i in range(tm):
+                    for j in range(tn):
+                        acc[i, j] += a_reg[i] * b_reg[j]
+            cuda.syncthreads()  # everyone done reading before the next load overwrites
+
+        for i in range(tm):
+            gi = row0 + ty + i * threads_m
+            if gi < m:
+                for j in range(tn):
+                    gj = col0 + tx + j * threads_n
+                    if gj < n:
+                        if accumulate:
+                            out[gi, gj] += acc[i, j]
+                        else:
+                            out[gi, gj] = acc[i, j]
+
+    kernel.tiling = Tiling(bm, bn, bk, tm, tn)
+    return kernel
+
+
+_matmul_tiled_kernel = _make_tiled_kernel(*TILING)
+_TILED_KERNELS = {TILING: _matmul_tiled_kernel}
+
+
+def tiled_kernel(tiling):
+    """The tiled kernel for a ``Tiling`` (compiled once per tiling, kept)."""
+    tiling = Tiling(*tiling)
+    if tiling not in _TILED_KERNELS:
+        _TILED_KERNELS[tiling] = _make_tiled_kernel(*tiling)
+    return _TILED_KERNELS[tiling]
+
+
+def launch_tiled(a, b, out, trans_a, trans_b, accumulate, tiling=TILING):
+    """Launch the tiled kernel over ``out`` (device arrays, already validated)."""
+    kernel = tiled_kernel(tiling)
+    t = kernel.tiling
+    m, n = out.shape
+    grid = (math.ceil(n / t.bn), math.ceil(m / t.bm))
+    kernel[grid, (t.bm // t.tm) * (t.bn // t.tn)](a, b, out, trans_a, trans_b, accumulate)
+
+
+def launch_naive(a, b, out, trans_a, trans_b, accumulate):
+    """Launch the one-thread-per-output kernel over ``out`` (device arrays, validated)."""
+    m, n = out.shape
+    grid = (math.ceil(n / NAIVE_BLOCK[0]), math.ceil(m / NAIVE_BLOCK[1]))
+    _matmul_naive_kernel[grid, NAIVE_BLOCK](a, b, out, trans_a, trans_b, accumulate)
+
+
+def _validate(a, b, trans_a, trans_b, out, accumulate, where):
+    a = as_float_array(a, "a", ndim=2, where=where)
+    b = as_float_array(b, "b", ndim=2, where=where)
+    for name, flag in (("trans_a", trans_a), ("trans_b", trans_b), ("accumulate", accumulate)):
+        if not isinstance(flag, (bool, np.bool_)):
+            raise ValueError(f"{where}: {name} must be True or False, got {flag!r}")
+    if a.dtype != b.dtype:
+        raise ValueError(f"{where}: a and b must share a dtype, got {a.dtype} and {b.dtype}")
+    m, k = (a.shape[1], a.shape[0]) if trans_a else a.shape
+    k2, n = (b.shape[1], b.shape[0]) if trans_b else b.shape
+    if k != k2:
+        raise ValueError(
+            f"{where}: inner dimensions differ: op(a) is {m}x{k} (a {tuple(a.shape)}, trans_a={bool(trans_a)}) "
+            f"but op(b) is {k2}x{n} (b {tuple(b.shape)}, trans_b={bool(trans_b)})"
+        )
+    arrays = {"a": a, "b": b}
+    if out is None:
+        if accumulate:
+            raise ValueError(f"{where}: accumulate=True needs out, the array to add into")
+    else:
+        out = as_float_array(out, "out", ndim=2, where=where)
+        if tuple(out.shape) != (m, n):
+            raise ValueError(f"{where}: out must have shape {(m, n)}, got {tuple(out.shape)}")
+        if out.dtype != a.dtype:
+            raise ValueError(f"{where}: out must have dtype {a.dtype}, got {out.dtype}")
+        arrays["out"] = out
+    return a, b, out, (m, k, n), on_device(arrays)
+
+
+def matmul(a, b, trans_a=False, trans_b=False, out=None, accumulate=False):
+    """``op(a) @ op(b)`` for 2-D float32/float64 arrays, ``op(x) = x.T`` where asked.
+
+    ``C[i, j] = sum_k op(A)[i, k] op(B)[k, j]``. With ``out``, the result is written
+    there (``accumulate=True``: added to it, ``out += op(a) @ op(b)``) and ``out`` is
+    returned; ``out`` must not overlap ``a`` or ``b``. NumPy in: ``np.matmul`` (BLAS);
+    numba device arrays in: the tiled shared-memory CUDA kernel, device array out.
+    Same numbers as ``torch.matmul`` up to float rounding (summation order differs).
+    """
+    where = "matmul"
+    a, b, out, (m, k, n), gpu = _validate(a, b, trans_a, trans_b, out, accumulate, where)
+    if gpu:
+        if out is None:
+            out = cuda.device_array((m, n), dtype=a.dtype)  # (M, N)
+        if m and n:
+            launch_tiled(a, b, out, bool(trans_a), bool(trans_b), bool(accumulate))
+        return out
+    a = a.T if trans_a else a
+    b = b.T if trans_b else b
+    if out is None:
+        return np.matmul(a, b)  # (M, N)
+    if accumulate:
+        out += np.matmul(a, b)
+    else:
+        np.matmul(a, b, out=out)
+    return out
