@@ -52,6 +52,19 @@ def _col2im_reference(cols, x_shape, kernel, stride, padding):
     return xp[:, :, ph:ph + h, pw:pw + w]
 
 
+@njit(cache=True)
+def _valid_range(j, pad, stride, size, out_size):
+    """Output positions o in [lo, hi) whose input index o*stride + j - pad lies in [0, size)."""
+    lo = 0
+    if pad > j:
+        lo = (pad - j + stride - 1) // stride
+    hi = 0
+    if size - 1 - j + pad >= 0:
+        hi = (size - 1 - j + pad) // stride + 1
+    hi = min(hi, out_size)
+    return lo, max(hi, lo)
+
+
 @njit(cache=True, parallel=True)
 def _im2col_cpu(x, kh, kw, sh, sw, ph, pw, oh, ow, cols):
     n, c, h, w = x.shape
@@ -59,21 +72,23 @@ def _im2col_cpu(x, kh, kw, sh, sw, ph, pw, oh, ow, cols):
         b = nc // c
         ch = nc % c
         for i in range(kh):
+            ylo, yhi = _valid_range(i, ph, sh, h, oh)
             for j in range(kw):
                 row = (ch * kh + i) * kw + j
+                xlo, xhi = _valid_range(j, pw, sw, w, ow)
                 for y in range(oh):
-                    iy = y * sh + i - ph
                     base = y * ow
-                    if iy < 0 or iy >= h:
+                    if y < ylo or y >= yhi:
                         for xo in range(ow):
                             cols[b, row, base + xo] = 0
                         continue
-                    for xo in range(ow):
-                        ix = xo * sw + j - pw
-                        if ix >= 0 and ix < w:
-                            cols[b, row, base + xo] = x[b, ch, iy, ix]
-                        else:
-                            cols[b, row, base + xo] = 0
+                    iy = y * sh + i - ph
+                    for xo in range(xlo):
+                        cols[b, row, base + xo] = 0
+                    for xo in range(xlo, xhi):
+                        cols[b, row, base + xo] = x[b, ch, iy, xo * sw + j - pw]
+                    for xo in range(xhi, ow):
+                        cols[b, row, base + xo] = 0
 
 
 @njit(cache=True, parallel=True)
@@ -86,17 +101,15 @@ def _col2im_cpu(cols, kh, kw, sh, sw, ph, pw, oh, ow, dx):
             for xx in range(w):
                 dx[b, ch, y, xx] = 0
         for i in range(kh):
+            ylo, yhi = _valid_range(i, ph, sh, h, oh)
             for j in range(kw):
                 row = (ch * kh + i) * kw + j
-                for y in range(oh):
+                xlo, xhi = _valid_range(j, pw, sw, w, ow)
+                for y in range(ylo, yhi):
                     iy = y * sh + i - ph
-                    if iy < 0 or iy >= h:
-                        continue
                     base = y * ow
-                    for xo in range(ow):
-                        ix = xo * sw + j - pw
-                        if ix >= 0 and ix < w:
-                            dx[b, ch, iy, ix] += cols[b, row, base + xo]
+                    for xo in range(xlo, xhi):
+                        dx[b, ch, iy, xo * sw + j - pw] += cols[b, row, base + xo]
 
 
 def _cpu_only(name, *arrays):
@@ -104,17 +117,22 @@ def _cpu_only(name, *arrays):
         raise NotImplementedError(f"{name}: no CUDA kernel yet; pass NumPy arrays")
 
 
-def im2col(x, kernel, stride, padding):
+def im2col(x, kernel, stride, padding, out=None):
     """Columns (N, C*kh*kw, OH*OW) of the windows of ``x`` (N, C, H, W).
 
     ``kernel``, ``stride``, ``padding`` are (h, w) pairs; padding is zeros. The caller
-    (``Conv2d``) has validated the shapes; ``x`` must be a C-contiguous float array.
+    (``Conv2d``) has validated the shapes. ``out``, if given, is a C-contiguous array of
+    the right shape and dtype to write into (saves allocating a large buffer per call).
     """
     _cpu_only("im2col", x)
     (kh, kw), (sh, sw), (ph, pw) = kernel, stride, padding
     n, c, h, w = x.shape
     oh, ow = output_size(h, kh, sh, ph), output_size(w, kw, sw, pw)
-    cols = np.empty((n, c * kh * kw, oh * ow), dtype=x.dtype)  # (N, C*kh*kw, OH*OW)
+    shape = (n, c * kh * kw, oh * ow)
+    if out is not None and out.shape == shape and out.dtype == x.dtype and out.flags.c_contiguous:
+        cols = out
+    else:
+        cols = np.empty(shape, dtype=x.dtype)  # (N, C*kh*kw, OH*OW)
     if cols.size:
         _im2col_cpu(np.ascontiguousarray(x), kh, kw, sh, sw, ph, pw, oh, ow, cols)
     return cols

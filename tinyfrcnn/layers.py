@@ -124,6 +124,17 @@ def _check_grad(grad_out, expected_shape, dtype, layer):
     return np.ascontiguousarray(grad_out, dtype=dtype)
 
 
+def _buffer(old, shape, dtype):
+    """``old`` when it already has this shape and dtype, else a new empty array.
+
+    Conv keeps its large column matrices between calls: allocating (and first touching)
+    tens of megabytes per call costs as much as filling them.
+    """
+    if old is not None and old.shape == tuple(shape) and old.dtype == dtype:
+        return old
+    return np.empty(shape, dtype=dtype)
+
+
 def _he_normal(shape, fan_in, rng):
     return (rng.standard_normal(shape) * np.sqrt(2.0 / fan_in)).astype(np.float32)
 
@@ -186,6 +197,7 @@ class Conv2d(Module):
         self.weight = Parameter(_he_normal((self.out_channels, self.in_channels, kh, kw), fan_in, rng))
         self.bias = Parameter(np.zeros(self.out_channels, dtype=np.float32))
         self._cache = None
+        self._dcols = None
 
     def __repr__(self):
         return (f"Conv2d({self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
@@ -206,7 +218,8 @@ class Conv2d(Module):
         oh, ow = output_size(h, kh, sh, ph), output_size(w, kw, sw, pw)
         wmat = self.weight.data.astype(x.dtype, copy=False).reshape(self.out_channels, -1)  # (O, C*kh*kw)
         bias = self.bias.data.astype(x.dtype, copy=False)
-        cols = im2col(x, self.kernel_size, self.stride, self.padding)  # (N, C*kh*kw, OH*OW)
+        reuse = self._cache[0] if self._cache else None
+        cols = im2col(x, self.kernel_size, self.stride, self.padding, out=reuse)  # (N, C*kh*kw, OH*OW)
         out = np.matmul(wmat, cols)  # (N, O, OH*OW)
         out += bias[:, None]
         self._cache = (cols, wmat, x.shape, (n, self.out_channels, oh, ow))
@@ -221,7 +234,8 @@ class Conv2d(Module):
             dw = np.matmul(g, cols.transpose(0, 2, 1)).sum(axis=0)  # (O, C*kh*kw)
             self.weight.accumulate(dw.reshape(self.weight.shape))
             self.bias.accumulate(g.sum(axis=(0, 2)))
-        dcols = np.matmul(wmat.T, g)  # (N, C*kh*kw, OH*OW)
+        self._dcols = _buffer(self._dcols, cols.shape, cols.dtype)
+        dcols = np.matmul(wmat.T, g, out=self._dcols)  # (N, C*kh*kw, OH*OW)
         return col2im(dcols, x_shape, self.kernel_size, self.stride, self.padding)
 
 
@@ -308,7 +322,7 @@ def maxpool2d_forward(x, kernel, stride):
     n, c, h, w = x.shape
     oh, ow = output_size(h, kh, sh, 0), output_size(w, kw, sw, 0)
     out = np.empty((n, c, oh, ow), dtype=x.dtype)  # (N, C, OH, OW)
-    argmax = np.empty((n, c, oh, ow), dtype=np.int64)  # (N, C, OH, OW)
+    argmax = np.empty((n, c, oh, ow), dtype=np.int32)  # (N, C, OH, OW)
     if out.size:
         _maxpool2d_forward_cpu(np.ascontiguousarray(x), kh, kw, sh, sw, out, argmax)
     return out, argmax
