@@ -1,0 +1,267 @@
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tinyfrcnn.boxes import box_iou, decode
+from tinyfrcnn.rpn import TEST_PROPOSALS, TRAIN_PROPOSALS, RPNHead, generate_proposals, objectness, rpn_loss
+
+
+def numeric_grad(f, x, eps=1e-6):
+    g = np.zeros_like(x)
+    flat, gflat = x.reshape(-1), g.reshape(-1)
+    for i in range(flat.size):
+        old = flat[i]
+        flat[i] = old + eps
+        up = f()
+        flat[i] = old - eps
+        down = f()
+        flat[i] = old
+        gflat[i] = (up - down) / (2 * eps)
+    return g
+
+
+def rel_err(a, b):
+    return np.abs(a - b).max() / max(np.abs(a).max(), np.abs(b).max(), 1e-12)
+
+
+def simple_anchors(h, w, k, stride=8.0, sizes=(8.0, 16.0, 24.0)):
+    """Square anchors of ``sizes[:k]`` centred on each cell, in row order (y*W + x)*k + a."""
+    ys, xs = np.meshgrid((np.arange(h) + 0.5) * stride, (np.arange(w) + 0.5) * stride, indexing="ij")
+    half = np.array(sizes[:k]) / 2
+    cx = np.repeat(xs.reshape(-1), k)
+    cy = np.repeat(ys.reshape(-1), k)
+    r = np.tile(half, h * w)
+    return np.stack([cx - r, cy - r, cx + r, cy + r], axis=1)  # (H*W*k, 4)
+
+
+# ---------------------------------------------------------------- head
+
+
+def test_head_shapes_init_and_anchor_row_order():
+    rng = np.random.default_rng(0)
+    head = RPNHead(4, 6, 3, rng=rng)
+    for conv in (head.conv, head.cls, head.reg):
+        assert np.all(conv.bias.data == 0) and 0.005 < conv.weight.data.std() < 0.015
+    assert head.cls.weight.shape == (6, 6, 1, 1) and head.reg.weight.shape == (12, 6, 1, 1)
+    assert len(head.parameters()) == 6
+    for p in head.parameters():
+        p.data = rng.normal(size=p.shape).astype(np.float32)
+    x = rng.normal(size=(2, 4, 3, 5)).astype(np.float32)
+    logits, deltas = head.forward(x)
+    assert logits.shape == (2, 3 * 5 * 3, 2) and deltas.shape == (2, 45, 4)
+    assert logits.dtype == np.float32
+    hidden = np.maximum(head.conv.forward(x), 0)
+    cls, reg = head.cls.forward(hidden), head.reg.forward(hidden)  # (N, 2k, H, W), (N, 4k, H, W)
+    for n, y, xx, a in [(0, 0, 0, 0), (1, 2, 4, 2), (0, 1, 3, 1), (1, 0, 4, 0)]:
+        row = (y * 5 + xx) * 3 + a
+        np.testing.assert_allclose(logits[n, row], cls[n, 2 * a:2 * a + 2, y, xx])
+        np.testing.assert_allclose(deltas[n, row], reg[n, 4 * a:4 * a + 4, y, xx])
+
+
+def test_head_gradient_check_float64():
+    rng = np.random.default_rng(1)
+    head = RPNHead(3, 4, 2, rng=rng).astype(np.float64)
+    for p in head.parameters():
+        p.data = rng.normal(scale=0.5, size=p.shape)
+    x = rng.normal(size=(2, 3, 3, 4))
+    r_logits = rng.normal(size=(2, 24, 2))
+    r_deltas = rng.normal(size=(2, 24, 4))
+
+    def loss():
+        logits, deltas = head.forward(x)
+        return (logits * r_logits).sum() + (deltas * r_deltas).sum()
+
+    head.zero_grad()
+    head.forward(x)
+    grad_x = head.backward(r_logits, r_deltas)
+    assert grad_x.shape == x.shape and grad_x.dtype == np.float64
+    assert rel_err(grad_x, numeric_grad(loss, x)) < 1e-6
+    for p in head.parameters():
+        assert rel_err(p.grad, numeric_grad(loss, p.data)) < 1e-6
+    # one of the two gradients alone
+    head.forward(x)
+    only = head.backward(r_logits, None)
+    head.forward(x)
+    both_minus_reg = grad_x - head.backward(None, r_deltas)
+    np.testing.assert_allclose(only, both_minus_reg, atol=1e-12)
+
+
+def test_head_bad_input():
+    head = RPNHead(3, 4, 2)
+    with pytest.raises(ValueError, match="before forward"):
+        head.backward(np.zeros((1, 8, 2)), np.zeros((1, 8, 4)))
+    head.forward(np.zeros((1, 3, 2, 2), np.float32))
+    with pytest.raises(ValueError, match="grad_logits must have shape"):
+        head.backward(np.zeros((1, 9, 2), np.float32), None)
+    with pytest.raises(ValueError, match="both None"):
+        head.backward(None, None)
+    with pytest.raises(ValueError, match="channels"):
+        head.forward(np.zeros((1, 4, 2, 2), np.float32))
+    with pytest.raises(ValueError, match="num_anchors"):
+        RPNHead(3, 4, 0)
+
+
+# ---------------------------------------------------------------- loss
+
+
+def test_rpn_loss_hand_worked():
+    logits = np.zeros((4, 2))
+    labels = np.array([1, 0, -1, 1])
+    deltas = np.array([[0.0, 0, 0, 0], [5, 5, 5, 5], [5, 5, 5, 5], [0.1, -1, 0, 0]])
+    targets = np.zeros((4, 4))
+    out = rpn_loss(logits, deltas, labels, targets, sigma=3.0)
+    assert out["loss_cls"] == pytest.approx(np.log(2))
+    np.testing.assert_allclose(out["grad_logits"], [[0.5, -0.5], [-0.5, 0.5], [0, 0], [0.5, -0.5]] / np.array(3.0))
+    # beta = 1/9: 0.1 -> 0.5 * 0.01 * 9 = 0.045; -1 -> 1 - 1/18; the negative anchor's deltas do not count
+    assert out["loss_reg"] == pytest.approx((0.045 + 1 - 1 / 18) / 3)
+    np.testing.assert_allclose(out["grad_deltas"][3], [0.9 / 3, -1 / 3, 0, 0])
+    assert np.all(out["grad_deltas"][:3] == 0)
+    out10 = rpn_loss(logits, deltas, labels, targets, sigma=3.0, lam=10.0)
+    assert out10["loss_reg"] == pytest.approx(10 * out["loss_reg"])
+    assert out10["loss_cls"] == pytest.approx(out["loss_cls"])
+
+
+def test_rpn_loss_gradient_check():
+    rng = np.random.default_rng(2)
+    logits, deltas = rng.normal(size=(30, 2)), rng.normal(scale=0.5, size=(30, 4))
+    targets = rng.normal(scale=0.5, size=(30, 4))
+    labels = rng.integers(-1, 2, size=30)
+    out = rpn_loss(logits, deltas, labels, targets)
+
+    def total():
+        o = rpn_loss(logits, deltas, labels, targets)
+        return o["loss_cls"] + o["loss_reg"]
+
+    assert rel_err(out["grad_logits"], numeric_grad(total, logits)) < 1e-6
+    assert rel_err(out["grad_deltas"], numeric_grad(total, deltas)) < 1e-6
+
+
+def test_head_and_loss_end_to_end_gradient():
+    rng = np.random.default_rng(3)
+    head = RPNHead(2, 3, 2, rng=rng).astype(np.float64)
+    for p in head.parameters():
+        p.data = rng.normal(scale=0.5, size=p.shape)
+    x = rng.normal(size=(1, 2, 3, 3))
+    labels = rng.integers(-1, 2, size=18)
+    targets = rng.normal(scale=0.3, size=(18, 4))
+
+    def total():
+        logits, deltas = head.forward(x)
+        o = rpn_loss(logits[0], deltas[0], labels, targets)
+        return o["loss_cls"] + o["loss_reg"]
+
+    logits, deltas = head.forward(x)
+    o = rpn_loss(logits[0], deltas[0], labels, targets)
+    head.zero_grad()
+    grad_x = head.backward(o["grad_logits"][None], o["grad_deltas"][None])
+    assert rel_err(grad_x, numeric_grad(total, x)) < 1e-6
+    assert rel_err(head.conv.weight.grad, numeric_grad(total, head.conv.weight.data)) < 1e-6
+
+
+def test_rpn_loss_nothing_sampled_and_float32():
+    out = rpn_loss(np.ones((3, 2)), np.ones((3, 4)), np.array([-1, -1, -1]), np.zeros((3, 4)))
+    assert out["loss_cls"] == 0 and out["loss_reg"] == 0
+    assert np.all(out["grad_logits"] == 0) and np.all(out["grad_deltas"] == 0)
+    out = rpn_loss(np.ones((2, 2), np.float32), np.ones((2, 4), np.float32), np.array([1, 0]), np.zeros((2, 4)))
+    assert out["grad_logits"].dtype == np.float32 and out["grad_deltas"].dtype == np.float32
+
+
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        ((np.zeros((3, 2)), np.zeros((3, 4)), np.array([0, 1]), np.zeros((3, 4))), "labels has 2"),
+        ((np.zeros((3, 2)), np.zeros((2, 4)), np.array([0, 1, 0]), np.zeros((3, 4))), "deltas must have shape"),
+        ((np.zeros((3, 3)), np.zeros((3, 4)), np.array([0, 1, 0]), np.zeros((3, 4))), "logits must have shape"),
+        ((np.zeros((3, 2)), np.zeros((3, 4)), np.array([0, 2, 0]), np.zeros((3, 4))), "labels must be"),
+        ((np.zeros((3, 2)), np.zeros((3, 4)), np.array([0, 1, 0]), np.full((3, 4), np.nan)), "NaN"),
+    ],
+)
+def test_rpn_loss_bad_input(args, match):
+    with pytest.raises(ValueError, match=match):
+        rpn_loss(*args)
+
+
+# ---------------------------------------------------------------- proposals
+
+
+def test_objectness_is_the_softmax_and_stable():
+    logits = np.array([[0.0, 0.0], [0.0, np.log(3)], [1000.0, -1000.0], [-1000.0, 1000.0]])
+    np.testing.assert_allclose(objectness(logits), [0.5, 0.75, 0.0, 1.0])
+
+
+def test_proposals_hand_worked():
+    anchors = np.array([[0, 0, 10, 10], [1, 0, 11, 10], [20, 20, 40, 40], [-10, -10, 5, 5], [50, 50, 51, 51.0]])
+    scores = np.array([0.9, 0.8, 0.7, 0.95, 0.99])
+    # anchor 1 overlaps anchor 0 with IoU 0.82 -> suppressed; anchor 3 is clipped to (0,0,5,5);
+    # anchor 4 is 1x1 -> removed by min_size 2
+    boxes, out_scores = generate_proposals(scores, np.zeros((5, 4)), anchors, (64, 64), min_size=2.0)
+    np.testing.assert_allclose(out_scores, [0.95, 0.9, 0.7])
+    np.testing.assert_allclose(boxes, [[0, 0, 5, 5], [0, 0, 10, 10], [20, 20, 40, 40]])
+    boxes, _ = generate_proposals(scores, np.zeros((5, 4)), anchors, (64, 64), post_nms_top_n=2)
+    assert len(boxes) == 2
+    boxes, _ = generate_proposals(scores, np.zeros((5, 4)), anchors, (64, 64), pre_nms_top_n=2)
+    np.testing.assert_allclose(boxes, [[0, 0, 5, 5], [0, 0, 10, 10]])  # 0.99 removed as small first
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(0, 2**31 - 1), st.floats(0.3, 0.9), st.integers(1, 80))
+def test_proposal_invariants(seed, thresh, post):
+    rng = np.random.default_rng(seed)
+    anchors = simple_anchors(6, 6, 3)
+    logits = rng.normal(size=(len(anchors), 2)).astype(np.float32)
+    deltas = rng.normal(scale=0.3, size=(len(anchors), 4)).astype(np.float32)
+    boxes, scores = generate_proposals(logits, deltas, anchors, (48, 40), pre_nms_top_n=70,
+                                       post_nms_top_n=post, nms_thresh=thresh, min_size=2.0)
+    assert len(boxes) <= post and len(boxes) == len(scores) and len(boxes) > 0
+    assert np.all(np.diff(scores) <= 0)
+    assert np.all(boxes[:, [0, 2]] >= 0) and np.all(boxes[:, [0, 2]] <= 40)
+    assert np.all(boxes[:, [1, 3]] >= 0) and np.all(boxes[:, [1, 3]] <= 48)
+    assert np.all(boxes[:, 2] - boxes[:, 0] >= 2) and np.all(boxes[:, 3] - boxes[:, 1] >= 2)
+    iou = box_iou(boxes, boxes)
+    np.fill_diagonal(iou, 0)
+    assert iou.max() <= thresh
+    # the best-scoring surviving box is the best decoded, clipped, large-enough box
+    all_boxes = np.clip(decode(anchors, deltas), 0, None)
+    all_boxes[:, [0, 2]] = np.minimum(all_boxes[:, [0, 2]], 40)
+    all_boxes[:, [1, 3]] = np.minimum(all_boxes[:, [1, 3]], 48)
+    big = (all_boxes[:, 2] - all_boxes[:, 0] >= 2) & (all_boxes[:, 3] - all_boxes[:, 1] >= 2)
+    assert scores[0] == pytest.approx(objectness(logits)[big].max())
+    # scores given directly give the same result as logits
+    same, same_scores = generate_proposals(objectness(logits), deltas, anchors, (48, 40), pre_nms_top_n=70,
+                                           post_nms_top_n=post, nms_thresh=thresh, min_size=2.0)
+    np.testing.assert_array_equal(same, boxes)
+
+
+def test_proposal_settings():
+    assert TRAIN_PROPOSALS.pre_nms_top_n == 2000 and TRAIN_PROPOSALS.post_nms_top_n == 500
+    assert TEST_PROPOSALS.pre_nms_top_n == 1000 and TEST_PROPOSALS.post_nms_top_n == 300
+    assert TEST_PROPOSALS.nms_thresh == 0.7
+
+
+def test_proposals_empty():
+    boxes, scores = generate_proposals(np.zeros((0, 2)), np.zeros((0, 4)), np.zeros((0, 4)), (32, 32))
+    assert boxes.shape == (0, 4) and scores.shape == (0,)
+    boxes, scores = generate_proposals(np.zeros(1), np.zeros((1, 4)), np.array([[0, 0, 1, 1.0]]), (32, 32))
+    assert boxes.shape == (0, 4)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(logits=np.zeros((4, 3))), "logits must be"),
+        (dict(deltas=np.zeros((3, 4))), "same A anchors"),
+        (dict(logits=np.full((4, 2), np.nan)), "NaN"),
+        (dict(image_size=(32,)), "image_size"),
+        (dict(image_size=(0, 32)), "image_size"),
+        (dict(pre_nms_top_n=0), "pre_nms_top_n"),
+        (dict(nms_thresh=1.5), "nms_thresh"),
+        (dict(min_size=-1), "min_size"),
+    ],
+)
+def test_proposals_bad_input(kwargs, match):
+    args = dict(logits=np.zeros((4, 2)), deltas=np.zeros((4, 4)), anchors=simple_anchors(2, 2, 1),
+                image_size=(16, 16))
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=match):
+        generate_proposals(**args)

@@ -1,0 +1,231 @@
+"""The Region Proposal Network: a small conv head, its loss, and the proposal layer.
+
+The paper (section 3.1): "we slide a small network over the convolutional feature map
+... each sliding window is mapped to a lower-dimensional feature ... fed into two
+sibling fully-connected layers, a box-regression layer (reg) and a box-classification
+layer (cls)", implemented as a 3x3 conv followed by two 1x1 convs. At each position
+there are k anchors, so cls has 2k outputs (object / not object, softmax) and reg 4k
+(t_x, t_y, t_w, t_h).
+
+The proposal layer turns the head's outputs into boxes for the Fast R-CNN head: decode
+the deltas on the anchors, clip to the image, drop tiny boxes, keep the top-scoring
+ones, NMS, keep the top again. Proposals are constants for backpropagation: no gradient
+flows through their coordinates (the paper's "approximate joint training").
+
+The head is built from ``tinyfrcnn.layers`` (their kernels do the work); the loss from
+``tinyfrcnn.losses``; the proposal layer from ``tinyfrcnn.boxes`` and ``tinyfrcnn.nms``.
+All take NumPy arrays.
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .boxes import clip_boxes, decode, remove_small_boxes
+from .checks import as_array, as_float_array, check_finite, check_number, check_positive_int
+from .device import is_device_array
+from .layers import Conv2d, Module, Parameter, ReLU
+from .losses import smooth_l1, softmax_cross_entropy
+from .nms import nms
+
+
+def _host(x, name, where):
+    if is_device_array(x):
+        raise ValueError(f"{where}: {name} is a CUDA device array; pass a NumPy array")
+    return x
+
+
+# ---------------------------------------------------------------- head
+
+
+class RPNHead(Module):
+    """3x3 conv (padding 1) + ReLU, then sibling 1x1 convs: cls (2k) and reg (4k).
+
+    Weights ~ N(0, 0.01^2) and biases 0, as the paper initialises new layers.
+
+    Channel layout: cls channel ``2a + j`` is anchor ``a``'s logit for class ``j``
+    (0 background, 1 object); reg channel ``4a + d`` is its delta ``d`` of
+    (t_x, t_y, t_w, t_h). ``forward`` reshapes (N, 2k, H, W) -> (N, k, 2, H, W),
+    transposes to (N, H, W, k, 2) and flattens to (N, H*W*k, 2), so row
+    ``(y*W + x)*k + a`` is anchor ``a`` at cell (y, x), the row order of
+    ``tinyfrcnn.anchors.grid_anchors``. ``backward`` undoes the same steps.
+    """
+
+    def __init__(self, in_channels, mid_channels, num_anchors, rng=None):
+        where = "RPNHead"
+        in_channels = check_positive_int(in_channels, "in_channels", where)
+        mid_channels = check_positive_int(mid_channels, "mid_channels", where)
+        self.num_anchors = k = check_positive_int(num_anchors, "num_anchors", where)
+        rng = np.random.default_rng(0) if rng is None else rng
+        self.conv = Conv2d(in_channels, mid_channels, 3, padding=1, rng=rng)
+        self.relu = ReLU()
+        self.cls = Conv2d(mid_channels, 2 * k, 1, rng=rng)
+        self.reg = Conv2d(mid_channels, 4 * k, 1, rng=rng)
+        for conv in (self.conv, self.cls, self.reg):
+            conv.weight = Parameter((rng.standard_normal(conv.weight.shape) * 0.01).astype(np.float32))
+            conv.bias = Parameter(np.zeros(conv.bias.shape, dtype=np.float32))
+        self._shape = None
+
+    def __repr__(self):
+        return f"RPNHead(conv={self.conv!r}, num_anchors={self.num_anchors})"
+
+    def forward(self, features):
+        """features (N, C, H, W) -> (logits (N, H*W*k, 2), deltas (N, H*W*k, 4))."""
+        _host(features, "features", "RPNHead.forward")
+        hidden = self.relu.forward(self.conv.forward(features))  # (N, mid, H, W)
+        n, _, h, w = hidden.shape
+        k = self.num_anchors
+        self._shape = (n, h, w)
+        logits = self.cls.forward(hidden).reshape(n, k, 2, h, w).transpose(0, 3, 4, 1, 2)  # (N, H, W, k, 2)
+        deltas = self.reg.forward(hidden).reshape(n, k, 4, h, w).transpose(0, 3, 4, 1, 2)  # (N, H, W, k, 4)
+        return (np.ascontiguousarray(logits).reshape(n, h * w * k, 2),
+                np.ascontiguousarray(deltas).reshape(n, h * w * k, 4))
+
+    def backward(self, grad_logits, grad_deltas):
+        """Gradient w.r.t. the features; either gradient may be None (counted as zero)."""
+        where = "RPNHead.backward"
+        if self._shape is None:
+            raise ValueError(f"{where}: backward called before forward")
+        n, h, w = self._shape
+        k = self.num_anchors
+        grad_hidden = None
+        for name, grad, width, conv in (("grad_logits", grad_logits, 2, self.cls),
+                                        ("grad_deltas", grad_deltas, 4, self.reg)):
+            if grad is None:
+                continue
+            grad = as_float_array(_host(grad, name, where), name, ndim=3, where=where)
+            if grad.shape != (n, h * w * k, width):
+                raise ValueError(f"{where}: {name} must have shape {(n, h * w * k, width)}, got {grad.shape}")
+            grad = grad.reshape(n, h, w, k, width).transpose(0, 3, 4, 1, 2).reshape(n, k * width, h, w)
+            g = conv.backward(np.ascontiguousarray(grad))  # (N, mid, H, W)
+            grad_hidden = g if grad_hidden is None else grad_hidden + g
+        if grad_hidden is None:
+            raise ValueError(f"{where}: grad_logits and grad_deltas are both None")
+        return self.conv.backward(self.relu.backward(grad_hidden))
+
+
+# ---------------------------------------------------------------- loss
+
+
+def rpn_loss(logits, deltas, labels, reg_targets, sigma=3.0, lam=1.0):
+    """The RPN's loss for one image and its gradients w.r.t. logits and deltas.
+
+        L = 1/N_cls sum_i L_cls(p_i, p*_i) + lam 1/N_reg sum_i p*_i L_reg(t_i, t*_i)
+
+    over the sampled anchors (``labels`` 1 positive, 0 negative, -1 not sampled): L_cls
+    is softmax cross-entropy, L_reg smooth L1 with ``beta = 1 / sigma**2`` summed over
+    the four coordinates, p*_i = 1 for positives only. Normalisation as py-faster-rcnn:
+    N_cls = N_reg = the number of sampled anchors (256), lam = 1, sigma = 3. (The paper
+    instead takes N_reg ~ 2400 anchor locations with lam = 10: about the same weight.)
+    No sampled anchor: both losses 0 with zero gradients.
+
+    logits (A, 2), deltas (A, 4), labels (A,) int, reg_targets (A, 4). Returns a dict:
+    ``loss_cls``, ``loss_reg`` (lam included), floats; ``grad_logits`` (A, 2),
+    ``grad_deltas`` (A, 4) in the dtypes of logits and deltas.
+    """
+    where = "rpn_loss"
+    logits = as_float_array(_host(logits, "logits", where), "logits", ndim=2, where=where)
+    deltas = as_float_array(_host(deltas, "deltas", where), "deltas", ndim=2, where=where)
+    reg_targets = as_float_array(_host(reg_targets, "reg_targets", where), "reg_targets", ndim=2, where=where)
+    labels = as_array(_host(labels, "labels", where), "labels", ndim=1, where=where)
+    num = logits.shape[0]
+    for name, a, width in (("logits", logits, 2), ("deltas", deltas, 4), ("reg_targets", reg_targets, 4)):
+        if a.shape != (num, width):
+            raise ValueError(f"{where}: {name} must have shape ({num}, {width}), got {a.shape}")
+    if labels.shape[0] != num:
+        raise ValueError(f"{where}: labels has {labels.shape[0]} entries but logits has {num} rows")
+    if not np.issubdtype(labels.dtype, np.integer) or (labels.size and not np.isin(labels, (-1, 0, 1)).all()):
+        raise ValueError(f"{where}: labels must be integers in {{-1, 0, 1}}, got dtype {labels.dtype.name}, "
+                         f"values {np.unique(labels)[:5].tolist()}")
+    sigma = check_number(sigma, "sigma", low=0.0, low_open=True, where=where)
+    lam = check_number(lam, "lam", low=0.0, where=where)
+    check_finite(reg_targets, "reg_targets", where)
+
+    loss_cls, grad_logits = softmax_cross_entropy(logits, labels, ignore_index=-1)
+    num_sampled = int((labels >= 0).sum())
+    scale = lam / num_sampled if num_sampled else 0.0
+    p_star = np.repeat((labels == 1)[:, None], 4, axis=1).astype(deltas.dtype)  # (A, 4)
+    loss_reg, grad_deltas = smooth_l1(deltas, reg_targets.astype(deltas.dtype), beta=1.0 / sigma**2,
+                                      weights=p_star)
+    return {"loss_cls": loss_cls, "loss_reg": loss_reg * scale,
+            "grad_logits": grad_logits, "grad_deltas": (grad_deltas * scale).astype(deltas.dtype)}
+
+
+# ---------------------------------------------------------------- proposals
+
+
+@dataclass(frozen=True)
+class ProposalSettings:
+    """How many boxes the proposal layer keeps, before and after NMS.
+
+    The paper, on ~600x1000 images with ~20000 anchors: 12000 -> NMS 0.7 -> 2000 in
+    training, 6000 -> 300 at test. The shapes images (128x128, a 16x16 feature map at
+    stride 8, k = 9) have only 2304 anchors, so: training keeps 2000 before NMS (nearly
+    all, as the paper keeps most) and 500 after, plenty for sampling 64-128 RoIs on
+    images with a few objects; test keeps 1000 -> 300, the paper's 300 that its
+    section 4 shows are enough. ``min_size`` 2 px only removes degenerate boxes: the
+    smallest shapes are about 8 px, and py-faster-rcnn's 16 px is its stride at 600 px.
+    """
+
+    pre_nms_top_n: int
+    post_nms_top_n: int
+    nms_thresh: float = 0.7
+    min_size: float = 2.0
+
+
+TRAIN_PROPOSALS = ProposalSettings(pre_nms_top_n=2000, post_nms_top_n=500)
+TEST_PROPOSALS = ProposalSettings(pre_nms_top_n=1000, post_nms_top_n=300)
+
+
+def objectness(logits):
+    """P(object) = softmax(logits)[:, 1] = 1 / (1 + exp(l0 - l1)), computed without overflow."""
+    z = logits[:, 1] - logits[:, 0]
+    e = np.exp(-np.abs(z))
+    return np.where(z >= 0, 1.0 / (1.0 + e), e / (1.0 + e)).astype(logits.dtype)
+
+
+def generate_proposals(logits, deltas, anchors, image_size, pre_nms_top_n=TEST_PROPOSALS.pre_nms_top_n,
+                       post_nms_top_n=TEST_PROPOSALS.post_nms_top_n, nms_thresh=TEST_PROPOSALS.nms_thresh,
+                       min_size=TEST_PROPOSALS.min_size):
+    """The proposal layer: boxes (P, 4) and their objectness (P,), highest score first.
+
+    ``logits`` (A, 2) are the head's (softmax object probability is the score) or
+    (A,) scores given directly. py-faster-rcnn's order: decode ``deltas`` (A, 4) on
+    ``anchors`` (A, 4), clip to ``image_size`` (h, w), drop boxes narrower or shorter
+    than ``min_size``, keep the ``pre_nms_top_n`` highest scores, NMS at ``nms_thresh``,
+    keep the first ``post_nms_top_n``. Defaults: ``TEST_PROPOSALS``; training uses
+    ``TRAIN_PROPOSALS``. The proposals are constants for backprop (no gradient).
+    """
+    where = "generate_proposals"
+    logits = as_float_array(_host(logits, "logits", where), "logits", where=where)
+    deltas = as_float_array(_host(deltas, "deltas", where), "deltas", ndim=2, where=where)
+    anchors = as_float_array(_host(anchors, "anchors", where), "anchors", ndim=2, where=where)
+    num = anchors.shape[0]
+    if logits.ndim == 1:
+        scores = logits
+    elif logits.ndim == 2 and logits.shape[1] == 2:
+        scores = None
+    else:
+        raise ValueError(f"{where}: logits must be (A, 2) logits or (A,) scores, got shape {logits.shape}")
+    if logits.shape[0] != num or deltas.shape != (num, 4) or anchors.shape != (num, 4):
+        raise ValueError(f"{where}: logits {logits.shape}, deltas {deltas.shape} and anchors {anchors.shape} "
+                         "must describe the same A anchors ((A, 2) or (A,), (A, 4), (A, 4))")
+    check_finite(logits, "logits", where)
+    if not isinstance(image_size, (tuple, list)) or len(image_size) != 2:
+        raise ValueError(f"{where}: image_size must be a (height, width) pair, got {image_size!r}")
+    height = check_number(image_size[0], "image_size", low=0, low_open=True, where=where)
+    width = check_number(image_size[1], "image_size", low=0, low_open=True, where=where)
+    pre_nms_top_n = check_positive_int(pre_nms_top_n, "pre_nms_top_n", where)
+    post_nms_top_n = check_positive_int(post_nms_top_n, "post_nms_top_n", where)
+    nms_thresh = check_number(nms_thresh, "nms_thresh", low=0.0, high=1.0, where=where)
+    min_size = check_number(min_size, "min_size", low=0.0, where=where)
+
+    if scores is None:
+        scores = objectness(logits)  # (A,)
+    boxes = clip_boxes(decode(anchors, deltas), height, width)  # (A, 4)
+    keep = remove_small_boxes(boxes, min_size)
+    boxes, scores = boxes[keep], scores[keep]
+    order = np.argsort(-scores, kind="stable")[:pre_nms_top_n]
+    boxes, scores = boxes[order], scores[order]
+    keep = nms(boxes, scores, nms_thresh)[:post_nms_top_n]
+    return boxes[keep], scores[keep]
