@@ -18,7 +18,8 @@ vectorised, so a kernel would buy nothing; they take NumPy arrays.
 import math
 
 import numpy as np
-from numba import cuda, njit, prange
+from numba import config, cuda, njit, prange
+from numba.cuda import libdevice
 
 from .checks import as_float_array, check_boxes, check_finite, check_number
 from .device import grid_1d, is_device_array, on_device
@@ -71,20 +72,46 @@ def _box_iou_cpu(a, b, out):
             out[i, j] = inter / (area_a + area_b[j] - inter)
 
 
-@cuda.jit
-def _box_iou_cuda(a, b, out):
-    i, j = cuda.grid(2)
-    if i >= a.shape[0] or j >= b.shape[0]:
-        return
-    ax1, ay1, ax2, ay2 = a[i, 0], a[i, 1], a[i, 2], a[i, 3]
-    bx1, by1, bx2, by2 = b[j, 0], b[j, 1], b[j, 2], b[j, 3]
-    w = min(ax2, bx2) - max(ax1, bx1)
-    h = min(ay2, by2) - max(ay1, by1)
-    if w <= 0 or h <= 0:
-        out[i, j] = 0
-        return
-    inter = w * h
-    out[i, j] = inter / ((ax2 - ax1) * (ay2 - ay1) + (bx2 - bx1) * (by2 - by1) - inter)
+def rounded_ops(dtype):
+    """(mul, add) for CUDA kernels that round each step on its own, like the CPU.
+
+    The CUDA compiler fuses ``a * b + c`` into one fused multiply-add, which rounds
+    once instead of twice and so can differ from the CPU kernel in the last bit; the
+    libdevice ``_rn`` functions are never fused. The simulator runs kernels as Python,
+    where plain operators already round each step.
+    """
+    if config.ENABLE_CUDASIM:
+        return (lambda x, y: x * y), (lambda x, y: x + y)
+    if np.dtype(dtype) == np.float32:
+        return libdevice.fmul_rn, libdevice.fadd_rn
+    return libdevice.dmul_rn, libdevice.dadd_rn
+
+
+def _make_box_iou_cuda(dtype):
+    mul, add = rounded_ops(dtype)
+
+    @cuda.jit
+    def kernel(a, b, out):
+        i, j = cuda.grid(2)
+        if i >= a.shape[0] or j >= b.shape[0]:
+            return
+        ax1, ay1, ax2, ay2 = a[i, 0], a[i, 1], a[i, 2], a[i, 3]
+        bx1, by1, bx2, by2 = b[j, 0], b[j, 1], b[j, 2], b[j, 3]
+        w = min(ax2, bx2) - max(ax1, bx1)
+        h = min(ay2, by2) - max(ay1, by1)
+        if w <= 0 or h <= 0:
+            out[i, j] = 0
+            return
+        inter = mul(w, h)
+        union = add(add(mul(ax2 - ax1, ay2 - ay1), mul(bx2 - bx1, by2 - by1)), -inter)
+        out[i, j] = inter / union
+
+    return kernel
+
+
+_box_iou_cuda_f32 = _make_box_iou_cuda(np.float32)
+_box_iou_cuda_f64 = _make_box_iou_cuda(np.float64)
+_BOX_IOU_CUDA = {np.dtype(np.float32): _box_iou_cuda_f32, np.dtype(np.float64): _box_iou_cuda_f64}
 
 
 def box_iou(a, b):
@@ -105,7 +132,7 @@ def box_iou(a, b):
         if a.shape[0] and b.shape[0]:
             bx, tx = grid_1d(a.shape[0], 16)
             by, ty = grid_1d(b.shape[0], 16)
-            _box_iou_cuda[(bx, by), (tx, ty)](a, b, out)
+            _BOX_IOU_CUDA[np.dtype(a.dtype)][(bx, by), (tx, ty)](a, b, out)
         return out
     dtype = np.result_type(a.dtype, b.dtype)
     a = np.ascontiguousarray(a, dtype=dtype)

@@ -1,0 +1,211 @@
+"""Non-maximum suppression: keep the best-scoring box, drop every box that overlaps it
+by more than a threshold, repeat with the best box left.
+
+Faster R-CNN uses NMS twice: on the RPN's proposals (IoU 0.7, per image) and on the
+final detections (per class). The greedy algorithm is sequential, but nearly all of its
+work is the IoU of one box against all later ones, which the CPU kernel does with a
+branch-free, vectorisable inner loop, and which the CUDA kernel does for all pairs at
+once as bitmasks (64 boxes against 64 per block), leaving only a cheap sequential pass
+over the masks.
+"""
+
+import numpy as np
+from numba import cuda, float32, float64, int64, njit, uint64
+
+from .boxes import rounded_ops
+from .checks import as_array, as_float_array, check_boxes, check_finite, check_number
+from .device import is_device_array, on_device, to_device, to_host
+
+BLOCK = 64  # boxes per CUDA block: one bit each in a uint64 mask word
+
+
+def _nms_reference(boxes, scores, iou_threshold, idxs=None):
+    """Greedy NMS written out plainly: O(N^2) IoUs, boxes of different idxs never suppress."""
+    n = boxes.shape[0]
+    idxs = np.zeros(n, np.int64) if idxs is None else idxs
+    order = np.argsort(-scores, kind="stable")
+    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    suppressed = np.zeros(n, bool)
+    keep = []
+    for a, i in enumerate(order):
+        if suppressed[i]:
+            continue
+        keep.append(i)
+        for j in order[a + 1:]:
+            w = min(boxes[i, 2], boxes[j, 2]) - max(boxes[i, 0], boxes[j, 0])
+            h = min(boxes[i, 3], boxes[j, 3]) - max(boxes[i, 1], boxes[j, 1])
+            if idxs[i] == idxs[j] and w > 0 and h > 0:
+                inter = w * h
+                if inter / (area[i] + area[j] - inter) > iou_threshold:
+                    suppressed[j] = True
+    return np.array(keep, dtype=np.int64)
+
+
+@njit(cache=True, error_model="numpy")
+def _nms_cpu(boxes, classes, iou_threshold):
+    """Greedy NMS over boxes already sorted by decreasing score; returns kept positions."""
+    n = boxes.shape[0]
+    x1 = boxes[:, 0].copy()
+    y1 = boxes[:, 1].copy()
+    x2 = boxes[:, 2].copy()
+    y2 = boxes[:, 3].copy()
+    area = (x2 - x1) * (y2 - y1)  # (N,)
+    suppressed = np.zeros(n, np.uint8)
+    keep = np.empty(n, np.int64)
+    n_keep = 0
+    for i in range(n):
+        if suppressed[i]:
+            continue
+        keep[n_keep] = i
+        n_keep += 1
+        ix1, iy1, ix2, iy2, iarea, ci = x1[i], y1[i], x2[i], y2[i], area[i], classes[i]
+        first, last = i + 1, n
+        while last > first and suppressed[last - 1]:
+            last -= 1
+        # Slices and a branch-free body let LLVM vectorise this loop; pairs that do not
+        # overlap have w or h <= 0 and are masked out, whatever the division gives.
+        jx1, jy1, jx2, jy2 = x1[first:last], y1[first:last], x2[first:last], y2[first:last]
+        jarea, jclass, jsup = area[first:last], classes[first:last], suppressed[first:last]
+        for j in range(jx1.shape[0]):
+            w = min(ix2, jx2[j]) - max(ix1, jx1[j])
+            h = min(iy2, jy2[j]) - max(iy1, jy1[j])
+            inter = w * h
+            iou = inter / (iarea + jarea[j] - inter)
+            jsup[j] |= (w > 0) & (h > 0) & (iou > iou_threshold) & (jclass[j] == ci)
+    return keep[:n_keep]
+
+
+def _make_nms_mask_cuda(dtype):
+    mul, add = rounded_ops(dtype)
+    numba_dtype = float32 if np.dtype(dtype) == np.float32 else float64
+
+    @cuda.jit
+    def kernel(boxes, classes, iou_threshold, mask):
+        """Block (col, row): bit k of mask[i, col] says box i suppresses box 64*col + k."""
+        n = boxes.shape[0]
+        row_block = cuda.blockIdx.y
+        col_block = cuda.blockIdx.x
+        if row_block > col_block:  # boxes only suppress later (lower-scored) boxes
+            return
+        t = cuda.threadIdx.x
+        col_start = col_block * BLOCK
+        col_size = min(n - col_start, BLOCK)
+        row_size = min(n - row_block * BLOCK, BLOCK)
+        col_boxes = cuda.shared.array((BLOCK, 4), numba_dtype)
+        col_classes = cuda.shared.array(BLOCK, int64)
+        if t < col_size:
+            for c in range(4):
+                col_boxes[t, c] = boxes[col_start + t, c]
+            col_classes[t] = classes[col_start + t]
+        cuda.syncthreads()
+        if t >= row_size:
+            return
+        i = row_block * BLOCK + t
+        ix1, iy1, ix2, iy2, ci = boxes[i, 0], boxes[i, 1], boxes[i, 2], boxes[i, 3], classes[i]
+        iarea = mul(ix2 - ix1, iy2 - iy1)
+        bits = uint64(0)
+        start = t + 1 if row_block == col_block else 0
+        for k in range(start, col_size):
+            if col_classes[k] != ci:
+                continue
+            w = min(ix2, col_boxes[k, 2]) - max(ix1, col_boxes[k, 0])
+            h = min(iy2, col_boxes[k, 3]) - max(iy1, col_boxes[k, 1])
+            if w <= 0 or h <= 0:
+                continue
+            inter = mul(w, h)
+            karea = mul(col_boxes[k, 2] - col_boxes[k, 0], col_boxes[k, 3] - col_boxes[k, 1])
+            if inter / add(add(iarea, karea), -inter) > iou_threshold:
+                bits |= uint64(1) << uint64(k)
+        mask[i, col_block] = bits
+
+    return kernel
+
+
+_nms_mask_cuda_f32 = _make_nms_mask_cuda(np.float32)
+_nms_mask_cuda_f64 = _make_nms_mask_cuda(np.float64)
+_NMS_MASK_CUDA = {np.dtype(np.float32): _nms_mask_cuda_f32, np.dtype(np.float64): _nms_mask_cuda_f64}
+
+
+@njit(cache=True)
+def _nms_gather_masks(mask):
+    """The sequential pass: walk boxes in score order, OR in the mask of each kept one."""
+    n, col_blocks = mask.shape
+    removed = np.zeros(col_blocks, np.uint64)
+    keep = np.empty(n, np.int64)
+    n_keep = 0
+    for i in range(n):
+        block = i // BLOCK
+        if (removed[block] >> np.uint64(i % BLOCK)) & np.uint64(1):
+            continue
+        keep[n_keep] = i
+        n_keep += 1
+        for c in range(block, col_blocks):
+            removed[c] |= mask[i, c]
+    return keep[:n_keep]
+
+
+def _nms_cuda(boxes, classes, iou_threshold):
+    """Sorted (N, 4) host boxes -> kept positions, IoUs computed on the GPU."""
+    n = boxes.shape[0]
+    col_blocks = (n + BLOCK - 1) // BLOCK
+    mask = cuda.device_array((n, col_blocks), dtype=np.uint64)  # (N, ceil(N / 64))
+    kernel = _NMS_MASK_CUDA[np.dtype(boxes.dtype)]
+    kernel[(col_blocks, col_blocks), BLOCK](to_device(boxes), to_device(classes), float(iou_threshold), mask)
+    return _nms_gather_masks(mask.copy_to_host())
+
+
+def _validate(boxes, scores, iou_threshold, where, idxs=None):
+    boxes = check_boxes(boxes, "boxes", where)
+    scores = as_float_array(scores, "scores", ndim=1, where=where)
+    names = {"boxes": boxes, "scores": scores}
+    if idxs is not None:
+        idxs = as_array(idxs, "idxs", ndim=1, where=where)
+        if not np.issubdtype(np.dtype(idxs.dtype), np.integer):
+            raise ValueError(f"{where}: idxs must hold integers, got dtype {np.dtype(idxs.dtype).name}")
+        names["idxs"] = idxs
+    for name, arr in names.items():
+        if arr.shape[0] != boxes.shape[0]:
+            raise ValueError(f"{where}: boxes has {boxes.shape[0]} rows but {name} has {arr.shape[0]}")
+    check_finite(scores, "scores", where)
+    iou_threshold = check_number(iou_threshold, "iou_threshold", low=0, high=1, where=where)
+    device = on_device(names)
+    host = {k: np.ascontiguousarray(to_host(v)) for k, v in names.items()}
+    return host, iou_threshold, device
+
+
+def _run(host, iou_threshold, device):
+    boxes, scores = host["boxes"], host["scores"]
+    classes = host["idxs"].astype(np.int64) if "idxs" in host else np.zeros(len(boxes), np.int64)
+    if boxes.shape[0] == 0:
+        keep = np.zeros(0, np.int64)
+    else:
+        order = np.argsort(-scores, kind="stable")  # (N,) ties: lower index first
+        sorted_boxes = np.ascontiguousarray(boxes[order])  # (N, 4)
+        kernel = _nms_cuda if device else _nms_cpu
+        keep = order[kernel(sorted_boxes, classes[order], iou_threshold)].astype(np.int64)
+    return to_device(keep) if device else keep
+
+
+def nms(boxes, scores, iou_threshold):
+    """Greedy non-maximum suppression; int64 indices of kept boxes, highest score first.
+
+    Visit boxes in decreasing score (equal scores: lower index first); keep a box unless
+    its IoU with an already kept box is > ``iou_threshold``. Same result as
+    ``torchvision.ops.nms``. NumPy in: Numba CPU kernel; device arrays in: the CUDA
+    bitmask kernel (the score sort and the final pass over the masks run on the host),
+    device array out. Both give the same indices.
+    """
+    host, thr, device = _validate(boxes, scores, iou_threshold, "nms")
+    return _run(host, thr, device)
+
+
+def batched_nms(boxes, scores, idxs, iou_threshold):
+    """NMS within each category: boxes with different ``idxs`` never suppress each other.
+
+    Returns int64 indices of kept boxes in decreasing score order (equal scores: lower
+    index first). Same kept set as ``torchvision.ops.batched_nms``, which is NMS run
+    once per category; here one pass skips pairs of different categories, so no
+    coordinate offsets perturb the IoUs.
+    """
+    host, thr, device = _validate(boxes, scores, iou_threshold, "batched_nms", idxs=idxs)
+    return _run(host, thr, device)
