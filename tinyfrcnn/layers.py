@@ -47,7 +47,8 @@ class Module:
     """Base class: ``forward``, ``backward``, ``parameters`` and ``__call__ = forward``.
 
     ``parameters()`` collects, in attribute order, every ``Parameter`` attribute and the
-    parameters of every ``Module`` attribute (or list/tuple of modules).
+    parameters of every ``Module`` attribute (or list/tuple of them), so a model built
+    from layers needs no bookkeeping of its own.
     """
 
     def forward(self, x):
@@ -59,16 +60,24 @@ class Module:
     def __call__(self, x):
         return self.forward(x)
 
+    def named_parameters(self, prefix=""):
+        """(name, Parameter) pairs, e.g. ``("weight", p)`` or ``("layers.0.bias", p)``."""
+        named = []
+        for attr, value in vars(self).items():
+            if isinstance(value, Parameter):
+                named.append((prefix + attr, value))
+            elif isinstance(value, Module):
+                named.extend(value.named_parameters(f"{prefix}{attr}."))
+            elif isinstance(value, (list, tuple)):
+                for i, item in enumerate(value):
+                    if isinstance(item, Parameter):
+                        named.append((f"{prefix}{attr}.{i}", item))
+                    elif isinstance(item, Module):
+                        named.extend(item.named_parameters(f"{prefix}{attr}.{i}."))
+        return named
+
     def parameters(self):
-        params = []
-        for value in vars(self).values():
-            items = value if isinstance(value, (list, tuple)) else [value]
-            for item in items:
-                if isinstance(item, Parameter):
-                    params.append(item)
-                elif isinstance(item, Module):
-                    params.extend(item.parameters())
-        return params
+        return [p for _, p in self.named_parameters()]
 
     def zero_grad(self):
         for p in self.parameters():
@@ -84,8 +93,8 @@ class Module:
             p.grad = p.grad.astype(dtype)
         return self
 
-    def _name(self):
-        return type(self).__name__
+    def __repr__(self):
+        return f"{type(self).__name__}()"
 
 
 def _check_input(x, layer, ndim, what):
@@ -447,6 +456,12 @@ class Sequential(Module):
             if not isinstance(layer, Module):
                 raise ValueError(f"Sequential: layer {i} must be a Module, got {type(layer).__name__}")
         self.layers = list(layers)
+
+    def named_parameters(self, prefix=""):
+        named = []
+        for i, layer in enumerate(self.layers):
+            named.extend(layer.named_parameters(f"{prefix}{i}."))
+        return named
 
     def __getitem__(self, i):
         if isinstance(i, slice):
