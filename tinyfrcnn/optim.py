@@ -1,0 +1,120 @@
+"""Stochastic gradient descent with momentum and weight decay, and learning-rate schedules.
+
+The paper trains with SGD, momentum 0.9, weight decay 0.0005, and a learning rate
+dropped by 10x after a fixed number of iterations; torchvision's reference scripts add
+a linear warm-up over the first iterations. ``SGD`` makes the same update as
+``torch.optim.SGD`` (dampening 0, nesterov False):
+
+    d   = grad + weight_decay * p
+    buf = d                         (first step)
+    buf = momentum * buf + d        (later steps)
+    p   = p - lr * buf
+"""
+
+import numpy as np
+
+from .checks import check_number, check_positive_int
+
+
+class SGD:
+    """SGD over a list of ``Parameter`` s; same update as ``torch.optim.SGD``.
+
+    ``lr`` is a plain attribute: a schedule sets it before each ``step()``.
+    """
+
+    def __init__(self, params, lr, momentum=0.0, weight_decay=0.0):
+        where = "SGD"
+        self.params = list(params)
+        if not self.params:
+            raise ValueError(f"{where}: params is empty")
+        for i, p in enumerate(self.params):
+            if not (hasattr(p, "data") and hasattr(p, "grad")):
+                raise ValueError(f"{where}: params[{i}] must be a Parameter (with .data and .grad), "
+                                 f"got {type(p).__name__}")
+        self.lr = check_number(lr, "lr", low=0, where=where)
+        self.momentum = check_number(momentum, "momentum", low=0, where=where)
+        self.weight_decay = check_number(weight_decay, "weight_decay", low=0, where=where)
+        self._buffers = [None] * len(self.params)
+
+    def zero_grad(self):
+        for p in self.params:
+            p.grad[...] = 0
+
+    def step(self):
+        lr = check_number(self.lr, "lr", low=0, where="SGD.step")
+        for i, p in enumerate(self.params):
+            d = p.grad
+            if self.weight_decay:
+                d = d + self.weight_decay * p.data
+            if self.momentum:
+                buf = self._buffers[i]
+                if buf is None:
+                    buf = self._buffers[i] = d.astype(p.data.dtype, copy=True)
+                else:
+                    buf *= self.momentum
+                    buf += d
+                d = buf
+            p.data -= (lr * d).astype(p.data.dtype, copy=False)
+
+    def state_dict(self):
+        """Learning rate, hyper-parameters and momentum buffers (copies)."""
+        return {"lr": self.lr, "momentum": self.momentum, "weight_decay": self.weight_decay,
+                "buffers": [None if b is None else b.copy() for b in self._buffers]}
+
+    def load_state_dict(self, state):
+        buffers = state["buffers"]
+        if len(buffers) != len(self.params):
+            raise ValueError(f"SGD.load_state_dict: state has {len(buffers)} buffers for {len(self.params)} params")
+        self.lr, self.momentum, self.weight_decay = state["lr"], state["momentum"], state["weight_decay"]
+        self._buffers = [None if b is None else b.copy() for b in buffers]
+
+
+def warmup_step_lr(step, base_lr, milestones, gamma=0.1, warmup_steps=0, warmup_factor=1 / 3):
+    """Learning rate at ``step`` (0-based): linear warm-up, then step decay.
+
+    lr = base_lr * w(step) * gamma ** (number of milestones <= step), where the warm-up
+    factor w rises linearly from ``warmup_factor`` at step 0 to 1 at ``warmup_steps``:
+    w = warmup_factor + (1 - warmup_factor) * step / warmup_steps (and 1 afterwards).
+    """
+    where = "warmup_step_lr"
+    if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
+        raise ValueError(f"{where}: step must be a non-negative integer, got {step!r}")
+    base_lr = check_number(base_lr, "base_lr", low=0, where=where)
+    gamma = check_number(gamma, "gamma", low=0, where=where)
+    warmup_factor = check_number(warmup_factor, "warmup_factor", low=0, high=1, where=where)
+    milestones = list(milestones)
+    if milestones != sorted(milestones):
+        raise ValueError(f"{where}: milestones must be increasing, got {milestones}")
+    warmup_steps = 0 if warmup_steps == 0 else check_positive_int(warmup_steps, "warmup_steps", where)
+    w = 1.0
+    if step < warmup_steps:
+        w = warmup_factor + (1.0 - warmup_factor) * step / warmup_steps
+    passed = sum(1 for m in milestones if step >= m)
+    return base_lr * w * gamma ** passed
+
+
+class WarmupStepLR:
+    """Sets ``optimizer.lr = warmup_step_lr(step, ...)``; call ``step()`` once per iteration.
+
+    The learning rate for iteration 0 is set at construction, so the loop is
+    ``optimizer.step(); scheduler.step()``.
+    """
+
+    def __init__(self, optimizer, milestones, gamma=0.1, warmup_steps=0, warmup_factor=1 / 3):
+        self.optimizer = optimizer
+        self.base_lr = optimizer.lr
+        self.milestones = list(milestones)
+        self.gamma = gamma
+        self.warmup_steps = warmup_steps
+        self.warmup_factor = warmup_factor
+        self.last_step = 0
+        self.optimizer.lr = self.lr_at(0)
+
+    def lr_at(self, step):
+        return warmup_step_lr(step, self.base_lr, self.milestones, self.gamma,
+                              self.warmup_steps, self.warmup_factor)
+
+    def step(self):
+        self.last_step += 1
+        self.optimizer.lr = self.lr_at(self.last_step)
+        return self.optimizer.lr
