@@ -1,0 +1,181 @@
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from numba import cuda
+
+from ptx import assert_compiles_to_ptx
+from tinyfrcnn.boxes import box_iou
+from tinyfrcnn.nms import _nms_reference, batched_nms, nms
+
+
+def random_boxes(rng, n, dtype=np.float32, size=100.0, max_side=40.0):
+    xy = rng.uniform(0, size, (n, 2))
+    wh = rng.uniform(1, max_side, (n, 2))
+    return np.concatenate([xy, xy + wh], axis=1).astype(dtype)
+
+
+def clustered_boxes(rng, objects, copies, dtype=np.float32):
+    centres = random_boxes(rng, objects, np.float64, size=200, max_side=60)
+    boxes = np.repeat(centres, copies, axis=0) + rng.normal(0, 3, (objects * copies, 4))
+    boxes[:, 2:] = np.maximum(boxes[:, 2:], boxes[:, :2] + 0.5)
+    return boxes.astype(dtype)
+
+
+def tied_scores(rng, n, dtype=np.float32, levels=8):
+    return (rng.integers(0, levels, n) / levels).astype(dtype)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("threshold", [0.0, 0.3, 0.5, 0.7, 1.0])
+def test_nms_matches_reference_random_with_ties(dtype, threshold):
+    rng = np.random.default_rng(int(threshold * 10))
+    boxes = random_boxes(rng, 300, dtype)
+    scores = tied_scores(rng, 300, dtype)
+    keep = nms(boxes, scores, threshold)
+    assert keep.dtype == np.int64
+    np.testing.assert_array_equal(keep, _nms_reference(boxes, scores, threshold))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_nms_matches_reference_clustered(dtype):
+    rng = np.random.default_rng(5)
+    boxes = clustered_boxes(rng, 6, 50, dtype)
+    scores = rng.random(300).astype(dtype)
+    keep = nms(boxes, scores, 0.7)
+    np.testing.assert_array_equal(keep, _nms_reference(boxes, scores, 0.7))
+    assert 6 <= len(keep) < 150
+
+
+def test_nms_hand_worked():
+    boxes = np.array([
+        [0, 0, 10, 10],    # 0: score 0.9, kept
+        [1, 1, 11, 11],    # 1: IoU 81/119 = 0.68 with box 0, suppressed at 0.5
+        [20, 20, 30, 30],  # 2: far away, kept
+        [0, 0, 10, 10],    # 3: copy of 0 with a higher score: kept first, suppresses 0
+    ], np.float64)
+    scores = np.array([0.9, 0.8, 0.3, 0.95])
+    np.testing.assert_array_equal(nms(boxes, scores, 0.5), [3, 2])
+    np.testing.assert_array_equal(nms(boxes, scores, 0.7), [3, 1, 2])
+
+
+def test_nms_ties_keep_lower_index_first():
+    boxes = np.array([[0, 0, 10, 10]] * 3 + [[50, 50, 60, 60]] * 2, np.float32)
+    scores = np.array([0.5, 0.5, 0.5, 0.5, 0.5], np.float32)
+    np.testing.assert_array_equal(nms(boxes, scores, 0.5), [0, 3])
+    np.testing.assert_array_equal(nms(boxes, scores, 1.0), [0, 1, 2, 3, 4])
+
+
+def test_nms_suppresses_only_strictly_above_threshold():
+    boxes = np.array([[0, 0, 2, 1], [0, 0, 1, 1]], np.float32)  # IoU exactly 1/2
+    scores = np.array([0.9, 0.8], np.float32)
+    np.testing.assert_array_equal(nms(boxes, scores, 0.5), [0, 1])
+    np.testing.assert_array_equal(nms(boxes, scores, 0.49), [0])
+
+
+def test_nms_degenerate_boxes_never_suppress():
+    boxes = np.array([[5, 5, 5, 5], [5, 5, 5, 5], [0, 0, 10, 0]], np.float32)
+    np.testing.assert_array_equal(nms(boxes, np.array([0.3, 0.2, 0.1], np.float32), 0.0), [0, 1, 2])
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.integers(1, 60), st.floats(0, 1))
+def test_nms_invariants(seed, n, threshold):
+    rng = np.random.default_rng(seed)
+    boxes = random_boxes(rng, n, np.float64, size=50)
+    scores = tied_scores(rng, n, np.float64, levels=4)
+    keep = nms(boxes, scores, threshold)
+    kept = box_iou(boxes[keep], boxes[keep])
+    np.fill_diagonal(kept, 0)
+    assert (kept <= threshold).all()  # no two kept boxes overlap above the threshold
+    assert (np.diff(scores[keep]) <= 0).all()  # decreasing score
+    dropped = np.setdiff1d(np.arange(n), keep)
+    if len(dropped):  # every dropped box was suppressed by a kept box
+        assert (box_iou(boxes[dropped], boxes[keep]) > threshold).any(axis=1).all()
+
+
+# ---------------------------------------------------------------- batched
+
+def _per_class(boxes, scores, idxs, threshold):
+    keep = np.concatenate([np.flatnonzero(idxs == c)[nms(boxes[idxs == c], scores[idxs == c], threshold)]
+                           for c in np.unique(idxs)])
+    return keep[np.lexsort((keep, -scores[keep]))]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_batched_nms_is_nms_per_class(dtype):
+    rng = np.random.default_rng(7)
+    boxes = clustered_boxes(rng, 5, 40, dtype)
+    scores = tied_scores(rng, 200, dtype, levels=16)
+    idxs = rng.integers(0, 4, 200)
+    keep = batched_nms(boxes, scores, idxs, 0.5)
+    assert keep.dtype == np.int64
+    np.testing.assert_array_equal(keep, _per_class(boxes, scores, idxs, 0.5))
+    np.testing.assert_array_equal(keep, _nms_reference(boxes, scores, 0.5, idxs))
+    assert len(keep) > len(nms(boxes, scores, 0.5))
+
+
+def test_batched_nms_different_classes_never_suppress():
+    boxes = np.array([[0, 0, 10, 10]] * 3, np.float32)
+    scores = np.array([0.9, 0.8, 0.7], np.float32)
+    np.testing.assert_array_equal(batched_nms(boxes, scores, np.array([1, 2, 1]), 0.5), [0, 1])
+    np.testing.assert_array_equal(batched_nms(boxes, scores, np.array([0, 1, 2], np.int32), 0.5), [0, 1, 2])
+
+
+# ---------------------------------------------------------------- empty and bad input
+
+def test_empty_input_gives_empty_output():
+    for keep in (nms(np.zeros((0, 4), np.float32), np.zeros(0, np.float32), 0.5),
+                 batched_nms(np.zeros((0, 4), np.float64), np.zeros(0), np.zeros(0, np.int64), 0.5)):
+        assert keep.shape == (0,) and keep.dtype == np.int64
+
+
+BOXES = np.array([[0, 0, 1, 1], [0, 0, 2, 2]], np.float32)
+SCORES = np.array([0.5, 0.4], np.float32)
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: nms(np.zeros((2, 5), np.float32), SCORES, 0.5), "shape"),
+    (lambda: nms(np.array([[1, 0, 0, 1], [0, 0, 1, 1]], np.float32), SCORES, 0.5), "x2 < x1"),
+    (lambda: nms(np.array([[0, 0, np.nan, 1], [0, 0, 1, 1]], np.float32), SCORES, 0.5), "NaN"),
+    (lambda: nms(BOXES, SCORES[:1], 0.5), "scores has 1"),
+    (lambda: nms(BOXES, SCORES[:, None], 0.5), "1-D"),
+    (lambda: nms(BOXES, np.array([0.5, np.inf], np.float32), 0.5), "scores holds NaN or inf"),
+    (lambda: nms(BOXES, SCORES, -0.1), "iou_threshold"),
+    (lambda: nms(BOXES, SCORES, 1.5), "iou_threshold"),
+    (lambda: nms(BOXES, SCORES, float("nan")), "iou_threshold"),
+    (lambda: batched_nms(BOXES, SCORES, np.array([0, 1, 2]), 0.5), "idxs has 3"),
+    (lambda: batched_nms(BOXES, SCORES, np.array([0.0, 1.0]), 0.5), "integers"),
+])
+def test_bad_input_raises(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
+
+
+# ---------------------------------------------------------------- CUDA (simulator) and PTX
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_nms_cuda_matches_cpu(dtype):
+    rng = np.random.default_rng(11)
+    boxes = clustered_boxes(rng, 10, 10, dtype)  # 100 boxes: two 64-box blocks
+    scores = tied_scores(rng, 100, dtype)
+    idxs = rng.integers(0, 3, 100)
+    keep = nms(cuda.to_device(boxes), cuda.to_device(scores), 0.5)
+    assert not isinstance(keep, np.ndarray)
+    np.testing.assert_array_equal(keep.copy_to_host(), nms(boxes, scores, 0.5))
+    keep = batched_nms(cuda.to_device(boxes), cuda.to_device(scores), cuda.to_device(idxs), 0.5)
+    np.testing.assert_array_equal(keep.copy_to_host(), batched_nms(boxes, scores, idxs, 0.5))
+
+
+def test_nms_cuda_edge_cases():
+    with pytest.raises(ValueError, match="device arrays"):
+        nms(cuda.to_device(BOXES), SCORES, 0.5)
+    empty = nms(cuda.to_device(np.zeros((0, 4), np.float32)), cuda.to_device(np.zeros(0, np.float32)), 0.5)
+    assert empty.copy_to_host().shape == (0,)
+
+
+def test_kernels_compile_to_ptx():
+    assert_compiles_to_ptx([
+        ("tinyfrcnn.nms", "_nms_mask_cuda_f32", "void(float32[:, :], int64[:], float64, uint64[:, :])"),
+        ("tinyfrcnn.nms", "_nms_mask_cuda_f64", "void(float64[:, :], int64[:], float64, uint64[:, :])"),
+    ])
