@@ -132,7 +132,9 @@ class _ClassBatch:
 
     Rows are the images that hold the class (ascending image index). Within a row,
     detections are sorted by score, highest first (stable: ties keep input order) and
-    cut to ``max_det``; ground-truth boxes keep their input order.
+    cut to ``max_det``; ground-truth boxes keep their input order. The IoU table is
+    (images, most detections in an image, most gt boxes in an image), so one very
+    crowded image makes every row that wide.
     """
 
     def __init__(self, dt, gt, label, max_det=None):
@@ -167,12 +169,8 @@ class _ClassBatch:
         self.iou[~(self.dt_valid[:, :, None] & gt_valid[:, None, :])] = -np.inf
 
     def _rows_and_ranks(self, image):
-        """Row of each (image-sorted) box and its position among its image's boxes."""
-        row = np.searchsorted(self.images, image)
-        index = np.arange(image.size)
-        first = np.r_[True, image[1:] != image[:-1]] if image.size else np.zeros(0, bool)
-        rank = index - np.maximum.accumulate(np.where(first, index, 0)) if image.size else index
-        return row, rank
+        """Row of each box (``image`` sorted) and its position among its image's boxes."""
+        return np.searchsorted(self.images, image), np.arange(image.size) - np.searchsorted(image, image)
 
     def ranked(self, matched):
         """Scores and match flags (..., N) of all kept detections, best score first.
