@@ -237,8 +237,8 @@ class Conv2d(Module):
     def backward(self, grad_out):
         cols, wmat, x_shape, out_shape = self._cache if self._cache else (None, None, None, None)
         g = _check_grad(grad_out, out_shape, wmat.dtype if wmat is not None else None, "Conv2d")
-        n = out_shape[0]
-        g = g.reshape(n, self.out_channels, -1)  # (N, O, OH*OW)
+        n, o, oh, ow = out_shape
+        g = g.reshape(n, o, oh * ow)  # (N, O, OH*OW)
         if n:
             dw = np.matmul(g, cols.transpose(0, 2, 1)).sum(axis=0)  # (O, C*kh*kw)
             self.weight.accumulate(dw.reshape(self.weight.shape))

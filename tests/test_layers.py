@@ -1,0 +1,328 @@
+"""Layers: forward vs naive references, float64 gradient checks, dtypes, bad input."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tinyfrcnn.gradcheck import check_layer
+from tinyfrcnn.im2col import _col2im_reference, _im2col_reference, col2im, im2col
+from tinyfrcnn.layers import (
+    Conv2d, Flatten, Linear, MaxPool2d, Module, Parameter, ReLU, Sequential,
+    _conv2d_reference, _maxpool2d_reference,
+)
+
+# The layers are piecewise linear, so central differences have no truncation error and
+# a larger step only shrinks round-off; 1e-5 keeps small gradients well inside 1e-6.
+EPS = 1e-5
+TOL = 1e-6
+
+
+def _float64(layer, rng):
+    layer.astype(np.float64)
+    for p in layer.parameters():
+        p.data += 0.1 * rng.standard_normal(p.shape)
+    return layer
+
+
+# ----------------------------------------------------------------------------- im2col
+
+
+@pytest.mark.parametrize("kernel,stride,padding,hw", [
+    ((3, 3), (1, 1), (1, 1), (6, 7)),
+    ((3, 2), (2, 3), (0, 2), (7, 8)),
+    ((5, 5), (3, 2), (2, 1), (5, 9)),
+    ((1, 1), (2, 2), (0, 0), (5, 5)),
+])
+def test_im2col_and_col2im_match_references(kernel, stride, padding, hw):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 3) + hw)
+    cols = im2col(x, kernel, stride, padding)
+    np.testing.assert_array_equal(cols, _im2col_reference(x, kernel, stride, padding))
+    back = col2im(cols, x.shape, kernel, stride, padding)
+    np.testing.assert_allclose(back, _col2im_reference(cols, x.shape, kernel, stride, padding), atol=1e-12)
+
+
+def test_col2im_is_the_adjoint_of_im2col():
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((2, 2, 7, 6))
+    args = ((3, 3), (2, 1), (1, 2))
+    c = rng.standard_normal(im2col(x, *args).shape)
+    assert np.isclose(np.sum(im2col(x, *args) * c), np.sum(x * col2im(c, x.shape, *args)))
+
+
+# ----------------------------------------------------------------------------- Conv2d
+
+
+def test_conv2d_hand_worked():
+    conv = Conv2d(1, 1, 2).astype(np.float64)
+    conv.weight.data[...] = [[[[1, 2], [3, 4]]]]
+    conv.bias.data[...] = 0.5
+    x = np.arange(9, dtype=np.float64).reshape(1, 1, 3, 3)
+    # cross-correlation, not convolution: top-left = 0*1 + 1*2 + 3*3 + 4*4 + 0.5
+    np.testing.assert_array_equal(conv(x), [[[[27.5, 37.5], [57.5, 67.5]]]])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("cin,cout,k,s,p,hw", [
+    (3, 4, 3, 1, 1, (8, 9)),
+    (2, 5, (3, 2), (2, 3), (0, 2), (9, 7)),
+    (4, 3, 5, 2, 2, (7, 7)),
+    (3, 2, 1, 1, 0, (4, 5)),
+])
+def test_conv2d_forward_matches_reference(dtype, cin, cout, k, s, p, hw):
+    rng = np.random.default_rng(2)
+    conv = Conv2d(cin, cout, k, s, p, rng=rng)
+    conv.bias.data[...] = rng.standard_normal(cout)
+    x = rng.standard_normal((2, cin) + hw).astype(dtype)
+    out = conv(x)
+    assert out.dtype == dtype
+    ref = _conv2d_reference(x.astype(np.float64), conv.weight.data.astype(np.float64),
+                            conv.bias.data.astype(np.float64), s, p)
+    np.testing.assert_allclose(out, ref, rtol=1e-5 if dtype == np.float32 else 1e-12,
+                               atol=1e-5 if dtype == np.float32 else 1e-12)
+
+
+@pytest.mark.parametrize("cin,cout,k,s,p,hw", [
+    (2, 3, 3, 1, 1, (5, 6)),
+    (2, 3, 3, 2, 1, (7, 8)),        # stride does not divide evenly
+    (3, 2, (3, 2), (2, 3), (0, 2), (8, 7)),
+    (1, 2, 4, 3, 2, (6, 5)),
+    (2, 2, 1, 2, 0, (5, 5)),
+])
+def test_conv2d_gradients(cin, cout, k, s, p, hw):
+    rng = np.random.default_rng(3)
+    conv = _float64(Conv2d(cin, cout, k, s, p, rng=rng), rng)
+    result = check_layer(conv, rng.standard_normal((2, cin) + hw), rng=rng, eps=EPS)
+    assert result.passed(TOL), str(result)
+    assert {e["tensor"] for e in result.entries} == {"input", "weight", "bias"}
+
+
+@settings(max_examples=15, deadline=None)
+@given(st.integers(1, 3), st.integers(1, 3), st.integers(1, 4), st.integers(1, 3),
+       st.integers(0, 2), st.integers(3, 7), st.integers(3, 7), st.integers(0, 2**31 - 1))
+def test_conv2d_gradients_random_shapes(cin, cout, k, s, p, h, w, seed):
+    rng = np.random.default_rng(seed)
+    conv = _float64(Conv2d(cin, cout, k, s, p, rng=rng), rng)
+    if k > h + 2 * p or k > w + 2 * p:
+        return
+    result = check_layer(conv, rng.standard_normal((1, cin, h, w)), rng=rng, eps=EPS)
+    assert result.passed(TOL), str(result)
+
+
+def test_float64_input_with_float32_parameters():
+    rng = np.random.default_rng(4)
+    conv = Conv2d(2, 3, 3, padding=1, rng=rng)
+    x = rng.standard_normal((1, 2, 5, 5))
+    out = conv(x)
+    assert out.dtype == np.float64 and conv.backward(np.ones_like(out)).dtype == np.float64
+    assert conv.weight.grad.dtype == np.float32
+    out32 = conv(x.astype(np.float32))
+    assert out32.dtype == np.float32 and conv.backward(np.ones_like(out32)).dtype == np.float32
+
+
+# ----------------------------------------------------------------------------- MaxPool2d
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("k,s,hw", [(2, None, (8, 8)), (2, None, (7, 9)), (3, 2, (7, 8)), ((2, 3), (1, 2), (5, 8))])
+def test_maxpool_forward_matches_reference(dtype, k, s, hw):
+    x = np.random.default_rng(5).standard_normal((2, 3) + hw).astype(dtype)
+    out = MaxPool2d(k, s)(x)
+    assert out.dtype == dtype
+    np.testing.assert_array_equal(out, _maxpool2d_reference(x, k, k if s is None else s))
+
+
+@pytest.mark.parametrize("k,s,hw", [(2, None, (6, 6)), (2, None, (7, 9)), (3, 2, (7, 8)), (3, 1, (5, 5))])
+def test_maxpool_gradients(k, s, hw):
+    rng = np.random.default_rng(6)
+    # distinct values at least 1e-3 apart: no ties within the finite-difference step
+    x = rng.permutation(np.prod((2, 2) + hw)).reshape((2, 2) + hw) * 1e-3
+    result = check_layer(MaxPool2d(k, s), x.astype(np.float64), rng=rng, eps=EPS)
+    assert result.passed(TOL), str(result)
+
+
+def test_maxpool_tie_goes_to_first_maximum():
+    x = np.ones((1, 1, 4, 4))
+    x[0, 0, 3, 3] = 0.5
+    x[0, 0, 2, 2] = 0.5
+    pool = MaxPool2d(2)
+    pool(x)
+    dx = pool.backward(np.array([[[[1.0, 2.0], [3.0, 4.0]]]]))
+    expected = np.zeros((4, 4))
+    expected[0, 0], expected[0, 2], expected[2, 0], expected[2, 3] = 1, 2, 3, 4
+    np.testing.assert_array_equal(dx[0, 0], expected)
+
+
+def test_overlapping_pool_windows_sum_gradients():
+    x = np.zeros((1, 1, 3, 3))
+    x[0, 0, 1, 1] = 1.0  # the centre is the max of all four 2x2 windows
+    pool = MaxPool2d(2, 1)
+    pool(x)
+    dx = pool.backward(np.ones((1, 1, 2, 2)))
+    assert dx[0, 0, 1, 1] == 4 and dx.sum() == 4
+
+
+def test_maxpool_floor_output_size():
+    assert MaxPool2d(2)(np.zeros((1, 1, 7, 5))).shape == (1, 1, 3, 2)
+    assert MaxPool2d(3, 2)(np.zeros((1, 1, 8, 8))).shape == (1, 1, 3, 3)
+
+
+# ----------------------------------------------------------------------------- ReLU, Linear, Flatten, Sequential
+
+
+def test_relu_forward_and_gradient():
+    relu = ReLU()
+    x = np.array([[-1.0, 0.0, 2.0]])
+    np.testing.assert_array_equal(relu(x), [[0, 0, 2]])
+    np.testing.assert_array_equal(relu.backward(np.array([[5.0, 5.0, 5.0]])), [[0, 0, 5]])
+    rng = np.random.default_rng(7)
+    assert check_layer(ReLU(), rng.standard_normal((3, 4, 5)), rng=rng, eps=EPS).passed(TOL)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_linear_forward(dtype):
+    rng = np.random.default_rng(8)
+    lin = Linear(5, 3, rng=rng)
+    lin.bias.data[...] = [1, 2, 3]
+    x = rng.standard_normal((4, 5)).astype(dtype)
+    out = lin(x)
+    assert out.dtype == dtype
+    np.testing.assert_allclose(out, x.astype(np.float64) @ lin.weight.data.T.astype(np.float64) + [1, 2, 3],
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_linear_gradients():
+    rng = np.random.default_rng(9)
+    result = check_layer(_float64(Linear(6, 4, rng=rng), rng), rng.standard_normal((3, 6)), rng=rng, eps=EPS)
+    assert result.passed(TOL), str(result)
+
+
+def test_flatten_roundtrip():
+    f = Flatten()
+    x = np.arange(24.0).reshape(2, 3, 4)
+    assert f(x).shape == (2, 12)
+    assert f.backward(np.ones((2, 12))).shape == (2, 3, 4)
+
+
+def test_sequential_gradients_and_container():
+    rng = np.random.default_rng(10)
+    model = Sequential(Conv2d(2, 3, 3, padding=1, rng=rng), ReLU(), MaxPool2d(2),
+                       Conv2d(3, 2, 3, stride=2, padding=1, rng=rng), ReLU(), Flatten(), Linear(8, 3, rng=rng))
+    assert len(model) == 7 and isinstance(model[3], Conv2d) and len(model[:2]) == 2
+    assert len(model.parameters()) == 6
+    assert [n for n, _ in model.named_parameters()][:2] == ["0.weight", "0.bias"]
+    _float64(model, rng)
+    result = check_layer(model, rng.standard_normal((2, 2, 7, 8)), rng=rng, eps=EPS)
+    assert result.passed(TOL), str(result)
+
+
+def test_parameter_gradients_accumulate():
+    rng = np.random.default_rng(11)
+    for layer, x in [(Conv2d(2, 3, 3, rng=rng), rng.standard_normal((2, 2, 5, 5))),
+                     (Linear(4, 3, rng=rng), rng.standard_normal((2, 4)))]:
+        layer.astype(np.float64)
+        out = layer(x)
+        g = rng.standard_normal(out.shape)
+        layer.backward(g)
+        once = [p.grad.copy() for p in layer.parameters()]
+        layer.backward(g)
+        for p, g1 in zip(layer.parameters(), once):
+            np.testing.assert_allclose(p.grad, 2 * g1)
+        layer.zero_grad()
+        assert all(not p.grad.any() for p in layer.parameters())
+
+
+def test_he_init_statistics_and_rng():
+    conv = Conv2d(64, 128, 3, rng=np.random.default_rng(0))
+    assert conv.weight.data.dtype == np.float32 and conv.weight.shape == (128, 64, 3, 3)
+    assert abs(conv.weight.data.std() - np.sqrt(2 / (64 * 9))) < 0.01 * np.sqrt(2 / (64 * 9)) * 5
+    assert not conv.bias.data.any()
+    a, b = Linear(10, 5, rng=np.random.default_rng(3)), Linear(10, 5, rng=np.random.default_rng(3))
+    np.testing.assert_array_equal(a.weight.data, b.weight.data)
+
+
+def test_astype_and_parameter():
+    lin = Linear(3, 2)
+    assert lin.astype(np.float64) is lin
+    assert all(p.data.dtype == np.float64 and p.grad.dtype == np.float64 for p in lin.parameters())
+    p = Parameter(np.ones(3))
+    p.grad += 1
+    p.zero_grad()
+    assert p.grad.shape == (3,) and not p.grad.any()
+
+
+def test_empty_batch():
+    conv, pool, lin = Conv2d(2, 3, 3, padding=1), MaxPool2d(2), Linear(4, 2)
+    out = conv(np.zeros((0, 2, 6, 6), np.float32))
+    assert out.shape == (0, 3, 6, 6)
+    assert conv.backward(out).shape == (0, 2, 6, 6)
+    assert pool(np.zeros((0, 2, 6, 6))).shape == (0, 2, 3, 3)
+    assert lin(np.zeros((0, 4))).shape == (0, 2)
+    assert lin.backward(np.zeros((0, 2))).shape == (0, 4)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("make,x,match", [
+    (lambda: Conv2d(3, 4, 3), np.zeros((3, 8, 8)), r"Conv2d: x must be 4-D.*\(3, 8, 8\)"),
+    (lambda: Conv2d(3, 4, 3), np.zeros((1, 2, 8, 8)), r"Conv2d: x has 2 channels.*in_channels=3"),
+    (lambda: Conv2d(3, 4, 5), np.zeros((1, 3, 4, 4)), r"Conv2d: kernel_size \(5, 5\) is larger than the padded input \(4, 4\)"),
+    (lambda: Conv2d(3, 4, 3), np.zeros((1, 3, 8, 8), dtype=np.int64), r"Conv2d: x must be float32 or float64, got int64"),
+    (lambda: Conv2d(1, 1, 1), np.array([[[[0.0, np.nan]]]]), r"Conv2d: x holds NaN or inf \(first at index \(0, 0, 0, 1\)\)"),
+    (lambda: Conv2d(1, 1, 1), np.array([[[[np.inf]]]]), r"Conv2d: x holds NaN or inf"),
+    (lambda: MaxPool2d(2), np.zeros((2, 8, 8)), r"MaxPool2d: x must be 4-D"),
+    (lambda: MaxPool2d(3), np.zeros((1, 1, 2, 5)), r"MaxPool2d: kernel_size \(3, 3\) is larger than the input"),
+    (lambda: MaxPool2d(2), np.zeros((1, 1, 4, 4), dtype=np.int32), r"MaxPool2d: x must be float32 or float64"),
+    (lambda: Linear(4, 2), np.zeros((3, 5)), r"Linear: x has 5 features \(shape \(3, 5\)\) but in_features=4"),
+    (lambda: Linear(4, 2), np.zeros(4), r"Linear: x must be 2-D"),
+    (lambda: Linear(4, 2), np.full((1, 4), np.nan), r"Linear: x holds NaN"),
+    (lambda: ReLU(), np.array([1, 2]), r"ReLU: x must be float32 or float64"),
+    (lambda: ReLU(), np.array([np.nan]), r"ReLU: x holds NaN"),
+])
+def test_bad_forward_input(make, x, match):
+    with pytest.raises(ValueError, match=match):
+        make()(x)
+
+
+@pytest.mark.parametrize("layer", [Conv2d(1, 1, 1), MaxPool2d(2), Linear(2, 2), ReLU(), Flatten()],
+                         ids=lambda l: type(l).__name__)
+def test_backward_before_forward(layer):
+    with pytest.raises(ValueError, match=f"{type(layer).__name__}: backward called before forward"):
+        layer.backward(np.zeros((1, 1, 1, 1)))
+
+
+@pytest.mark.parametrize("layer,x", [
+    (Conv2d(1, 2, 3, padding=1), np.zeros((1, 1, 4, 4))),
+    (MaxPool2d(2), np.zeros((1, 1, 4, 4))),
+    (Linear(3, 2), np.zeros((2, 3))),
+    (ReLU(), np.zeros((2, 3))),
+    (Flatten(), np.zeros((2, 3, 2))),
+], ids=lambda v: type(v).__name__)
+def test_backward_wrong_grad_shape(layer, x):
+    layer(x)
+    with pytest.raises(ValueError, match=rf"{type(layer).__name__}: grad_out must have the forward output's shape"):
+        layer.backward(np.zeros((9, 9)))
+
+
+def test_bad_constructor_arguments():
+    with pytest.raises(ValueError, match="Conv2d: in_channels must be a positive integer"):
+        Conv2d(0, 2, 3)
+    with pytest.raises(ValueError, match="Conv2d: kernel_size must be an int or an"):
+        Conv2d(1, 2, (3, 3, 3))
+    with pytest.raises(ValueError, match="Conv2d: padding must be a non-negative"):
+        Conv2d(1, 2, 3, padding=-1)
+    with pytest.raises(ValueError, match="MaxPool2d: stride must be a positive integer"):
+        MaxPool2d(2, 0)
+    with pytest.raises(ValueError, match="Linear: out_features must be a positive integer"):
+        Linear(2, 2.5)
+    with pytest.raises(ValueError, match="Sequential: layer 1 must be a Module"):
+        Sequential(ReLU(), "relu")
+    with pytest.raises(ValueError, match="astype: dtype must be float32 or float64"):
+        Linear(2, 2).astype(np.int32)
+
+
+def test_module_base_is_abstract():
+    with pytest.raises(NotImplementedError):
+        Module()(np.zeros(1))
