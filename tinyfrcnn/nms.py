@@ -20,24 +20,25 @@ BLOCK = 64  # boxes per CUDA block: one bit each in a uint64 mask word
 
 
 def _nms_reference(boxes, scores, iou_threshold, idxs=None):
-    """Greedy NMS written out plainly: O(N^2) IoUs, boxes of different idxs never suppress."""
+    """Greedy NMS in plain NumPy: the best undecided box is kept and suppresses every box
+    of its category with IoU > iou_threshold (compared in float64, as torchvision does)."""
     n = boxes.shape[0]
-    idxs = np.zeros(n, np.int64) if idxs is None else idxs
-    order = np.argsort(-scores, kind="stable")
-    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    order = np.argsort(-scores, kind="stable")  # (N,)
+    b = boxes[order]  # (N, 4)
+    cls = np.zeros(n, np.int64) if idxs is None else idxs[order]
+    area = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])  # (N,)
     suppressed = np.zeros(n, bool)
     keep = []
-    for a, i in enumerate(order):
+    for i in range(n):
         if suppressed[i]:
             continue
-        keep.append(i)
-        for j in order[a + 1:]:
-            w = min(boxes[i, 2], boxes[j, 2]) - max(boxes[i, 0], boxes[j, 0])
-            h = min(boxes[i, 3], boxes[j, 3]) - max(boxes[i, 1], boxes[j, 1])
-            if idxs[i] == idxs[j] and w > 0 and h > 0:
-                inter = w * h
-                if inter / (area[i] + area[j] - inter) > iou_threshold:
-                    suppressed[j] = True
+        keep.append(order[i])
+        w = np.minimum(b[i, 2], b[:, 2]) - np.maximum(b[i, 0], b[:, 0])  # (N,)
+        h = np.minimum(b[i, 3], b[:, 3]) - np.maximum(b[i, 1], b[:, 1])
+        inter = w * h
+        with np.errstate(invalid="ignore", divide="ignore"):
+            iou = (inter / (area[i] + area - inter)).astype(np.float64)
+        suppressed |= (w > 0) & (h > 0) & (iou > iou_threshold) & (cls == cls[i])
     return np.array(keep, dtype=np.int64)
 
 
