@@ -160,6 +160,29 @@ def test_public_matmul_on_device_uses_the_default_tiling():
     np.testing.assert_array_equal(fresh.copy_to_host() + start, got.copy_to_host())
 
 
+@pytest.mark.parametrize("accumulate", [False, True])
+def test_split_k_matches_reference(accumulate):
+    rng = np.random.default_rng(5)
+    a, b = operands(rng, 17, 33, 5, False, True, np.float64)
+    start = rng.standard_normal((17, 5)) if accumulate else np.full((17, 5), np.nan)
+    # 3 slices of K = 12, 12, 9: a full slice, and a ragged last one
+    got = run_kernel(mm.launch_tiled, a, b, False, True, accumulate, start, tiling=SMALL, splits=3)
+    assert_close(got, mm._matmul_reference(a, b, False, True) + (start if accumulate else 0), np.float64)
+
+
+def test_choose_splits():
+    # a weight-gradient shape: 9 blocks of 64x64 for 132 multiprocessors, K long
+    assert mm.choose_splits(64, 576, 8192, mm.Tiling(64, 64, 8, 4, 4), multiprocessors=132) == 30
+    assert mm.choose_splits(4096, 4096, 4096, mm.Tiling(64, 64, 8, 4, 4), multiprocessors=132) == 1
+    assert mm.choose_splits(64, 64, 100, mm.Tiling(64, 64, 8, 4, 4), multiprocessors=132) == 1
+
+
+def test_device_out_must_be_contiguous():
+    out = cuda.to_device(np.zeros((4, 4)))[:, :2]
+    with pytest.raises(ValueError, match="C-contiguous"):
+        matmul(cuda.to_device(np.ones((4, 3))), cuda.to_device(np.ones((3, 2))), out=out)
+
+
 @settings(max_examples=8, deadline=None)
 @given(
     m=st.integers(1, 9), k=st.integers(0, 9), n=st.integers(1, 9),
@@ -175,7 +198,10 @@ def test_tiled_kernel_any_shape(m, k, n, trans_a, trans_b, seed):
 
 def test_kernels_compile_to_ptx():
     jobs = []
-    for dtype in ("float32", "float64"):
-        sig = f"void({dtype}[:, :], {dtype}[:, :], {dtype}[:, :], boolean, boolean, boolean)"
-        jobs += [("tinyfrcnn.matmul", "_matmul_tiled_kernel", sig), ("tinyfrcnn.matmul", "_matmul_naive_kernel", sig)]
+    for t in ("float32", "float64"):
+        tiled = f"void({t}[:, :], {t}[:, :], {t}[:, :, ::1], boolean, boolean, boolean, int64)"
+        naive = f"void({t}[:, :], {t}[:, :], {t}[:, :], boolean, boolean, boolean)"
+        reduce = f"void({t}[:, :, ::1], {t}[:, :], boolean)"
+        jobs += [("tinyfrcnn.matmul", "_matmul_tiled_kernel", tiled), ("tinyfrcnn.matmul", "_matmul_naive_kernel", naive),
+                 ("tinyfrcnn.matmul", "_matmul_splitk_reduce_kernel", reduce)]
     assert_compiles_to_ptx(jobs)

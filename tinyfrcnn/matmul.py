@@ -20,6 +20,11 @@ CUDA, two kernels:
   memory once per block instead of once per output), waits (``syncthreads``), and
   each thread accumulates its own ``TM x TN`` outputs in registers. Each value read
   from shared memory is then used ``TN`` (or ``TM``) times.
+
+Split K: when ``C`` is small and ``K`` long (a weight gradient ``dW = dY X^T`` is
+64 x 576 summed over 8192 positions), too few blocks exist to fill the GPU. Then block
+``z`` of the grid sums only its slice of ``K`` into ``partial[z]``, and a second
+kernel adds the slices in a fixed order: ``C = sum_z partial[z]``, same every run.
 """
 
 import math
@@ -34,7 +39,8 @@ from .device import on_device
 Tiling = namedtuple("Tiling", "bm bn bk tm tn")
 Tiling.__doc__ = """Block tile ``bm x bn`` of C, ``bk`` of K per step, ``tm x tn`` outputs per thread."""
 
-TILING = Tiling(bm=128, bn=128, bk=8, tm=8, tn=8)
+TILING = Tiling(bm=64, bn=64, bk=8, tm=4, tn=4)
+MIN_SPLIT_K = 128
 NAIVE_BLOCK = (16, 16)
 
 
@@ -77,9 +83,12 @@ def _make_tiled_kernel(bm, bn, bk, tm, tn):
     a_loads, b_loads = bm * bk // threads, bk * bn // threads
 
     @cuda.jit
-    def kernel(a, b, out, trans_a, trans_b, accumulate):
-        m, n = out.shape
-        k_total = a.shape[0] if trans_a else a.shape[1]
+    def kernel(a, b, out, trans_a, trans_b, accumulate, k_chunk):
+        # out is (splits, M, N): block z sums k in [z*k_chunk, (z+1)*k_chunk) into out[z]
+        _, m, n = out.shape
+        z = cuda.blockIdx.z
+        k_begin = z * k_chunk
+        k_total = min(a.shape[0] if trans_a else a.shape[1], k_begin + k_chunk)
         row0 = cuda.blockIdx.y * bm
         col0 = cuda.blockIdx.x * bn
         tid = cuda.threadIdx.x
@@ -97,7 +106,7 @@ def _make_tiled_kernel(bm, bn, bk, tm, tn):
             for j in range(tn):
                 acc[i, j] = 0
 
-        for k0 in range(0, k_total, bk):
+        for k0 in range(k_begin, k_total, bk):
             # Load: neighbouring threads take neighbouring addresses of the stored
             # array (coalesced), whichever way it is transposed; outside the matrix, 0.
             for r in range(a_loads):
@@ -145,9 +154,9 @@ def _make_tiled_kernel(bm, bn, bk, tm, tn):
                     gj = col0 + tx + j * threads_n
                     if gj < n:
                         if accumulate:
-                            out[gi, gj] += acc[i, j]
+                            out[z, gi, gj] += acc[i, j]
                         else:
-                            out[gi, gj] = acc[i, j]
+                            out[z, gi, gj] = acc[i, j]
 
     kernel.tiling = Tiling(bm, bn, bk, tm, tn)
     return kernel
@@ -165,13 +174,56 @@ def tiled_kernel(tiling):
     return _TILED_KERNELS[tiling]
 
 
-def launch_tiled(a, b, out, trans_a, trans_b, accumulate, tiling=TILING):
-    """Launch the tiled kernel over ``out`` (device arrays, already validated)."""
+@cuda.jit
+def _matmul_splitk_reduce_kernel(partial, out, accumulate):
+    """``out[i, j] (+)= sum_z partial[z, i, j]``, z in order."""
+    j, i = cuda.grid(2)
+    splits, m, n = partial.shape
+    if i >= m or j >= n:
+        return
+    acc = cuda.local.array(1, dtype=out.dtype)
+    acc[0] = 0
+    for z in range(splits):
+        acc[0] += partial[z, i, j]
+    if accumulate:
+        out[i, j] += acc[0]
+    else:
+        out[i, j] = acc[0]
+
+
+def _multiprocessors():
+    return getattr(cuda.get_current_device(), "MULTIPROCESSOR_COUNT", 1)  # the simulator has none
+
+
+def choose_splits(m, n, k, tiling=TILING, multiprocessors=None):
+    """How many slices of K: enough blocks for about two per multiprocessor, each
+    slice at least ``MIN_SPLIT_K`` long."""
+    sms = _multiprocessors() if multiprocessors is None else multiprocessors
+    blocks = math.ceil(m / tiling.bm) * math.ceil(n / tiling.bn)
+    if blocks >= sms:
+        return 1
+    return max(1, min(math.ceil(2 * sms / blocks), k // MIN_SPLIT_K))
+
+
+def launch_tiled(a, b, out, trans_a, trans_b, accumulate, tiling=TILING, splits=None):
+    """Launch the tiled kernel over ``out`` (device arrays, already validated; ``out``
+    C-contiguous). ``splits`` slices of K (default: ``choose_splits``)."""
     kernel = tiled_kernel(tiling)
     t = kernel.tiling
     m, n = out.shape
-    grid = (math.ceil(n / t.bn), math.ceil(m / t.bm))
-    kernel[grid, (t.bm // t.tm) * (t.bn // t.tn)](a, b, out, trans_a, trans_b, accumulate)
+    k = a.shape[0] if trans_a else a.shape[1]
+    splits = choose_splits(m, n, k, t) if splits is None else splits
+    k_chunk = max(t.bk, math.ceil(math.ceil(k / max(splits, 1)) / t.bk) * t.bk)
+    splits = max(1, math.ceil(k / k_chunk))
+    threads = (t.bm // t.tm) * (t.bn // t.tn)
+    grid = (math.ceil(n / t.bn), math.ceil(m / t.bm), splits)
+    if splits == 1:
+        kernel[grid, threads](a, b, out.reshape(1, m, n), trans_a, trans_b, accumulate, k_chunk)
+        return
+    partial = cuda.device_array((splits, m, n), dtype=out.dtype)  # (S, M, N)
+    kernel[grid, threads](a, b, partial, trans_a, trans_b, False, k_chunk)
+    grid = (math.ceil(n / NAIVE_BLOCK[0]), math.ceil(m / NAIVE_BLOCK[1]))
+    _matmul_splitk_reduce_kernel[grid, NAIVE_BLOCK](partial, out, accumulate)
 
 
 def launch_naive(a, b, out, trans_a, trans_b, accumulate):
@@ -207,7 +259,10 @@ def _validate(a, b, trans_a, trans_b, out, accumulate, where):
         if out.dtype != a.dtype:
             raise ValueError(f"{where}: out must have dtype {a.dtype}, got {out.dtype}")
         arrays["out"] = out
-    return a, b, out, (m, k, n), on_device(arrays)
+    gpu = on_device(arrays)
+    if gpu and out is not None and not out.is_c_contiguous():
+        raise ValueError(f"{where}: out must be C-contiguous on the device")
+    return a, b, out, (m, k, n), gpu
 
 
 def matmul(a, b, trans_a=False, trans_b=False, out=None, accumulate=False):

@@ -1,0 +1,482 @@
+"""Every CUDA kernel of tinyfrcnn against the matching torch/torchvision CUDA op.
+
+    python benchmarks/bench_gpu.py                # on a machine with an NVIDIA GPU
+    python benchmarks/bench_gpu.py --simulate     # tiny inputs in numba's simulator
+    python benchmarks/bench_gpu.py --json results.json
+
+Each row runs tinyfrcnn's public function on device arrays and the torch op on the same
+numbers, times both (median of several runs after warm-up, synchronising the device
+around each run), and checks the answers against each other. tinyfrcnn's times include
+its host-side work (input validation, and for nms the score sort and the final pass
+over the masks), since that is what a caller waits for. torch's matrix products run
+with TF32 off, so both sides do float32 arithmetic.
+
+``--simulate`` runs the same code paths on tiny inputs in numba's CUDA simulator and
+checks them against tinyfrcnn's CPU path instead of torch (the times mean nothing
+there). Without a GPU and without ``--simulate`` the script says so and exits 0.
+"""
+
+import argparse
+import inspect
+import json
+import os
+import platform
+import sys
+import time
+import traceback
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--simulate", action="store_true", help="tiny inputs in numba's CUDA simulator, no torch")
+    p.add_argument("--repeats", type=int, default=None, help="timed runs per op (median reported)")
+    p.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    return p.parse_args(argv)
+
+
+def median_ms(fn, sync, warmup, repeats):
+    """Median wall time of ``fn()`` in ms, with ``sync()`` before and after each run."""
+    for _ in range(warmup):
+        fn()
+    sync()
+    times = []
+    for _ in range(repeats):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    return 1e3 * times[len(times) // 2]
+
+
+class Bench:
+    """Sizes, timers and the baseline (torch on CUDA, or tinyfrcnn's CPU path)."""
+
+    def __init__(self, simulate, repeats):
+        import numpy as np
+        from numba import cuda
+
+        self.np = np
+        self.cuda = cuda
+        self.sim = simulate
+        self.warmup = 1 if simulate else 3
+        self.repeats = repeats or (1 if simulate else 15)
+        self.rows = []
+        self.torch = self.tv = None
+        if not simulate:
+            import torch
+            import torchvision
+
+            torch.backends.cuda.matmul.allow_tf32 = False
+            torch.backends.cudnn.allow_tf32 = False
+            self.torch, self.tv = torch, torchvision
+        self.baseline = "tinyfrcnn CPU (simulator run: times mean nothing)" if simulate else "torch/torchvision CUDA"
+
+    def sync_ours(self):
+        self.cuda.synchronize()
+
+    def sync_base(self):
+        if self.torch is not None:
+            self.torch.cuda.synchronize()
+
+    def time_ours(self, fn, repeats=None):
+        return median_ms(fn, self.sync_ours, self.warmup, repeats or self.repeats)
+
+    def time_base(self, fn, repeats=None):
+        return median_ms(fn, self.sync_base, self.warmup, repeats or self.repeats)
+
+    def tensor(self, x):
+        return self.torch.from_numpy(x).cuda()
+
+    def host(self, x):
+        if self.torch is not None and isinstance(x, self.torch.Tensor):
+            return x.detach().cpu().numpy()
+        from tinyfrcnn.device import to_host
+
+        return to_host(x)
+
+    def add(self, name, size, ours_ms, base_ms, check, target="", note="", met=None):
+        self.rows.append(dict(op=name, size=size, ours_ms=ours_ms, base_ms=base_ms, check=check,
+                              target=target, met=None if self.sim else met, note=note))
+
+    def fail(self, name, exc):
+        self.rows.append(dict(op=name, size="", ours_ms=None, base_ms=None, check="ERROR",
+                              target="", met=None, note=f"{type(exc).__name__}: {exc}"))
+        traceback.print_exc()
+
+
+def max_abs_diff(np, a, b):
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a.shape != b.shape:
+        return f"shape {a.shape} vs {b.shape}"
+    return f"{np.abs(a - b).max(initial=0.0):.2e}"
+
+
+def within(ours_ms, base_ms, factor):
+    return ours_ms <= factor * base_ms
+
+
+# ---------------------------------------------------------------- inputs
+
+def random_boxes(rng, n, width, height, min_size, max_size):
+    """(n, 4) float32 boxes inside a width x height image."""
+    wh = rng.uniform(min_size, max_size, (n, 2))  # (n, 2)
+    x1 = rng.uniform(0, width - wh[:, 0])
+    y1 = rng.uniform(0, height - wh[:, 1])
+    return np.stack([x1, y1, x1 + wh[:, 0], y1 + wh[:, 1]], axis=1).astype(np.float32)  # (n, 4)
+
+
+def clustered_boxes(rng, n, clusters, width, height):
+    """(n, 4) float32 boxes jittered around a few centres: many heavy overlaps, like
+    the RPN's proposals around real objects."""
+    centres = rng.uniform(0.2, 0.8, (clusters, 2)) * (width, height)  # (clusters, 2)
+    sizes = rng.uniform(0.05, 0.15, (clusters, 2)) * (width, height)  # (clusters, 2)
+    pick = rng.integers(0, clusters, n)
+    c = centres[pick] + rng.normal(0, 0.1, (n, 2)) * sizes[pick]  # (n, 2)
+    half = 0.5 * sizes[pick] * rng.uniform(0.8, 1.2, (n, 2))  # (n, 2)
+    return np.concatenate([c - half, c + half], axis=1).astype(np.float32)  # (n, 4)
+
+
+# ---------------------------------------------------------------- rows
+
+def bench_nms(B):
+    np, cuda = B.np, B.cuda
+    from tinyfrcnn.nms import nms
+
+    n = 60 if B.sim else 12000
+    rng = np.random.default_rng(0)
+    sets = {
+        "random": random_boxes(rng, n, 1000, 600, 10, 200),
+        "clustered": clustered_boxes(rng, n, 4 if B.sim else 30, 1000, 600),
+    }
+    for label, boxes in sets.items():
+        name = f"nms ({label})"
+        try:
+            scores = rng.random(n).astype(np.float32)
+            db, ds = cuda.to_device(boxes), cuda.to_device(scores)
+            keep = B.host(nms(db, ds, 0.7))
+            ours = B.time_ours(lambda: nms(db, ds, 0.7))
+            if B.sim:
+                ref = nms(boxes, scores, 0.7)
+                base = B.time_base(lambda: nms(boxes, scores, 0.7))
+            else:
+                tb, ts = B.tensor(boxes), B.tensor(scores)
+                ref = B.host(B.tv.ops.nms(tb, ts, 0.7))
+                base = B.time_base(lambda: B.tv.ops.nms(tb, ts, 0.7))
+            same = np.array_equal(np.asarray(keep), np.asarray(ref))
+            check = f"same {len(ref)} kept" if same else f"DIFFER: {len(keep)} vs {len(ref)} kept"
+            B.add(name, f"{n} boxes, iou 0.7", ours, base, check, "<= 2x", met=within(ours, base, 2))
+        except Exception as e:  # one row's failure must not stop the table
+            B.fail(name, e)
+
+
+def roi_inputs(B):
+    np = B.np
+    rng = np.random.default_rng(1)
+    if B.sim:
+        shape, n_rois, scale = (1, 3, 6, 8), 4, 1 / 4
+    else:
+        shape, n_rois, scale = (1, 512, 38, 63), 300, 1 / 16
+    features = rng.standard_normal(shape).astype(np.float32)  # (N, C, H, W)
+    height, width = shape[2] / scale, shape[3] / scale
+    boxes = random_boxes(rng, n_rois, width, height, 0.05 * width, 0.6 * min(width, height))
+    rois = np.concatenate([np.zeros((n_rois, 1), np.float32), boxes], axis=1)  # (R, 5)
+    size = f"{n_rois} RoIs on {shape}, 1/{int(round(1 / scale))}, 7x7"
+    return features, rois, scale, size
+
+
+def bench_roi(B):
+    np, cuda = B.np, B.cuda
+    from tinyfrcnn import roi
+
+    features, rois, scale, size = roi_inputs(B)
+    df, dr = cuda.to_device(features), cuda.to_device(rois)
+    grad = np.random.default_rng(2).standard_normal((rois.shape[0], features.shape[1], 7, 7)).astype(np.float32)
+    dgrad = cuda.to_device(grad)
+    if not B.sim:
+        tf, tr, tg = B.tensor(features), B.tensor(rois), B.tensor(grad)
+        tfg = tf.clone().requires_grad_(True)
+    argmax = None
+
+    name = "roi_pool forward"
+    try:
+        out, argmax = roi.roi_pool(df, dr, 7, scale)
+        ours = B.time_ours(lambda: roi.roi_pool(df, dr, 7, scale))
+        if B.sim:
+            ref, _ = roi.roi_pool(features, rois, 7, scale)
+            base = B.time_base(lambda: roi.roi_pool(features, rois, 7, scale))
+        else:
+            ref = B.host(B.tv.ops.roi_pool(tf, tr, 7, scale))
+            base = B.time_base(lambda: B.tv.ops.roi_pool(tf, tr, 7, scale))
+        B.add(name, size, ours, base, max_abs_diff(np, B.host(out), ref), "<= 2x", met=within(ours, base, 2))
+    except Exception as e:
+        B.fail(name, e)
+
+    name = "roi_pool backward"
+    try:
+        if argmax is None:
+            raise RuntimeError("roi_pool forward failed, so there is no argmax")
+        got = roi.roi_pool_backward(dgrad, argmax, features.shape)
+        ours = B.time_ours(lambda: roi.roi_pool_backward(dgrad, argmax, features.shape))
+        if B.sim:
+            _, host_argmax = roi.roi_pool(features, rois, 7, scale)
+            ref = roi.roi_pool_backward(grad, host_argmax, features.shape)
+            base = B.time_base(lambda: roi.roi_pool_backward(grad, host_argmax, features.shape))
+        else:
+            tout = B.tv.ops.roi_pool(tfg, tr, 7, scale)
+            ref = B.host(B.torch.autograd.grad(tout, tfg, tg, retain_graph=True)[0])
+            base = B.time_base(lambda: B.torch.autograd.grad(tout, tfg, tg, retain_graph=True))
+        B.add(name, size, ours, base, max_abs_diff(np, B.host(got), ref), "<= 2x", met=within(ours, base, 2))
+    except Exception as e:
+        B.fail(name, e)
+
+    for direction in ("forward", "backward"):
+        name = f"roi_align {direction}"
+        try:
+            if direction == "forward":
+                def ours_fn():
+                    return roi.roi_align(df, dr, 7, scale, sampling_ratio=2, aligned=True)
+            else:
+                def ours_fn():
+                    return roi.roi_align_backward(dgrad, dr, features.shape, scale, sampling_ratio=2, aligned=True)
+            got = ours_fn()
+            ours = B.time_ours(ours_fn)
+            if B.sim:
+                if direction == "forward":
+                    def base_fn():
+                        return roi.roi_align(features, rois, 7, scale, sampling_ratio=2, aligned=True)
+                else:
+                    def base_fn():
+                        return roi.roi_align_backward(grad, rois, features.shape, scale, sampling_ratio=2, aligned=True)
+            elif direction == "forward":
+                def base_fn():
+                    return B.tv.ops.roi_align(tf, tr, 7, scale, sampling_ratio=2, aligned=True)
+            else:
+                talign = B.tv.ops.roi_align(tfg, tr, 7, scale, sampling_ratio=2, aligned=True)
+
+                def base_fn():
+                    return B.torch.autograd.grad(talign, tfg, tg, retain_graph=True)[0]
+            ref = B.host(base_fn())
+            base = B.time_base(base_fn)
+            B.add(name, size + ", sampling 2", ours, base, max_abs_diff(np, B.host(got), ref),
+                  "<= 2x", met=within(ours, base, 2))
+        except Exception as e:
+            B.fail(name, e)
+
+
+def bench_box_iou(B):
+    np, cuda = B.np, B.cuda
+    from tinyfrcnn.boxes import box_iou
+
+    name = "box_iou"
+    try:
+        n, m = (20, 10) if B.sim else (20000, 2000)
+        rng = np.random.default_rng(3)
+        a = random_boxes(rng, n, 1000, 600, 10, 300)
+        b = random_boxes(rng, m, 1000, 600, 10, 300)
+        da, db = cuda.to_device(a), cuda.to_device(b)
+        got = B.host(box_iou(da, db))
+        ours = B.time_ours(lambda: box_iou(da, db))
+        if B.sim:
+            ref = box_iou(a, b)
+            base = B.time_base(lambda: box_iou(a, b))
+        else:
+            ta, tb = B.tensor(a), B.tensor(b)
+            ref = B.host(B.tv.ops.box_iou(ta, tb))
+            base = B.time_base(lambda: B.tv.ops.box_iou(ta, tb))
+        B.add(name, f"{n} x {m}", ours, base, max_abs_diff(np, got, ref), "<= 1x", met=within(ours, base, 1))
+    except Exception as e:
+        B.fail(name, e)
+
+
+def bench_matmul(B):
+    np, cuda = B.np, B.cuda
+    from tinyfrcnn import matmul as mm
+
+    if B.sim:
+        cases = [("ragged", 17, 33, 5, False, False, True), ("ragged a^T b^T", 17, 33, 5, True, True, True)]
+        alternatives = [mm.Tiling(8, 8, 4, 2, 2)]
+    else:
+        cases = [
+            ("square", 1024, 1024, 1024, False, False, True),
+            ("square", 4096, 4096, 4096, False, False, False),
+            ("conv fwd W cols", 64, 576, 8192, False, False, True),
+            ("conv dW dY cols^T", 64, 8192, 576, False, True, False),
+            ("conv dX W^T dY", 576, 64, 8192, True, False, False),
+        ]
+        alternatives = [mm.Tiling(128, 128, 8, 8, 8), mm.Tiling(128, 64, 8, 8, 4), mm.Tiling(64, 64, 16, 4, 4)]
+    tilings = [mm.TILING] + [t for t in alternatives if t != mm.TILING]
+    kernels = [(f"tiled {t.bm}x{t.bn}x{t.bk}/{t.tm}x{t.tn}", t, None) for t in tilings]
+    rng = np.random.default_rng(4)
+    for label, m, k, n, ta, tb, with_naive in cases:
+        size = f"{m}x{k} @ {k}x{n}" + (" (a^T)" if ta else "") + (" (b^T)" if tb else "")
+        a = rng.standard_normal((k, m) if ta else (m, k)).astype(np.float32)
+        b = rng.standard_normal((n, k) if tb else (k, n)).astype(np.float32)
+        flops = 2.0 * m * n * k
+        try:
+            if B.sim:
+                ref = mm.matmul(a, b, ta, tb)
+                base = B.time_base(lambda: mm.matmul(a, b, ta, tb))
+            else:
+                ta_, tb_ = B.tensor(a), B.tensor(b)
+                opa = ta_.T if ta else ta_
+                opb = tb_.T if tb else tb_
+                ref = B.host(B.torch.matmul(opa, opb))
+                base = B.time_base(lambda: B.torch.matmul(opa, opb))
+        except Exception as e:
+            B.fail(f"matmul {label} baseline", e)
+            continue
+        da, db = cuda.to_device(a), cuda.to_device(b)
+        out = cuda.device_array((m, n), dtype=np.float32)  # (M, N)
+        variants = list(kernels) + ([("naive", None, None)] if with_naive else [])
+        if mm.choose_splits(m, n, k) > 1:
+            t = mm.TILING
+            variants.append((f"tiled {t.bm}x{t.bn}x{t.bk}/{t.tm}x{t.tn}, no split-K", t, 1))
+        for kname, tiling, splits in variants:
+            name = f"matmul {kname}"
+            try:
+                if tiling is None:
+                    def run():
+                        mm.launch_naive(da, db, out, ta, tb, False)
+                else:
+                    def run(tiling=tiling, splits=splits):
+                        mm.launch_tiled(da, db, out, ta, tb, False, tiling, splits)
+                run()
+                got = out.copy_to_host()
+                if tiling == mm.TILING and splits is None:  # the public function is the default tiling plus validation
+                    np.testing.assert_array_equal(B.host(mm.matmul(da, db, ta, tb)), got)
+                ours = B.time_ours(run, repeats=min(B.repeats, 5) if tiling is None else None)
+                rel = np.linalg.norm(got.astype(np.float64) - ref) / max(np.linalg.norm(ref), 1e-30)
+                note = (f"{flops / ours / 1e6:.0f} vs {flops / base / 1e6:.0f} GFLOP/s, "
+                        f"{100 * base / ours:.0f}% of baseline, rel err {rel:.1e}")
+                if not B.sim:
+                    kernel = mm._matmul_naive_kernel if tiling is None else mm.tiled_kernel(tiling)
+                    note += kernel_resources(kernel)
+                    if tiling is not None:
+                        note += f", split-K {splits or mm.choose_splits(m, n, k, tiling)}"
+                B.add(name, f"{label} {size}", ours, base, max_abs_diff(np, got, ref), "% of torch", note=note)
+            except Exception as e:
+                B.fail(name, e)
+
+
+def kernel_resources(kernel):
+    """Registers and local (spilled) memory per thread of a compiled kernel, if known."""
+    try:
+        compiled = list(kernel.overloads.values())[-1]
+        return f", {compiled.regs_per_thread} regs, {compiled.local_mem_per_thread} B local"
+    except Exception:
+        return ""
+
+
+def bench_train_step(B):
+    name = "train step"
+    try:
+        from tinyfrcnn.model import FasterRCNN
+    except Exception as e:
+        B.add(name, "128x128, batch 8", None, None, "-",
+              note=f"train step on GPU: not implemented yet (tinyfrcnn.model does not import: {e})")
+        return
+    if "device" not in inspect.signature(FasterRCNN.__init__).parameters:
+        B.add(name, "128x128, batch 8", None, None, "-", note="train step on GPU: not implemented yet")
+        return
+    try:
+        np = B.np
+        rng = np.random.default_rng(5)
+        n, size = (1, 32) if B.sim else (8, 128)
+        images = rng.random((n, 3, size, size)).astype(np.float32)  # (N, 3, H, W)
+        gt_boxes = [np.array([[0.2 * size, 0.2 * size, 0.7 * size, 0.6 * size]], np.float32) for _ in range(n)]
+        gt_labels = [np.array([1], np.int64) for _ in range(n)]
+
+        def step(model):
+            model.forward(images, gt_boxes, gt_labels, rng=np.random.default_rng(0))
+            model.backward()
+
+        gpu_model = FasterRCNN(rng=np.random.default_rng(0), device="cuda")
+        cpu_model = FasterRCNN(rng=np.random.default_rng(0), device="cpu")
+        repeats = 1 if B.sim else 5
+        ours = B.time_ours(lambda: step(gpu_model), repeats=repeats)
+        cpu = median_ms(lambda: step(cpu_model), lambda: None, 1, repeats)
+        B.add(name, f"{size}x{size}, batch {n}", ours, cpu, "-", "faster than CPU",
+              note="baseline column is tinyfrcnn on the CPU", met=ours < cpu)
+    except Exception as e:
+        B.fail(name, e)
+
+
+# ---------------------------------------------------------------- table
+
+def fmt_ms(v):
+    return "-" if v is None else f"{v:.3f}"
+
+
+def print_table(B, header):
+    print(header)
+    print(f"baseline: {B.baseline}; times are medians of {B.repeats} runs after {B.warmup} warm-up(s), in ms")
+    cols = ["op", "size", "tinyfrcnn ms", "baseline ms", "ours/base", "check (max abs diff)", "target", "note"]
+    table = []
+    for r in B.rows:
+        ratio = "-" if not (r["ours_ms"] and r["base_ms"]) else f"{r['ours_ms'] / r['base_ms']:.2f}x"
+        target = r["target"] + ("" if r["met"] is None else (" ok" if r["met"] else " MISSED"))
+        table.append([r["op"], r["size"], fmt_ms(r["ours_ms"]), fmt_ms(r["base_ms"]), ratio, r["check"],
+                      target, r["note"]])
+    widths = [max(len(str(x)) for x in col) for col in zip(cols, *table)]
+    line = " | ".join(c.ljust(w) for c, w in zip(cols, widths))
+    print(line)
+    print("-" * len(line))
+    for row in table:
+        print(" | ".join(str(x).ljust(w) for x, w in zip(row, widths)))
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    # numba reads this once, at import: it must be settled before numba is imported.
+    os.environ["NUMBA_ENABLE_CUDASIM"] = "1" if args.simulate else "0"
+    sys.path.insert(0, ROOT)
+    from numba import cuda
+
+    if not args.simulate and not cuda.is_available():
+        print("bench_gpu: numba finds no CUDA GPU here, so there is nothing to time. "
+              "Run it on a machine with an NVIDIA GPU, or use --simulate to exercise the "
+              "code paths on tiny inputs in numba's simulator.")
+        return 0
+    if not args.simulate:
+        try:
+            import torch
+            import torchvision  # noqa: F401
+        except ImportError:
+            print("bench_gpu: torch and torchvision are needed for the comparison "
+                  "(pip install torch torchvision in a separate environment).")
+            return 0
+        if not torch.cuda.is_available():
+            print("bench_gpu: numba sees a GPU but torch does not; nothing to compare with.")
+            return 0
+
+    import numba
+
+    B = Bench(args.simulate, args.repeats)
+    if args.simulate:
+        header = "tinyfrcnn CUDA kernels in numba's simulator (tiny inputs, checked against the CPU path)"
+    else:
+        gpu = cuda.get_current_device().name
+        gpu = gpu.decode() if isinstance(gpu, bytes) else gpu
+        header = (f"tinyfrcnn CUDA kernels vs torch {B.torch.__version__} / torchvision {B.tv.__version__} "
+                  f"on {gpu}; numba {numba.__version__}, numpy {np.__version__}, Python {platform.python_version()}")
+    t0 = time.perf_counter()
+    for bench in (bench_nms, bench_roi, bench_box_iou, bench_matmul, bench_train_step):
+        bench(B)
+    print()
+    print_table(B, header)
+    print(f"\n(total {time.perf_counter() - t0:.1f} s)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(header=header, baseline=B.baseline, repeats=B.repeats, rows=B.rows), f, indent=1)
+    errors = [r for r in B.rows if r["check"] == "ERROR" or str(r["check"]).startswith("DIFFER")]
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
