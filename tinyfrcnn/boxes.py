@@ -55,21 +55,23 @@ def _box_iou_reference(a, b):
     return np.where(inter > 0, iou, 0).astype(inter.dtype)
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True, parallel=True, error_model="numpy")
 def _box_iou_cpu(a, b, out):
     n, m = a.shape[0], b.shape[0]
-    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])  # (M,)
+    bx1, by1, bx2, by2 = b[:, 0].copy(), b[:, 1].copy(), b[:, 2].copy(), b[:, 3].copy()  # (M,) each
+    area_b = (bx2 - bx1) * (by2 - by1)  # (M,)
     for i in prange(n):
         ax1, ay1, ax2, ay2 = a[i, 0], a[i, 1], a[i, 2], a[i, 3]
         area_a = (ax2 - ax1) * (ay2 - ay1)
+        row = out[i]
+        # Branch-free over contiguous columns, so LLVM vectorises it; pairs that share
+        # no area are masked to 0 whatever the division gave (0/0 included).
         for j in range(m):
-            w = min(ax2, b[j, 2]) - max(ax1, b[j, 0])
-            h = min(ay2, b[j, 3]) - max(ay1, b[j, 1])
-            if w <= 0 or h <= 0:
-                out[i, j] = 0
-                continue
+            w = min(ax2, bx2[j]) - max(ax1, bx1[j])
+            h = min(ay2, by2[j]) - max(ay1, by1[j])
             inter = w * h
-            out[i, j] = inter / (area_a + area_b[j] - inter)
+            iou = inter / (area_a + area_b[j] - inter)
+            row[j] = iou if (w > 0) & (h > 0) else 0
 
 
 def rounded_ops(dtype):
