@@ -16,7 +16,7 @@ makes them float64 for gradient checks).
 import numpy as np
 from numba import njit, prange
 
-from .checks import as_float_array, check_positive_int, pair
+from .checks import as_float_array, check_finite, check_positive_int, pair
 from .device import is_device_array
 from .im2col import col2im, im2col, output_size
 
@@ -104,17 +104,8 @@ def _check_input(x, layer, ndim, what):
     x = as_float_array(x, "x", where=layer)
     if x.ndim != ndim:
         raise ValueError(f"{layer}: x must be {ndim}-D {what}, got shape {x.shape}")
-    _check_finite_fast(x, "x", layer)
+    check_finite(x, "x", layer)
     return x
-
-
-def _check_finite_fast(x, name, layer):
-    # A sum is finite whenever every term is (and is cheap); only on failure look closer.
-    if x.size and not np.isfinite(x.sum(dtype=np.float64)):
-        bad = ~np.isfinite(x)
-        if bad.any():
-            first = tuple(int(i) for i in np.argwhere(bad)[0])
-            raise ValueError(f"{layer}: {name} holds NaN or inf (first at index {first}), shape {x.shape}")
 
 
 def _check_grad(grad_out, expected_shape, dtype, layer):
@@ -129,7 +120,7 @@ def _check_grad(grad_out, expected_shape, dtype, layer):
             f"{layer}: grad_out must have the forward output's shape {tuple(expected_shape)}, "
             f"got {grad_out.shape}"
         )
-    _check_finite_fast(grad_out, "grad_out", layer)
+    check_finite(grad_out, "grad_out", layer)
     return np.ascontiguousarray(grad_out, dtype=dtype)
 
 
@@ -259,7 +250,7 @@ class ReLU(Module):
 
     def forward(self, x):
         x = as_float_array(x, "x", where="ReLU")
-        _check_finite_fast(x, "x", "ReLU")
+        check_finite(x, "x", "ReLU")
         self._mask = x > 0
         self._dtype = x.dtype
         return np.maximum(x, 0, dtype=x.dtype)
