@@ -14,6 +14,8 @@ with TF32 off, so both sides do float32 arithmetic.
 ``--simulate`` runs the same code paths on tiny inputs in numba's CUDA simulator and
 checks them against tinyfrcnn's CPU path instead of torch (the times mean nothing
 there). Without a GPU and without ``--simulate`` the script says so and exits 0.
+numba-cuda 0.30 needs NumPy below 2.5 (it calls ``np.row_stack``): install
+``numpy<2.5`` beside torch if importing numba.cuda fails with that error.
 """
 
 import argparse
