@@ -30,6 +30,7 @@ from .checks import as_float_array, check_boxes, check_finite, check_number, pai
 from .device import grid_1d, is_device_array, on_device
 
 FLT_MAX = float(np.finfo(np.float32).max)
+SAMPLE_TABLE_ROWS = 1 << 21  # RoIAlign CPU: most samples tabulated at once (64 MiB in float64)
 
 
 # --------------------------------------------------------------------------- validation
@@ -138,30 +139,27 @@ def _pool_bins(rois, spatial_scale, pooled_h, pooled_w, height, width):
 
 
 @njit(cache=True, parallel=True)
-def _roi_pool_forward_cpu(features, batch, hstart, hend, wstart, wend, out, argmax):
+def _roi_pool_forward_cpu(planes, batch, hstart, hend, wstart, wend, out, argmax):
+    # planes: the features as (N * C, H, W).
     R, C, PH, PW = out.shape
-    H, W = features.shape[2], features.shape[3]
+    H, W = planes.shape[1], planes.shape[2]
     for rc in prange(R * C):
         r = rc // C
         c = rc - r * C
-        n = batch[r]
-        base = (n * C + c) * H * W
+        p = batch[r] * C + c
+        plane = planes[p]
         for i in range(PH):
             for j in range(PW):
-                if hend[r, i] <= hstart[r, i] or wend[r, j] <= wstart[r, j]:
-                    out[r, c, i, j] = 0
-                    argmax[r, c, i, j] = -1
-                    continue
-                best = -FLT_MAX
+                best = -FLT_MAX if hend[r, i] > hstart[r, i] and wend[r, j] > wstart[r, j] else 0.0
                 best_at = -1
                 for y in range(hstart[r, i], hend[r, i]):
+                    row = plane[y]
                     for x in range(wstart[r, j], wend[r, j]):
-                        v = features[n, c, y, x]
-                        if v > best:
-                            best = v
-                            best_at = base + y * W + x
+                        if row[x] > best:
+                            best = row[x]
+                            best_at = y * W + x
                 out[r, c, i, j] = best
-                argmax[r, c, i, j] = best_at
+                argmax[r, c, i, j] = p * H * W + best_at if best_at >= 0 else -1
 
 
 @njit(cache=True, parallel=True)
@@ -246,7 +244,8 @@ def roi_pool(features, rois, output_size, spatial_scale):
         blocks, threads = grid_1d(out.size)
         _roi_pool_forward_cuda[blocks, threads](features, batch, *bins, out, argmax)
     else:
-        _roi_pool_forward_cpu(np.ascontiguousarray(features), batch, *bins, out, argmax)
+        planes = np.ascontiguousarray(features).reshape(N * C, H, W)  # (N * C, H, W)
+        _roi_pool_forward_cpu(planes, batch, *bins, out, argmax)
     return out, argmax
 
 
@@ -411,7 +410,6 @@ def _axis_sample(t, size):
 
 
 _axis_sample_cpu = njit(cache=True)(_axis_sample)
-_axis_sample_cuda = cuda.jit(device=True)(_axis_sample)
 
 
 @njit(cache=True)
@@ -431,61 +429,96 @@ def _axis_table(start, bin_size, pooled, grid, size):
 
 
 @njit(cache=True, parallel=True)
-def _roi_align_forward_cpu(features, batch, y0, x0, bin_h, bin_w, grid_h, grid_w, out):
-    R, C, PH, PW = out.shape
-    H, W = features.shape[2], features.shape[3]
-    for r in prange(R):
+def _align_tables(y0, x0, bin_h, bin_w, grid_h, grid_w, offsets, PH, PW, H, W):
+    """Every sample of every bin of every RoI, as four flat plane positions and bilinear weights.
+
+    Samples of RoI r, bin (i, j) are rows offsets[r] + (i * PW + j) * gh * gw onwards.
+    Samples off the map get weight 0. Returns pos (S, 4) uint64 (unsigned, so indexing
+    skips numba's negative-index check) and weight (S, 4) in the RoIs' dtype.
+    """
+    pos = np.zeros((offsets[-1], 4), np.uint64)
+    weight = np.zeros((offsets[-1], 4), y0.dtype)
+    for r in prange(len(y0)):
         gh, gw = grid_h[r], grid_w[r]
         yl, yh, ly, yin = _axis_table(y0[r], bin_h[r], PH, gh, H)
         xl, xh, lx, xin = _axis_table(x0[r], bin_w[r], PW, gw, W)
-        count = max(gh * gw, 1)
-        n = batch[r]
-        for c in range(C):
-            for i in range(PH):
-                for j in range(PW):
-                    total = 0.0
-                    for a in range(i * gh, (i + 1) * gh):
-                        if not yin[a]:
-                            continue
-                        for b in range(j * gw, (j + 1) * gw):
-                            if not xin[b]:
-                                continue
+        k = np.int64(offsets[r])
+        for i in range(PH):
+            for j in range(PW):
+                for a in range(i * gh, (i + 1) * gh):
+                    for b in range(j * gw, (j + 1) * gw):
+                        if yin[a] and xin[b]:
                             hy, hx = 1.0 - ly[a], 1.0 - lx[b]
-                            total += (hy * hx * features[n, c, yl[a], xl[b]]
-                                      + hy * lx[b] * features[n, c, yl[a], xh[b]]
-                                      + ly[a] * hx * features[n, c, yh[a], xl[b]]
-                                      + ly[a] * lx[b] * features[n, c, yh[a], xh[b]])
-                    out[r, c, i, j] = total / count
+                            pos[k, 0], weight[k, 0] = yl[a] * W + xl[b], hy * hx
+                            pos[k, 1], weight[k, 1] = yl[a] * W + xh[b], hy * lx[b]
+                            pos[k, 2], weight[k, 2] = yh[a] * W + xl[b], ly[a] * hx
+                            pos[k, 3], weight[k, 3] = yh[a] * W + xh[b], ly[a] * lx[b]
+                        k += 1
+    return pos, weight
 
 
 @njit(cache=True, parallel=True)
-def _roi_align_backward_cpu(grad_out, batch, y0, x0, bin_h, bin_w, grid_h, grid_w, grad_in):
+def _roi_align_forward_cpu(planes, batch, offsets, pos, weight, out):
+    # planes: the features as (N * C, H * W); offsets unsigned like pos. Sums run in the
+    # features' dtype, as torchvision's do.
+    R, C, PH, PW = out.shape
+    zero = weight.dtype.type(0)
+    one = offsets.dtype.type(1)
+    for rc in prange(R * C):
+        r = rc // C
+        c = rc - r * C
+        plane = planes[batch[r] * C + c]
+        samples = np.int64(offsets[r + 1] - offsets[r]) // (PH * PW)
+        k = offsets[r]
+        for i in range(PH):
+            for j in range(PW):
+                total = zero
+                for _ in range(samples):
+                    total += (weight[k, 0] * plane[pos[k, 0]] + weight[k, 1] * plane[pos[k, 1]]
+                              + weight[k, 2] * plane[pos[k, 2]] + weight[k, 3] * plane[pos[k, 3]])
+                    k += one
+                out[r, c, i, j] = total / max(samples, 1)
+
+
+@njit(cache=True, parallel=True)
+def _roi_align_backward_cpu(grad_out, batch, offsets, pos, weight, grad_planes):
     # Parallel over channels: a channel's gradients only land in that channel's planes.
     R, C, PH, PW = grad_out.shape
-    H, W = grad_in.shape[2], grad_in.shape[3]
+    one = offsets.dtype.type(1)
     for c in prange(C):
         for r in range(R):
-            gh, gw = grid_h[r], grid_w[r]
-            yl, yh, ly, yin = _axis_table(y0[r], bin_h[r], PH, gh, H)
-            xl, xh, lx, xin = _axis_table(x0[r], bin_w[r], PW, gw, W)
-            count = max(gh * gw, 1)
-            n = batch[r]
+            plane = grad_planes[batch[r] * C + c]
+            samples = np.int64(offsets[r + 1] - offsets[r]) // (PH * PW)
+            k = offsets[r]
             for i in range(PH):
                 for j in range(PW):
-                    g = grad_out[r, c, i, j] / count
-                    for a in range(i * gh, (i + 1) * gh):
-                        if not yin[a]:
-                            continue
-                        for b in range(j * gw, (j + 1) * gw):
-                            if not xin[b]:
-                                continue
-                            hy, hx = 1.0 - ly[a], 1.0 - lx[b]
-                            grad_in[n, c, yl[a], xl[b]] += g * hy * hx
-                            grad_in[n, c, yl[a], xh[b]] += g * hy * lx[b]
-                            grad_in[n, c, yh[a], xl[b]] += g * ly[a] * hx
-                            grad_in[n, c, yh[a], xh[b]] += g * ly[a] * lx[b]
+                    g = grad_out[r, c, i, j] / max(samples, 1)
+                    for _ in range(samples):
+                        for q in range(4):
+                            plane[pos[k, q]] += g * weight[k, q]
+                        k += one
 
 
+def _sample_tables(geometry, batch, pooled_h, pooled_w, height, width):
+    """Yield (lo, hi, (batch, offsets, pos, weight)) for runs of RoIs whose tables hold at
+    most ``SAMPLE_TABLE_ROWS`` samples (or one RoI), so memory stays bounded for huge RoIs."""
+    limit = SAMPLE_TABLE_ROWS
+    counts = geometry[4] * geometry[5] * (pooled_h * pooled_w)  # (R,)
+    bounds, start, total = [], 0, 0
+    for r, n in enumerate(counts.tolist()):
+        if total + n > limit and r > start:
+            bounds.append((start, r))
+            start, total = r, 0
+        total += n
+    bounds.append((start, len(counts)))
+    for lo, hi in bounds:
+        offsets = np.concatenate([[0], np.cumsum(counts[lo:hi])]).astype(np.uint64)  # (hi - lo + 1,)
+        pos, weight = _align_tables(*(g[lo:hi] for g in geometry), offsets, pooled_h, pooled_w, height, width)
+        yield lo, hi, (batch[lo:hi], offsets, pos, weight)
+
+
+# The CUDA kernels spell out _axis_sample: a device function would need a GPU present
+# just to compile the kernels to PTX.
 @cuda.jit
 def _roi_align_forward_cuda(features, batch, y0, x0, bin_h, bin_w, grid_h, grid_w, out):
     R, C, PH, PW = out.shape
@@ -502,14 +535,26 @@ def _roi_align_forward_cuda(features, batch, y0, x0, bin_h, bin_w, grid_h, grid_
     total = 0.0
     for iy in range(gh):
         y = y0[r] + i * bin_h[r] + (iy + 0.5) * bin_h[r] / gh
-        yl, yh, ly, yin = _axis_sample_cuda(y, H)
-        if not yin:
+        if y < -1.0 or y > H:
             continue
+        y = max(y, 0.0)
+        yl = int(y)
+        yh = yl + 1
+        ly = y - yl
+        if yl >= H - 1:
+            yl = yh = H - 1
+            ly = 0.0
         for ix in range(gw):
             x = x0[r] + j * bin_w[r] + (ix + 0.5) * bin_w[r] / gw
-            xl, xh, lx, xin = _axis_sample_cuda(x, W)
-            if not xin:
+            if x < -1.0 or x > W:
                 continue
+            x = max(x, 0.0)
+            xl = int(x)
+            xh = xl + 1
+            lx = x - xl
+            if xl >= W - 1:
+                xl = xh = W - 1
+                lx = 0.0
             hy, hx = 1.0 - ly, 1.0 - lx
             total += (hy * hx * features[n, c, yl, xl] + hy * lx * features[n, c, yl, xh]
                       + ly * hx * features[n, c, yh, xl] + ly * lx * features[n, c, yh, xh])
@@ -532,14 +577,26 @@ def _roi_align_backward_cuda(grad_out, batch, y0, x0, bin_h, bin_w, grid_h, grid
     g = grad_out[r, c, i, j] / max(gh * gw, 1)
     for iy in range(gh):
         y = y0[r] + i * bin_h[r] + (iy + 0.5) * bin_h[r] / gh
-        yl, yh, ly, yin = _axis_sample_cuda(y, H)
-        if not yin:
+        if y < -1.0 or y > H:
             continue
+        y = max(y, 0.0)
+        yl = int(y)
+        yh = yl + 1
+        ly = y - yl
+        if yl >= H - 1:
+            yl = yh = H - 1
+            ly = 0.0
         for ix in range(gw):
             x = x0[r] + j * bin_w[r] + (ix + 0.5) * bin_w[r] / gw
-            xl, xh, lx, xin = _axis_sample_cuda(x, W)
-            if not xin:
+            if x < -1.0 or x > W:
                 continue
+            x = max(x, 0.0)
+            xl = int(x)
+            xh = xl + 1
+            lx = x - xl
+            if xl >= W - 1:
+                xl = xh = W - 1
+                lx = 0.0
             hy, hx = 1.0 - ly, 1.0 - lx
             cuda.atomic.add(grad_in, (n, c, yl, xl), g * hy * hx)
             cuda.atomic.add(grad_in, (n, c, yl, xh), g * hy * lx)
@@ -579,7 +636,10 @@ def roi_align(features, rois, output_size, spatial_scale, sampling_ratio=-1, ali
         blocks, threads = grid_1d(out.size)
         _roi_align_forward_cuda[blocks, threads](features, batch, *geometry, out)
     else:
-        _roi_align_forward_cpu(np.ascontiguousarray(features), batch, *geometry, out)
+        N, C, H, W = features.shape
+        planes = np.ascontiguousarray(features).reshape(N * C, H * W)  # (N * C, H * W)
+        for lo, hi, tables in _sample_tables(geometry, batch, ph, pw, H, W):
+            _roi_align_forward_cpu(planes, *tables, out[lo:hi])
     return out
 
 
@@ -610,7 +670,11 @@ def roi_align_backward(grad_out, rois, features_shape, spatial_scale, sampling_r
         blocks, threads = grid_1d(grad_out.size)
         _roi_align_backward_cuda[blocks, threads](grad_out, batch, *geometry, grad_in)
     else:
-        _roi_align_backward_cpu(np.ascontiguousarray(grad_out), batch, *geometry, grad_in)
+        N, C, H, W = shape
+        grad_planes = grad_in.reshape(N * C, H * W)  # (N * C, H * W), a view
+        grad_out = np.ascontiguousarray(grad_out)
+        for lo, hi, tables in _sample_tables(geometry, batch, ph, pw, H, W):
+            _roi_align_backward_cpu(grad_out[lo:hi], *tables, grad_planes)
     return grad_in
 
 
