@@ -28,9 +28,29 @@ from .targets import anchor_targets, sample_labels, sample_proposals
 CHECKPOINT_FORMAT = "tinyfrcnn-checkpoint-1"
 
 
+class NonFiniteLoss(FloatingPointError):
+    """A loss term (or the network output it is computed from) became NaN or inf."""
+
+    def __init__(self, term, value, detail="", step=None):
+        self.term, self.value, self.detail, self.step = term, value, detail, step
+        super().__init__((f"step {step}: " if step is not None else "") + f"loss term {term} is {value}"
+                         + (f" ({detail})" if detail else ""))
+
+
+def _require_finite(array, term, where):
+    if not np.isfinite(array).all():
+        raise NonFiniteLoss(term, "nan" if np.isnan(array).any() else "inf", f"{where} are not finite")
+
+
 @dataclass
 class ModelConfig:
-    """Everything that fixes the network's shape and its training targets."""
+    """Everything that fixes the network's shape and its training targets.
+
+    ``rpn_allowed_border``: anchors crossing the image border by more than this many
+    pixels are ignored in RPN training, as in the paper (which uses 0); a negative value
+    keeps them all, as torchvision does. On 128x128 images half of the anchors cross the
+    border and many objects touch it, so all are kept by default.
+    """
 
     num_classes: int = 3
     backbone_channels: tuple = (16, 32, 64, 64)
@@ -39,6 +59,7 @@ class ModelConfig:
     rpn_mid_channels: int = 64
     rpn_pos_iou: float = 0.7
     rpn_neg_iou: float = 0.3
+    rpn_allowed_border: float = -1.0
     rpn_batch: int = 256
     rpn_pos_fraction: float = 0.5
     rpn_sigma: float = 3.0
@@ -76,25 +97,6 @@ class ModelConfig:
         return cls(**raw)
 
 
-def named_parameters(module, prefix=""):
-    """(name, Parameter) pairs of a module tree, in a fixed order (attribute order)."""
-    out = []
-    items = module.layers if hasattr(module, "layers") and isinstance(module.layers, (list, tuple)) else None
-    if items is not None:
-        for i, layer in enumerate(items):
-            out += named_parameters(layer, f"{prefix}{i}.")
-        return out
-    for name, value in vars(module).items():
-        if isinstance(value, Parameter):
-            out.append((prefix + name, value))
-        elif isinstance(value, Module):
-            out += named_parameters(value, f"{prefix}{name}.")
-        elif isinstance(value, (list, tuple)) and value and all(isinstance(v, Module) for v in value):
-            for i, v in enumerate(value):
-                out += named_parameters(v, f"{prefix}{name}.{i}.")
-    return out
-
-
 class FasterRCNN(Module):
     """Backbone + RPN + Fast R-CNN head sharing the backbone's features."""
 
@@ -118,12 +120,9 @@ class FasterRCNN(Module):
         sizes = np.asarray(config.anchor_sizes, dtype=np.float64)
         return anchors_mod.base_anchors(base_size=1, scales=tuple(sizes), ratios=tuple(config.anchor_ratios))
 
-    def parameters(self):
-        return [p for _, p in self.named_parameters()]
-
-    def named_parameters(self):
-        return (named_parameters(self.backbone, "backbone.") + named_parameters(self.rpn, "rpn.")
-                + named_parameters(self.head, "head."))
+    def named_parameters(self, prefix=""):
+        return (self.backbone.named_parameters(f"{prefix}backbone.") + self.rpn.named_parameters(f"{prefix}rpn.")
+                + self.head.named_parameters(f"{prefix}head."))
 
     def anchors_for(self, feat_height, feat_width):
         """All anchors over a feature grid: (feat_height * feat_width * k, 4)."""
@@ -151,6 +150,8 @@ class FasterRCNN(Module):
         fh, fw = feats.shape[2:]
         anchors = self.anchors_for(fh, fw)  # (A, 4)
         logits, deltas = self.rpn.forward(feats)  # (N, A, 2), (N, A, 4)
+        _require_finite(logits, "rpn_cls", "the RPN's objectness logits")
+        _require_finite(deltas, "rpn_reg", "the RPN's box deltas")
 
         grad_logits = np.zeros_like(logits)
         grad_deltas = np.zeros_like(deltas)
@@ -163,7 +164,8 @@ class FasterRCNN(Module):
             if train_rpn:
                 labels_a, _, reg_targets = anchor_targets(
                     anchors, boxes, pos_iou=cfg.rpn_pos_iou, neg_iou=cfg.rpn_neg_iou,
-                    image_size=(height, width), allowed_border=0)
+                    image_size=(height, width),
+                    allowed_border=None if cfg.rpn_allowed_border < 0 else cfg.rpn_allowed_border)
                 labels_a = sample_labels(labels_a, cfg.rpn_batch, cfg.rpn_pos_fraction, rng=rng)
                 out = rpn_loss(logits[i], deltas[i], labels_a, reg_targets, sigma=cfg.rpn_sigma)
                 rpn_cls += out["loss_cls"] / n
@@ -191,6 +193,8 @@ class FasterRCNN(Module):
         if train_head:
             rois = np.concatenate(rois).astype(feats.dtype)  # (R, 5)
             cls_logits, box_deltas = self.head.forward(feats, rois)  # (R, C+1), (R, 4(C+1))
+            _require_finite(cls_logits, "head_cls", "the head's class logits")
+            _require_finite(box_deltas, "head_box", "the head's box deltas")
             h = head_loss(cls_logits, box_deltas, np.concatenate(roi_labels), np.concatenate(roi_targets),
                           sigma=cfg.head_sigma)
             head_cls, head_box = h["loss_cls"], h["loss_box"]

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from .evaluate import coco_ap
-from .model import FasterRCNN, ModelConfig, read_checkpoint
+from .model import FasterRCNN, ModelConfig, NonFiniteLoss
 from .optim import SGD, warmup_step_lr
 from .shapes import shapes_split
 
@@ -38,6 +38,7 @@ class TrainConfig:
     seed: int = 0
     train_images: int = 4000
     val_images: int = 100
+    image_size: int = 128
     eval_every: int = 500
     checkpoint_every: int = 250
     schedule: str = "joint"
@@ -45,10 +46,6 @@ class TrainConfig:
     @property
     def milestones(self):
         return tuple(int(round(f * self.steps)) for f in self.decay_at)
-
-
-class NonFiniteLoss(RuntimeError):
-    """A loss term became NaN or inf."""
 
 
 def evaluate_model(model, dataset, batch_size=16, progress=None):
@@ -85,7 +82,7 @@ class Trainer:
         self.model = FasterRCNN(model_config or ModelConfig(), rng=np.random.default_rng(self.cfg.seed))
         self.optim = SGD(self.model.parameters(), lr=self.cfg.lr, momentum=self.cfg.momentum,
                          weight_decay=self.cfg.weight_decay)
-        self.data = shapes_split("train", self.cfg.train_images)
+        self.data = shapes_split("train", self.cfg.train_images, image_size=self.cfg.image_size)
         self.out_dir = out_dir
         self.step = 0
         self.history = {k: [] for k in LOSS_TERMS + ("loss", "lr")}
@@ -110,10 +107,13 @@ class Trainer:
         images, boxes, labels = self.data.batch(idx)
         self.optim.lr = self.lr_at(self.step)
         self.optim.zero_grad()
-        losses = self.model.forward(images, boxes, labels, rng=self.rng)
-        for term in LOSS_TERMS:
-            if not math.isfinite(losses[term]):
-                raise NonFiniteLoss(f"step {self.step}: loss term {term} is {losses[term]}")
+        try:
+            losses = self.model.forward(images, boxes, labels, rng=self.rng)
+            for term in LOSS_TERMS:
+                if not math.isfinite(losses[term]):
+                    raise NonFiniteLoss(term, losses[term])
+        except NonFiniteLoss as e:
+            raise NonFiniteLoss(e.term, e.value, e.detail, step=self.step) from None
         self.model.backward()
         self.optim.step()
         for k in LOSS_TERMS + ("loss",):
@@ -128,8 +128,8 @@ class Trainer:
 
     def save(self, path=None):
         path = path or self.checkpoint_path()
-        extra = {f"momentum/{name}": buf for name, buf in zip(
-            (n for n, _ in self.model.named_parameters()), self.optim.momentum_buffers()) if buf is not None}
+        names = [n for n, _ in self.model.named_parameters()]
+        extra = {f"momentum/{n}": b for n, b in zip(names, self.optim.state_dict()["buffers"]) if b is not None}
         extra["train_state"] = json.dumps({
             "step": self.step, "rng": _rng_state_json(self.rng), "order": self._order.tolist(),
             "history": self.history, "evals": self.evals, "train_config": asdict(self.cfg),
@@ -155,7 +155,9 @@ class Trainer:
         self.optim = SGD(model.parameters(), lr=self.cfg.lr, momentum=self.cfg.momentum,
                          weight_decay=self.cfg.weight_decay)
         names = [n for n, _ in model.named_parameters()]
-        self.optim.load_momentum_buffers([extra.get(f"momentum/{n}") for n in names])
+        self.optim.load_state_dict({"lr": self.cfg.lr, "momentum": self.cfg.momentum,
+                                    "weight_decay": self.cfg.weight_decay,
+                                    "buffers": [extra.get(f"momentum/{n}") for n in names]})
         self.step = state["step"]
         self.rng = _rng_from_json(state["rng"])
         self._order = np.asarray(state["order"], dtype=np.int64)
@@ -172,7 +174,7 @@ def train(out_dir, model_config=None, train_config=None, resume=None, progress=T
     os.makedirs(out_dir, exist_ok=True)
     trainer = Trainer.resume(resume, out_dir=out_dir) if resume else Trainer(model_config, train_config, out_dir)
     cfg = trainer.cfg
-    val = shapes_split("val", cfg.val_images) if cfg.val_images else None
+    val = shapes_split("val", cfg.val_images, image_size=cfg.image_size) if cfg.val_images else None
     bar = tqdm(total=cfg.steps, initial=trainer.step, disable=not progress, desc="train", unit="step")
     started = time.perf_counter()
     images_seen = 0
@@ -192,7 +194,9 @@ def train(out_dir, model_config=None, train_config=None, resume=None, progress=T
                 bar.write(f"step {trainer.step}: val AP {ap['AP']:.3f}  AP50 {ap['AP50']:.3f}")
     except NonFiniteLoss as e:
         bar.close()
-        raise NonFiniteLoss(f"{e}; training stopped, the last good checkpoint is {trainer.checkpoint_path()}") from None
+        detail = "; ".join(filter(None, [e.detail, f"training stopped, the last good checkpoint is "
+                                                   f"{trainer.checkpoint_path()}"]))
+        raise NonFiniteLoss(e.term, e.value, detail, step=e.step) from None
     except KeyboardInterrupt:
         bar.close()
         path = trainer.save()
@@ -254,7 +258,7 @@ def train_alternating(out_dir, model_config=None, train_config=None, progress=Tr
     mc = model_config or ModelConfig()
     os.makedirs(out_dir, exist_ok=True)
     rng = np.random.default_rng(cfg.seed)
-    data = shapes_split("train", cfg.train_images)
+    data = shapes_split("train", cfg.train_images, image_size=cfg.image_size)
     rpn_net = FasterRCNN(mc, rng=np.random.default_rng(cfg.seed))
     det_net = FasterRCNN(mc, rng=np.random.default_rng(cfg.seed + 1))
     quarter = max(1, cfg.steps // 4)
@@ -275,7 +279,7 @@ def train_alternating(out_dir, model_config=None, train_config=None, progress=Tr
                                    proposals=props)
             for term in LOSS_TERMS:
                 if not math.isfinite(losses[term]):
-                    raise NonFiniteLoss(f"{name}, step {step}: loss term {term} is {losses[term]}")
+                    raise NonFiniteLoss(term, losses[term], name, step=step)
             model.backward(train_backbone=train_backbone)
             optim.step()
             for k in LOSS_TERMS + ("loss",):

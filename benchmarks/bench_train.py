@@ -1,0 +1,98 @@
+"""Training throughput of the detector on the CPU, with a breakdown by stage.
+
+    python benchmarks/bench_train.py [--batch-size 4] [--steps 20] [--threads 2]
+
+Times full SGD steps (data generation, forward, losses, backward, update) with the
+default configuration at 128x128, after warm-up steps that compile the kernels, and
+then each stage on its own on one batch, so that the table shows where a step's time
+goes.
+"""
+
+import argparse
+import os
+import time
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    os.environ.setdefault("NUMBA_NUM_THREADS", str(args.threads))
+
+    import numpy as np
+
+    from tinyfrcnn.rpn import generate_proposals
+    from tinyfrcnn.targets import anchor_targets, sample_labels, sample_proposals
+    from tinyfrcnn.train import Trainer, TrainConfig
+
+    cfg = TrainConfig(batch_size=args.batch_size, steps=10**6, val_images=0, warmup_steps=0)
+    trainer = Trainer(train_config=cfg)
+    for _ in range(args.warmup):
+        trainer.train_step()
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        trainer.train_step()
+    per_step = (time.perf_counter() - start) / args.steps
+
+    model, mc = trainer.model, trainer.model.config
+    images, boxes, labels = trainer.data.batch(list(range(args.batch_size)))
+    rng = np.random.default_rng(0)
+
+    def timed(fn, repeat=5):
+        fn()
+        t = time.perf_counter()
+        for _ in range(repeat):
+            out = fn()
+        return (time.perf_counter() - t) / repeat, out
+
+    rows = []
+    t, _ = timed(lambda: trainer.data.batch(list(range(args.batch_size))))
+    rows.append(("generate the batch", t))
+    t, feats = timed(lambda: model.backbone.forward(images))
+    rows.append(("backbone forward", t))
+    t, (logits, deltas) = timed(lambda: model.rpn.forward(feats))
+    rows.append(("RPN head forward", t))
+    anchors = model.anchors_for(*feats.shape[2:])
+
+    def targets():
+        for i in range(len(images)):
+            lab, _, _ = anchor_targets(anchors, boxes[i], image_size=images.shape[2:], allowed_border=0)
+            sample_labels(lab, mc.rpn_batch, mc.rpn_pos_fraction, rng=rng)
+    rows.append(("anchor targets + sampling", timed(targets)[0]))
+
+    def proposals():
+        return [generate_proposals(logits[i], deltas[i], anchors, images.shape[2:], mc.rpn_pre_nms_train,
+                                   mc.rpn_post_nms_train, nms_thresh=mc.rpn_nms, min_size=mc.rpn_min_size)[0]
+                for i in range(len(images))]
+    t, props = timed(proposals)
+    rows.append(("proposal layer (decode, NMS)", t))
+
+    def roi_sampling():
+        rois = []
+        for i in range(len(images)):
+            s = sample_proposals(props[i], boxes[i], labels[i], num_samples=mc.roi_batch, rng=rng)
+            rois.append(np.concatenate([np.full((len(s["rois"]), 1), i, np.float32), s["rois"]], axis=1))
+        return np.concatenate(rois).astype(np.float32)
+    t, rois = timed(roi_sampling)
+    rows.append(("proposal sampling", t))
+    t, (cls_logits, box_deltas) = timed(lambda: model.head.forward(feats, rois))
+    rows.append(("head forward (RoI pool + fc)", t))
+    rows.append(("head backward", timed(lambda: model.head.backward(np.ones_like(cls_logits), np.ones_like(box_deltas)))[0]))
+    rows.append(("RPN head backward", timed(lambda: model.rpn.backward(np.ones_like(logits), np.ones_like(deltas)))[0]))
+    rows.append(("backbone backward", timed(lambda: model.backbone.backward(np.ones_like(feats)))[0]))
+
+    print(f"threads: {args.threads}   batch: {args.batch_size} images of 128x128   pooling: {mc.pooling}")
+    print(f"full SGD step: {per_step * 1000:8.1f} ms   throughput: {args.batch_size / per_step:6.1f} images/s")
+    print()
+    print(f"{'stage (one batch, measured alone)':36s} {'ms':>8s} {'share':>7s}")
+    total = sum(t for _, t in rows)
+    for name, t in rows:
+        print(f"{name:36s} {t * 1000:8.1f} {t / total:7.1%}")
+    print(f"{'sum of stages':36s} {total * 1000:8.1f}")
+
+
+if __name__ == "__main__":
+    main()

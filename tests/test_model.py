@@ -1,0 +1,132 @@
+"""FasterRCNN: end-to-end gradients, detection output, checkpoints."""
+
+import os
+
+import numpy as np
+import pytest
+
+from tinyfrcnn.model import FasterRCNN, ModelConfig, read_checkpoint
+from tinyfrcnn.shapes import ShapesDataset
+
+TINY = ModelConfig(
+    backbone_channels=(4, 4, 8, 8), rpn_mid_channels=8, head_hidden=16, pool_size=3,
+    rpn_batch=32, roi_batch=8, rpn_pre_nms_train=200, rpn_post_nms_train=30,
+    rpn_pre_nms_test=100, rpn_post_nms_test=20,
+)
+
+
+def tiny_batch(n=2, size=64, seed=0):
+    ds = ShapesDataset(n, image_size=size, seed=seed)
+    return ds.batch(list(range(n)))
+
+
+def test_one_training_step_gradients_match_central_differences():
+    """The whole step: backbone -> RPN (+ loss) and proposals -> head (+ loss), float64.
+
+    Proposals are held fixed (they are constants in approximate joint training), and the
+    sampling generator is re-seeded for every evaluation, so the loss is a smooth
+    function of the parameters."""
+    images, boxes, labels = tiny_batch()
+    images = images.astype(np.float64)
+    model = FasterRCNN(TINY, rng=np.random.default_rng(1)).astype(np.float64)
+    props = [p for p, _ in model.propose(images)]
+
+    def loss():
+        return model.forward(images, boxes, labels, rng=np.random.default_rng(7), proposals=props)["loss"]
+
+    model.zero_grad()
+    loss()
+    model.backward()
+    rng = np.random.default_rng(3)
+    worst = 0.0
+    checked = 0
+    for name, p in model.named_parameters():
+        flat = p.data.reshape(-1)
+        grad = p.grad.reshape(-1)
+        for j in rng.choice(flat.size, size=min(3, flat.size), replace=False):
+            old = flat[j]
+            flat[j] = old + 1e-6
+            up = loss()
+            flat[j] = old - 1e-6
+            down = loss()
+            flat[j] = old
+            numeric = (up - down) / 2e-6
+            err = abs(numeric - grad[j]) / max(abs(numeric) + abs(grad[j]), 1e-7)
+            assert err < 1e-5, f"{name}[{j}]: analytic {grad[j]:.8g} numeric {numeric:.8g}"
+            worst = max(worst, err)
+            checked += 1
+    assert checked > 30
+
+
+def test_detect_output_format():
+    images, _, _ = tiny_batch(2)
+    model = FasterRCNN(TINY, rng=np.random.default_rng(0))
+    dets = model.detect(images)
+    assert len(dets) == 2
+    for d in dets:
+        assert d["boxes"].ndim == 2 and d["boxes"].shape[1] == 4
+        assert d["scores"].shape == d["labels"].shape == (len(d["boxes"]),)
+        assert len(d["boxes"]) <= TINY.max_detections
+        if len(d["labels"]):
+            assert d["labels"].min() >= 1 and d["labels"].max() <= TINY.num_classes
+            assert (d["boxes"] >= 0).all() and (d["boxes"][:, [0, 2]] <= 64).all()
+
+
+def test_images_without_objects_train():
+    images, _, _ = tiny_batch(2)
+    model = FasterRCNN(TINY, rng=np.random.default_rng(0))
+    empty = [np.zeros((0, 4), np.float32)] * 2
+    losses = model.forward(images, empty, [np.zeros(0, np.int64)] * 2, rng=np.random.default_rng(0))
+    model.backward()
+    assert np.isfinite(losses["loss"])
+    assert losses["rpn_reg"] == 0 and losses["head_box"] == 0
+    assert any(np.abs(p.grad).sum() > 0 for p in model.parameters())
+
+
+def test_checkpoint_round_trip_is_exact(tmp_path):
+    model = FasterRCNN(TINY, rng=np.random.default_rng(5))
+    path = str(tmp_path / "m.npz")
+    model.save(path)
+    loaded, _ = FasterRCNN.load(path)
+    assert loaded.config == model.config
+    for (n1, p1), (n2, p2) in zip(model.named_parameters(), loaded.named_parameters()):
+        assert n1 == n2
+        np.testing.assert_array_equal(p1.data, p2.data)
+    images, _, _ = tiny_batch(1)
+    a, b = model.detect(images)[0], loaded.detect(images)[0]
+    np.testing.assert_array_equal(a["boxes"], b["boxes"])
+    assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp")]
+
+
+def test_bad_checkpoints_are_clear_errors(tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        FasterRCNN.load(str(tmp_path / "missing.npz"))
+    junk = tmp_path / "junk.npz"
+    junk.write_bytes(b"not a zip file")
+    with pytest.raises(ValueError, match="not a tinyfrcnn checkpoint"):
+        FasterRCNN.load(str(junk))
+    other = tmp_path / "other.npz"
+    np.savez(other, x=np.zeros(3))
+    with pytest.raises(ValueError, match="not a tinyfrcnn checkpoint"):
+        read_checkpoint(str(other))
+    # a checkpoint of another configuration
+    model = FasterRCNN(TINY, rng=np.random.default_rng(0))
+    path = str(tmp_path / "m.npz")
+    model.save(path)
+    with pytest.raises(ValueError, match="shape"):
+        FasterRCNN(ModelConfig()).load_state_dict(FasterRCNN.load(path)[0].state_dict())
+
+
+def test_forward_rejects_bad_input():
+    model = FasterRCNN(TINY, rng=np.random.default_rng(0))
+    images, boxes, labels = tiny_batch(2)
+    with pytest.raises(ValueError, match="images"):
+        model.forward(images[0], boxes, labels, rng=np.random.default_rng(0))
+    with pytest.raises(ValueError, match="gt_boxes"):
+        model.forward(images, boxes[:1], labels, rng=np.random.default_rng(0))
+    bad = images.copy()
+    bad[0, 0, 0, 0] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        model.detect(bad)
+    with pytest.raises(ValueError, match="backward"):
+        FasterRCNN(TINY).backward()

@@ -1,0 +1,80 @@
+"""Training: the loss goes down, runs repeat under a seed, resume continues exactly."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from test_model import TINY
+from tinyfrcnn.train import NonFiniteLoss, Trainer, TrainConfig, train
+
+
+def tiny_train_config(**kw):
+    base = dict(steps=6, batch_size=2, lr=0.01, warmup_steps=2, train_images=16, val_images=0,
+                image_size=64, eval_every=0, checkpoint_every=0, seed=3)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_same_seed_same_losses():
+    a = Trainer(TINY, tiny_train_config())
+    b = Trainer(TINY, tiny_train_config())
+    for _ in range(3):
+        la, lb = a.train_step(), b.train_step()
+        assert la == lb
+    c = Trainer(TINY, tiny_train_config(seed=4))
+    assert c.train_step() != Trainer(TINY, tiny_train_config()).train_step()
+
+
+def test_loss_goes_down_on_a_fixed_batch():
+    t = Trainer(TINY, tiny_train_config(lr=0.02, train_images=2, batch_size=2, warmup_steps=0))
+    first = t.train_step()["loss"]
+    for _ in range(40):
+        last = t.train_step()["loss"]
+    assert last < 0.7 * first, (first, last)
+
+
+def test_resume_gives_the_same_next_loss(tmp_path):
+    full = Trainer(TINY, tiny_train_config(), out_dir=str(tmp_path / "a"))
+    for _ in range(3):
+        full.train_step()
+    os.makedirs(tmp_path / "a", exist_ok=True)
+    path = full.save()
+    expected = [full.train_step() for _ in range(2)]
+    resumed = Trainer.resume(path, out_dir=str(tmp_path / "b"))
+    assert resumed.step == 3
+    assert [resumed.train_step() for _ in range(2)] == expected
+
+
+def test_train_writes_checkpoint_curve_and_metrics(tmp_path):
+    out = str(tmp_path / "run")
+    trainer = train(out, TINY, tiny_train_config(steps=4, val_images=4, eval_every=4), progress=False)
+    for name in ("checkpoint.npz", "loss_curve.png", "metrics.json"):
+        assert os.path.isfile(os.path.join(out, name)), name
+    metrics = json.load(open(os.path.join(out, "metrics.json")))
+    assert metrics["steps"] == 4 and len(metrics["val"]) == 1
+    assert 0.0 <= metrics["val"][0]["AP"] <= 1.0
+    assert trainer.step == 4
+
+
+def test_non_finite_loss_stops_with_a_message_naming_step_and_term(tmp_path):
+    out = str(tmp_path / "run")
+    t = train(out, TINY, tiny_train_config(steps=2, checkpoint_every=1), progress=False)
+    good = open(t.checkpoint_path(), "rb").read()
+    t.cfg.steps = 4
+    head_forward = t.model.head.forward
+
+    def diverged(features, rois):
+        cls_logits, box_deltas = head_forward(features, rois)
+        return cls_logits * np.float32(np.inf), box_deltas
+
+    t.model.head.forward = diverged
+    with pytest.raises(NonFiniteLoss, match=r"step 2: loss term head_cls is (nan|inf)"):
+        t.train_step()
+    assert open(t.checkpoint_path(), "rb").read() == good
+
+
+def test_bad_schedule_is_rejected():
+    with pytest.raises(ValueError, match="schedule"):
+        Trainer(TINY, tiny_train_config(schedule="sideways"))
