@@ -113,7 +113,8 @@ def cpu(inputs):
             tboxes, tscores = torch.from_numpy(boxes), torch.from_numpy(scores)
             tv = best_ms(lambda: torchvision.ops.nms(tboxes, tscores, 0.7), args.repeats)
             assert np.array_equal(keep, torchvision.ops.nms(tboxes, tscores, 0.7).numpy())
-        rows.append([f"{name} 6000 (kept {len(keep)})", fmt(ours), fmt(ref), fmt(tv), ratio(ours, ref), ratio(ours, tv)])
+        label = f"{name} 6000 (kept {len(keep)})"
+        rows.append([label, fmt(ours), fmt(ref), fmt(tv), ratio(ours, ref), ratio(ours, tv)])
     print(f"CPU, {args.threads} threads, float32, best of {args.repeats} runs, times in ms")
     table(rows, ["op", "tinyfrcnn", "numpy ref", "torchvision", "vs ref", "vs torchvision"])
 
@@ -152,8 +153,10 @@ def gpu(inputs):
         tv = best_ms(lambda: torchvision.ops.nms(tboxes, tscores, 0.7), args.repeats, sync)
         same = np.array_equal(nms(dboxes, dscores, 0.7).copy_to_host(), nms(boxes, scores, 0.7))
         rows.append([f"{name} 6000", fmt(ours), fmt(tv), ratio(ours, tv), f"same as CPU: {same}"])
-    print(f"CUDA ({cuda.get_current_device().name.decode() if isinstance(cuda.get_current_device().name, bytes) else cuda.get_current_device().name}), "
-          f"float32, best of {args.repeats} runs, times in ms (tinyfrcnn's nms includes its host sort and mask pass)")
+    name = cuda.get_current_device().name
+    name = name.decode() if isinstance(name, bytes) else name
+    print(f"CUDA ({name}), float32, best of {args.repeats} runs, times in ms "
+          "(tinyfrcnn's nms includes its host sort and mask pass)")
     table(rows, ["op", "tinyfrcnn", "torchvision", "ratio", "check"])
 
 

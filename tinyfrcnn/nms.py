@@ -14,7 +14,7 @@ from numba import cuda, float32, float64, int64, njit, uint64
 
 from .boxes import rounded_ops
 from .checks import as_array, as_float_array, check_boxes, check_finite, check_number
-from .device import is_device_array, on_device, to_device, to_host
+from .device import on_device, to_device, to_host
 
 BLOCK = 64  # boxes per CUDA block: one bit each in a uint64 mask word
 
