@@ -1,0 +1,369 @@
+"""RoI max pooling and RoIAlign: hand-worked cases, references, gradients, CUDA, bad input."""
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from numba import cuda
+
+from ptx import assert_compiles_to_ptx
+from tinyfrcnn import roi
+from tinyfrcnn.roi import (RoIAlign, RoIPool, _roi_align_reference, _roi_pool_reference, roi_align,
+                           roi_align_backward, roi_pool, roi_pool_backward)
+
+
+def grid_features(h=4, w=4):
+    return np.arange(h * w, dtype=np.float64).reshape(1, 1, h, w)  # (1, 1, H, W)
+
+
+def random_rois(rng, n, n_images, height, width, spill=0.3):
+    """RoIs in image coordinates, some crossing or beyond the edges, some tiny."""
+    x1 = rng.uniform(-spill * width, width * (1 + spill), n)
+    y1 = rng.uniform(-spill * height, height * (1 + spill), n)
+    w = rng.uniform(0, width * 0.7, n) * (rng.random(n) > 0.1)
+    h = rng.uniform(0, height * 0.7, n) * (rng.random(n) > 0.1)
+    return np.column_stack([rng.integers(0, n_images, n), x1, y1, x1 + w, y1 + h])  # (n, 5)
+
+
+def distinct_features(rng, shape):
+    """Values that are all different, so max pooling has no ties."""
+    return (rng.permutation(int(np.prod(shape))).reshape(shape) + rng.uniform(0.1, 0.4, shape)).astype(np.float64)
+
+
+# --------------------------------------------------------------------------- RoI max pooling by hand
+
+
+def test_roi_pool_hand_worked_whole_map():
+    out, argmax = roi_pool(grid_features(), np.array([[0, 0, 0, 3, 3]], float), 2, 1.0)
+    # Corners 0..3 -> RoI 4 cells wide, bins [0, 2) and [2, 4): the bottom-right of each quarter wins.
+    assert out[0, 0].tolist() == [[5, 7], [13, 15]]
+    assert argmax[0, 0].tolist() == [[5, 7], [13, 15]]
+
+
+def test_roi_pool_crossing_the_edge_has_empty_bins():
+    out, argmax = roi_pool(grid_features(), np.array([[0, -2, -2, 1, 1]], float), 2, 1.0)
+    # Bins [-2, 0) clip to nothing: output 0, no argmax; bin [0, 2) x [0, 2) holds 0, 1, 4, 5.
+    assert out[0, 0].tolist() == [[0, 0], [0, 5]]
+    assert argmax[0, 0].tolist() == [[-1, -1], [-1, 5]]
+    grad = roi_pool_backward(np.ones_like(out), argmax, (1, 1, 4, 4))
+    assert grad.sum() == 1 and grad[0, 0, 1, 1] == 1
+
+
+def test_roi_pool_single_pixel_roi_feeds_every_bin_and_gradient_accumulates():
+    out, argmax = roi_pool(grid_features(), np.array([[0, 2, 1, 2, 1]], float), 2, 1.0)
+    assert np.all(out == 6) and np.all(argmax == 6)
+    grad = roi_pool_backward(np.full_like(out, 0.5), argmax, (1, 1, 4, 4))
+    assert grad[0, 0, 1, 2] == 2.0 and grad.sum() == 2.0
+
+
+def test_roi_pool_rounds_corners_half_away_from_zero():
+    # scale 0.5: x1 = 1 -> 0.5 -> 1 and x2 = 5 -> 2.5 -> 3 (round-half-even would give 0 and 2).
+    out, argmax = roi_pool(grid_features(), np.array([[0, 1, 1, 5, 5]], float), 1, 0.5)
+    assert out[0, 0, 0, 0] == 15
+    rows = roi._pool_bins(np.array([[0, 1, 1, 5, 5]], float), 0.5, 1, 1, 4, 4)
+    assert [int(a[0, 0]) for a in rows] == [1, 4, 1, 4]
+    assert roi._round_half_away(np.array([-0.5, 0.5, 2.5, -2.5, 0.49999997], np.float32)).tolist() == [-1, 1, 3, -3, 0]
+
+
+def test_roi_pool_ties_keep_the_first_cell_in_row_major_order():
+    out, argmax = roi_pool(np.ones((1, 1, 4, 4)), np.array([[0, 0, 0, 3, 3]], float), 2, 1.0)
+    assert np.all(out == 1) and argmax[0, 0].tolist() == [[0, 2], [8, 10]]
+
+
+def test_roi_pool_roi_wholly_outside_gives_zeros():
+    out, argmax = roi_pool(grid_features(), np.array([[0, 10, 10, 12, 12]], float), 3, 1.0)
+    assert np.all(out == 0) and np.all(argmax == -1)
+    assert np.all(roi_pool_backward(np.ones_like(out), argmax, (1, 1, 4, 4)) == 0)
+
+
+def test_roi_pool_roi_smaller_than_a_bin_repeats_cells():
+    out, _ = roi_pool(grid_features(), np.array([[0, 0, 0, 1, 0]], float), (2, 4), 1.0)
+    # 2 x 1 cells spread over 2 x 4 bins: each bin covers one cell.
+    assert out[0, 0].tolist() == [[0, 0, 1, 1], [0, 0, 1, 1]]
+
+
+# --------------------------------------------------------------------------- RoIAlign by hand
+
+
+def plane_features(h=8, w=8):
+    y, x = np.mgrid[:h, :w]
+    return (2.0 * y + 3.0 * x)[None, None]  # (1, 1, H, W)
+
+
+def test_roi_align_linear_map_gives_value_at_bin_centre():
+    # Bilinear interpolation of a linear map is exact, and the samples sit symmetrically in
+    # each bin, so every bin averages to the map at its centre.
+    f = plane_features()
+    rois = np.array([[0, 1, 1, 5, 5]], float)
+    aligned = roi_align(f, rois, 2, 1.0, aligned=True)  # RoI [0.5, 4.5]: centres 1.5, 3.5
+    assert np.allclose(aligned[0, 0], [[2 * 1.5 + 3 * 1.5, 2 * 1.5 + 3 * 3.5], [2 * 3.5 + 3 * 1.5, 2 * 3.5 + 3 * 3.5]])
+    legacy = roi_align(f, rois, 2, 1.0, aligned=False)  # RoI [1, 5]: centres 2, 4
+    assert np.allclose(legacy[0, 0], [[10, 16], [14, 20]])
+
+
+def test_roi_align_sample_rules_at_the_border():
+    f = plane_features(4, 4) + 1
+    # One sample at y = x = -0.5 (within [-1, 0]): clamped onto cell (0, 0).
+    out = roi_align(f, np.array([[0, -1, -1, 0, 0]], float), 1, 1.0, sampling_ratio=1, aligned=False)
+    assert out[0, 0, 0, 0] == f[0, 0, 0, 0]
+    # Beyond -1: contributes 0.
+    out = roi_align(f, np.array([[0, -3, -3, -2, -2]], float), 1, 1.0, sampling_ratio=1, aligned=False)
+    assert out[0, 0, 0, 0] == 0
+    # Between H - 1 and H: clamped onto the last row and column.
+    out = roi_align(f, np.array([[0, 3, 3, 4, 4]], float), 1, 1.0, sampling_ratio=1, aligned=False)
+    assert out[0, 0, 0, 0] == f[0, 0, 3, 3]
+    # Samples at -2 (dropped) and 0 on each axis: one of the four counts, the mean divides by 4.
+    out = roi_align(f, np.array([[0, -3, -3, 1, 1]], float), 1, 1.0, sampling_ratio=2, aligned=False)
+    assert out[0, 0, 0, 0] == f[0, 0, 0, 0] / 4
+
+
+def test_roi_align_adaptive_grid_is_ceil_of_bin_size():
+    geometry = roi._align_geometry(np.array([[0, 0, 0, 10, 3]], float), 1.0, 2, 2, -1, True)
+    assert geometry[4].tolist() == [2] and geometry[5].tolist() == [5]  # ceil(3/2), ceil(10/2)
+    geometry = roi._align_geometry(np.array([[0, 0, 0, 10, 3]], float), 1.0, 2, 2, 3, True)
+    assert geometry[4].tolist() == [3] and geometry[5].tolist() == [3]
+
+
+def test_roi_align_degenerate_roi_has_no_samples():
+    # aligned: a zero-size RoI has a 0 x 0 grid, so every bin is 0 (as torchvision).
+    out = roi_align(plane_features(), np.array([[0, 2, 2, 2, 2]], float), 2, 1.0)
+    assert np.all(out == 0)
+    # not aligned: the RoI is stretched to 1 x 1 cell.
+    out = roi_align(plane_features(), np.array([[0, 2, 2, 2, 2]], float), 1, 1.0, aligned=False)
+    assert np.allclose(out, 2 * 2.5 + 3 * 2.5)
+
+
+# --------------------------------------------------------------------------- against the references
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_roi_pool_matches_reference(dtype):
+    rng = np.random.default_rng(0)
+    f = rng.standard_normal((2, 3, 9, 11)).astype(dtype)
+    rois = random_rois(rng, 25, 2, 9 / 0.3, 11 / 0.3).astype(dtype)
+    out, argmax = roi_pool(f, rois, (3, 4), 0.3)
+    ref, ref_argmax = _roi_pool_reference(f, rois, (3, 4), 0.3)
+    assert out.dtype == dtype and np.array_equal(out, ref) and np.array_equal(argmax, ref_argmax)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("sampling_ratio,aligned", [(-1, True), (2, True), (-1, False), (1, False)])
+def test_roi_align_matches_reference(dtype, sampling_ratio, aligned):
+    rng = np.random.default_rng(1)
+    f = rng.standard_normal((2, 3, 9, 11)).astype(dtype)
+    rois = random_rois(rng, 20, 2, 9 / 0.5, 11 / 0.5).astype(dtype)
+    out = roi_align(f, rois, (3, 2), 0.5, sampling_ratio, aligned)
+    ref = _roi_align_reference(f, rois, (3, 2), 0.5, sampling_ratio, aligned)
+    tol = 1e-5 if dtype == np.float32 else 1e-12
+    assert out.dtype == dtype and np.allclose(out, ref, atol=tol, rtol=tol)
+
+
+def test_roi_align_cpu_tables_in_chunks(monkeypatch):
+    rng = np.random.default_rng(2)
+    f = rng.standard_normal((2, 2, 7, 8))
+    rois = random_rois(rng, 12, 2, 14, 16)
+    g = rng.standard_normal((12, 2, 3, 3))
+    whole = roi_align(f, rois, 3, 0.5), roi_align_backward(g, rois, f.shape, 0.5)
+    monkeypatch.setattr(roi, "SAMPLE_TABLE_ROWS", 20)
+    parts = roi_align(f, rois, 3, 0.5), roi_align_backward(g, rois, f.shape, 0.5)
+    assert np.allclose(whole[0], parts[0], rtol=1e-14, atol=1e-14)
+    assert np.allclose(whole[1], parts[1], rtol=1e-14, atol=1e-14)
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), n=st.integers(0, 6), ph=st.integers(1, 4), pw=st.integers(1, 4),
+       scale=st.sampled_from([1.0, 0.5, 0.25, 1 / 3]), sampling_ratio=st.integers(-1, 3), aligned=st.booleans())
+def test_properties_match_reference_and_backward_is_adjoint(seed, n, ph, pw, scale, sampling_ratio, aligned):
+    rng = np.random.default_rng(seed)
+    f = rng.standard_normal((2, 2, int(rng.integers(1, 7)), int(rng.integers(1, 7))))
+    rois = random_rois(rng, n, 2, f.shape[2] / scale, f.shape[3] / scale)
+    out, argmax = roi_pool(f, rois, (ph, pw), scale)
+    ref, ref_argmax = _roi_pool_reference(f, rois, (ph, pw), scale)
+    assert np.array_equal(out, ref) and np.array_equal(argmax, ref_argmax)
+    al = roi_align(f, rois, (ph, pw), scale, sampling_ratio, aligned)
+    assert np.allclose(al, _roi_align_reference(f, rois, (ph, pw), scale, sampling_ratio, aligned), atol=1e-12)
+    # Both ops are linear in the features (given the argmax), so the backward is the adjoint:
+    # <op(f), g> = <f, op^T(g)>.
+    g = rng.standard_normal(out.shape)
+    assert np.isclose(np.sum(out * g), np.sum(f * roi_pool_backward(g, argmax, f.shape)), atol=1e-10)
+    assert np.isclose(np.sum(al * g), np.sum(f * roi_align_backward(g, rois, f.shape, scale, sampling_ratio,
+                                                                     aligned)), atol=1e-10)
+
+
+# --------------------------------------------------------------------------- gradients
+
+
+def numeric_grad(fn, x, eps):
+    grad = np.zeros_like(x)
+    for i in np.ndindex(x.shape):
+        keep = x[i]
+        x[i] = keep + eps
+        plus = fn()
+        x[i] = keep - eps
+        minus = fn()
+        x[i] = keep
+        grad[i] = (plus - minus) / (2 * eps)
+    return grad
+
+
+def rel_err(a, b):
+    return np.abs(a - b).max() / max(np.abs(a).max(), np.abs(b).max(), 1e-12)
+
+
+@pytest.mark.parametrize("sampling_ratio,aligned", [(-1, True), (2, False)])
+def test_roi_align_gradient_check(sampling_ratio, aligned):
+    rng = np.random.default_rng(3)
+    f = rng.standard_normal((2, 2, 5, 6))
+    rois = np.array([[0, -3, -2, 9, 7], [1, 2.3, 1.1, 4.4, 3.9], [1, 8, 6, 12, 11], [0, 1, 1, 1.2, 1.3]])
+    g = rng.standard_normal((4, 2, 3, 2))
+    analytic = roi_align_backward(g, rois, f.shape, 0.5, sampling_ratio, aligned)
+    numeric = numeric_grad(lambda: np.sum(roi_align(f, rois, (3, 2), 0.5, sampling_ratio, aligned) * g), f, 1e-6)
+    assert rel_err(analytic, numeric) < 1e-6
+    assert np.abs(analytic).sum() > 0
+
+
+def test_roi_pool_gradient_check():
+    rng = np.random.default_rng(4)
+    f = distinct_features(rng, (2, 2, 5, 6))
+    rois = np.array([[0, -3, -2, 9, 7], [1, 2.3, 1.1, 4.4, 3.9], [1, 2, 2, 2, 2], [0, 0, 0, 11, 9]])
+    g = rng.standard_normal((4, 2, 3, 2))
+    layer = RoIPool((3, 2), 0.5)
+    layer.forward(f, rois)
+    analytic = layer.backward(g)
+    numeric = numeric_grad(lambda: np.sum(roi_pool(f, rois, (3, 2), 0.5)[0] * g), f, 1e-6)
+    assert rel_err(analytic, numeric) < 1e-6
+    assert np.count_nonzero(analytic) > 4
+
+
+def test_layers_match_functions():
+    rng = np.random.default_rng(5)
+    f = rng.standard_normal((1, 3, 6, 6)).astype(np.float32)
+    rois = random_rois(rng, 5, 1, 12, 12).astype(np.float32)
+    g = rng.standard_normal((5, 3, 2, 2)).astype(np.float32)
+    align = RoIAlign(2, 0.5, sampling_ratio=2, aligned=False)
+    assert np.array_equal(align.forward(f, rois), roi_align(f, rois, 2, 0.5, 2, False))
+    assert np.array_equal(align.backward(g), roi_align_backward(g, rois, f.shape, 0.5, 2, False))
+    pool = RoIPool(2, 0.5)
+    out, argmax = roi_pool(f, rois, 2, 0.5)
+    assert np.array_equal(pool.forward(f, rois), out)
+    grad = pool.backward(g)
+    assert grad.dtype == np.float32 and np.array_equal(grad, roi_pool_backward(g, argmax, f.shape))
+    assert pool.parameters() == [] and align.parameters() == []
+
+
+# --------------------------------------------------------------------------- CUDA (simulator) and PTX
+
+
+def test_cuda_kernels_match_cpu():
+    rng = np.random.default_rng(6)
+    f = rng.standard_normal((2, 2, 5, 6))
+    rois = np.array([[0, -3, -2, 9, 7], [1, 2.3, 1.1, 4.4, 3.9], [1, 20, 20, 22, 22], [0, 1, 1, 1, 1]])
+    g = rng.standard_normal((4, 2, 2, 3))
+    d_f, d_r, d_g = cuda.to_device(f), cuda.to_device(rois), cuda.to_device(g)
+
+    out, argmax = roi_pool(f, rois, (2, 3), 0.5)
+    d_out, d_argmax = roi_pool(d_f, d_r, (2, 3), 0.5)
+    assert roi.is_device_array(d_out) and roi.is_device_array(d_argmax)
+    assert np.array_equal(d_out.copy_to_host(), out) and np.array_equal(d_argmax.copy_to_host(), argmax)
+    d_grad = roi_pool_backward(d_g, d_argmax, f.shape)
+    assert np.allclose(d_grad.copy_to_host(), roi_pool_backward(g, argmax, f.shape), atol=1e-14)
+
+    for sampling_ratio, aligned in [(-1, True), (2, False)]:
+        d_al = roi_align(d_f, d_r, (2, 3), 0.5, sampling_ratio, aligned)
+        assert np.allclose(d_al.copy_to_host(), roi_align(f, rois, (2, 3), 0.5, sampling_ratio, aligned), atol=1e-12)
+        d_grad = roi_align_backward(d_g, d_r, f.shape, 0.5, sampling_ratio, aligned)
+        assert roi.is_device_array(d_grad)
+        cpu = roi_align_backward(g, rois, f.shape, 0.5, sampling_ratio, aligned)
+        assert np.allclose(d_grad.copy_to_host(), cpu, atol=1e-12)
+
+
+def test_cuda_float32_and_empty():
+    rng = np.random.default_rng(7)
+    f = rng.standard_normal((1, 2, 4, 5)).astype(np.float32)
+    rois = np.array([[0, 0.5, 0.2, 3.7, 2.9]], np.float32)
+    d_al = roi_align(cuda.to_device(f), cuda.to_device(rois), 2, 1.0)
+    assert d_al.dtype == np.float32
+    assert np.allclose(d_al.copy_to_host(), roi_align(f, rois, 2, 1.0), atol=1e-6)
+    empty = roi_pool(cuda.to_device(f), cuda.to_device(np.zeros((0, 5), np.float32)), 2, 1.0)[0]
+    assert roi.is_device_array(empty) and empty.shape == (0, 2, 2, 2)
+
+
+def test_kernels_compile_to_ptx():
+    jobs = []
+    for t in ("float32", "float64"):
+        f4 = f"{t}[:, :, :, ::1]"
+        geometry = f"int64[::1], {t}[::1], {t}[::1], {t}[::1], {t}[::1], int64[::1], int64[::1]"
+        bins = "int64[:, ::1], int64[:, ::1], int64[:, ::1], int64[:, ::1]"
+        jobs += [
+            ("tinyfrcnn.roi", "_roi_pool_forward_cuda", f"void({f4}, int64[::1], {bins}, {f4}, int64[:, :, :, ::1])"),
+            ("tinyfrcnn.roi", "_roi_pool_backward_cuda", f"void({f4}, int64[:, :, :, ::1], {t}[::1])"),
+            ("tinyfrcnn.roi", "_roi_align_forward_cuda", f"void({f4}, {geometry}, {f4})"),
+            ("tinyfrcnn.roi", "_roi_align_backward_cuda", f"void({f4}, {geometry}, {f4})"),
+        ]
+    assert_compiles_to_ptx(jobs)
+
+
+# --------------------------------------------------------------------------- input handling
+
+
+def test_empty_rois_give_empty_outputs():
+    f = np.zeros((1, 3, 4, 4), np.float32)
+    out, argmax = roi_pool(f, np.zeros((0, 5), np.float32), (2, 3), 1.0)
+    assert out.shape == (0, 3, 2, 3) and out.dtype == np.float32 and argmax.shape == (0, 3, 2, 3)
+    assert roi_align(f, np.zeros((0, 5)), 2, 1.0).shape == (0, 3, 2, 2)
+    assert np.all(roi_pool_backward(out, argmax, f.shape) == 0)
+    assert roi_align_backward(np.zeros((0, 3, 2, 2)), np.zeros((0, 5)), f.shape, 1.0).shape == f.shape
+
+
+@pytest.mark.parametrize("op", [roi_pool, roi_align])
+@pytest.mark.parametrize("features,rois,output_size,scale,match", [
+    (np.zeros((3, 4, 4)), np.zeros((1, 5)), 2, 1.0, "features must be 4-D"),
+    (np.zeros((1, 1, 4, 4), np.int64), np.zeros((1, 5)), 2, 1.0, "features must be float32 or float64"),
+    (np.zeros((1, 1, 0, 4)), np.zeros((1, 5)), 2, 1.0, "non-zero height"),
+    (np.zeros((1, 1, 4, 4)), np.zeros((1, 4)), 2, 1.0, r"rois must have shape \(R, 5\)"),
+    (np.zeros((1, 1, 4, 4)), np.zeros(5), 2, 1.0, "rois must be 2-D"),
+    (np.zeros((1, 1, 4, 4)), np.zeros((1, 5), np.int64), 2, 1.0, "rois must be float32 or float64"),
+    (np.zeros((1, 1, 4, 4)), np.array([[0.5, 0, 0, 1, 1]]), 2, 1.0, r"rois\[0, 0\].*integer batch index"),
+    (np.zeros((1, 1, 4, 4)), np.array([[0, 0, 0, 1, 1], [1, 0, 0, 1, 1]], float), 2, 1.0, r"rois\[1, 0\].*\[0, 1\)"),
+    (np.zeros((1, 1, 4, 4)), np.array([[-1, 0, 0, 1, 1]], float), 2, 1.0, "batch index"),
+    (np.zeros((1, 1, 4, 4)), np.array([[0, 0, np.nan, 1, 1]]), 2, 1.0, "rois holds NaN"),
+    (np.zeros((1, 1, 4, 4)), np.array([[0, 0, 0, np.inf, 1]]), 2, 1.0, "rois holds NaN or inf"),
+    (np.zeros((1, 1, 4, 4)), np.array([[0, 2, 0, 1, 1]], float), 2, 1.0, "x2 < x1"),
+    (np.zeros((1, 1, 4, 4)), np.array([[0, 0, 2, 1, 1]], float), 2, 1.0, "y2 < y1"),
+    (np.zeros((1, 1, 4, 4)), np.zeros((1, 5)), 0, 1.0, "output_size must be a positive integer"),
+    (np.zeros((1, 1, 4, 4)), np.zeros((1, 5)), (2, -1), 1.0, "output_size"),
+    (np.zeros((1, 1, 4, 4)), np.zeros((1, 5)), (2, 2, 2), 1.0, "output_size"),
+    (np.zeros((1, 1, 4, 4)), np.zeros((1, 5)), 2, 0.0, "spatial_scale must be > 0"),
+    (np.zeros((1, 1, 4, 4)), np.zeros((1, 5)), 2, -1.0, "spatial_scale"),
+    (np.zeros((1, 1, 4, 4)), np.zeros((1, 5)), 2, float("nan"), "spatial_scale must be finite"),
+])
+def test_bad_input_names_the_argument(op, features, rois, output_size, scale, match):
+    with pytest.raises(ValueError, match=match):
+        op(features, rois, output_size, scale)
+
+
+def test_bad_input_align_options_backward_and_devices():
+    f, rois = np.zeros((1, 1, 4, 4)), np.array([[0, 0, 0, 2, 2]], float)
+    with pytest.raises(ValueError, match="sampling_ratio"):
+        roi_align(f, rois, 2, 1.0, sampling_ratio=1.5)
+    with pytest.raises(ValueError, match="aligned"):
+        roi_align(f, rois, 2, 1.0, aligned="yes")
+    out, argmax = roi_pool(f, rois, 2, 1.0)
+    with pytest.raises(ValueError, match="argmax has shape"):
+        roi_pool_backward(out, argmax[:, :, :1], f.shape)
+    with pytest.raises(ValueError, match="argmax must be int64"):
+        roi_pool_backward(out, argmax.astype(np.float64), f.shape)
+    with pytest.raises(ValueError, match="argmax holds indices outside"):
+        roi_pool_backward(out, argmax + 100, f.shape)
+    with pytest.raises(ValueError, match="features_shape"):
+        roi_pool_backward(out, argmax, (4, 4))
+    with pytest.raises(ValueError, match="grad_out has shape"):
+        roi_align_backward(np.zeros((2, 1, 2, 2)), rois, f.shape, 1.0)
+    with pytest.raises(ValueError, match="device arrays"):
+        roi_align(f, cuda.to_device(rois), 2, 1.0)
+    with pytest.raises(ValueError, match="call forward first"):
+        RoIPool(2, 1.0).backward(out)
+    with pytest.raises(ValueError, match="call forward first"):
+        RoIAlign(2, 1.0).backward(out)
+    with pytest.raises(ValueError, match="spatial_scale"):
+        RoIAlign(2, 0)
