@@ -125,9 +125,9 @@ def box_iou(a, b):
     (boxes that share no area have IoU 0). NumPy in, CPU kernel; device arrays in,
     CUDA kernel, device array out.
     """
-    a = check_boxes(a, "a", "box_iou")
-    b = check_boxes(b, "b", "box_iou")
     if on_device({"a": a, "b": b}):
+        check_boxes(a.copy_to_host(), "a", "box_iou")  # one host copy each, for the value checks
+        check_boxes(b.copy_to_host(), "b", "box_iou")
         if a.dtype != b.dtype:
             raise ValueError(f"box_iou: a and b must share a dtype on the device, got {a.dtype} and {b.dtype}")
         out = cuda.device_array((a.shape[0], b.shape[0]), dtype=a.dtype)  # (N, M)
@@ -136,6 +136,8 @@ def box_iou(a, b):
             by, ty = grid_1d(b.shape[0], 16)
             _BOX_IOU_CUDA[np.dtype(a.dtype)][(bx, by), (tx, ty)](a, b, out)
         return out
+    a = check_boxes(a, "a", "box_iou")
+    b = check_boxes(b, "b", "box_iou")
     dtype = np.result_type(a.dtype, b.dtype)
     a = np.ascontiguousarray(a, dtype=dtype)
     b = np.ascontiguousarray(b, dtype=dtype)

@@ -156,22 +156,25 @@ def _nms_cuda(boxes, classes, iou_threshold):
 
 
 def _validate(boxes, scores, iou_threshold, where, idxs=None):
-    boxes = check_boxes(boxes, "boxes", where)
-    scores = as_float_array(scores, "scores", ndim=1, where=where)
-    names = {"boxes": boxes, "scores": scores}
+    """Check the arguments on one host copy each; return (host arrays, threshold, on device)."""
+    given = {"boxes": boxes, "scores": scores}
     if idxs is not None:
-        idxs = as_array(idxs, "idxs", ndim=1, where=where)
-        if not np.issubdtype(np.dtype(idxs.dtype), np.integer):
-            raise ValueError(f"{where}: idxs must hold integers, got dtype {np.dtype(idxs.dtype).name}")
-        names["idxs"] = idxs
-    for name, arr in names.items():
-        if arr.shape[0] != boxes.shape[0]:
-            raise ValueError(f"{where}: boxes has {boxes.shape[0]} rows but {name} has {arr.shape[0]}")
-    check_finite(scores, "scores", where)
+        given["idxs"] = idxs
+    device = on_device(given)
+    host = {k: to_host(v) for k, v in given.items()}
+    host["boxes"] = check_boxes(host["boxes"], "boxes", where)
+    host["scores"] = as_float_array(host["scores"], "scores", ndim=1, where=where)
+    if idxs is not None:
+        host["idxs"] = as_array(host["idxs"], "idxs", ndim=1, where=where)
+        if not np.issubdtype(host["idxs"].dtype, np.integer):
+            raise ValueError(f"{where}: idxs must hold integers, got dtype {host['idxs'].dtype.name}")
+    n = host["boxes"].shape[0]
+    for name, arr in host.items():
+        if arr.shape[0] != n:
+            raise ValueError(f"{where}: boxes has {n} rows but {name} has {arr.shape[0]}")
+    check_finite(host["scores"], "scores", where)
     iou_threshold = check_number(iou_threshold, "iou_threshold", low=0, high=1, where=where)
-    device = on_device(names)
-    host = {k: np.ascontiguousarray(to_host(v)) for k, v in names.items()}
-    return host, iou_threshold, device
+    return {k: np.ascontiguousarray(v) for k, v in host.items()}, iou_threshold, device
 
 
 def _run(host, iou_threshold, device):
