@@ -28,6 +28,7 @@ from numba import cuda, njit, prange
 
 from .checks import as_float_array, check_boxes, check_finite, check_number, pair
 from .device import grid_1d, is_device_array, on_device
+from .layers import Module
 
 FLT_MAX = float(np.finfo(np.float32).max)
 SAMPLE_TABLE_ROWS = 1 << 21  # RoIAlign CPU: most samples tabulated at once (64 MiB in float64)
@@ -300,7 +301,7 @@ def _check_argmax(argmax, grad_out, features_shape, where):
     return argmax
 
 
-class RoIPool:
+class RoIPool(Module):
     """RoI max pooling layer: ``forward(features, rois)``, ``backward(grad_out)`` -> d features.
 
     The RoIs are constants (Fast R-CNN does not back-propagate into box coordinates).
@@ -321,9 +322,6 @@ class RoIPool:
         if self._argmax is None:
             raise ValueError("RoIPool.backward: call forward first")
         return roi_pool_backward(grad_out, self._argmax, self._shape)
-
-    def parameters(self):
-        return []
 
     def __repr__(self):
         return f"RoIPool(output_size={self.output_size}, spatial_scale={self.spatial_scale})"
@@ -678,7 +676,7 @@ def roi_align_backward(grad_out, rois, features_shape, spatial_scale, sampling_r
     return grad_in
 
 
-class RoIAlign:
+class RoIAlign(Module):
     """RoIAlign layer: ``forward(features, rois)``, ``backward(grad_out)`` -> d features."""
 
     def __init__(self, output_size, spatial_scale, sampling_ratio=-1, aligned=True):
@@ -698,9 +696,6 @@ class RoIAlign:
             raise ValueError("RoIAlign.backward: call forward first")
         return roi_align_backward(grad_out, self._rois, self._shape, self.spatial_scale,
                                   self.sampling_ratio, self.aligned)
-
-    def parameters(self):
-        return []
 
     def __repr__(self):
         return (f"RoIAlign(output_size={self.output_size}, spatial_scale={self.spatial_scale}, "
