@@ -29,6 +29,11 @@ def test_one_training_step_gradients_match_central_differences():
     images, boxes, labels = tiny_batch()
     images = images.astype(np.float64)
     model = FasterRCNN(TINY, rng=np.random.default_rng(1)).astype(np.float64)
+    # Biases start at zero, so a conv over an all-zero (ReLU-killed) patch sits exactly on
+    # ReLU's kink, where central differences see half a slope: move them off it.
+    for name, p in model.named_parameters():
+        if name.endswith("bias"):
+            p.data[...] = np.random.default_rng(2).normal(0.0, 0.1, p.data.shape)
     props = [p for p, _ in model.propose(images)]
 
     def loss():
@@ -51,7 +56,8 @@ def test_one_training_step_gradients_match_central_differences():
             down = loss()
             flat[j] = old
             numeric = (up - down) / 2e-6
-            err = abs(numeric - grad[j]) / max(abs(numeric) + abs(grad[j]), 1e-7)
+            # the loss is ~1, so the difference quotient carries ~1e-10 of round-off
+            err = abs(numeric - grad[j]) / max(abs(numeric) + abs(grad[j]), 1e-4)
             assert err < 1e-5, f"{name}[{j}]: analytic {grad[j]:.8g} numeric {numeric:.8g}"
             worst = max(worst, err)
             checked += 1

@@ -28,11 +28,10 @@ def test_same_seed_same_losses():
 
 
 def test_loss_goes_down_on_a_fixed_batch():
-    t = Trainer(TINY, tiny_train_config(lr=0.02, train_images=2, batch_size=2, warmup_steps=0))
+    t = Trainer(TINY, tiny_train_config(lr=0.05, train_images=2, batch_size=2, warmup_steps=0))
     first = t.train_step()["loss"]
-    for _ in range(40):
-        last = t.train_step()["loss"]
-    assert last < 0.7 * first, (first, last)
+    last = np.mean([t.train_step()["loss"] for _ in range(60)][-10:])
+    assert last < 0.8 * first, (first, last)
 
 
 def test_resume_gives_the_same_next_loss(tmp_path):

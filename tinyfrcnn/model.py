@@ -50,12 +50,17 @@ class ModelConfig:
     pixels are ignored in RPN training, as in the paper (which uses 0); a negative value
     keeps them all, as torchvision does. On 128x128 images half of the anchors cross the
     border and many objects touch it, so all are kept by default.
+
+    Anchors: the paper's 3 scales x 3 ratios suit VOC/COCO objects. Shapes boxes are
+    nearly square (h/w within 0.92..1.09) and 11 to 64 px wide, so chapter 04 measures
+    that ratios 0.5 and 2 add no coverage, while sizes a factor sqrt(2) apart (16 to 64)
+    double the share of objects with an anchor at IoU >= 0.7 (70% against 35%).
     """
 
     num_classes: int = 3
     backbone_channels: tuple = (16, 32, 64, 64)
-    anchor_sizes: tuple = (16, 32, 64)
-    anchor_ratios: tuple = (0.5, 1.0, 2.0)
+    anchor_sizes: tuple = (16, 23, 32, 45, 64)
+    anchor_ratios: tuple = (1.0,)
     rpn_mid_channels: int = 64
     rpn_pos_iou: float = 0.7
     rpn_neg_iou: float = 0.3
