@@ -17,7 +17,7 @@ import time
 def parse():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--repeat", type=int, default=7)
     p.add_argument("--cuda", action="store_true", help="compare the CUDA kernels (needs an NVIDIA GPU)")
     return p.parse_args()
 
@@ -47,16 +47,19 @@ def random_rois(rng, n, height=600, width=1000):
     return np.column_stack([np.zeros(n), x[:, 0], y[:, 0], x[:, 1], y[:, 1]]).astype(np.float32)  # (n, 5)
 
 
-def best_time(fn, repeat, sync=lambda: None):
-    fn()
-    sync()
-    times = []
-    for _ in range(repeat):
-        t = time.perf_counter()
+def interleaved_times(fns, repeat, sync=lambda: None):
+    """Best wall time of each function, timed in turn so that machine noise hits all alike."""
+    best = [float("inf")] * len(fns)
+    for fn in fns:
         fn()
-        sync()
-        times.append(time.perf_counter() - t)
-    return min(times)
+    sync()
+    for _ in range(repeat):
+        for k, fn in enumerate(fns):
+            t = time.perf_counter()
+            fn()
+            sync()
+            best[k] = min(best[k], time.perf_counter() - t)
+    return best
 
 
 def cases(features, rois, grad):
@@ -106,6 +109,11 @@ def main():
 
         if torch is None or not torch.cuda.is_available():
             print("torch with CUDA not available: timing tinyfrcnn only")
+
+        def sync():
+            cuda.synchronize()
+            if torch is not None and torch.cuda.is_available():
+                torch.cuda.synchronize()
         for n in (128, 300):
             rois = random_rois(rng, n)
             grad = rng.standard_normal((n, 512, OUT, OUT)).astype(np.float32)
@@ -113,8 +121,10 @@ def main():
             ours = {name: fn for name, (fn, _) in cases(d_f, d_r, d_g).items()}
             theirs = torch_cases(features, rois, grad, "cuda") if torch is not None and torch.cuda.is_available() else {}
             for name, fn in ours.items():
-                t_ours = best_time(fn, ARGS.repeat, cuda.synchronize)
-                t_tv = best_time(theirs[name], ARGS.repeat, torch.cuda.synchronize) if name in theirs else None
+                if name in theirs:
+                    t_ours, t_tv = interleaved_times([fn, theirs[name]], ARGS.repeat, sync)
+                else:
+                    (t_ours,), t_tv = interleaved_times([fn], ARGS.repeat, sync), None
                 rows.append((f"{name} R={n}", t_ours, None, t_tv))
         header = "CUDA"
     else:
@@ -123,9 +133,11 @@ def main():
             grad = rng.standard_normal((n, 512, OUT, OUT)).astype(np.float32)
             theirs = torch_cases(features, rois, grad, "cpu") if torch is not None else {}
             for name, (fn, ref) in cases(features, rois, grad).items():
-                t_ours = best_time(fn, ARGS.repeat)
-                t_ref = best_time(ref, 1) if ref is not None else None
-                t_tv = best_time(theirs[name], ARGS.repeat) if name in theirs else None
+                if name in theirs:
+                    t_ours, t_tv = interleaved_times([fn, theirs[name]], ARGS.repeat)
+                else:
+                    (t_ours,), t_tv = interleaved_times([fn], ARGS.repeat), None
+                t_ref = interleaved_times([ref], 1)[0] if ref is not None else None
                 rows.append((f"{name} R={n}", t_ours, t_ref, t_tv))
         header = f"CPU, {ARGS.threads} threads"
 

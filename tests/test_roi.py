@@ -286,6 +286,9 @@ def test_cuda_float32_and_empty():
     assert np.allclose(d_al.copy_to_host(), roi_align(f, rois, 2, 1.0), atol=1e-6)
     empty = roi_pool(cuda.to_device(f), cuda.to_device(np.zeros((0, 5), np.float32)), 2, 1.0)[0]
     assert roi.is_device_array(empty) and empty.shape == (0, 2, 2, 2)
+    out, argmax = roi_pool(f, rois, 2, 1.0)
+    with pytest.raises(ValueError, match="argmax holds indices outside"):
+        roi_pool_backward(cuda.to_device(out), cuda.to_device(argmax + f.size), f.shape)
 
 
 def test_kernels_compile_to_ptx():
@@ -300,6 +303,7 @@ def test_kernels_compile_to_ptx():
             ("tinyfrcnn.roi", "_roi_align_forward_cuda", f"void({f4}, {geometry}, {f4})"),
             ("tinyfrcnn.roi", "_roi_align_backward_cuda", f"void({f4}, {geometry}, {f4})"),
         ]
+    jobs.append(("tinyfrcnn.roi", "_index_outside_cuda", "void(int64[::1], int64, int32[::1])"))
     assert_compiles_to_ptx(jobs)
 
 

@@ -282,6 +282,15 @@ def _check_shape(features_shape, where):
     return shape
 
 
+@cuda.jit
+def _index_outside_cuda(index, size, flag):
+    # Device argmax is checked where it lives: copying it to the host would cost more
+    # than the backward pass itself.
+    t = cuda.grid(1)
+    if t < index.size and (index[t] < -1 or index[t] >= size):
+        flag[0] = 1
+
+
 def _check_argmax(argmax, grad_out, features_shape, where):
     shape = _check_shape(features_shape, where)
     if not is_device_array(argmax):
@@ -294,8 +303,16 @@ def _check_argmax(argmax, grad_out, features_shape, where):
     if grad_out.shape[1] != shape[1]:
         raise ValueError(f"{where}: grad_out has {grad_out.shape[1]} channels but features_shape "
                          f"{shape} has {shape[1]}")
-    values = argmax.copy_to_host() if is_device_array(argmax) else argmax
-    if values.size and (values.min() < -1 or values.max() >= int(np.prod(shape))):
+    size = int(np.prod(shape))
+    if is_device_array(argmax):
+        flag = cuda.to_device(np.zeros(1, np.int32))
+        if argmax.size:
+            blocks, threads = grid_1d(argmax.size)
+            _index_outside_cuda[blocks, threads](argmax.reshape(-1), size, flag)
+        bad = bool(flag.copy_to_host()[0])
+    else:
+        bad = bool(argmax.size) and (argmax.min() < -1 or argmax.max() >= size)
+    if bad:
         raise ValueError(f"{where}: argmax holds indices outside [-1, {int(np.prod(shape))}) "
                          f"for features_shape {shape}")
     return argmax
