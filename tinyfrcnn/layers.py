@@ -102,14 +102,19 @@ def _check_input(x, layer, ndim, what):
     if is_device_array(x):
         raise NotImplementedError(f"{layer}: no CUDA kernels yet; pass NumPy arrays")
     x = as_float_array(x, "x", where=layer)
-    if x.ndim != ndim:
+    if ndim is not None and x.ndim != ndim:
         raise ValueError(f"{layer}: x must be {ndim}-D {what}, got shape {x.shape}")
     check_finite(x, "x", layer)
     return x
 
 
 def _check_grad(grad_out, expected_shape, dtype, layer):
-    """grad_out must be a float array of the forward output's shape (cast to ``dtype``)."""
+    """grad_out must be a float array of the forward output's shape (cast to ``dtype``).
+
+    Its values are not scanned: a NaN or inf in a gradient propagates to the gradients
+    computed from it (a scan of every gradient array would cost as much as the ReLU
+    backward it guards).
+    """
     if expected_shape is None:
         raise ValueError(f"{layer}: backward called before forward")
     if is_device_array(grad_out):
@@ -120,7 +125,6 @@ def _check_grad(grad_out, expected_shape, dtype, layer):
             f"{layer}: grad_out must have the forward output's shape {tuple(expected_shape)}, "
             f"got {grad_out.shape}"
         )
-    check_finite(grad_out, "grad_out", layer)
     return np.ascontiguousarray(grad_out, dtype=dtype)
 
 
@@ -182,15 +186,23 @@ class Conv2d(Module):
     Init (He et al. 2015, "Kaiming" normal): ``w ~ N(0, 2 / fan_in)`` with
     ``fan_in = in_channels * kh * kw``, ``b = 0``, drawn from ``rng``
     (``np.random.default_rng(0)`` when None). Weight (out, in, kh, kw), bias (out,).
+
+    ``needs_input_grad=False`` skips dL/dx (the ``w^T @ g`` product and col2im, about
+    half of the backward pass): ``backward`` then only accumulates the parameter
+    gradients and returns None. Use it for a first layer whose input is an image.
     """
 
-    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, rng=None):
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, rng=None,
+                 needs_input_grad=True):
         where = "Conv2d"
         self.in_channels = check_positive_int(in_channels, "in_channels", where)
         self.out_channels = check_positive_int(out_channels, "out_channels", where)
         self.kernel_size = pair(kernel_size, "kernel_size", where)
         self.stride = pair(stride, "stride", where)
         self.padding = _padding_pair(padding, "padding", where)
+        if not isinstance(needs_input_grad, (bool, np.bool_)):
+            raise ValueError(f"{where}: needs_input_grad must be True or False, got {needs_input_grad!r}")
+        self.needs_input_grad = bool(needs_input_grad)
         rng = np.random.default_rng(0) if rng is None else rng
         kh, kw = self.kernel_size
         fan_in = self.in_channels * kh * kw
@@ -200,8 +212,9 @@ class Conv2d(Module):
         self._dcols = None
 
     def __repr__(self):
+        extra = "" if self.needs_input_grad else ", needs_input_grad=False"
         return (f"Conv2d({self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
-                f"stride={self.stride}, padding={self.padding})")
+                f"stride={self.stride}, padding={self.padding}{extra})")
 
     def forward(self, x):
         where = "Conv2d"
@@ -234,6 +247,8 @@ class Conv2d(Module):
             dw = np.matmul(g, cols.transpose(0, 2, 1)).sum(axis=0)  # (O, C*kh*kw)
             self.weight.accumulate(dw.reshape(self.weight.shape))
             self.bias.accumulate(g.sum(axis=(0, 2)))
+        if not self.needs_input_grad:
+            return None
         self._dcols = _buffer(self._dcols, cols.shape, cols.dtype)
         dcols = np.matmul(wmat.T, g, out=self._dcols)  # (N, C*kh*kw, OH*OW)
         return col2im(dcols, x_shape, self.kernel_size, self.stride, self.padding)
@@ -242,24 +257,42 @@ class Conv2d(Module):
 # ----------------------------------------------------------------------------- ReLU
 
 
+@njit(cache=True, parallel=True)
+def _relu_forward_cpu(x, out):
+    for i in prange(x.size):
+        v = x[i]
+        out[i] = v if v > 0 else 0
+
+
+@njit(cache=True, parallel=True)
+def _relu_backward_cpu(grad_out, out, dx):
+    for i in prange(grad_out.size):
+        dx[i] = grad_out[i] if out[i] > 0 else 0
+
+
 class ReLU(Module):
-    """max(x, 0); the gradient passes where x > 0 (and is 0 at x = 0, as in torch)."""
+    """max(x, 0); the gradient passes where x > 0 (and is 0 at x = 0, as in torch).
+
+    Backward reads the saved output (out > 0 exactly where x > 0), one fused pass.
+    """
 
     def __init__(self):
-        self._mask = None
+        self._out = None
 
     def forward(self, x):
-        x = as_float_array(x, "x", where="ReLU")
-        check_finite(x, "x", "ReLU")
-        self._mask = x > 0
-        self._dtype = x.dtype
-        return np.maximum(x, 0, dtype=x.dtype)
+        x = np.ascontiguousarray(_check_input(x, "ReLU", None, ""))
+        out = np.empty_like(x)
+        _relu_forward_cpu(x.reshape(-1), out.reshape(-1))
+        self._out = out
+        return out
 
     def backward(self, grad_out):
-        mask = self._mask
-        shape, dtype = (None, None) if mask is None else (mask.shape, self._dtype)
+        out = self._out
+        shape, dtype = (None, None) if out is None else (out.shape, out.dtype)
         g = _check_grad(grad_out, shape, dtype, "ReLU")
-        return g * mask
+        dx = np.empty_like(g)
+        _relu_backward_cpu(g.reshape(-1), out.reshape(-1), dx.reshape(-1))
+        return dx
 
 
 # ----------------------------------------------------------------------------- MaxPool2d
@@ -475,6 +508,13 @@ class Sequential(Module):
         return x
 
     def backward(self, grad_out):
-        for layer in reversed(self.layers):
-            grad_out = layer.backward(grad_out)
+        """Gradients in reverse order. A layer that returns None (a ``Conv2d`` with
+        ``needs_input_grad=False``) ends the pass; layers before it must have no parameters."""
+        for i in reversed(range(len(self.layers))):
+            grad_out = self.layers[i].backward(grad_out)
+            if grad_out is None:
+                if any(layer.parameters() for layer in self.layers[:i]):
+                    raise ValueError(f"Sequential: layer {i} returned no input gradient "
+                                     "(needs_input_grad=False) but layers before it have parameters")
+                return None
         return grad_out
