@@ -21,7 +21,8 @@ def make_backbone(channels=(16, 32, 64, 64), rng=None):
     layers = []
     in_ch = 3
     for i, out_ch in enumerate(channels):
-        layers += [Conv2d(in_ch, out_ch, 3, padding=1, rng=rng), ReLU()]
+        # the images need no gradient, so the first conv skips dL/dx
+        layers += [Conv2d(in_ch, out_ch, 3, padding=1, rng=rng, needs_input_grad=i > 0), ReLU()]
         if i < 3:
             layers.append(MaxPool2d(2))
         in_ch = out_ch
