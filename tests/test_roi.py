@@ -295,13 +295,12 @@ def test_kernels_compile_to_ptx():
     jobs = []
     for t in ("float32", "float64"):
         f4 = f"{t}[:, :, :, ::1]"
-        geometry = f"int64[::1], {t}[::1], {t}[::1], {t}[::1], {t}[::1], int64[::1], int64[::1]"
-        bins = "int64[:, ::1], int64[:, ::1], int64[:, ::1], int64[:, ::1]"
         jobs += [
-            ("tinyfrcnn.roi", "_roi_pool_forward_cuda", f"void({f4}, int64[::1], {bins}, {f4}, int64[:, :, :, ::1])"),
+            ("tinyfrcnn.roi", "_roi_pool_forward_cuda", f"void({f4}, int64[:, ::1], {f4}, int64[:, :, :, ::1])"),
             ("tinyfrcnn.roi", "_roi_pool_backward_cuda", f"void({f4}, int64[:, :, :, ::1], {t}[::1])"),
-            ("tinyfrcnn.roi", "_roi_align_forward_cuda", f"void({f4}, {geometry}, {f4})"),
-            ("tinyfrcnn.roi", "_roi_align_backward_cuda", f"void({f4}, {geometry}, {f4})"),
+            ("tinyfrcnn.roi", "_roi_align_forward_cuda", f"void({f4}, float64[:, ::1], {f4})"),
+            ("tinyfrcnn.roi", "_roi_align_backward_cuda", f"void({f4}, float64[:, ::1], {f4})"),
+            ("tinyfrcnn.roi", "_zero_cuda", f"void({t}[::1])"),
         ]
     jobs.append(("tinyfrcnn.roi", "_index_outside_cuda", "void(int64[::1], int64, int32[::1])"))
     assert_compiles_to_ptx(jobs)

@@ -81,8 +81,20 @@ def _empty(gpu, shape, dtype):
     return cuda.device_array(shape, dtype=dtype) if gpu else np.zeros(shape, dtype=dtype)
 
 
-def _to(gpu, *arrays):
-    return tuple(cuda.to_device(np.ascontiguousarray(a)) for a in arrays) if gpu else arrays
+@cuda.jit
+def _zero_cuda(flat):
+    t = cuda.grid(1)
+    if t < flat.size:
+        flat[t] = 0
+
+
+def _device_zeros(shape, dtype):
+    """A zeroed device array, filled on the device (no host copy to transfer)."""
+    out = cuda.device_array(shape, dtype=dtype)
+    if out.size:
+        blocks, threads = grid_1d(out.size)
+        _zero_cuda[blocks, threads](out.reshape(-1))
+    return out
 
 
 # --------------------------------------------------------------------------- RoI max pooling
@@ -178,7 +190,9 @@ def _roi_pool_backward_cpu(grad_out, argmax, grad_in):
 
 
 @cuda.jit
-def _roi_pool_forward_cuda(features, batch, hstart, hend, wstart, wend, out, argmax):
+def _roi_pool_forward_cuda(features, table, out, argmax):
+    # table row r: batch index, hstart (PH), hend (PH), wstart (PW), wend (PW), packed so
+    # that one transfer carries them all.
     R, C, PH, PW = out.shape
     H, W = features.shape[2], features.shape[3]
     t = cuda.grid(1)
@@ -188,16 +202,18 @@ def _roi_pool_forward_cuda(features, batch, hstart, hend, wstart, wend, out, arg
     i = (t // PW) % PH
     c = (t // (PW * PH)) % C
     r = t // (PW * PH * C)
-    n = batch[r]
-    if hend[r, i] <= hstart[r, i] or wend[r, j] <= wstart[r, j]:
+    n = table[r, 0]
+    h0, h1 = table[r, 1 + i], table[r, 1 + PH + i]
+    w0, w1 = table[r, 1 + 2 * PH + j], table[r, 1 + 2 * PH + PW + j]
+    if h1 <= h0 or w1 <= w0:
         out[r, c, i, j] = 0
         argmax[r, c, i, j] = -1
         return
     base = (n * C + c) * H * W
     best = -FLT_MAX
     best_at = -1
-    for y in range(hstart[r, i], hend[r, i]):
-        for x in range(wstart[r, j], wend[r, j]):
+    for y in range(h0, h1):
+        for x in range(w0, w1):
             v = features[n, c, y, x]
             if v > best:
                 best = v
@@ -241,9 +257,9 @@ def roi_pool(features, rois, output_size, spatial_scale):
     batch = host[:, 0].astype(np.int64)
     bins = _pool_bins(host, scale, ph, pw, H, W)
     if gpu:
-        batch, *bins = _to(True, batch, *bins)
+        table = cuda.to_device(np.concatenate([batch[:, None], *bins], axis=1))  # (R, 1 + 2 PH + 2 PW)
         blocks, threads = grid_1d(out.size)
-        _roi_pool_forward_cuda[blocks, threads](features, batch, *bins, out, argmax)
+        _roi_pool_forward_cuda[blocks, threads](features, table, out, argmax)
     else:
         planes = np.ascontiguousarray(features).reshape(N * C, H, W)  # (N * C, H, W)
         _roi_pool_forward_cpu(planes, batch, *bins, out, argmax)
@@ -261,14 +277,15 @@ def roi_pool_backward(grad_out, argmax, features_shape):
     argmax = _check_argmax(argmax, grad_out, features_shape, where)
     gpu = on_device({"grad_out": grad_out, "argmax": argmax})
     size = int(np.prod(features_shape))
-    grad_in = np.zeros(size, dtype=grad_out.dtype)
     if gpu:
-        grad_in = cuda.to_device(grad_in)
+        grad_in = _device_zeros(size, grad_out.dtype)
         if grad_out.size:
             blocks, threads = grid_1d(grad_out.size)
             _roi_pool_backward_cuda[blocks, threads](grad_out, argmax, grad_in)
-    elif grad_out.size:
-        _roi_pool_backward_cpu(np.ascontiguousarray(grad_out), np.ascontiguousarray(argmax), grad_in)
+    else:
+        grad_in = np.zeros(size, dtype=grad_out.dtype)
+        if grad_out.size:
+            _roi_pool_backward_cpu(np.ascontiguousarray(grad_out), np.ascontiguousarray(argmax), grad_in)
     return grad_in.reshape(tuple(features_shape))
 
 
@@ -535,7 +552,8 @@ def _sample_tables(geometry, batch, pooled_h, pooled_w, height, width):
 # The CUDA kernels spell out _axis_sample: a device function would need a GPU present
 # just to compile the kernels to PTX.
 @cuda.jit
-def _roi_align_forward_cuda(features, batch, y0, x0, bin_h, bin_w, grid_h, grid_w, out):
+def _roi_align_forward_cuda(features, table, out):
+    # table row r (float64, one transfer): batch index, y0, x0, bin_h, bin_w, grid_h, grid_w.
     R, C, PH, PW = out.shape
     H, W = features.shape[2], features.shape[3]
     t = cuda.grid(1)
@@ -545,11 +563,11 @@ def _roi_align_forward_cuda(features, batch, y0, x0, bin_h, bin_w, grid_h, grid_
     i = (t // PW) % PH
     c = (t // (PW * PH)) % C
     r = t // (PW * PH * C)
-    n = batch[r]
-    gh, gw = grid_h[r], grid_w[r]
+    n, y0, x0, bin_h, bin_w = int(table[r, 0]), table[r, 1], table[r, 2], table[r, 3], table[r, 4]
+    gh, gw = int(table[r, 5]), int(table[r, 6])
     total = 0.0
     for iy in range(gh):
-        y = y0[r] + i * bin_h[r] + (iy + 0.5) * bin_h[r] / gh
+        y = y0 + i * bin_h + (iy + 0.5) * bin_h / gh
         if y < -1.0 or y > H:
             continue
         y = max(y, 0.0)
@@ -560,7 +578,7 @@ def _roi_align_forward_cuda(features, batch, y0, x0, bin_h, bin_w, grid_h, grid_
             yl = yh = H - 1
             ly = 0.0
         for ix in range(gw):
-            x = x0[r] + j * bin_w[r] + (ix + 0.5) * bin_w[r] / gw
+            x = x0 + j * bin_w + (ix + 0.5) * bin_w / gw
             if x < -1.0 or x > W:
                 continue
             x = max(x, 0.0)
@@ -577,7 +595,7 @@ def _roi_align_forward_cuda(features, batch, y0, x0, bin_h, bin_w, grid_h, grid_
 
 
 @cuda.jit
-def _roi_align_backward_cuda(grad_out, batch, y0, x0, bin_h, bin_w, grid_h, grid_w, grad_in):
+def _roi_align_backward_cuda(grad_out, table, grad_in):
     R, C, PH, PW = grad_out.shape
     H, W = grad_in.shape[2], grad_in.shape[3]
     t = cuda.grid(1)
@@ -587,11 +605,11 @@ def _roi_align_backward_cuda(grad_out, batch, y0, x0, bin_h, bin_w, grid_h, grid
     i = (t // PW) % PH
     c = (t // (PW * PH)) % C
     r = t // (PW * PH * C)
-    n = batch[r]
-    gh, gw = grid_h[r], grid_w[r]
+    n, y0, x0, bin_h, bin_w = int(table[r, 0]), table[r, 1], table[r, 2], table[r, 3], table[r, 4]
+    gh, gw = int(table[r, 5]), int(table[r, 6])
     g = grad_out[r, c, i, j] / max(gh * gw, 1)
     for iy in range(gh):
-        y = y0[r] + i * bin_h[r] + (iy + 0.5) * bin_h[r] / gh
+        y = y0 + i * bin_h + (iy + 0.5) * bin_h / gh
         if y < -1.0 or y > H:
             continue
         y = max(y, 0.0)
@@ -602,7 +620,7 @@ def _roi_align_backward_cuda(grad_out, batch, y0, x0, bin_h, bin_w, grid_h, grid
             yl = yh = H - 1
             ly = 0.0
         for ix in range(gw):
-            x = x0[r] + j * bin_w[r] + (ix + 0.5) * bin_w[r] / gw
+            x = x0 + j * bin_w + (ix + 0.5) * bin_w / gw
             if x < -1.0 or x > W:
                 continue
             x = max(x, 0.0)
@@ -647,9 +665,9 @@ def roi_align(features, rois, output_size, spatial_scale, sampling_ratio=-1, ali
     batch = host[:, 0].astype(np.int64)
     geometry = _align_geometry(host, scale, ph, pw, sampling_ratio, aligned)
     if gpu:
-        batch, *geometry = _to(True, batch, *geometry)
+        table = cuda.to_device(np.column_stack([batch, *geometry]).astype(np.float64))  # (R, 7)
         blocks, threads = grid_1d(out.size)
-        _roi_align_forward_cuda[blocks, threads](features, batch, *geometry, out)
+        _roi_align_forward_cuda[blocks, threads](features, table, out)
     else:
         N, C, H, W = features.shape
         planes = np.ascontiguousarray(features).reshape(N * C, H * W)  # (N * C, H * W)
@@ -674,16 +692,15 @@ def roi_align_backward(grad_out, rois, features_shape, spatial_scale, sampling_r
     if host.shape[0] != R or C != shape[1]:
         raise ValueError(f"{where}: grad_out has shape {tuple(grad_out.shape)} but there are {host.shape[0]} "
                          f"rois and features_shape {shape} has {shape[1]} channels")
-    grad_in = np.zeros(shape, dtype=grad_out.dtype)
+    grad_in = _device_zeros(shape, grad_out.dtype) if gpu else np.zeros(shape, dtype=grad_out.dtype)
     if grad_out.size == 0:
-        return cuda.to_device(grad_in) if gpu else grad_in
+        return grad_in
     batch = host[:, 0].astype(np.int64)
     geometry = _align_geometry(host, scale, ph, pw, sampling_ratio, aligned)
     if gpu:
-        grad_in = cuda.to_device(grad_in)
-        batch, *geometry = _to(True, batch, *geometry)
+        table = cuda.to_device(np.column_stack([batch, *geometry]).astype(np.float64))  # (R, 7)
         blocks, threads = grid_1d(grad_out.size)
-        _roi_align_backward_cuda[blocks, threads](grad_out, batch, *geometry, grad_in)
+        _roi_align_backward_cuda[blocks, threads](grad_out, table, grad_in)
     else:
         N, C, H, W = shape
         grad_planes = grad_in.reshape(N * C, H * W)  # (N * C, H * W), a view
