@@ -326,3 +326,208 @@ def test_bad_constructor_arguments():
 def test_module_base_is_abstract():
     with pytest.raises(NotImplementedError):
         Module()(np.zeros(1))
+
+
+# ----------------------------------------------------------------------------- skipping the input gradient
+
+
+def test_conv_without_input_grad_returns_none_and_same_parameter_grads():
+    rng = np.random.default_rng(12)
+    x = rng.standard_normal((2, 2, 6, 5))
+    full = Conv2d(2, 3, 3, padding=1, rng=np.random.default_rng(1)).astype(np.float64)
+    skip = Conv2d(2, 3, 3, padding=1, rng=np.random.default_rng(1), needs_input_grad=False).astype(np.float64)
+    g = rng.standard_normal(full(x).shape)
+    skip(x)
+    assert full.backward(g) is not None and skip.backward(g) is None
+    for a, b in zip(full.parameters(), skip.parameters()):
+        np.testing.assert_array_equal(a.grad, b.grad)
+    assert "needs_input_grad=False" in repr(skip)
+    with pytest.raises(ValueError, match="Conv2d: needs_input_grad must be True or False"):
+        Conv2d(1, 1, 1, needs_input_grad="no")
+
+
+def test_sequential_stops_at_a_layer_without_input_grad():
+    rng = np.random.default_rng(13)
+    model = Sequential(Conv2d(1, 2, 3, padding=1, rng=rng, needs_input_grad=False), ReLU())
+    out = model(rng.standard_normal((1, 1, 4, 4)))
+    assert model.backward(np.ones_like(out)) is None and model[0].weight.grad.any()
+    bad = Sequential(Conv2d(1, 1, 1, rng=rng), Conv2d(1, 1, 1, rng=rng, needs_input_grad=False))
+    out = bad(np.ones((1, 1, 2, 2)))
+    with pytest.raises(ValueError, match="Sequential: layer 1 returned no input gradient"):
+        bad.backward(np.ones_like(out))
+
+
+# ----------------------------------------------------------------------------- CUDA (simulator on small inputs)
+
+from numba import cuda  # noqa: E402
+
+from tests.ptx import assert_compiles_to_ptx  # noqa: E402
+from tinyfrcnn.device import is_device_array  # noqa: E402
+from tinyfrcnn.backbone import make_backbone  # noqa: E402
+
+
+def _host(a):
+    return None if a is None else a.copy_to_host()
+
+
+def test_cuda_im2col_and_col2im_match_cpu():
+    rng = np.random.default_rng(20)
+    x = rng.standard_normal((1, 2, 5, 6)).astype(np.float32)
+    args = ((3, 2), (2, 1), (1, 1))
+    cols = im2col(x, *args)
+    dcols = im2col(cuda.to_device(x), *args)
+    np.testing.assert_array_equal(_host(dcols), cols)
+    c = rng.standard_normal(cols.shape).astype(np.float32)
+    np.testing.assert_array_equal(_host(col2im(cuda.to_device(c), x.shape, *args)), col2im(c, x.shape, *args))
+
+
+def _small_net(rng):
+    # few matrix products: the simulator runs every thread of every block in Python
+    return Sequential(Conv2d(2, 3, (3, 2), stride=(2, 1), padding=(1, 0), rng=rng), ReLU(), MaxPool2d(2),
+                      Flatten(), Linear(3 * 2 * 2, 3, rng=rng))
+
+
+def _run_both(model, x, g):
+    """(out, dx, grads) on the CPU, then on the device (model moved there and back)."""
+    model.zero_grad()
+    cpu = (model(x), model.backward(g), [p.grad.copy() for p in model.parameters()])
+    model.zero_grad()
+    model.to("cuda")
+    out = model(cuda.to_device(x))
+    dx = model.backward(cuda.to_device(g))
+    gpu = (_host(out), _host(dx), [_host(p.grad) for p in model.parameters()])
+    model.to("cpu")
+    return cpu, gpu
+
+
+def test_cuda_layers_match_cpu():
+    rng = np.random.default_rng(21)
+    model = _small_net(rng)
+    for p in model.parameters():
+        p.data += 0.1 * rng.standard_normal(p.shape).astype(np.float32)
+    x = rng.standard_normal((2, 2, 8, 6)).astype(np.float32)
+    g = rng.standard_normal((2, 3)).astype(np.float32)
+    (out, dx, grads), (dout, ddx, dgrads) = _run_both(model, x, g)
+    np.testing.assert_allclose(dout, out, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(ddx, dx, rtol=1e-5, atol=1e-6)
+    for name, a, b in zip([n for n, _ in model.named_parameters()], grads, dgrads):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def test_cuda_backbone_matches_cpu():
+    rng = np.random.default_rng(22)
+    model = make_backbone(channels=(3, 4, 4, 2), rng=rng)
+    for p in model.parameters():
+        p.data += 0.1 * rng.standard_normal(p.shape).astype(np.float32)  # non-zero biases
+    x = rng.standard_normal((1, 3, 8, 8)).astype(np.float32)
+    g = rng.standard_normal((1, 2, 1, 1)).astype(np.float32)
+    (out, dx, grads), (dout, ddx, dgrads) = _run_both(model, x, g)
+    np.testing.assert_allclose(dout, out, rtol=1e-5, atol=1e-6)
+    assert dx is None and ddx is None  # the first conv skips the image gradient
+    for a, b in zip(grads, dgrads):
+        np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
+
+
+def test_cuda_maxpool_ties_and_overlaps_match_cpu():
+    x = np.ones((1, 1, 4, 4), np.float32)
+    x[0, 0, 2, 2] = x[0, 0, 3, 3] = 0.5
+    for pool, g in [(MaxPool2d(2), np.array([[[[1, 2], [3, 4]]]], np.float32)),
+                    (MaxPool2d(3, 1), np.arange(4, dtype=np.float32).reshape(1, 1, 2, 2) + 1)]:
+        out, dx = pool(x), pool.backward(g)
+        dout = pool(cuda.to_device(x))
+        np.testing.assert_array_equal(_host(dout), out)
+        np.testing.assert_array_equal(_host(pool.backward(cuda.to_device(g))), dx)
+
+
+def test_cuda_conv_without_input_grad_and_accumulation():
+    rng = np.random.default_rng(23)
+    conv = Conv2d(1, 2, 2, rng=rng, needs_input_grad=False).to("cuda")
+    x = cuda.to_device(rng.standard_normal((1, 1, 3, 3)).astype(np.float32))
+    g = cuda.to_device(np.ones((1, 2, 2, 2), np.float32))
+    conv(x)
+    assert conv.backward(g) is None
+    once = _host(conv.bias.grad)
+    conv.backward(g)
+    np.testing.assert_array_equal(_host(conv.bias.grad), 2 * once)
+    np.testing.assert_array_equal(once, [4, 4])
+    conv.zero_grad()
+    assert not _host(conv.weight.grad).any() and not _host(conv.bias.grad).any()
+
+
+def test_module_to_round_trip_and_astype_on_device():
+    lin = Linear(3, 2, rng=np.random.default_rng(24))
+    before = [p.data.copy() for p in lin.parameters()]
+    assert lin.to("cuda") is lin
+    assert all(p.device == "cuda" and is_device_array(p.data) and is_device_array(p.grad)
+               for p in lin.parameters())
+    assert "device=cuda" in repr(lin.weight)
+    lin.astype(np.float64)
+    assert all(p.device == "cuda" and p.data.dtype == np.float64 for p in lin.parameters())
+    lin.to("cpu").astype(np.float32)
+    for p, b in zip(lin.parameters(), before):
+        assert isinstance(p.data, np.ndarray) and isinstance(p.grad, np.ndarray)
+        np.testing.assert_array_equal(p.data, b)
+    with pytest.raises(ValueError, match="device must be one of"):
+        lin.to("tpu")
+    p = Parameter(cuda.to_device(np.ones(3, np.float32)))
+    p.accumulate(cuda.to_device(np.full(3, 2, np.float32)))
+    np.testing.assert_array_equal(_host(p.grad), [2, 2, 2])
+    with pytest.raises(ValueError, match="Parameter.accumulate: g must be a device array"):
+        p.accumulate(np.ones(3, np.float32))
+
+
+def test_cuda_bad_input():
+    rng = np.random.default_rng(25)
+    conv = Conv2d(1, 2, 3, padding=1, rng=rng)
+    x = cuda.to_device(np.zeros((1, 1, 4, 4), np.float32))
+    with pytest.raises(ValueError, match=r"Conv2d: arguments \['x'\] are CUDA device arrays but \['weight', 'bias'\]"):
+        conv(x)
+    conv.to("cuda")
+    with pytest.raises(ValueError, match="Conv2d: x is float64 but weight is float32"):
+        conv(cuda.to_device(np.zeros((1, 1, 4, 4))))
+    with pytest.raises(ValueError, match=r"Conv2d: x must be 4-D"):
+        conv(cuda.to_device(np.zeros((1, 4, 4), np.float32)))
+    with pytest.raises(ValueError, match=r"Conv2d: arguments \['weight', 'bias'\] are CUDA device arrays but \['x'\]"):
+        conv(np.zeros((1, 1, 4, 4), np.float32))
+    with pytest.raises(ValueError, match="ReLU: x must be float32 or float64, got int32"):
+        ReLU()(cuda.to_device(np.zeros(3, np.int32)))
+    relu = ReLU()
+    relu(cuda.to_device(np.zeros((2, 3), np.float32)))
+    with pytest.raises(ValueError, match="ReLU: grad_out must be a CUDA device array"):
+        relu.backward(np.zeros((2, 3), np.float32))
+    with pytest.raises(ValueError, match="ReLU: grad_out must have the forward output's shape"):
+        relu.backward(cuda.to_device(np.zeros((3, 2), np.float32)))
+    with pytest.raises(ValueError, match="ReLU: grad_out must be float32 on the device, got float64"):
+        relu.backward(cuda.to_device(np.zeros((2, 3))))
+    pool = MaxPool2d(2)
+    pool(np.zeros((1, 1, 2, 2), np.float32))
+    with pytest.raises(ValueError, match="MaxPool2d: grad_out must be a NumPy array"):
+        pool.backward(cuda.to_device(np.zeros((1, 1, 1, 1), np.float32)))
+
+
+def test_cuda_empty_batch():
+    conv = Conv2d(2, 3, 3, padding=1).to("cuda")
+    out = conv(cuda.to_device(np.zeros((0, 2, 6, 6), np.float32)))
+    assert out.shape == (0, 3, 6, 6) and conv.backward(out).shape == (0, 2, 6, 6)
+    lin = Linear(4, 2).to("cuda")
+    out = lin(cuda.to_device(np.zeros((0, 4), np.float32)))
+    assert out.shape == (0, 2) and lin.backward(out).shape == (0, 4)
+
+
+def test_cuda_kernels_compile_to_ptx():
+    f4, f3, f1 = "float32[:,:,:,::1]", "float32[:,:,::1]", "float32[::1]"
+    i4 = "int32[:,:,:,::1]"
+    ints = ", ".join(["int64"] * 8)
+    assert_compiles_to_ptx([
+        ("tinyfrcnn.im2col", "_im2col_cuda", f"void({f4}, {ints}, {f3})"),
+        ("tinyfrcnn.im2col", "_col2im_cuda", f"void({f3}, {ints}, {f4})"),
+        ("tinyfrcnn.layers", "_fill_cuda", f"void({f1}, int64)"),
+        ("tinyfrcnn.layers", "_add_cuda", f"void({f1}, {f1})"),
+        ("tinyfrcnn.layers", "_bias_add_cuda", f"void({f3}, {f1})"),
+        ("tinyfrcnn.layers", "_bias_grad_cuda", f"void({f3}, {f1})"),
+        ("tinyfrcnn.layers", "_bias_grad_cuda", "void(float64[:,:,::1], float64[::1])"),
+        ("tinyfrcnn.layers", "_relu_forward_cuda", f"void({f1}, {f1})"),
+        ("tinyfrcnn.layers", "_relu_backward_cuda", f"void({f1}, {f1}, {f1})"),
+        ("tinyfrcnn.layers", "_maxpool2d_forward_cuda", f"void({f4}, int64, int64, int64, int64, {f4}, {i4})"),
+        ("tinyfrcnn.layers", "_maxpool2d_backward_cuda", f"void({f4}, {i4}, int64, int64, int64, int64, {f4})"),
+    ])

@@ -98,3 +98,61 @@ def test_scheduler_sets_optimizer_lr():
         sched.step()
         seen.append(opt.lr)
     np.testing.assert_allclose(seen, [0.01, 0.015, 0.02, 0.002, 0.002])
+
+
+# ----------------------------------------------------------------------------- CUDA (simulator)
+
+from numba import cuda  # noqa: E402
+
+from tests.ptx import assert_compiles_to_ptx  # noqa: E402
+from tinyfrcnn.device import is_device_array  # noqa: E402
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("momentum,weight_decay", [(0.0, 0.0), (0.9, 0.0), (0.9, 5e-4), (0.0, 0.1)])
+def test_cuda_step_matches_cpu(dtype, momentum, weight_decay):
+    rng = np.random.default_rng(0)
+    start = rng.standard_normal((3, 5)).astype(dtype)
+    grads = [rng.standard_normal((3, 5)).astype(dtype) for _ in range(3)]
+    host, dev = Parameter(start.copy()), Parameter(start.copy()).to("cuda")
+    opts = [SGD([p], lr=0.05, momentum=momentum, weight_decay=weight_decay) for p in (host, dev)]
+    for g in grads:
+        for opt, p in zip(opts, (host, dev)):
+            opt.zero_grad()
+            p.accumulate(cuda.to_device(g) if p.device == "cuda" else g)
+            opt.step()
+        np.testing.assert_allclose(dev.data.copy_to_host(), host.data, rtol=1e-6, atol=1e-7)
+    assert dev.data.dtype == dtype
+    state = opts[1].state_dict()
+    assert all(b is None or isinstance(b, np.ndarray) for b in state["buffers"])
+
+
+def test_cuda_state_dict_roundtrip():
+    p = Parameter(np.ones(4, np.float32)).to("cuda")
+    opt = SGD([p], lr=0.1, momentum=0.9)
+    p.accumulate(cuda.to_device(np.ones(4, np.float32)))
+    opt.step()
+    q = Parameter(p.data.copy_to_host()).to("cuda")
+    opt2 = SGD([q], lr=0.5, momentum=0.9)
+    opt2.load_state_dict(opt.state_dict())
+    assert is_device_array(opt2._buffers[0])
+    q.accumulate(cuda.to_device(np.ones(4, np.float32)))
+    for o in (opt, opt2):
+        o.step()
+    np.testing.assert_array_equal(p.data.copy_to_host(), q.data.copy_to_host())
+    opt.zero_grad()
+    assert not p.grad.copy_to_host().any()
+
+
+def test_cuda_grad_must_live_with_data():
+    p = Parameter(np.ones(2, np.float32)).to("cuda")
+    p.grad = np.ones(2, np.float32)
+    with pytest.raises(ValueError, match=r"SGD.step: params\[0\] is on the device"):
+        SGD([p], lr=0.1).step()
+
+
+def test_cuda_kernel_compiles_to_ptx():
+    f1 = "float32[::1]"
+    assert_compiles_to_ptx([
+        ("tinyfrcnn.optim", "_sgd_step_cuda", f"void({f1}, {f1}, {f1}, float32, float32, float32, boolean)"),
+    ])

@@ -13,12 +13,18 @@ the gradient of ``im2col`` (pixels under several windows collect several terms).
 
 The layout (N, C*kh*kw, OH*OW) lets ``np.matmul`` produce the output directly in
 (N, O, OH*OW) order, so no transpose is ever copied.
+
+CUDA: ``im2col`` runs one thread per column entry (a copy or a padding zero).
+``col2im`` is written as a gather, one thread per input pixel: the thread finds the
+(at most kh*kw) column entries its pixel was copied to and sums them in the same
+(i, j) order as the CPU kernel, so the two agree bit for bit, and no two threads
+write the same address (no atomics, and the same result every run).
 """
 
 import numpy as np
-from numba import njit, prange
+from numba import cuda, njit, prange
 
-from .device import is_device_array
+from .device import grid_1d, is_device_array
 
 
 def output_size(size, kernel, stride, padding):
@@ -112,9 +118,57 @@ def _col2im_cpu(cols, kh, kw, sh, sw, ph, pw, oh, ow, dx):
                         dx[b, ch, iy, xo * sw + j - pw] += cols[b, row, base + xo]
 
 
-def _cpu_only(name, *arrays):
-    if any(is_device_array(a) for a in arrays):
-        raise NotImplementedError(f"{name}: no CUDA kernel yet; pass NumPy arrays")
+@cuda.jit
+def _im2col_cuda(x, kh, kw, sh, sw, ph, pw, oh, ow, cols):
+    t = cuda.grid(1)
+    n, k, p = cols.shape
+    if t >= n * k * p:
+        return
+    b = t // (k * p)
+    row = (t // p) % k
+    pos = t % p
+    ch = row // (kh * kw)
+    i = (row // kw) % kh
+    j = row % kw
+    iy = (pos // ow) * sh + i - ph
+    ix = (pos % ow) * sw + j - pw
+    if 0 <= iy < x.shape[2] and 0 <= ix < x.shape[3]:
+        cols[b, row, pos] = x[b, ch, iy, ix]
+    else:
+        cols[b, row, pos] = 0
+
+
+@cuda.jit
+def _col2im_cuda(cols, kh, kw, sh, sw, ph, pw, oh, ow, dx):
+    t = cuda.grid(1)
+    n, c, h, w = dx.shape
+    if t >= n * c * h * w:
+        return
+    b = t // (c * h * w)
+    ch = (t // (h * w)) % c
+    iy = (t // w) % h
+    ix = t % w
+    acc = cuda.local.array(1, dtype=dx.dtype)
+    acc[0] = 0
+    for i in range(kh):
+        ty = iy + ph - i
+        if ty < 0 or ty % sh != 0 or ty // sh >= oh:
+            continue
+        for j in range(kw):
+            tx = ix + pw - j
+            if tx < 0 or tx % sw != 0 or tx // sw >= ow:
+                continue
+            acc[0] += cols[b, (ch * kh + i) * kw + j, (ty // sh) * ow + tx // sw]
+    dx[b, ch, iy, ix] = acc[0]
+
+
+def _contiguous(a, name, where):
+    """NumPy: a C-contiguous copy if needed. Device: must already be C-contiguous."""
+    if is_device_array(a):
+        if not a.is_c_contiguous():
+            raise ValueError(f"{where}: {name} must be C-contiguous on the device")
+        return a
+    return np.ascontiguousarray(a)
 
 
 def im2col(x, kernel, stride, padding, out=None):
@@ -122,29 +176,45 @@ def im2col(x, kernel, stride, padding, out=None):
 
     ``kernel``, ``stride``, ``padding`` are (h, w) pairs; padding is zeros. The caller
     (``Conv2d``) has validated the shapes. ``out``, if given, is a C-contiguous array of
-    the right shape and dtype to write into (saves allocating a large buffer per call).
+    the right shape and dtype, on the same side as ``x``, to write into (saves
+    allocating a large buffer per call). NumPy ``x``: Numba CPU kernel; device ``x``:
+    CUDA kernel, device array out.
     """
-    _cpu_only("im2col", x)
     (kh, kw), (sh, sw), (ph, pw) = kernel, stride, padding
     n, c, h, w = x.shape
     oh, ow = output_size(h, kh, sh, ph), output_size(w, kw, sw, pw)
     shape = (n, c * kh * kw, oh * ow)
-    if out is not None and out.shape == shape and out.dtype == x.dtype and out.flags.c_contiguous:
+    gpu = is_device_array(x)
+    x = _contiguous(x, "x", "im2col")
+    if (out is not None and is_device_array(out) == gpu and tuple(out.shape) == shape
+            and out.dtype == x.dtype and (out.is_c_contiguous() if gpu else out.flags.c_contiguous)):
         cols = out
+    elif gpu:
+        cols = cuda.device_array(shape, dtype=x.dtype)  # (N, C*kh*kw, OH*OW)
     else:
         cols = np.empty(shape, dtype=x.dtype)  # (N, C*kh*kw, OH*OW)
-    if cols.size:
-        _im2col_cpu(np.ascontiguousarray(x), kh, kw, sh, sw, ph, pw, oh, ow, cols)
+    if cols.size == 0:
+        return cols
+    if gpu:
+        _im2col_cuda[grid_1d(cols.size)](x, kh, kw, sh, sw, ph, pw, oh, ow, cols)
+    else:
+        _im2col_cpu(x, kh, kw, sh, sw, ph, pw, oh, ow, cols)
     return cols
 
 
 def col2im(cols, x_shape, kernel, stride, padding):
     """Sum columns (N, C*kh*kw, OH*OW) back onto an image of shape ``x_shape``."""
-    _cpu_only("col2im", cols)
     (kh, kw), (sh, sw), (ph, pw) = kernel, stride, padding
     n, c, h, w = x_shape
     oh, ow = output_size(h, kh, sh, ph), output_size(w, kw, sw, pw)
+    gpu = is_device_array(cols)
+    cols = _contiguous(cols, "cols", "col2im")
+    if gpu:
+        dx = cuda.device_array((n, c, h, w), dtype=cols.dtype)  # (N, C, H, W)
+        if dx.size:
+            _col2im_cuda[grid_1d(dx.size)](cols, kh, kw, sh, sw, ph, pw, oh, ow, dx)
+        return dx
     dx = np.empty((n, c, h, w), dtype=cols.dtype)  # (N, C, H, W)
     if dx.size:
-        _col2im_cpu(np.ascontiguousarray(cols), kh, kw, sh, sw, ph, pw, oh, ow, dx)
+        _col2im_cpu(cols, kh, kw, sh, sw, ph, pw, oh, ow, dx)
     return dx

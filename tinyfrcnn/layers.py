@@ -11,36 +11,107 @@ order.
 The dtype follows the input: float32 in, float32 out; float64 in, float64 out (the
 parameters are float32 by default and are cast for the computation; ``astype(np.float64)``
 makes them float64 for gradient checks).
+
+On the GPU: ``model.to("cuda")`` moves every parameter to the device, and the layers
+then take numba device arrays and run CUDA kernels (im2col/col2im, ``tinyfrcnn.matmul``,
+ReLU, max pooling, bias add and bias-gradient reduction), returning device arrays.
+There the input's dtype must equal the parameters' (no casts on the device), and
+arrays are checked for shape and dtype only: their values are not scanned for NaN or
+inf (that would copy each activation back to the host).
 """
 
 import numpy as np
-from numba import njit, prange
+from numba import cuda, njit, prange
 
 from .checks import as_float_array, check_finite, check_positive_int, pair
-from .device import is_device_array
+from .device import check_device, grid_1d, is_device_array, on_device
 from .im2col import col2im, im2col, output_size
+from .matmul import matmul
+
+
+@cuda.jit
+def _fill_cuda(a, value):
+    i = cuda.grid(1)
+    if i < a.size:
+        a[i] = value
+
+
+@cuda.jit
+def _add_cuda(dst, src):
+    i = cuda.grid(1)
+    if i < dst.size:
+        dst[i] += src[i]
+
+
+def _flat(a):
+    """A 1-D view of a C-contiguous array (NumPy or device)."""
+    return a.reshape(a.size)
+
+
+def _zeros_on_device(shape, dtype):
+    a = cuda.device_array(shape, dtype=dtype)
+    if a.size:
+        _fill_cuda[grid_1d(a.size)](_flat(a), 0)
+    return a
 
 
 class Parameter:
-    """A trainable array ``data`` and its gradient ``grad`` (same shape and dtype)."""
+    """A trainable array ``data`` and its gradient ``grad`` (same shape and dtype).
+
+    Both live on the host (NumPy) or both on the GPU (numba device arrays); ``to``
+    moves them.
+    """
 
     def __init__(self, data):
-        self.data = np.ascontiguousarray(data)
-        self.grad = np.zeros_like(self.data)
+        if is_device_array(data):
+            if not data.is_c_contiguous():
+                raise ValueError("Parameter: a device array must be C-contiguous")
+            self.data = data
+            self.grad = _zeros_on_device(data.shape, data.dtype)
+        else:
+            self.data = np.ascontiguousarray(data)
+            self.grad = np.zeros_like(self.data)
 
     @property
     def shape(self):
-        return self.data.shape
+        return tuple(self.data.shape)
+
+    @property
+    def device(self):
+        return "cuda" if is_device_array(self.data) else "cpu"
+
+    def to(self, device):
+        """Move ``data`` and ``grad`` to ``"cpu"`` or ``"cuda"`` (a copy; no-op if there)."""
+        check_device(device)
+        if device == self.device:
+            return self
+        if device == "cuda":
+            self.data, self.grad = cuda.to_device(self.data), cuda.to_device(self.grad)
+        else:
+            self.data, self.grad = self.data.copy_to_host(), self.grad.copy_to_host()
+        return self
 
     def zero_grad(self):
-        self.grad[...] = 0
+        if is_device_array(self.grad):
+            if self.grad.size:
+                _fill_cuda[grid_1d(self.grad.size)](_flat(self.grad), 0)
+        else:
+            self.grad[...] = 0
 
     def accumulate(self, g):
-        """``grad += g`` (cast to the parameter's dtype)."""
+        """``grad += g`` (cast to the parameter's dtype; on the device g must match it)."""
+        if is_device_array(self.grad):
+            if not is_device_array(g) or tuple(g.shape) != self.shape or g.dtype != self.grad.dtype:
+                raise ValueError(f"Parameter.accumulate: g must be a device array of shape {self.shape} "
+                                 f"and dtype {self.grad.dtype}")
+            if g.size:
+                _add_cuda[grid_1d(g.size)](_flat(self.grad), _flat(g))
+            return
         self.grad += g.astype(self.grad.dtype, copy=False)
 
     def __repr__(self):
-        return f"Parameter(shape={self.data.shape}, dtype={self.data.dtype.name})"
+        extra = ", device=cuda" if self.device == "cuda" else ""
+        return f"Parameter(shape={self.shape}, dtype={np.dtype(self.data.dtype).name}{extra})"
 
 
 class Module:
@@ -83,33 +154,63 @@ class Module:
         for p in self.parameters():
             p.zero_grad()
 
+    def to(self, device):
+        """Move every parameter (data and grad) to ``"cpu"`` or ``"cuda"``; returns self.
+
+        Call it between training steps, not between a forward and its backward.
+        """
+        check_device(device)
+        for p in self.parameters():
+            p.to(device)
+        return self
+
     def astype(self, dtype):
         """Convert every parameter (data and grad) to ``dtype`` in place; returns self."""
         dtype = np.dtype(dtype)
         if dtype not in (np.dtype(np.float32), np.dtype(np.float64)):
             raise ValueError(f"{type(self).__name__}.astype: dtype must be float32 or float64, got {dtype.name}")
         for p in self.parameters():
+            device = p.device
+            p.to("cpu")
             p.data = p.data.astype(dtype)
             p.grad = p.grad.astype(dtype)
+            p.to(device)
         return self
 
     def __repr__(self):
         return f"{type(self).__name__}()"
 
 
-def _check_input(x, layer, ndim, what):
-    """Float array with ``ndim`` dims and no NaN/inf; raises ValueError naming ``layer``."""
-    if is_device_array(x):
-        raise NotImplementedError(f"{layer}: no CUDA kernels yet; pass NumPy arrays")
+def _check_input(x, layer, ndim, what, params=()):
+    """Float array with ``ndim`` dims; raises ValueError naming ``layer``.
+
+    NumPy: also no NaN/inf. Device array: must be C-contiguous, with ``params`` on the
+    device too and of the same dtype (values are not scanned). Returns (x, on_gpu).
+    """
     x = as_float_array(x, "x", where=layer)
     if ndim is not None and x.ndim != ndim:
-        raise ValueError(f"{layer}: x must be {ndim}-D {what}, got shape {x.shape}")
-    check_finite(x, "x", layer)
-    return x
+        raise ValueError(f"{layer}: x must be {ndim}-D {what}, got shape {tuple(x.shape)}")
+    arrays = {"x": x}
+    arrays.update({name: p.data for name, p in params})
+    try:
+        gpu = on_device(arrays)
+    except ValueError as err:
+        raise ValueError(f"{layer}: {err} (move the layer with .to('cuda') or .to('cpu'))") from None
+    if gpu:
+        if not x.is_c_contiguous():
+            raise ValueError(f"{layer}: x must be C-contiguous on the device")
+        for name, p in params:
+            if p.data.dtype != x.dtype:
+                raise ValueError(f"{layer}: x is {np.dtype(x.dtype).name} but {name} is "
+                                 f"{np.dtype(p.data.dtype).name}; on the device they must match (use .astype)")
+    else:
+        check_finite(x, "x", layer)
+    return x, gpu
 
 
-def _check_grad(grad_out, expected_shape, dtype, layer):
-    """grad_out must be a float array of the forward output's shape (cast to ``dtype``).
+def _check_grad(grad_out, expected_shape, dtype, layer, gpu=False):
+    """grad_out must be a float array of the forward output's shape, where the forward
+    ran (cast to ``dtype`` on the host; of dtype ``dtype`` and C-contiguous on the device).
 
     Its values are not scanned: a NaN or inf in a gradient propagates to the gradients
     computed from it (a scan of every gradient array would cost as much as the ReLU
@@ -117,26 +218,94 @@ def _check_grad(grad_out, expected_shape, dtype, layer):
     """
     if expected_shape is None:
         raise ValueError(f"{layer}: backward called before forward")
-    if is_device_array(grad_out):
-        raise NotImplementedError(f"{layer}: no CUDA kernels yet; pass NumPy arrays")
     grad_out = as_float_array(grad_out, "grad_out", where=layer)
-    if grad_out.shape != tuple(expected_shape):
+    if tuple(grad_out.shape) != tuple(expected_shape):
         raise ValueError(
             f"{layer}: grad_out must have the forward output's shape {tuple(expected_shape)}, "
-            f"got {grad_out.shape}"
+            f"got {tuple(grad_out.shape)}"
         )
+    if is_device_array(grad_out) != gpu:
+        side = "a CUDA device array" if gpu else "a NumPy array"
+        raise ValueError(f"{layer}: grad_out must be {side}, like the forward input")
+    if gpu:
+        if grad_out.dtype != dtype:
+            raise ValueError(f"{layer}: grad_out must be {np.dtype(dtype).name} on the device, "
+                             f"got {np.dtype(grad_out.dtype).name}")
+        if not grad_out.is_c_contiguous():
+            raise ValueError(f"{layer}: grad_out must be C-contiguous on the device")
+        return grad_out
     return np.ascontiguousarray(grad_out, dtype=dtype)
 
 
-def _buffer(old, shape, dtype):
-    """``old`` when it already has this shape and dtype, else a new empty array.
+def _buffer(old, shape, dtype, gpu=False):
+    """``old`` when it already has this shape, dtype and side, else a new empty array.
 
     Conv keeps its large column matrices between calls: allocating (and first touching)
     tens of megabytes per call costs as much as filling them.
     """
-    if old is not None and old.shape == tuple(shape) and old.dtype == dtype:
+    if (old is not None and is_device_array(old) == gpu and tuple(old.shape) == tuple(shape)
+            and old.dtype == dtype):
         return old
-    return np.empty(shape, dtype=dtype)
+    return cuda.device_array(shape, dtype=dtype) if gpu else np.empty(shape, dtype=dtype)
+
+
+def _param(p, dtype, gpu):
+    """A parameter's data in the computation's dtype (the device path has checked it)."""
+    return p.data if gpu else p.data.astype(dtype, copy=False)
+
+
+# ----------------------------------------------------------------------------- bias (CUDA)
+
+BIAS_THREADS = 128
+
+
+@cuda.jit
+def _bias_add_cuda(out, bias):
+    """out[n, o, p] += bias[o], one thread per element."""
+    t = cuda.grid(1)
+    n, o, p = out.shape
+    if t < n * o * p:
+        out[t // (o * p), (t // p) % o, t % p] += bias[(t // p) % o]
+
+
+@cuda.jit
+def _bias_grad_cuda(g, db):
+    """db[o] += sum over n, p of g[n, o, p]: block o, a fixed-order tree reduction."""
+    o = cuda.blockIdx.x
+    tid = cuda.threadIdx.x
+    n, _, p = g.shape
+    part = cuda.shared.array(BIAS_THREADS, dtype=g.dtype)
+    acc = cuda.local.array(1, dtype=g.dtype)
+    acc[0] = 0
+    for e in range(tid, n * p, BIAS_THREADS):
+        acc[0] += g[e // p, o, e % p]
+    part[tid] = acc[0]
+    cuda.syncthreads()
+    step = BIAS_THREADS // 2
+    while step > 0:
+        if tid < step:
+            part[tid] += part[tid + step]
+        cuda.syncthreads()
+        step //= 2
+    if tid == 0:
+        db[o] += part[0]
+
+
+def _add_bias(out3, bias, gpu):
+    """out3 (N, O, P) += bias[o]."""
+    if gpu:
+        if out3.size:
+            _bias_add_cuda[grid_1d(out3.size)](out3, bias)
+    else:
+        out3 += bias[:, None]
+
+
+def _accumulate_bias_grad(p, g3, gpu):
+    """p.grad += g3 (N, O, P) summed over N and P."""
+    if gpu:
+        _bias_grad_cuda[g3.shape[1], BIAS_THREADS](g3, p.grad)
+    else:
+        p.accumulate(g3.sum(axis=(0, 2)))
 
 
 def _he_normal(shape, fan_in, rng):
@@ -218,40 +387,55 @@ class Conv2d(Module):
 
     def forward(self, x):
         where = "Conv2d"
-        x = _check_input(x, where, 4, "(N, C, H, W)")
+        x, gpu = _check_input(x, where, 4, "(N, C, H, W)", [("weight", self.weight), ("bias", self.bias)])
         n, c, h, w = x.shape
         if c != self.in_channels:
-            raise ValueError(f"{where}: x has {c} channels (shape {x.shape}) but in_channels={self.in_channels}")
+            raise ValueError(f"{where}: x has {c} channels (shape {tuple(x.shape)}) but in_channels={self.in_channels}")
         (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
         if kh > h + 2 * ph or kw > w + 2 * pw:
             raise ValueError(
                 f"{where}: kernel_size {self.kernel_size} is larger than the padded input "
-                f"{(h + 2 * ph, w + 2 * pw)} (x shape {x.shape}, padding {self.padding})"
+                f"{(h + 2 * ph, w + 2 * pw)} (x shape {tuple(x.shape)}, padding {self.padding})"
             )
+        o = self.out_channels
         oh, ow = output_size(h, kh, sh, ph), output_size(w, kw, sw, pw)
-        wmat = self.weight.data.astype(x.dtype, copy=False).reshape(self.out_channels, -1)  # (O, C*kh*kw)
-        bias = self.bias.data.astype(x.dtype, copy=False)
+        wmat = _param(self.weight, x.dtype, gpu).reshape(o, c * kh * kw)  # (O, C*kh*kw)
+        bias = _param(self.bias, x.dtype, gpu)
         reuse = self._cache[0] if self._cache else None
         cols = im2col(x, self.kernel_size, self.stride, self.padding, out=reuse)  # (N, C*kh*kw, OH*OW)
-        out = np.matmul(wmat, cols)  # (N, O, OH*OW)
-        out += bias[:, None]
-        self._cache = (cols, wmat, x.shape, (n, self.out_channels, oh, ow))
-        return out.reshape(n, self.out_channels, oh, ow)  # (N, O, OH, OW)
+        if gpu:
+            out = cuda.device_array((n, o, oh * ow), dtype=x.dtype)  # (N, O, OH*OW)
+            for b in range(n):
+                matmul(wmat, cols[b], out=out[b])
+        else:
+            out = np.matmul(wmat, cols)  # (N, O, OH*OW)
+        _add_bias(out, bias, gpu)
+        self._cache = (cols, wmat, tuple(x.shape), (n, o, oh, ow), gpu)
+        return out.reshape(n, o, oh, ow)  # (N, O, OH, OW)
 
     def backward(self, grad_out):
-        cols, wmat, x_shape, out_shape = self._cache if self._cache else (None, None, None, None)
-        g = _check_grad(grad_out, out_shape, wmat.dtype if wmat is not None else None, "Conv2d")
+        cols, wmat, x_shape, out_shape, gpu = self._cache if self._cache else (None,) * 5
+        g = _check_grad(grad_out, out_shape, None if wmat is None else wmat.dtype, "Conv2d", gpu)
         n, o, oh, ow = out_shape
         g = g.reshape(n, o, oh * ow)  # (N, O, OH*OW)
-        if n:
+        if n and gpu:
+            dw = self.weight.grad.reshape(o, cols.shape[1])  # a view of .grad, (O, C*kh*kw)
+            for b in range(n):
+                matmul(g[b], cols[b], trans_b=True, out=dw, accumulate=True)
+            _accumulate_bias_grad(self.bias, g, gpu)
+        elif n:
             dw = np.matmul(g, cols.transpose(0, 2, 1)).sum(axis=0)  # (O, C*kh*kw)
             self.weight.accumulate(dw.reshape(self.weight.shape))
-            self.bias.accumulate(g.sum(axis=(0, 2)))
+            _accumulate_bias_grad(self.bias, g, gpu)
         if not self.needs_input_grad:
             return None
-        self._dcols = _buffer(self._dcols, cols.shape, cols.dtype)
-        dcols = np.matmul(wmat.T, g, out=self._dcols)  # (N, C*kh*kw, OH*OW)
-        return col2im(dcols, x_shape, self.kernel_size, self.stride, self.padding)
+        self._dcols = _buffer(self._dcols, cols.shape, cols.dtype, gpu)
+        if gpu:
+            for b in range(n):
+                matmul(wmat, g[b], trans_a=True, out=self._dcols[b])
+        else:
+            np.matmul(wmat.T, g, out=self._dcols)  # (N, C*kh*kw, OH*OW)
+        return col2im(self._dcols, x_shape, self.kernel_size, self.stride, self.padding)
 
 
 # ----------------------------------------------------------------------------- ReLU
@@ -270,6 +454,21 @@ def _relu_backward_cpu(grad_out, out, dx):
         dx[i] = grad_out[i] if out[i] > 0 else 0
 
 
+@cuda.jit
+def _relu_forward_cuda(x, out):
+    i = cuda.grid(1)
+    if i < x.size:
+        v = x[i]
+        out[i] = v if v > 0 else 0
+
+
+@cuda.jit
+def _relu_backward_cuda(grad_out, out, dx):
+    i = cuda.grid(1)
+    if i < grad_out.size:
+        dx[i] = grad_out[i] if out[i] > 0 else 0
+
+
 class ReLU(Module):
     """max(x, 0); the gradient passes where x > 0 (and is 0 at x = 0, as in torch).
 
@@ -278,20 +477,32 @@ class ReLU(Module):
 
     def __init__(self):
         self._out = None
+        self._gpu = False
 
     def forward(self, x):
-        x = np.ascontiguousarray(_check_input(x, "ReLU", None, ""))
-        out = np.empty_like(x)
-        _relu_forward_cpu(x.reshape(-1), out.reshape(-1))
-        self._out = out
+        x, gpu = _check_input(x, "ReLU", None, "")
+        if gpu:
+            out = cuda.device_array(x.shape, dtype=x.dtype)
+            if out.size:
+                _relu_forward_cuda[grid_1d(out.size)](_flat(x), _flat(out))
+        else:
+            x = np.ascontiguousarray(x)
+            out = np.empty_like(x)
+            _relu_forward_cpu(_flat(x), _flat(out))
+        self._out, self._gpu = out, gpu
         return out
 
     def backward(self, grad_out):
         out = self._out
         shape, dtype = (None, None) if out is None else (out.shape, out.dtype)
-        g = _check_grad(grad_out, shape, dtype, "ReLU")
+        g = _check_grad(grad_out, shape, dtype, "ReLU", self._gpu)
+        if self._gpu:
+            dx = cuda.device_array(g.shape, dtype=g.dtype)
+            if dx.size:
+                _relu_backward_cuda[grid_1d(dx.size)](_flat(g), _flat(out), _flat(dx))
+            return dx
         dx = np.empty_like(g)
-        _relu_backward_cpu(g.reshape(-1), out.reshape(-1), dx.reshape(-1))
+        _relu_backward_cpu(_flat(g), _flat(out), _flat(dx))
         return dx
 
 
@@ -349,11 +560,71 @@ def _maxpool2d_backward_cpu(grad_out, argmax, dx):
                 dx[b, ch, idx // w, idx % w] += grad_out[b, ch, y, xo]
 
 
+@cuda.jit
+def _maxpool2d_forward_cuda(x, kh, kw, sh, sw, out, argmax):
+    t = cuda.grid(1)
+    n, c, oh, ow = out.shape
+    if t >= n * c * oh * ow:
+        return
+    b = t // (c * oh * ow)
+    ch = (t // (oh * ow)) % c
+    y = (t // ow) % oh
+    xo = t % ow
+    y0 = y * sh
+    x0 = xo * sw
+    w = x.shape[3]
+    best = x[b, ch, y0, x0]
+    best_i = y0 * w + x0
+    for i in range(kh):
+        for j in range(kw):
+            v = x[b, ch, y0 + i, x0 + j]
+            if v > best:
+                best = v
+                best_i = (y0 + i) * w + x0 + j
+    out[b, ch, y, xo] = best
+    argmax[b, ch, y, xo] = best_i
+
+
+@cuda.jit
+def _maxpool2d_backward_cuda(grad_out, argmax, kh, kw, sh, sw, dx):
+    """Gather: input pixel (y, x) sums the gradients of the windows that chose it,
+    in the CPU kernel's (window row, window column) order."""
+    t = cuda.grid(1)
+    n, c, h, w = dx.shape
+    if t >= n * c * h * w:
+        return
+    oh, ow = grad_out.shape[2], grad_out.shape[3]
+    b = t // (c * h * w)
+    ch = (t // (h * w)) % c
+    iy = (t // w) % h
+    ix = t % w
+    ylo = 0 if iy < kh else (iy - kh) // sh + 1
+    xlo = 0 if ix < kw else (ix - kw) // sw + 1
+    yhi = min(oh - 1, iy // sh)
+    xhi = min(ow - 1, ix // sw)
+    acc = cuda.local.array(1, dtype=dx.dtype)
+    acc[0] = 0
+    for y in range(ylo, yhi + 1):
+        for xo in range(xlo, xhi + 1):
+            if argmax[b, ch, y, xo] == iy * w + ix:
+                acc[0] += grad_out[b, ch, y, xo]
+    dx[b, ch, iy, ix] = acc[0]
+
+
 def maxpool2d_forward(x, kernel, stride):
-    """(out, argmax): window maxima and the flat index (y*W + x) of each window's first max."""
+    """(out, argmax): window maxima and the flat index (y*W + x) of each window's first max.
+
+    NumPy ``x``: Numba CPU kernel; device ``x`` (C-contiguous): CUDA kernel, one thread
+    per output."""
     (kh, kw), (sh, sw) = kernel, stride
     n, c, h, w = x.shape
     oh, ow = output_size(h, kh, sh, 0), output_size(w, kw, sw, 0)
+    if is_device_array(x):
+        out = cuda.device_array((n, c, oh, ow), dtype=x.dtype)  # (N, C, OH, OW)
+        argmax = cuda.device_array((n, c, oh, ow), dtype=np.int32)  # (N, C, OH, OW)
+        if out.size:
+            _maxpool2d_forward_cuda[grid_1d(out.size)](x, kh, kw, sh, sw, out, argmax)
+        return out, argmax
     out = np.empty((n, c, oh, ow), dtype=x.dtype)  # (N, C, OH, OW)
     argmax = np.empty((n, c, oh, ow), dtype=np.int32)  # (N, C, OH, OW)
     if out.size:
@@ -361,8 +632,17 @@ def maxpool2d_forward(x, kernel, stride):
     return out, argmax
 
 
-def maxpool2d_backward(grad_out, argmax, x_shape):
-    """Route each output gradient to its window's recorded argmax (summing overlaps)."""
+def maxpool2d_backward(grad_out, argmax, x_shape, kernel=None, stride=None):
+    """Route each output gradient to its window's recorded argmax (summing overlaps).
+
+    The CUDA path (device arrays) gathers per input pixel and needs ``kernel`` and
+    ``stride`` to find the windows over it; no atomics, same sums as the CPU."""
+    if is_device_array(grad_out):
+        (kh, kw), (sh, sw) = kernel, stride
+        dx = cuda.device_array(x_shape, dtype=grad_out.dtype)  # (N, C, H, W)
+        if dx.size:
+            _maxpool2d_backward_cuda[grid_1d(dx.size)](grad_out, argmax, kh, kw, sh, sw, dx)
+        return dx
     dx = np.empty(x_shape, dtype=grad_out.dtype)  # (N, C, H, W)
     if dx.size:
         _maxpool2d_backward_cpu(np.ascontiguousarray(grad_out), argmax, dx)
@@ -388,21 +668,21 @@ class MaxPool2d(Module):
 
     def forward(self, x):
         where = "MaxPool2d"
-        x = _check_input(x, where, 4, "(N, C, H, W)")
+        x, gpu = _check_input(x, where, 4, "(N, C, H, W)")
         kh, kw = self.kernel_size
         if kh > x.shape[2] or kw > x.shape[3]:
             raise ValueError(
                 f"{where}: kernel_size {self.kernel_size} is larger than the input "
-                f"{x.shape[2:]} (x shape {x.shape})"
+                f"{tuple(x.shape[2:])} (x shape {tuple(x.shape)})"
             )
         out, argmax = maxpool2d_forward(x, self.kernel_size, self.stride)
-        self._cache = (argmax, x.shape, x.dtype)
+        self._cache = (argmax, tuple(x.shape), x.dtype, gpu)
         return out
 
     def backward(self, grad_out):
-        argmax, x_shape, dtype = self._cache if self._cache else (None, None, None)
-        g = _check_grad(grad_out, None if argmax is None else argmax.shape, dtype, "MaxPool2d")
-        return maxpool2d_backward(g, argmax, x_shape)
+        argmax, x_shape, dtype, gpu = self._cache if self._cache else (None, None, None, False)
+        g = _check_grad(grad_out, None if argmax is None else argmax.shape, dtype, "MaxPool2d", gpu)
+        return maxpool2d_backward(g, argmax, x_shape, self.kernel_size, self.stride)
 
 
 # ----------------------------------------------------------------------------- Linear
@@ -413,7 +693,8 @@ class Linear(Module):
 
     Backward: dL/dx = g w, dL/dw = g^T x, dL/db = sum_n g. Init: He normal,
     ``w ~ N(0, 2 / in_features)``, ``b = 0``, from ``rng`` (``np.random.default_rng(0)``
-    when None). Weight (out, in), bias (out,).
+    when None). Weight (out, in), bias (out,). On the device the three products run
+    through ``tinyfrcnn.matmul`` (dL/dw accumulating straight into ``.grad``).
     """
 
     def __init__(self, in_features, out_features, rng=None):
@@ -430,17 +711,28 @@ class Linear(Module):
 
     def forward(self, x):
         where = "Linear"
-        x = _check_input(x, where, 2, "(N, in_features)")
+        x, gpu = _check_input(x, where, 2, "(N, in_features)", [("weight", self.weight), ("bias", self.bias)])
         if x.shape[1] != self.in_features:
-            raise ValueError(f"{where}: x has {x.shape[1]} features (shape {x.shape}) but in_features={self.in_features}")
-        w = self.weight.data.astype(x.dtype, copy=False)
-        self._cache = (x, w)
-        return x @ w.T + self.bias.data.astype(x.dtype, copy=False)  # (N, out_features)
+            raise ValueError(f"{where}: x has {x.shape[1]} features (shape {tuple(x.shape)}) "
+                             f"but in_features={self.in_features}")
+        w = _param(self.weight, x.dtype, gpu)
+        b = _param(self.bias, x.dtype, gpu)
+        self._cache = (x, w, gpu)
+        if gpu:
+            out = matmul(x, w, trans_b=True)  # (N, out_features)
+            _add_bias(out.reshape(x.shape[0], self.out_features, 1), b, gpu)
+            return out
+        return x @ w.T + b  # (N, out_features)
 
     def backward(self, grad_out):
-        x, w = self._cache if self._cache else (None, None)
+        x, w, gpu = self._cache if self._cache else (None, None, False)
         shape = None if x is None else (x.shape[0], self.out_features)
-        g = _check_grad(grad_out, shape, None if x is None else x.dtype, "Linear")
+        g = _check_grad(grad_out, shape, None if x is None else x.dtype, "Linear", gpu)
+        if gpu:
+            if x.shape[0]:
+                matmul(g, x, trans_a=True, out=self.weight.grad, accumulate=True)
+                _accumulate_bias_grad(self.bias, g.reshape(x.shape[0], self.out_features, 1), gpu)
+            return matmul(g, w)  # (N, in_features)
         self.weight.accumulate(g.T @ x)
         self.bias.accumulate(g.sum(axis=0))
         return g @ w  # (N, in_features)
@@ -450,23 +742,27 @@ class Linear(Module):
 
 
 class Flatten(Module):
-    """(N, ...) -> (N, -1); backward reshapes the gradient back."""
+    """(N, ...) -> (N, -1); backward reshapes the gradient back (a view, also on the device)."""
 
     def __init__(self):
         self._shape = None
+        self._gpu = False
 
     def forward(self, x):
         x = as_float_array(x, "x", where="Flatten")
         if x.ndim < 1:
-            raise ValueError(f"Flatten: x must have a batch dimension, got shape {x.shape}")
-        self._shape, self._dtype = x.shape, x.dtype
-        return x.reshape(x.shape[0], -1)
+            raise ValueError(f"Flatten: x must have a batch dimension, got shape {tuple(x.shape)}")
+        self._gpu = is_device_array(x)
+        if self._gpu and not x.is_c_contiguous():
+            raise ValueError("Flatten: x must be C-contiguous on the device")
+        self._shape, self._dtype = tuple(x.shape), x.dtype
+        return x.reshape(x.shape[0], int(np.prod(x.shape[1:], dtype=np.int64)))
 
     def backward(self, grad_out):
         shape = self._shape
         flat = None if shape is None else (shape[0], int(np.prod(shape[1:], dtype=np.int64)))
-        g = _check_grad(grad_out, flat, None if shape is None else self._dtype, "Flatten")
-        return g.reshape(shape)
+        g = _check_grad(grad_out, flat, None if shape is None else self._dtype, "Flatten", self._gpu)
+        return g.reshape(*shape)
 
 
 # ----------------------------------------------------------------------------- Sequential

@@ -9,11 +9,37 @@ a linear warm-up over the first iterations. ``SGD`` makes the same update as
     buf = d                         (first step)
     buf = momentum * buf + d        (later steps)
     p   = p - lr * buf
+
+Parameters on the GPU (``model.to("cuda")``) are updated in place by one CUDA kernel
+per parameter, the same formula element by element, with the hyper-parameters cast
+to the parameter's dtype as NumPy does on the CPU.
 """
 
 import numpy as np
+from numba import cuda
 
 from .checks import check_number, check_positive_int
+from .device import grid_1d, is_device_array
+
+
+@cuda.jit
+def _sgd_step_cuda(p, g, buf, lr, momentum, weight_decay, first):
+    """One SGD step on flat arrays; ``buf`` is used only when ``momentum != 0``."""
+    i = cuda.grid(1)
+    if i >= p.size:
+        return
+    d = g[i]
+    if weight_decay != 0:
+        d = d + weight_decay * p[i]
+    if momentum != 0:
+        if not first:
+            d = momentum * buf[i] + d
+        buf[i] = d
+    p[i] -= lr * d
+
+
+def _flat(a):
+    return a.reshape(a.size)
 
 
 class SGD:
@@ -38,11 +64,17 @@ class SGD:
 
     def zero_grad(self):
         for p in self.params:
-            p.grad[...] = 0
+            if hasattr(p, "zero_grad"):
+                p.zero_grad()
+            else:
+                p.grad[...] = 0
 
     def step(self):
         lr = check_number(self.lr, "lr", low=0, where="SGD.step")
         for i, p in enumerate(self.params):
+            if is_device_array(p.data):
+                self._step_cuda(i, p, lr)
+                continue
             d = p.grad
             if self.weight_decay:
                 d = d + self.weight_decay * p.data
@@ -56,17 +88,35 @@ class SGD:
                 d = buf
             p.data -= (lr * d).astype(p.data.dtype, copy=False)
 
+    def _step_cuda(self, i, p, lr):
+        if not is_device_array(p.grad) or p.grad.shape != p.data.shape or p.grad.dtype != p.data.dtype:
+            raise ValueError(f"SGD.step: params[{i}] is on the device, so its grad must be a device "
+                             f"array of the same shape and dtype")
+        if p.data.size == 0:
+            return
+        cast = np.dtype(p.data.dtype).type
+        first = self._buffers[i] is None
+        if self.momentum and first:
+            self._buffers[i] = cuda.device_array(p.data.shape, dtype=p.data.dtype)
+        buf = self._buffers[i] if self.momentum else p.data
+        _sgd_step_cuda[grid_1d(p.data.size)](
+            _flat(p.data), _flat(p.grad), _flat(buf), cast(lr), cast(self.momentum),
+            cast(self.weight_decay), first)
+
     def state_dict(self):
-        """Learning rate, hyper-parameters and momentum buffers (copies)."""
+        """Learning rate, hyper-parameters and momentum buffers (NumPy copies)."""
         return {"lr": self.lr, "momentum": self.momentum, "weight_decay": self.weight_decay,
-                "buffers": [None if b is None else b.copy() for b in self._buffers]}
+                "buffers": [None if b is None else (b.copy_to_host() if is_device_array(b) else b.copy())
+                            for b in self._buffers]}
 
     def load_state_dict(self, state):
         buffers = state["buffers"]
         if len(buffers) != len(self.params):
             raise ValueError(f"SGD.load_state_dict: state has {len(buffers)} buffers for {len(self.params)} params")
         self.lr, self.momentum, self.weight_decay = state["lr"], state["momentum"], state["weight_decay"]
-        self._buffers = [None if b is None else b.copy() for b in buffers]
+        self._buffers = [None if b is None else (cuda.to_device(np.array(b)) if is_device_array(p.data)
+                                                 else np.array(b, copy=True))
+                         for b, p in zip(buffers, self.params)]
 
 
 def warmup_step_lr(step, base_lr, milestones, gamma=0.1, warmup_steps=0, warmup_factor=1 / 3):
