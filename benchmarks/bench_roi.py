@@ -68,12 +68,17 @@ def cases(features, rois, grad):
         out, argmax = roi.roi_pool(features, rois, OUT, SCALE)
         return roi.roi_pool_backward(grad, argmax, features.shape)
 
+    def align_fb():
+        roi.roi_align(features, rois, OUT, SCALE, -1, True)
+        return roi.roi_align_backward(grad, rois, features.shape, SCALE, -1, True)
+
     table = {
         "roi_pool forward": (lambda: roi.roi_pool(features, rois, OUT, SCALE),
                              lambda: roi._roi_pool_reference(features, rois, OUT, SCALE)),
         "roi_pool fwd+bwd": (pool_fb, None),
         "roi_align forward": (lambda: roi.roi_align(features, rois, OUT, SCALE, -1, True),
                               lambda: roi._roi_align_reference(features, rois, OUT, SCALE, -1, True)),
+        "roi_align fwd+bwd": (align_fb, None),
     }
     return table
 
@@ -88,10 +93,15 @@ def torch_cases(features, rois, grad, device):
         fg.grad = None
         tv_ops.roi_pool(fg, r, OUT, SCALE).backward(g)
 
+    def align_fb():
+        fg.grad = None
+        tv_ops.roi_align(fg, r, OUT, SCALE, -1, True).backward(g)
+
     return {
         "roi_pool forward": lambda: tv_ops.roi_pool(f, r, OUT, SCALE),
         "roi_pool fwd+bwd": pool_fb,
         "roi_align forward": lambda: tv_ops.roi_align(f, r, OUT, SCALE, -1, True),
+        "roi_align fwd+bwd": align_fb,
     }
 
 

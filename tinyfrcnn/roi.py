@@ -465,10 +465,11 @@ def _align_tables(y0, x0, bin_h, bin_w, grid_h, grid_w, offsets, PH, PW, H, W):
     """Every sample of every bin of every RoI, as four flat plane positions and bilinear weights.
 
     Samples of RoI r, bin (i, j) are rows offsets[r] + (i * PW + j) * gh * gw onwards.
-    Samples off the map get weight 0. Returns pos (S, 4) uint64 (unsigned, so indexing
-    skips numba's negative-index check) and weight (S, 4) in the RoIs' dtype.
+    Samples off the map get weight 0. Returns pos (S, 4) uint32 (unsigned, so indexing
+    skips numba's negative-index check; 4 bytes, as the table is read once per channel)
+    and weight (S, 4) in the RoIs' dtype.
     """
-    pos = np.zeros((offsets[-1], 4), np.uint64)
+    pos = np.zeros((offsets[-1], 4), np.uint32)
     weight = np.zeros((offsets[-1], 4), y0.dtype)
     for r in prange(len(y0)):
         gh, gw = grid_h[r], grid_w[r]
@@ -535,6 +536,9 @@ def _sample_tables(geometry, batch, pooled_h, pooled_w, height, width):
     """Yield (lo, hi, (batch, offsets, pos, weight)) for runs of RoIs whose tables hold at
     most ``SAMPLE_TABLE_ROWS`` samples (or one RoI), so memory stays bounded for huge RoIs."""
     limit = SAMPLE_TABLE_ROWS
+    if height * width >= 2**32:
+        raise ValueError(f"roi_align: feature planes of {height} x {width} cells are too large for the CPU "
+                         "kernel's 32-bit sample positions")
     counts = geometry[4] * geometry[5] * (pooled_h * pooled_w)  # (R,)
     bounds, start, total = [], 0, 0
     for r, n in enumerate(counts.tolist()):
