@@ -31,7 +31,7 @@ from .device import grid_1d, is_device_array, on_device
 from .layers import Module
 
 FLT_MAX = float(np.finfo(np.float32).max)
-SAMPLE_TABLE_ROWS = 1 << 21  # RoIAlign CPU: most samples tabulated at once (64 MiB in float64)
+SAMPLE_TABLE_ROWS = 1 << 21  # RoIAlign CPU: most samples tabulated at once (64 MiB for float32)
 
 
 # --------------------------------------------------------------------------- validation
@@ -270,7 +270,9 @@ def roi_pool_backward(grad_out, argmax, features_shape):
     """Gradient of RoI max pooling: each output gradient goes to its argmax input.
 
     ``dL/dx[a] = sum of dL/dy[r, c, i, j] over all (r, c, i, j) with argmax = a``;
-    empty bins (argmax -1) send nothing. Returns an array of ``features_shape``.
+    empty bins (argmax -1) send nothing. ``argmax`` is the one ``roi_pool`` returned:
+    indices are range-checked, and the CPU kernel relies on channel c's entries pointing
+    into channel-c planes (its threads split the channels). Returns ``features_shape``.
     """
     where = "roi_pool_backward"
     grad_out = as_float_array(grad_out, "grad_out", ndim=4, where=where)
