@@ -1,9 +1,14 @@
 """Time a small conv backbone: tinyfrcnn layers vs the naive NumPy reference vs PyTorch.
 
 Backbone: 3x3 convs 3->16->32->64->64 (padding 1), ReLU after each, 2x2 max pools after
-the first three; input (8, 3, 128, 128) float32. Rows: forward, forward+backward.
+the first three; input (8, 3, 128, 128) float32. Rows: forward, forward+backward. As in
+training, the image needs no gradient: the first conv has ``needs_input_grad=False``
+and torch's input has ``requires_grad=False``.
 
-    python benchmarks/bench_layers.py [--threads 2] [--repeats 10]
+    python benchmarks/bench_layers.py [--threads 2] [--repeats 10] [--device cuda]
+
+``--device cuda`` runs the layers' CUDA kernels on device arrays and torch on the GPU
+(each timed call ends with a device synchronisation).
 
 The naive reference (Python loops over output pixels) is timed on batch 1 and scaled
 by the batch size; it has no backward, so that cell is left empty.
@@ -21,6 +26,7 @@ def parse_args():
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--size", type=int, default=128)
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     return p.parse_args()
 
 
@@ -31,6 +37,7 @@ os.environ["OPENBLAS_NUM_THREADS"] = str(args.threads)
 
 import numpy as np  # noqa: E402
 
+from tinyfrcnn.device import to_host  # noqa: E402
 from tinyfrcnn.layers import (  # noqa: E402
     Conv2d, MaxPool2d, ReLU, Sequential, _conv2d_reference, _maxpool2d_reference,
 )
@@ -41,7 +48,7 @@ CHANNELS = [3, 16, 32, 64, 64]
 def build(rng):
     layers = []
     for i in range(4):
-        layers += [Conv2d(CHANNELS[i], CHANNELS[i + 1], 3, padding=1, rng=rng), ReLU()]
+        layers += [Conv2d(CHANNELS[i], CHANNELS[i + 1], 3, padding=1, rng=rng, needs_input_grad=i > 0), ReLU()]
         if i < 3:
             layers.append(MaxPool2d(2))
     return Sequential(*layers)
@@ -79,13 +86,28 @@ def main():
     rng = np.random.default_rng(0)
     model = build(rng)
     x = rng.standard_normal((args.batch, 3, args.size, args.size)).astype(np.float32)
+    gpu = args.device == "cuda"
+    sync = lambda: None  # noqa: E731
+    if gpu:
+        from numba import cuda
+
+        sync = cuda.synchronize
+        model.to("cuda")
+        xd = cuda.to_device(x)
+        ones = cuda.to_device(np.ones(model(xd).shape, np.float32))
+    else:
+        xd = x
+        ones = np.ones_like(model(x))
 
     def ours_fwd():
-        return model(x)
+        out = model(xd)
+        sync()
+        return out
 
     def ours_fwd_bwd():
-        out = model(x)
-        model.backward(np.ones_like(out))
+        model(xd)
+        model.backward(ones)
+        sync()
 
     rows = {"forward": {}, "forward+backward": {}}
     fns = {("forward", "tinyfrcnn"): ours_fwd, ("forward+backward", "tinyfrcnn"): ours_fwd_bwd}
@@ -101,42 +123,49 @@ def main():
             if isinstance(layer, Conv2d):
                 c = torch.nn.Conv2d(layer.in_channels, layer.out_channels, 3, padding=1)
                 with torch.no_grad():
-                    c.weight.copy_(torch.from_numpy(layer.weight.data))
-                    c.bias.copy_(torch.from_numpy(layer.bias.data))
+                    c.weight.copy_(torch.from_numpy(to_host(layer.weight.data)))
+                    c.bias.copy_(torch.from_numpy(to_host(layer.bias.data)))
                 tm.append(c)
             elif isinstance(layer, ReLU):
                 tm.append(torch.nn.ReLU())
             else:
                 tm.append(torch.nn.MaxPool2d(2))
-        tmodel = torch.nn.Sequential(*tm)
-        tx = torch.from_numpy(x)
-        out = tmodel(tx).detach().numpy()
-        ours = model(x)
+        dev = "cuda" if gpu else "cpu"
+        tsync = torch.cuda.synchronize if gpu else (lambda: None)
+        tmodel = torch.nn.Sequential(*tm).to(dev)
+        tx = torch.from_numpy(x).to(dev)
+        out = tmodel(tx).detach().cpu().numpy()
+        ours = ours_fwd()
+        ours = ours.copy_to_host() if gpu else ours
         err = float(np.abs(out - ours).max() / max(np.abs(out).max(), 1e-12))
 
         def torch_fwd():
             with torch.no_grad():
                 tmodel(tx)
+            tsync()
 
         def torch_fwd_bwd():
-            txg = tx.clone().requires_grad_()
-            out = tmodel(txg)
+            out = tmodel(tx)
             out.backward(torch.ones_like(out))
+            tsync()
 
         fns[("forward", "torch")] = torch_fwd
         fns[("forward+backward", "torch")] = torch_fwd_bwd
 
     for (row, col), t in best_times(fns, args.repeats).items():
         rows[row][col] = t
-    rows["forward"]["reference"] = best_time(lambda: reference_forward(model, x[:1]), 1) * args.batch
+    if not gpu:
+        rows["forward"]["reference"] = best_time(lambda: reference_forward(model, x[:1]), 1) * args.batch
 
     import numba
 
+    where = "CUDA" if gpu else f"{args.threads} threads (numba {numba.get_num_threads()})"
     print(f"conv backbone 3->16->32->64->64, input ({args.batch}, 3, {args.size}, {args.size}) float32, "
-          f"{args.threads} threads (numba {numba.get_num_threads()}), best of {args.repeats} (taking turns)")
+          f"{where}, best of {args.repeats} (taking turns)")
     if torch is not None:
         print(f"torch {torch.__version__}; max relative difference of outputs: {err:.1e}")
-    print("reference: naive NumPy loops, timed on batch 1 and scaled by the batch size; forward only")
+    if not gpu:
+        print("reference: naive NumPy loops, timed on batch 1 and scaled by the batch size; forward only")
     header = f"{'':18s} {'tinyfrcnn ms':>13s} {'reference ms':>13s} {'torch ms':>10s} {'tinyfrcnn/torch':>16s} {'reference/tinyfrcnn':>20s}"
     print(header)
     for name, r in rows.items():

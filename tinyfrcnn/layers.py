@@ -359,6 +359,10 @@ class Conv2d(Module):
     ``needs_input_grad=False`` skips dL/dx (the ``w^T @ g`` product and col2im, about
     half of the backward pass): ``backward`` then only accumulates the parameter
     gradients and returns None. Use it for a first layer whose input is an image.
+
+    On the device: the CUDA im2col, then one ``tinyfrcnn.matmul`` per image for each
+    product (dL/dw added straight into ``weight.grad`` with ``accumulate=True``), a
+    bias-add kernel and a bias-gradient reduction kernel (one block per channel).
     """
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, rng=None,
