@@ -55,8 +55,7 @@ def _box_iou_reference(a, b):
     return np.where(inter > 0, iou, 0).astype(inter.dtype)
 
 
-@njit(cache=True, parallel=True, error_model="numpy")
-def _box_iou_cpu(a, b, out):
+def _box_iou_rows(a, b, out):
     n, m = a.shape[0], b.shape[0]
     bx1, by1, bx2, by2 = b[:, 0].copy(), b[:, 1].copy(), b[:, 2].copy(), b[:, 3].copy()  # (M,) each
     area_b = (bx2 - bx1) * (by2 - by1)  # (M,)
@@ -72,6 +71,13 @@ def _box_iou_cpu(a, b, out):
             inter = w * h
             iou = inter / (area_a + area_b[j] - inter)
             row[j] = iou if (w > 0) & (h > 0) else 0
+
+
+# Threads pay off only on large tables: the detector's per-image calls (a few thousand
+# anchors against a few boxes) run faster on one thread than waking a thread pool.
+_box_iou_cpu = njit(cache=True, parallel=True, error_model="numpy")(_box_iou_rows)
+_box_iou_cpu_serial = njit(cache=True, error_model="numpy")(_box_iou_rows)
+PARALLEL_MIN_PAIRS = 1 << 18
 
 
 def rounded_ops(dtype):
@@ -143,7 +149,8 @@ def box_iou(a, b):
     b = np.ascontiguousarray(b, dtype=dtype)
     out = np.empty((a.shape[0], b.shape[0]), dtype=dtype)  # (N, M)
     if a.shape[0] and b.shape[0]:
-        _box_iou_cpu(a, b, out)
+        kernel = _box_iou_cpu if a.shape[0] * b.shape[0] >= PARALLEL_MIN_PAIRS else _box_iou_cpu_serial
+        kernel(a, b, out)
     return out
 
 
