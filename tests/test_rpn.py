@@ -265,3 +265,73 @@ def test_proposals_bad_input(kwargs, match):
     args.update(kwargs)
     with pytest.raises(ValueError, match=match):
         generate_proposals(**args)
+
+
+# ---------------------------------------------------------------- proposal recall
+
+
+def test_proposal_recall_hand_worked():
+    from tinyfrcnn.rpn import proposal_recall
+
+    gt = [np.array([[0, 0, 10, 10], [20, 20, 30, 30.0]]), np.array([[0, 0, 4, 4.0]])]
+    props = [
+        np.array([[0, 0, 10, 5], [20, 20, 30, 30], [0, 0, 10, 10.0]]),  # IoU with gt 0: 0.5, 0, 1
+        np.array([[0, 0, 2, 4.0]]),  # IoU 0.5
+    ]
+    assert proposal_recall(props, gt) == 1.0
+    assert proposal_recall(props, gt, iou_threshold=0.51) == pytest.approx(2 / 3)
+    assert proposal_recall(props, gt, top_n=1) == pytest.approx(2 / 3)  # row 1 (the second gt's match) cut
+    assert proposal_recall(props, gt, top_n=1, iou_threshold=0.6) == 0.0
+    # (boxes, scores) pairs as FasterRCNN.propose returns them; empty proposals cover nothing
+    pairs = [(p, np.linspace(1, 0, len(p))) for p in props]
+    assert proposal_recall(pairs, gt, top_n=2) == 1.0
+    assert proposal_recall([np.zeros((0, 4)), props[1]], gt) == pytest.approx(1 / 3)
+    # images without ground truth add nothing to either count
+    assert proposal_recall(props + [np.zeros((0, 4))], gt + [np.zeros((0, 4))]) == 1.0
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 2**31 - 1), st.floats(0.05, 1.0))
+def test_proposal_recall_matches_reference_and_is_monotone(seed, thresh):
+    from tinyfrcnn.rpn import proposal_recall
+
+    rng = np.random.default_rng(seed)
+
+    def boxes(n):
+        xy = rng.uniform(0, 50, size=(n, 2))
+        wh = rng.uniform(1, 30, size=(n, 2))
+        return np.concatenate([xy, xy + wh], axis=1)
+
+    gts = [boxes(int(rng.integers(1, 5))) for _ in range(4)]
+    props = [boxes(int(rng.integers(0, 30))) for _ in range(4)]
+    hits = sum(sum(any(box_iou(p[j:j + 1], g[m:m + 1])[0, 0] >= thresh for j in range(len(p)))
+                   for m in range(len(g))) for p, g in zip(props, gts))
+    total = sum(len(g) for g in gts)
+    assert proposal_recall(props, gts, iou_threshold=thresh) == pytest.approx(hits / total)
+    # more proposals or a lower threshold never lowers recall
+    by_n = [proposal_recall(props, gts, iou_threshold=thresh, top_n=n) for n in (1, 3, 10, 30)]
+    assert all(a <= b for a, b in zip(by_n, by_n[1:]))
+    assert proposal_recall(props, gts, iou_threshold=thresh / 2) >= by_n[-1]
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(gts=[np.zeros((1, 4))] * 2), "has 1 images but"),
+        (dict(iou_threshold=0.0), "iou_threshold"),
+        (dict(iou_threshold=1.5), "iou_threshold"),
+        (dict(top_n=0), "top_n"),
+        (dict(props=[np.array([[0, 0, 1, 1]])]), "float32 or float64"),
+        (dict(props=[np.array([[0, 0, 1.0]])]), r"proposals_per_image\[0\] must have shape"),
+        (dict(gts=[np.array([[5, 0, 1, 1.0]])]), r"gt_boxes_per_image\[0\]"),
+        (dict(gts=[np.zeros((0, 4))]), "no boxes"),
+    ],
+)
+def test_proposal_recall_bad_input(kwargs, match):
+    from tinyfrcnn.rpn import proposal_recall
+
+    args = dict(props=[np.array([[0, 0, 2, 2.0]])], gts=[np.array([[0, 0, 2, 2.0]])])
+    args.update(kwargs)
+    extra = {k: v for k, v in args.items() if k not in ("props", "gts")}
+    with pytest.raises(ValueError, match=match):
+        proposal_recall(args["props"], args["gts"], **extra)

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .boxes import clip_boxes, decode, remove_small_boxes
-from .checks import as_array, as_float_array, check_finite, check_number, check_positive_int
+from .boxes import box_iou, clip_boxes, decode, remove_small_boxes
+from .checks import as_array, as_float_array, check_boxes, check_finite, check_number, check_positive_int
 from .device import is_device_array
 from .layers import Conv2d, Module, Parameter, ReLU
 from .losses import smooth_l1, softmax_cross_entropy
@@ -229,3 +229,46 @@ def generate_proposals(logits, deltas, anchors, image_size, pre_nms_top_n=TEST_P
     boxes, scores = boxes[order], scores[order]
     keep = nms(boxes, scores, nms_thresh)[:post_nms_top_n]
     return boxes[keep], scores[keep]
+
+
+# ---------------------------------------------------------------- evaluation
+
+
+def proposal_recall(proposals_per_image, gt_boxes_per_image, iou_threshold=0.5, top_n=None):
+    """Fraction of ground-truth boxes covered by a proposal, over a set of images.
+
+        recall = #{g : max_{p in top_n(image of g)} IoU(p, g) >= iou_threshold} / #{g}
+
+    the measure of the paper's figure 4 (recall vs IoU, and vs the number of proposals).
+    ``proposals_per_image``: one (P_i, 4) array per image, highest score first, or the
+    (boxes, scores) pairs that ``FasterRCNN.propose`` returns; ``top_n`` keeps the first
+    ``top_n`` of each (None: all). ``gt_boxes_per_image``: one (G_i, 4) array per image.
+    Counts over all images together (not a mean of per-image recalls); an image with no
+    proposals covers none of its boxes. Returns a float in [0, 1].
+    """
+    where = "proposal_recall"
+    proposals_per_image = list(proposals_per_image)
+    gt_boxes_per_image = list(gt_boxes_per_image)
+    if len(proposals_per_image) != len(gt_boxes_per_image):
+        raise ValueError(f"{where}: proposals_per_image has {len(proposals_per_image)} images but "
+                         f"gt_boxes_per_image has {len(gt_boxes_per_image)}")
+    iou_threshold = check_number(iou_threshold, "iou_threshold", low=0.0, high=1.0, low_open=True, where=where)
+    if top_n is not None:
+        top_n = check_positive_int(top_n, "top_n", where)
+    covered = total = 0
+    for i, (props, gt) in enumerate(zip(proposals_per_image, gt_boxes_per_image)):
+        if isinstance(props, (tuple, list)) and len(props) == 2 and np.ndim(props[0]) == 2:
+            props = props[0]
+        props = np.asarray(_host(props, f"proposals_per_image[{i}]", where))
+        gt = np.asarray(_host(gt, f"gt_boxes_per_image[{i}]", where))
+        props = check_boxes(props.reshape(-1, 4) if props.size == 0 else props, f"proposals_per_image[{i}]", where)
+        gt = check_boxes(gt.reshape(-1, 4) if gt.size == 0 else gt, f"gt_boxes_per_image[{i}]", where)
+        if top_n is not None:
+            props = props[:top_n]
+        total += len(gt)
+        if len(gt) and len(props):
+            best = box_iou(props.astype(np.float64), gt.astype(np.float64)).max(axis=0)  # (G,)
+            covered += int((best >= iou_threshold).sum())
+    if total == 0:
+        raise ValueError(f"{where}: gt_boxes_per_image holds no boxes, so recall is undefined")
+    return covered / total
