@@ -154,6 +154,24 @@ def test_maxpool_tie_goes_to_first_maximum():
     np.testing.assert_array_equal(dx[0, 0], expected)
 
 
+@pytest.mark.parametrize("k,s", [(2, 2), (3, 2), ((2, 3), (1, 2)), (3, 1)])
+def test_maxpool_many_ties_route_to_first_maximum(k, s):
+    rng = np.random.default_rng(14)
+    x = rng.integers(0, 3, (2, 3, 7, 8)).astype(np.float32)  # ties in most windows
+    pool = MaxPool2d(k, s)
+    out = pool(x)
+    g = rng.standard_normal(out.shape).astype(np.float32)
+    dx = pool.backward(g)
+    (kh, kw), (sh, sw) = pool.kernel_size, pool.stride
+    expected = np.zeros_like(x)
+    for n, c, y, xo in np.ndindex(out.shape):
+        window = x[n, c, y * sh:y * sh + kh, xo * sw:xo * sw + kw]
+        i, j = np.unravel_index(np.argmax(window), window.shape)  # np.argmax: first maximum
+        expected[n, c, y * sh + i, xo * sw + j] += g[n, c, y, xo]
+    np.testing.assert_array_equal(out, _maxpool2d_reference(x, k, s))
+    np.testing.assert_allclose(dx, expected, rtol=1e-6)
+
+
 def test_overlapping_pool_windows_sum_gradients():
     x = np.zeros((1, 1, 3, 3))
     x[0, 0, 1, 1] = 1.0  # the centre is the max of all four 2x2 windows

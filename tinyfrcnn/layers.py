@@ -527,41 +527,40 @@ def _maxpool2d_reference(x, k, s):
 
 @njit(cache=True, parallel=True)
 def _maxpool2d_forward_cpu(x, kh, kw, sh, sw, out, argmax):
+    """Per output row: start from each window's top-left element, then let every other
+    window offset (i, j), in row-major order, update the whole row; a strict > keeps
+    the first maximum. The inner loop runs along the row without branches, so it
+    vectorises (a per-window loop mispredicts on almost every comparison)."""
     n, c, h, w = x.shape
     oh, ow = out.shape[2], out.shape[3]
     for nc in prange(n * c):
         b = nc // c
         ch = nc % c
         for y in range(oh):
+            y0 = y * sh
             for xo in range(ow):
-                y0 = y * sh
-                x0 = xo * sw
-                best = x[b, ch, y0, x0]
-                best_i = y0 * w + x0
-                for i in range(kh):
-                    for j in range(kw):
-                        v = x[b, ch, y0 + i, x0 + j]
-                        if v > best:
-                            best = v
-                            best_i = (y0 + i) * w + x0 + j
-                out[b, ch, y, xo] = best
-                argmax[b, ch, y, xo] = best_i
+                out[b, ch, y, xo] = x[b, ch, y0, xo * sw]
+                argmax[b, ch, y, xo] = y0 * w + xo * sw
+            for i in range(kh):
+                for j in range(kw):
+                    if i == 0 and j == 0:
+                        continue
+                    row = (y0 + i) * w
+                    for xo in range(ow):
+                        v = x[b, ch, y0 + i, xo * sw + j]
+                        better = v > out[b, ch, y, xo]
+                        out[b, ch, y, xo] = v if better else out[b, ch, y, xo]
+                        argmax[b, ch, y, xo] = row + xo * sw + j if better else argmax[b, ch, y, xo]
 
 
 @njit(cache=True, parallel=True)
 def _maxpool2d_backward_cpu(grad_out, argmax, dx):
-    n, c, h, w = dx.shape
-    oh, ow = grad_out.shape[2], grad_out.shape[3]
-    for nc in prange(n * c):
-        b = nc // c
-        ch = nc % c
-        for y in range(h):
-            for xx in range(w):
-                dx[b, ch, y, xx] = 0
-        for y in range(oh):
-            for xo in range(ow):
-                idx = argmax[b, ch, y, xo]
-                dx[b, ch, idx // w, idx % w] += grad_out[b, ch, y, xo]
+    """Planes flattened: grad_out, argmax (N*C, OH*OW); dx (N*C, H*W)."""
+    for nc in prange(dx.shape[0]):
+        for k in range(dx.shape[1]):
+            dx[nc, k] = 0
+        for k in range(grad_out.shape[1]):
+            dx[nc, argmax[nc, k]] += grad_out[nc, k]
 
 
 @cuda.jit
@@ -647,9 +646,12 @@ def maxpool2d_backward(grad_out, argmax, x_shape, kernel=None, stride=None):
         if dx.size:
             _maxpool2d_backward_cuda[grid_1d(dx.size)](grad_out, argmax, kh, kw, sh, sw, dx)
         return dx
+    n, c, h, w = x_shape
     dx = np.empty(x_shape, dtype=grad_out.dtype)  # (N, C, H, W)
     if dx.size:
-        _maxpool2d_backward_cpu(np.ascontiguousarray(grad_out), argmax, dx)
+        planes = n * c
+        _maxpool2d_backward_cpu(np.ascontiguousarray(grad_out).reshape(planes, -1),
+                                argmax.reshape(planes, -1), dx.reshape(planes, h * w))
     return dx
 
 
