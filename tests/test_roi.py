@@ -291,18 +291,101 @@ def test_cuda_float32_and_empty():
         roi_pool_backward(cuda.to_device(out), cuda.to_device(argmax + f.size), f.shape)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_cuda_geometry_in_kernel_is_the_cpus_to_the_bit(dtype):
+    # Scale 0.3 is inexact in binary, so corners, bin edges and sample grids depend on every
+    # rounding; the kernels must reproduce the CPU's exactly. RoIs stay float64 on purpose:
+    # both paths cast them to the features' dtype.
+    rng = np.random.default_rng(8)
+    f = rng.standard_normal((2, 2, 5, 6)).astype(dtype)
+    rois = np.array([[0, -3.3, -2.1, 9.7, 7.2], [1, 2.3, 1.1, 4.4, 3.9], [1, 5, 5, 5, 5], [0, 1.5, 0.5, 18.5, 16.5]])
+    d_f, d_r = cuda.to_device(f), cuda.to_device(rois)
+    out, argmax = roi_pool(f, rois, (2, 3), 0.3)
+    d_out, d_argmax = roi_pool(d_f, d_r, (2, 3), 0.3)
+    assert np.array_equal(d_out.copy_to_host(), out) and np.array_equal(d_argmax.copy_to_host(), argmax)
+    for sampling_ratio, aligned in [(-1, True), (-1, False)]:
+        cpu = roi_align(f, rois, (2, 3), 0.3, sampling_ratio, aligned)
+        assert np.array_equal(roi_align(d_f, d_r, (2, 3), 0.3, sampling_ratio, aligned).copy_to_host(), cpu)
+
+
+def test_cuda_pool_backward_rejects_bad_argmax_after_the_kernel():
+    f = np.arange(16.0).reshape(1, 1, 4, 4)
+    out, argmax = roi_pool(f, np.array([[0, 0, 0, 3, 3]], float), 2, 1.0)
+    bad = argmax.copy()
+    bad[0, 0, 1, 1] = -2
+    with pytest.raises(ValueError, match="argmax holds indices outside"):
+        roi_pool_backward(cuda.to_device(out), cuda.to_device(bad), f.shape)
+    # The flag is reset: a good call after a bad one succeeds.
+    grad = roi_pool_backward(cuda.to_device(out), cuda.to_device(argmax), f.shape).copy_to_host()
+    assert np.array_equal(grad, roi_pool_backward(out, argmax, f.shape))
+
+
+_RECYCLE_SCRIPT = r"""
+import gc
+from types import SimpleNamespace
+import numpy as np
+from numba.cuda.cudadrv.driver import binding
+from tinyfrcnn import roi
+
+made = []
+def fake(nbytes):
+    ptr = binding.CUdeviceptr(4096 * (len(made) + 1))
+    made.append(SimpleNamespace(gpu_data=SimpleNamespace(context=None, device_pointer=ptr)))
+    return made[-1]
+
+pool = roi._RecycledBuffers(keep=1, allocate=fake)
+a = pool.device_array((2, 3), np.float32)
+assert a.shape == (2, 3) and a.strides == (12, 4) and roi.is_device_array(a)
+view = a.gpu_data.view(12)  # what slicing a[1] holds: a pointer into the buffer
+del a
+gc.collect()
+b = pool.device_array(6, np.float32)
+assert len(made) == 2, "a view still used the first buffer"
+assert b.device_ctypes_pointer.value == 8192
+other = pool.device_array((5,), np.float64)
+assert len(made) == 3
+del view, b, other
+gc.collect()
+c = pool.device_array((3, 2), np.float32)
+assert len(made) == 3 and c.device_ctypes_pointer.value in (4096, 8192)  # reused
+d = pool.device_array((3, 2), np.float32)
+assert len(made) == 4  # keep=1: only one dropped buffer of this size was kept
+del c, d
+gc.collect()
+assert len(pool._free[24]) == 1 and not pool._live
+print("ok")
+"""
+
+
+def test_recycled_output_buffers_are_reused_only_once_dropped():
+    # Runs numba's real device-array classes (no simulator) on fake allocations, so it
+    # needs no GPU: a buffer comes back only when the array and every view of it are gone.
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="0")
+    env["PYTHONPATH"] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-c", _RECYCLE_SCRIPT], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stdout + proc.stderr
+
+
 def test_kernels_compile_to_ptx():
     jobs = []
-    for t in ("float32", "float64"):
+    for t, s in (("float32", "f32"), ("float64", "f64")):
         f4 = f"{t}[:, :, :, ::1]"
         jobs += [
-            ("tinyfrcnn.roi", "_roi_pool_forward_cuda", f"void({f4}, int64[:, ::1], {f4}, int64[:, :, :, ::1])"),
-            ("tinyfrcnn.roi", "_roi_pool_backward_cuda", f"void({f4}, int64[:, :, :, ::1], {t}[::1])"),
-            ("tinyfrcnn.roi", "_roi_align_forward_cuda", f"void({f4}, float64[:, ::1], {f4})"),
-            ("tinyfrcnn.roi", "_roi_align_backward_cuda", f"void({f4}, float64[:, ::1], {f4})"),
-            ("tinyfrcnn.roi", "_zero_cuda", f"void({t}[::1])"),
+            ("tinyfrcnn.roi", f"_roi_pool_forward_cuda_{s}", f"void({f4}, {t}[:, ::1], {t}, {f4}, int64[:, :, :, ::1])"),
+            ("tinyfrcnn.roi", "_roi_pool_backward_cuda", f"void({f4}, int64[:, :, :, ::1], {t}[::1], int32[::1])"),
+            ("tinyfrcnn.roi", f"_roi_align_forward_cuda_{s}", f"void({f4}, {t}[:, ::1], {t}, int64, boolean, {f4})"),
+            ("tinyfrcnn.roi", f"_roi_align_backward_cuda_{s}", f"void({f4}, {t}[:, ::1], {t}, int64, boolean, {f4})"),
         ]
-    jobs.append(("tinyfrcnn.roi", "_index_outside_cuda", "void(int64[::1], int64, int32[::1])"))
+    # RoIs in float64 with float32 features (the kernels cast them, as the CPU path does).
+    jobs.append(("tinyfrcnn.roi", "_roi_pool_forward_cuda_f32",
+                 "void(float32[:, :, :, ::1], float64[:, :], float32, float32[:, :, :, ::1], int64[:, :, :, ::1])"))
+    jobs.append(("tinyfrcnn.roi", "_roi_align_forward_cuda_f32",
+                 "void(float32[:, :, :, ::1], float64[:, :], float32, int64, boolean, float32[:, :, :, ::1])"))
     assert_compiles_to_ptx(jobs)
 
 

@@ -22,10 +22,13 @@ whole feature array rather than into one channel plane).
 """
 
 import math
+import threading
 
 import numpy as np
-from numba import cuda, njit, prange
+from numba import config, cuda, float32, float64, njit, prange
+from numba.cuda.cudadrv.driver import device_memset
 
+from .boxes import rounded_ops
 from .checks import as_float_array, check_boxes, check_finite, check_number, pair
 from .device import grid_1d, is_device_array, on_device
 from .layers import Module
@@ -77,24 +80,81 @@ def _round_half_away(v):
     return t + np.sign(v) * (np.abs(v - t) >= 0.5)
 
 
+class _RecycledBuffers:
+    """Device buffers for outputs, reused once every array made from one has been dropped.
+
+    numba allocates each device array with ``cuMemAlloc`` and frees it with ``cuMemFree``
+    (which waits for the GPU); for the tens of megabytes that RoI outputs take, that
+    costs more than the kernels. Like PyTorch's caching allocator, this keeps the
+    buffers of dropped outputs (at most ``keep`` per size) and hands them out again.
+    An output is never overwritten while the caller holds it or any view of it: numba
+    counts the references to the buffer and only then calls ``_release``. Kernels all
+    run on the default stream, so work queued on an old owner finishes before a new one
+    writes. Not thread-safe across concurrent allocations without the lock below.
+    """
+
+    def __init__(self, keep=2, allocate=None):
+        self.keep = keep
+        self._allocate = allocate or (lambda nbytes: cuda.device_array(nbytes, dtype=np.uint8))
+        self._free = {}  # nbytes -> [raw uint8 device arrays]
+        self._live = {}  # key -> numba AutoFreePointer of a handed-out buffer
+        self._next = 0
+        self._lock = threading.Lock()
+
+    def device_array(self, shape, dtype):
+        dtype = np.dtype(dtype)
+        shape = tuple(int(s) for s in np.atleast_1d(shape))
+        nbytes = int(np.prod(shape)) * dtype.itemsize
+        if nbytes == 0 or config.ENABLE_CUDASIM:
+            return cuda.device_array(shape, dtype=dtype)
+        from numba.cuda.cudadrv.devicearray import DeviceNDArray
+        from numba.cuda.cudadrv.driver import AutoFreePointer
+
+        with self._lock:
+            free = self._free.setdefault(nbytes, [])
+            raw = free.pop() if free else self._allocate(nbytes)
+            key, self._next = self._next, self._next + 1
+            mem = AutoFreePointer(raw.gpu_data.context, raw.gpu_data.device_pointer, nbytes,
+                                  finalizer=lambda: self._release(key, raw, free))
+            self._live[key] = mem
+        strides, step = [], dtype.itemsize
+        for s in reversed(shape):  # C order
+            strides.insert(0, step)
+            step *= s
+        return DeviceNDArray(shape, tuple(strides), dtype, gpu_data=mem.own())
+
+    def _release(self, key, raw, free):
+        with self._lock:
+            self._live.pop(key, None)
+            if len(free) < self.keep:
+                free.append(raw)
+
+
+_BUFFERS = _RecycledBuffers()
+
+
 def _empty(gpu, shape, dtype):
-    return cuda.device_array(shape, dtype=dtype) if gpu else np.zeros(shape, dtype=dtype)
-
-
-@cuda.jit
-def _zero_cuda(flat):
-    t = cuda.grid(1)
-    if t < flat.size:
-        flat[t] = 0
+    return _BUFFERS.device_array(shape, dtype) if gpu else np.zeros(shape, dtype=dtype)
 
 
 def _device_zeros(shape, dtype):
-    """A zeroed device array, filled on the device (no host copy to transfer)."""
-    out = cuda.device_array(shape, dtype=dtype)
+    """A zeroed device array: one driver memset, no kernel, no host copy."""
+    out = _BUFFERS.device_array(shape, dtype)
     if out.size:
-        blocks, threads = grid_1d(out.size)
-        _zero_cuda[blocks, threads](out.reshape(-1))
+        device_memset(out, 0, out.size * out.dtype.itemsize)
     return out
+
+
+_ARGMAX_FLAG = []  # one mapped (host-visible) int32, made on first use
+
+
+def _argmax_flag():
+    """A pinned host int32 that kernels can write: no allocation or copy per call."""
+    if not _ARGMAX_FLAG:
+        _ARGMAX_FLAG.append(cuda.mapped_array(1, dtype=np.int32))
+    flag = _ARGMAX_FLAG[0]
+    flag[0] = 0
+    return flag
 
 
 # --------------------------------------------------------------------------- RoI max pooling
@@ -189,41 +249,80 @@ def _roi_pool_backward_cpu(grad_out, argmax, grad_in):
                         grad_in[a] += grad_out[r, c, i, j]
 
 
-@cuda.jit
-def _roi_pool_forward_cuda(features, table, out, argmax):
-    # table row r: batch index, hstart (PH), hend (PH), wstart (PW), wend (PW), packed so
-    # that one transfer carries them all.
-    R, C, PH, PW = out.shape
-    H, W = features.shape[2], features.shape[3]
-    t = cuda.grid(1)
-    if t >= R * C * PH * PW:
-        return
-    j = t % PW
-    i = (t // PW) % PH
-    c = (t // (PW * PH)) % C
-    r = t // (PW * PH * C)
-    n = table[r, 0]
-    h0, h1 = table[r, 1 + i], table[r, 1 + PH + i]
-    w0, w1 = table[r, 1 + 2 * PH + j], table[r, 1 + 2 * PH + PW + j]
-    if h1 <= h0 or w1 <= w0:
-        out[r, c, i, j] = 0
-        argmax[r, c, i, j] = -1
-        return
-    base = (n * C + c) * H * W
-    best = -FLT_MAX
-    best_at = -1
-    for y in range(h0, h1):
-        for x in range(w0, w1):
-            v = features[n, c, y, x]
-            if v > best:
-                best = v
-                best_at = base + y * W + x
-    out[r, c, i, j] = best
-    argmax[r, c, i, j] = best_at
+def _cuda_scalar(dtype):
+    return float32 if np.dtype(dtype) == np.float32 else float64
+
+
+def _make_roi_pool_forward_cuda(dtype):
+    """The forward kernel for features of ``dtype``: each thread computes its own bin.
+
+    Bin edges are worked out from the RoI inside the kernel, in ``dtype`` and with the
+    same roundings as ``_pool_bins``, so the bins (and so the results) match the CPU.
+    """
+    T = _cuda_scalar(dtype)
+    mul, _ = rounded_ops(dtype)
+
+    @cuda.jit(device=True, inline="always")
+    def corner(v, scale):
+        """round(v * scale), halves away from zero."""
+        s = mul(T(v), scale)
+        a = abs(s)
+        k = int(math.floor(a))
+        if a - k >= 0.5:
+            k += 1
+        return k if s >= 0 else -k
+
+    @cuda.jit(device=True, inline="always")
+    def bin_edges(start, end, p, pooled, limit):
+        """[floor(p * size / P), ceil((p + 1) * size / P)) + start, clipped to [0, limit]."""
+        bin_size = T(max(end - start + 1, 1)) / T(pooled)
+        lo = int(math.floor(T(p) * bin_size)) + start
+        hi = int(math.ceil(T(p + 1) * bin_size)) + start
+        return min(max(lo, 0), limit), min(max(hi, 0), limit)
+
+    @cuda.jit
+    def kernel(features, rois, scale, out, argmax):
+        R, C, PH, PW = out.shape
+        H, W = features.shape[2], features.shape[3]
+        t = cuda.grid(1)
+        if t >= R * C * PH * PW:
+            return
+        j = t % PW
+        i = (t // PW) % PH
+        c = (t // (PW * PH)) % C
+        r = t // (PW * PH * C)
+        n = int(rois[r, 0])
+        h0, h1 = bin_edges(corner(rois[r, 2], scale), corner(rois[r, 4], scale), i, PH, H)
+        w0, w1 = bin_edges(corner(rois[r, 1], scale), corner(rois[r, 3], scale), j, PW, W)
+        if h1 <= h0 or w1 <= w0:
+            out[r, c, i, j] = 0
+            argmax[r, c, i, j] = -1
+            return
+        base = (n * C + c) * H * W
+        best = -FLT_MAX
+        best_at = -1
+        for y in range(h0, h1):
+            for x in range(w0, w1):
+                v = features[n, c, y, x]
+                if v > best:
+                    best = v
+                    best_at = base + y * W + x
+        out[r, c, i, j] = best
+        argmax[r, c, i, j] = best_at
+
+    return kernel
+
+
+_roi_pool_forward_cuda_f32 = _make_roi_pool_forward_cuda(np.float32)
+_roi_pool_forward_cuda_f64 = _make_roi_pool_forward_cuda(np.float64)
+_ROI_POOL_FORWARD_CUDA = {np.dtype(np.float32): _roi_pool_forward_cuda_f32,
+                          np.dtype(np.float64): _roi_pool_forward_cuda_f64}
 
 
 @cuda.jit
-def _roi_pool_backward_cuda(grad_out, argmax, grad_in):
+def _roi_pool_backward_cuda(grad_out, argmax, grad_in, flag):
+    # The argmax is range-checked here, where it lives: copying it to the host would
+    # cost more than the backward pass. A bad index is skipped and raises flag[0].
     R, C, PH, PW = grad_out.shape
     t = cuda.grid(1)
     if t >= R * C * PH * PW:
@@ -233,7 +332,9 @@ def _roi_pool_backward_cuda(grad_out, argmax, grad_in):
     c = (t // (PW * PH)) % C
     r = t // (PW * PH * C)
     a = argmax[r, c, i, j]
-    if a >= 0:
+    if a < -1 or a >= grad_in.size:
+        flag[0] = 1
+    elif a >= 0:
         cuda.atomic.add(grad_in, a, grad_out[r, c, i, j])
 
 
@@ -254,13 +355,13 @@ def roi_pool(features, rois, output_size, spatial_scale):
     argmax = _empty(gpu, (R, C, ph, pw), np.int64)
     if out.size == 0:
         return out, argmax
-    batch = host[:, 0].astype(np.int64)
-    bins = _pool_bins(host, scale, ph, pw, H, W)
     if gpu:
-        table = cuda.to_device(np.concatenate([batch[:, None], *bins], axis=1))  # (R, 1 + 2 PH + 2 PW)
         blocks, threads = grid_1d(out.size)
-        _roi_pool_forward_cuda[blocks, threads](features, table, out, argmax)
+        kernel = _ROI_POOL_FORWARD_CUDA[np.dtype(features.dtype)]
+        kernel[blocks, threads](features, rois, features.dtype.type(scale), out, argmax)
     else:
+        batch = host[:, 0].astype(np.int64)
+        bins = _pool_bins(host, scale, ph, pw, H, W)
         planes = np.ascontiguousarray(features).reshape(N * C, H, W)  # (N * C, H, W)
         _roi_pool_forward_cpu(planes, batch, *bins, out, argmax)
     return out, argmax
@@ -282,8 +383,12 @@ def roi_pool_backward(grad_out, argmax, features_shape):
     if gpu:
         grad_in = _device_zeros(size, grad_out.dtype)
         if grad_out.size:
+            flag = _argmax_flag()
             blocks, threads = grid_1d(grad_out.size)
-            _roi_pool_backward_cuda[blocks, threads](grad_out, argmax, grad_in)
+            _roi_pool_backward_cuda[blocks, threads](grad_out, argmax, grad_in, flag)
+            cuda.synchronize()
+            if flag[0]:
+                _raise_argmax_outside(features_shape, where)
     else:
         grad_in = np.zeros(size, dtype=grad_out.dtype)
         if grad_out.size:
@@ -301,13 +406,9 @@ def _check_shape(features_shape, where):
     return shape
 
 
-@cuda.jit
-def _index_outside_cuda(index, size, flag):
-    # Device argmax is checked where it lives: copying it to the host would cost more
-    # than the backward pass itself.
-    t = cuda.grid(1)
-    if t < index.size and (index[t] < -1 or index[t] >= size):
-        flag[0] = 1
+def _raise_argmax_outside(features_shape, where):
+    raise ValueError(f"{where}: argmax holds indices outside [-1, {int(np.prod(features_shape))}) "
+                     f"for features_shape {tuple(features_shape)}")
 
 
 def _check_argmax(argmax, grad_out, features_shape, where):
@@ -323,17 +424,8 @@ def _check_argmax(argmax, grad_out, features_shape, where):
         raise ValueError(f"{where}: grad_out has {grad_out.shape[1]} channels but features_shape "
                          f"{shape} has {shape[1]}")
     size = int(np.prod(shape))
-    if is_device_array(argmax):
-        flag = cuda.to_device(np.zeros(1, np.int32))
-        if argmax.size:
-            blocks, threads = grid_1d(argmax.size)
-            _index_outside_cuda[blocks, threads](argmax.reshape(-1), size, flag)
-        bad = bool(flag.copy_to_host()[0])
-    else:
-        bad = bool(argmax.size) and (argmax.min() < -1 or argmax.max() >= size)
-    if bad:
-        raise ValueError(f"{where}: argmax holds indices outside [-1, {int(np.prod(shape))}) "
-                         f"for features_shape {shape}")
+    if not is_device_array(argmax) and argmax.size and (argmax.min() < -1 or argmax.max() >= size):
+        _raise_argmax_outside(shape, where)  # device argmax: checked by the CUDA kernel
     return argmax
 
 
@@ -555,92 +647,105 @@ def _sample_tables(geometry, batch, pooled_h, pooled_w, height, width):
         yield lo, hi, (batch[lo:hi], offsets, pos, weight)
 
 
-# The CUDA kernels spell out _axis_sample: a device function would need a GPU present
-# just to compile the kernels to PTX.
-@cuda.jit
-def _roi_align_forward_cuda(features, table, out):
-    # table row r (float64, one transfer): batch index, y0, x0, bin_h, bin_w, grid_h, grid_w.
-    R, C, PH, PW = out.shape
-    H, W = features.shape[2], features.shape[3]
-    t = cuda.grid(1)
-    if t >= R * C * PH * PW:
-        return
-    j = t % PW
-    i = (t // PW) % PH
-    c = (t // (PW * PH)) % C
-    r = t // (PW * PH * C)
-    n, y0, x0, bin_h, bin_w = int(table[r, 0]), table[r, 1], table[r, 2], table[r, 3], table[r, 4]
-    gh, gw = int(table[r, 5]), int(table[r, 6])
-    total = 0.0
-    for iy in range(gh):
-        y = y0 + i * bin_h + (iy + 0.5) * bin_h / gh
-        if y < -1.0 or y > H:
-            continue
-        y = max(y, 0.0)
-        yl = int(y)
-        yh = yl + 1
-        ly = y - yl
-        if yl >= H - 1:
-            yl = yh = H - 1
-            ly = 0.0
-        for ix in range(gw):
-            x = x0 + j * bin_w + (ix + 0.5) * bin_w / gw
-            if x < -1.0 or x > W:
-                continue
-            x = max(x, 0.0)
-            xl = int(x)
-            xh = xl + 1
-            lx = x - xl
-            if xl >= W - 1:
-                xl = xh = W - 1
-                lx = 0.0
-            hy, hx = 1.0 - ly, 1.0 - lx
-            total += (hy * hx * features[n, c, yl, xl] + hy * lx * features[n, c, yl, xh]
-                      + ly * hx * features[n, c, yh, xl] + ly * lx * features[n, c, yh, xh])
-    out[r, c, i, j] = total / max(gh * gw, 1)
+def _make_roi_align_cuda(dtype):
+    """Forward and backward kernels for features of ``dtype``; each thread does one bin.
+
+    The geometry (start, bin size, sampling grid) is worked out from the RoI inside the
+    kernel in ``dtype``, and the sample points in float64, step by step as on the CPU:
+    the ``rounded_ops`` keep the compiler from fusing a multiply and an add, so grids and
+    sample points are the CPU's to the bit. The forward sums in ``dtype`` like the CPU.
+    """
+    T = _cuda_scalar(dtype)
+    mul, add = rounded_ops(dtype)
+    mul64, add64 = rounded_ops(np.float64)
+
+    @cuda.jit(device=True, inline="always")
+    def geometry(rois, r, scale, sampling_ratio, aligned, PH, PW):
+        """(batch, y0, x0, bin_h, bin_w, grid_h, grid_w) of RoI r, as ``_align_geometry``."""
+        offset = T(0.5) if aligned else T(0.0)
+        x1 = add(mul(T(rois[r, 1]), scale), -offset)
+        y1 = add(mul(T(rois[r, 2]), scale), -offset)
+        x2 = add(mul(T(rois[r, 3]), scale), -offset)
+        y2 = add(mul(T(rois[r, 4]), scale), -offset)
+        roi_w, roi_h = x2 - x1, y2 - y1
+        if not aligned:
+            roi_w, roi_h = max(roi_w, T(1.0)), max(roi_h, T(1.0))
+        bin_h, bin_w = roi_h / T(PH), roi_w / T(PW)
+        if sampling_ratio > 0:
+            gh, gw = sampling_ratio, sampling_ratio
+        else:
+            gh, gw = int(math.ceil(bin_h)), int(math.ceil(bin_w))
+        return int(rois[r, 0]), y1, x1, bin_h, bin_w, gh, gw
+
+    @cuda.jit(device=True, inline="always")
+    def axis_sample(start, p, bin_size, g, grid, size):
+        """Sample g of bin p along an axis: (low, high, frac, inside), as ``_axis_sample``."""
+        t = add64(add64(float64(start), mul64(float64(p), float64(bin_size))),
+                  mul64(g + 0.5, float64(bin_size)) / grid)
+        if t < -1.0 or t > size:
+            return 0, 0, 0.0, False
+        if t <= 0.0:
+            t = 0.0
+        low = int(t)
+        if low >= size - 1:
+            return size - 1, size - 1, 0.0, True
+        return low, low + 1, t - low, True
+
+    @cuda.jit
+    def forward(features, rois, scale, sampling_ratio, aligned, out):
+        R, C, PH, PW = out.shape
+        H, W = features.shape[2], features.shape[3]
+        t = cuda.grid(1)
+        if t >= R * C * PH * PW:
+            return
+        j = t % PW
+        i = (t // PW) % PH
+        c = (t // (PW * PH)) % C
+        r = t // (PW * PH * C)
+        n, y0, x0, bin_h, bin_w, gh, gw = geometry(rois, r, scale, sampling_ratio, aligned, PH, PW)
+        total = T(0.0)
+        for iy in range(gh):
+            yl, yh, ly, yin = axis_sample(y0, i, bin_h, iy, gh, H)
+            for ix in range(gw):
+                xl, xh, lx, xin = axis_sample(x0, j, bin_w, ix, gw, W)
+                if yin and xin:
+                    hy, hx = 1.0 - ly, 1.0 - lx
+                    s = add(add(mul(T(hy * hx), features[n, c, yl, xl]), mul(T(hy * lx), features[n, c, yl, xh])),
+                            mul(T(ly * hx), features[n, c, yh, xl]))
+                    total = add(total, add(s, mul(T(ly * lx), features[n, c, yh, xh])))
+        out[r, c, i, j] = total / max(gh * gw, 1)
+
+    @cuda.jit
+    def backward(grad_out, rois, scale, sampling_ratio, aligned, grad_in):
+        R, C, PH, PW = grad_out.shape
+        H, W = grad_in.shape[2], grad_in.shape[3]
+        t = cuda.grid(1)
+        if t >= R * C * PH * PW:
+            return
+        j = t % PW
+        i = (t // PW) % PH
+        c = (t // (PW * PH)) % C
+        r = t // (PW * PH * C)
+        n, y0, x0, bin_h, bin_w, gh, gw = geometry(rois, r, scale, sampling_ratio, aligned, PH, PW)
+        g = grad_out[r, c, i, j] / max(gh * gw, 1)
+        for iy in range(gh):
+            yl, yh, ly, yin = axis_sample(y0, i, bin_h, iy, gh, H)
+            for ix in range(gw):
+                xl, xh, lx, xin = axis_sample(x0, j, bin_w, ix, gw, W)
+                if yin and xin:
+                    hy, hx = 1.0 - ly, 1.0 - lx
+                    cuda.atomic.add(grad_in, (n, c, yl, xl), g * T(hy * hx))
+                    cuda.atomic.add(grad_in, (n, c, yl, xh), g * T(hy * lx))
+                    cuda.atomic.add(grad_in, (n, c, yh, xl), g * T(ly * hx))
+                    cuda.atomic.add(grad_in, (n, c, yh, xh), g * T(ly * lx))
+
+    return forward, backward
 
 
-@cuda.jit
-def _roi_align_backward_cuda(grad_out, table, grad_in):
-    R, C, PH, PW = grad_out.shape
-    H, W = grad_in.shape[2], grad_in.shape[3]
-    t = cuda.grid(1)
-    if t >= R * C * PH * PW:
-        return
-    j = t % PW
-    i = (t // PW) % PH
-    c = (t // (PW * PH)) % C
-    r = t // (PW * PH * C)
-    n, y0, x0, bin_h, bin_w = int(table[r, 0]), table[r, 1], table[r, 2], table[r, 3], table[r, 4]
-    gh, gw = int(table[r, 5]), int(table[r, 6])
-    g = grad_out[r, c, i, j] / max(gh * gw, 1)
-    for iy in range(gh):
-        y = y0 + i * bin_h + (iy + 0.5) * bin_h / gh
-        if y < -1.0 or y > H:
-            continue
-        y = max(y, 0.0)
-        yl = int(y)
-        yh = yl + 1
-        ly = y - yl
-        if yl >= H - 1:
-            yl = yh = H - 1
-            ly = 0.0
-        for ix in range(gw):
-            x = x0 + j * bin_w + (ix + 0.5) * bin_w / gw
-            if x < -1.0 or x > W:
-                continue
-            x = max(x, 0.0)
-            xl = int(x)
-            xh = xl + 1
-            lx = x - xl
-            if xl >= W - 1:
-                xl = xh = W - 1
-                lx = 0.0
-            hy, hx = 1.0 - ly, 1.0 - lx
-            cuda.atomic.add(grad_in, (n, c, yl, xl), g * hy * hx)
-            cuda.atomic.add(grad_in, (n, c, yl, xh), g * hy * lx)
-            cuda.atomic.add(grad_in, (n, c, yh, xl), g * ly * hx)
-            cuda.atomic.add(grad_in, (n, c, yh, xh), g * ly * lx)
+_roi_align_forward_cuda_f32, _roi_align_backward_cuda_f32 = _make_roi_align_cuda(np.float32)
+_roi_align_forward_cuda_f64, _roi_align_backward_cuda_f64 = _make_roi_align_cuda(np.float64)
+_ROI_ALIGN_CUDA = {np.dtype(np.float32): (_roi_align_forward_cuda_f32, _roi_align_backward_cuda_f32),
+                   np.dtype(np.float64): (_roi_align_forward_cuda_f64, _roi_align_backward_cuda_f64)}
 
 
 def _check_sampling(sampling_ratio, aligned, where):
@@ -668,13 +773,13 @@ def roi_align(features, rois, output_size, spatial_scale, sampling_ratio=-1, ali
     out = _empty(gpu, (R, C, ph, pw), features.dtype)
     if out.size == 0:
         return out
-    batch = host[:, 0].astype(np.int64)
-    geometry = _align_geometry(host, scale, ph, pw, sampling_ratio, aligned)
     if gpu:
-        table = cuda.to_device(np.column_stack([batch, *geometry]).astype(np.float64))  # (R, 7)
         blocks, threads = grid_1d(out.size)
-        _roi_align_forward_cuda[blocks, threads](features, table, out)
+        kernel = _ROI_ALIGN_CUDA[np.dtype(features.dtype)][0]
+        kernel[blocks, threads](features, rois, features.dtype.type(scale), sampling_ratio, aligned, out)
     else:
+        batch = host[:, 0].astype(np.int64)
+        geometry = _align_geometry(host, scale, ph, pw, sampling_ratio, aligned)
         N, C, H, W = features.shape
         planes = np.ascontiguousarray(features).reshape(N * C, H * W)  # (N * C, H * W)
         for lo, hi, tables in _sample_tables(geometry, batch, ph, pw, H, W):
@@ -701,13 +806,13 @@ def roi_align_backward(grad_out, rois, features_shape, spatial_scale, sampling_r
     grad_in = _device_zeros(shape, grad_out.dtype) if gpu else np.zeros(shape, dtype=grad_out.dtype)
     if grad_out.size == 0:
         return grad_in
-    batch = host[:, 0].astype(np.int64)
-    geometry = _align_geometry(host, scale, ph, pw, sampling_ratio, aligned)
     if gpu:
-        table = cuda.to_device(np.column_stack([batch, *geometry]).astype(np.float64))  # (R, 7)
         blocks, threads = grid_1d(grad_out.size)
-        _roi_align_backward_cuda[blocks, threads](grad_out, table, grad_in)
+        kernel = _ROI_ALIGN_CUDA[np.dtype(grad_out.dtype)][1]
+        kernel[blocks, threads](grad_out, rois, grad_out.dtype.type(scale), sampling_ratio, aligned, grad_in)
     else:
+        batch = host[:, 0].astype(np.int64)
+        geometry = _align_geometry(host, scale, ph, pw, sampling_ratio, aligned)
         N, C, H, W = shape
         grad_planes = grad_in.reshape(N * C, H * W)  # (N * C, H * W), a view
         grad_out = np.ascontiguousarray(grad_out)
