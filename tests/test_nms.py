@@ -6,7 +6,8 @@ from numba import cuda
 
 from ptx import assert_compiles_to_ptx
 from tinyfrcnn.boxes import box_iou
-from tinyfrcnn.nms import _nms_reference, batched_nms, nms
+from tinyfrcnn import nms as nms_module
+from tinyfrcnn.nms import _descending_order, _nms_reference, batched_nms, nms
 
 
 def random_boxes(rng, n, dtype=np.float32, size=100.0, max_side=40.0):
@@ -174,8 +175,34 @@ def test_nms_cuda_edge_cases():
     assert empty.copy_to_host().shape == (0,)
 
 
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.integers(0, 300), st.sampled_from([np.float32, np.float64]))
+def test_descending_order_is_stable_argsort(seed, n, dtype):
+    rng = np.random.default_rng(seed)
+    pool = np.array([0.0, -0.0, 1.0, -1.0, 0.5, -2.5, 1e-40, -1e-40, 3e38, -3e38, np.float32(0.1)], dtype)
+    scores = np.where(rng.random(n) < 0.5, rng.choice(pool, n), rng.standard_normal(n)).astype(dtype)
+    np.testing.assert_array_equal(_descending_order(scores), np.argsort(-scores, kind="stable"))
+
+
+def test_cuda_gather_pass_matches_host_pass():
+    # A random upper-triangular suppression mask over 150 boxes (three 64-bit words a row):
+    # the single-block kernel keeps exactly the boxes the host pass keeps.
+    rng = np.random.default_rng(3)
+    n, words = 150, 3
+    bits = np.triu(rng.random((n, 64 * words)) < 0.02, k=1)  # (N, 192): box i suppresses j > i
+    mask = np.packbits(bits.reshape(n, words, 64)[:, :, ::-1], axis=2).view(">u8")[:, :, 0].astype(np.uint64)
+    order = rng.permutation(n).astype(np.int64)
+    expected = order[nms_module._nms_gather_masks(mask)]
+    keep = cuda.device_array(n + 1, np.int64)
+    nms_module._nms_gather_cuda[1, 32](cuda.to_device(mask), cuda.to_device(order), keep)
+    keep = keep.copy_to_host()
+    assert keep[n] == len(expected) and 20 < len(expected) < n
+    np.testing.assert_array_equal(keep[:len(expected)], expected)
+
+
 def test_kernels_compile_to_ptx():
     assert_compiles_to_ptx([
+        ("tinyfrcnn.nms", "_nms_gather_cuda", "void(uint64[:, ::1], int64[::1], int64[::1])"),
         ("tinyfrcnn.nms", "_nms_mask_cuda_f32", "void(float32[:, :], int64[:], float64, uint64[:, :])"),
         ("tinyfrcnn.nms", "_nms_mask_cuda_f64", "void(float64[:, :], int64[:], float64, uint64[:, :])"),
     ])

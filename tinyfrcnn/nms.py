@@ -6,17 +6,38 @@ final detections (per class). The greedy algorithm is sequential, but nearly all
 work is the IoU of one box against all later ones, which the CPU kernel does with a
 branch-free, vectorisable inner loop, and which the CUDA kernel does for all pairs at
 once as bitmasks (64 boxes against 64 per block), leaving only a cheap sequential pass
-over the masks.
+over the masks, which also runs on the GPU, in one block.
 """
+
+import threading
 
 import numpy as np
 from numba import cuda, float32, float64, int64, njit, uint64
+from numba.cuda.cudadrv.driver import device_memset
 
 from .boxes import rounded_ops
 from .checks import as_array, as_float_array, check_boxes, check_finite, check_number
 from .device import on_device, to_device, to_host
 
 BLOCK = 64  # boxes per CUDA block: one bit each in a uint64 mask word
+MAX_WORDS = 4096  # the single-block pass keeps its "removed" bitset in 32 KiB of shared memory
+
+
+def _descending_order(scores):
+    """Indices that sort ``scores`` from high to low, equal scores by lower index first.
+
+    The same permutation as ``np.argsort(-scores, kind="stable")``. For float32, each
+    score becomes an integer with the same order (flip the magnitude bits of negatives),
+    packed above its index into one int64 key; NumPy's unstable sort of int64 keys is
+    several times faster than a stable sort of floats, and ties stay in index order
+    because the index is part of the key.
+    """
+    if scores.dtype != np.float32 or len(scores) >= 2**31:
+        return np.argsort(-scores, kind="stable")
+    bits = (scores + np.float32(0)).view(np.int32).astype(np.int64)  # (N,); + 0 turns -0.0 into 0.0
+    rank = np.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # increasing with the score
+    keys = ((-rank) << 32) | np.arange(len(scores), dtype=np.int64)  # (N,)
+    return np.sort(keys) & 0xFFFFFFFF
 
 
 def _nms_reference(boxes, scores, iou_threshold, idxs=None):
@@ -145,14 +166,81 @@ def _nms_gather_masks(mask):
     return keep[:n_keep]
 
 
-def _nms_cuda(boxes, classes, iou_threshold):
-    """Sorted (N, 4) host boxes -> kept positions, IoUs computed on the GPU."""
+@cuda.jit
+def _nms_gather_cuda(mask, order, keep):
+    """``_nms_gather_masks`` in one block, on the device: the mask never leaves the GPU.
+
+    Every thread walks the boxes in score order and reads the same shared "removed"
+    word, so all agree on which boxes are kept; for a kept box the threads OR its mask
+    row into the bitset, one word each, and synchronise before the next decision. (A
+    row only sets bits of later boxes, so a thread still deciding an earlier box is
+    never misled by one already OR-ing.) Writes keep[k] = order[k-th kept position] and
+    keep[n] = the number kept.
+    """
+    n, col_blocks = mask.shape
+    removed = cuda.shared.array(MAX_WORDS, uint64)
+    t = cuda.threadIdx.x
+    step = cuda.blockDim.x
+    for c in range(t, col_blocks, step):
+        removed[c] = 0
+    cuda.syncthreads()
+    n_keep = 0
+    for i in range(n):
+        block = i // BLOCK
+        if (removed[block] >> uint64(i % BLOCK)) & uint64(1):
+            continue
+        if t == 0:
+            keep[n_keep] = order[i]
+        n_keep += 1
+        for c in range(block + t, col_blocks, step):
+            removed[c] |= mask[i, c]
+        cuda.syncthreads()
+    if t == 0:
+        keep[n] = n_keep
+
+
+_SCRATCH = {}  # "mask": a flat uint64 device buffer, grown to the largest mask so far
+_SCRATCH_LOCK = threading.Lock()
+
+
+def _mask_buffer(n, col_blocks):
+    """The (n, col_blocks) suppression mask, in a device buffer kept between calls.
+
+    The mask is only read inside one call, which ends by waiting for the GPU, so one
+    buffer serves every call (the lock keeps two threads from sharing it at once).
+    """
+    size = n * col_blocks
+    if "mask" not in _SCRATCH or _SCRATCH["mask"].size < size:
+        _SCRATCH["mask"] = cuda.device_array(size, dtype=np.uint64)
+    return _SCRATCH["mask"][:size].reshape(n, col_blocks)
+
+
+def _nms_cuda(boxes, classes, order, iou_threshold):
+    """NMS on the GPU; boxes, classes and order are sorted host arrays, order the sort.
+
+    Two launches (the mask, then the single-block pass); uploads the sorted boxes, their
+    categories (if any) and the order, and copies back one int64 (how many were kept).
+    Returns a device array of the kept original indices.
+    """
     n = boxes.shape[0]
     col_blocks = (n + BLOCK - 1) // BLOCK
-    mask = cuda.device_array((n, col_blocks), dtype=np.uint64)  # (N, ceil(N / 64))
-    kernel = _NMS_MASK_CUDA[np.dtype(boxes.dtype)]
-    kernel[(col_blocks, col_blocks), BLOCK](to_device(boxes), to_device(classes), float(iou_threshold), mask)
-    return _nms_gather_masks(mask.copy_to_host())
+    if col_blocks > MAX_WORDS:
+        raise ValueError(f"nms: {n} boxes are more than the CUDA kernel's {MAX_WORDS * BLOCK}")
+    d_boxes, d_order = to_device(boxes), to_device(order)
+    if classes is None:
+        d_classes = cuda.device_array(n, dtype=np.int64)
+        device_memset(d_classes, 0, n * 8)
+    else:
+        d_classes = to_device(classes)
+    keep = cuda.device_array(n + 1, dtype=np.int64)  # (N + 1,): kept indices, then their count
+    threads = min(256, 32 * ((col_blocks + 31) // 32))
+    with _SCRATCH_LOCK:
+        mask = _mask_buffer(n, col_blocks)  # (N, ceil(N / 64))
+        kernel = _NMS_MASK_CUDA[np.dtype(boxes.dtype)]
+        kernel[(col_blocks, col_blocks), BLOCK](d_boxes, d_classes, float(iou_threshold), mask)
+        _nms_gather_cuda[1, threads](mask, d_order, keep)
+        count = int(keep[n:].copy_to_host()[0])
+    return keep[:count]
 
 
 def _validate(boxes, scores, iou_threshold, where, idxs=None):
@@ -179,15 +267,17 @@ def _validate(boxes, scores, iou_threshold, where, idxs=None):
 
 def _run(host, iou_threshold, device):
     boxes, scores = host["boxes"], host["scores"]
-    classes = host["idxs"].astype(np.int64) if "idxs" in host else np.zeros(len(boxes), np.int64)
     if boxes.shape[0] == 0:
         keep = np.zeros(0, np.int64)
-    else:
-        order = np.argsort(-scores, kind="stable")  # (N,) ties: lower index first
-        sorted_boxes = np.ascontiguousarray(boxes[order])  # (N, 4)
-        kernel = _nms_cuda if device else _nms_cpu
-        keep = order[kernel(sorted_boxes, classes[order], iou_threshold)].astype(np.int64)
-    return to_device(keep) if device else keep
+        return to_device(keep) if device else keep
+    order = _descending_order(scores)  # (N,) ties: lower index first
+    sorted_boxes = np.ascontiguousarray(boxes[order])  # (N, 4)
+    classes = host["idxs"].astype(np.int64)[order] if "idxs" in host else None  # (N,)
+    if device:
+        return _nms_cuda(sorted_boxes, classes, order, iou_threshold)
+    if classes is None:
+        classes = np.zeros(len(boxes), np.int64)
+    return order[_nms_cpu(sorted_boxes, classes, iou_threshold)].astype(np.int64)
 
 
 def nms(boxes, scores, iou_threshold):
@@ -196,8 +286,9 @@ def nms(boxes, scores, iou_threshold):
     Visit boxes in decreasing score (equal scores: lower index first); keep a box unless
     its IoU with an already kept box is > ``iou_threshold``. Same result as
     ``torchvision.ops.nms``. NumPy in: Numba CPU kernel; device arrays in: the CUDA
-    bitmask kernel (the score sort and the final pass over the masks run on the host),
-    device array out. Both give the same indices.
+    bitmask kernel and a single-block pass over the masks, both on the GPU (the inputs
+    are checked, and the scores sorted, on one host copy), device array out. Both give
+    the same indices.
     """
     host, thr, device = _validate(boxes, scores, iou_threshold, "nms")
     return _run(host, thr, device)
