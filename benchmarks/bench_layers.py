@@ -5,7 +5,11 @@ the first three; input (8, 3, 128, 128) float32. Rows: forward, forward+backward
 training, the image needs no gradient: the first conv has ``needs_input_grad=False``
 and torch's input has ``requires_grad=False``.
 
-    python benchmarks/bench_layers.py [--threads 2] [--repeats 10] [--device cuda]
+    python benchmarks/bench_layers.py [--threads 2] [--blas-threads N] [--repeats 10] [--device cuda]
+
+``--blas-threads`` (default: ``--threads``) sets OpenBLAS's pool apart from Numba's and
+torch's: after each matrix product OpenBLAS's workers spin waiting for the next one,
+and on two cores they compete with Numba's kernel threads.
 
 ``--device cuda`` runs the layers' CUDA kernels on device arrays and torch on the GPU
 (each timed call ends with a device synchronisation).
@@ -23,6 +27,7 @@ import time
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--blas-threads", type=int, default=None)
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--size", type=int, default=128)
@@ -33,7 +38,7 @@ def parse_args():
 args = parse_args()
 os.environ["NUMBA_NUM_THREADS"] = str(args.threads)
 os.environ["OMP_NUM_THREADS"] = str(args.threads)
-os.environ["OPENBLAS_NUM_THREADS"] = str(args.threads)
+os.environ["OPENBLAS_NUM_THREADS"] = str(args.threads if args.blas_threads is None else args.blas_threads)
 
 import numpy as np  # noqa: E402
 
@@ -159,7 +164,8 @@ def main():
 
     import numba
 
-    where = "CUDA" if gpu else f"{args.threads} threads (numba {numba.get_num_threads()})"
+    blas = args.threads if args.blas_threads is None else args.blas_threads
+    where = "CUDA" if gpu else f"{args.threads} threads (numba {numba.get_num_threads()}, OpenBLAS {blas})"
     print(f"conv backbone 3->16->32->64->64, input ({args.batch}, 3, {args.size}, {args.size}) float32, "
           f"{where}, best of {args.repeats} (taking turns)")
     if torch is not None:
