@@ -10,4 +10,5 @@ import sys
 
 os.environ.setdefault("NUMBA_ENABLE_CUDASIM", "1")
 os.environ.setdefault("TINYFRCNN_QUICK", "1")
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # as tinyfrcnn/__init__.py, before NumPy loads
 sys.path.insert(0, os.path.dirname(__file__))
