@@ -12,11 +12,12 @@ with L_cls = -log p_u and L_loc = sum_{i in x,y,w,h} smooth_L1(t^u_i - v_i).
 """
 
 import numpy as np
+from numba import cuda
 
 from .boxes import clip_boxes, decode, remove_small_boxes
 from .checks import as_array, as_float_array, check_boxes, check_finite, check_number, check_positive_int
-from .device import is_device_array
-from .layers import Flatten, Linear, Module, Parameter, ReLU
+from .device import grid_1d, is_device_array
+from .layers import Flatten, Linear, Module, Parameter, ReLU, _add_cuda, _flat, _zeros_on_device
 from .losses import smooth_l1, softmax_cross_entropy
 from .nms import batched_nms
 from .roi import RoIAlign, RoIPool
@@ -34,6 +35,10 @@ class FastRCNNHead(Module):
     dL/dfeatures. Init: hidden layers He normal; the class layer N(0, 0.01^2) and the box
     layer N(0, 0.001^2), biases 0, as py-faster-rcnn. ``pooling="roi_align"`` samples
     2 x 2 points per bin (as torchvision's Faster R-CNN) with the half-pixel alignment.
+
+    On the device (``.to("cuda")``; features and rois both device arrays) the pooling,
+    the fully connected layers and the ReLUs run as CUDA kernels and the outputs and
+    dL/dfeatures are device arrays; ``backward`` then takes device gradients.
     """
 
     def __init__(self, in_channels, num_classes, pool_size=7, hidden=256, spatial_scale=1 / 8,
@@ -67,8 +72,6 @@ class FastRCNNHead(Module):
 
     def forward(self, features, rois):
         where = "FastRCNNHead.forward"
-        if is_device_array(features) or is_device_array(rois):
-            raise NotImplementedError(f"{where}: the fully connected layers run on the CPU; pass NumPy arrays")
         features = as_float_array(features, "features", ndim=4, where=where)
         if features.shape[1] != self.in_channels:
             raise ValueError(f"{where}: features have {features.shape[1]} channels but in_channels="
@@ -77,6 +80,9 @@ class FastRCNNHead(Module):
         self._shape = (features.shape, pooled.shape[0])
         k1 = self.num_classes + 1
         if pooled.shape[0] == 0:
+            if is_device_array(pooled):
+                return (cuda.device_array((0, k1), features.dtype),  # (0, K + 1)
+                        cuda.device_array((0, 4 * k1), features.dtype))  # (0, 4 (K + 1))
             return np.zeros((0, k1), features.dtype), np.zeros((0, 4 * k1), features.dtype)
         x = self.flatten.forward(pooled)  # (R, C * ph * pw)
         x = self.relu6.forward(self.fc6.forward(x))  # (R, hidden)
@@ -95,8 +101,15 @@ class FastRCNNHead(Module):
             raise ValueError(f"{where}: grad_cls and grad_box must have shapes {(num_rois, k1)} and "
                              f"{(num_rois, 4 * k1)}, got {grad_cls.shape} and {grad_box.shape}")
         if num_rois == 0:
+            if is_device_array(grad_cls):
+                return _zeros_on_device(features_shape, grad_cls.dtype)
             return np.zeros(features_shape, grad_cls.dtype)
-        g = self.cls_score.backward(grad_cls) + self.bbox_pred.backward(grad_box)  # (R, hidden)
+        g = self.cls_score.backward(grad_cls)  # (R, hidden)
+        g_box = self.bbox_pred.backward(grad_box)  # (R, hidden)
+        if is_device_array(g):
+            _add_cuda[grid_1d(g.size)](_flat(g), _flat(g_box))
+        else:
+            g = g + g_box
         g = self.fc7.backward(self.relu7.backward(g))
         g = self.fc6.backward(self.relu6.backward(g))  # (R, C * ph * pw)
         return self.pool.backward(self.flatten.backward(g))  # (N, C, H, W)

@@ -8,6 +8,10 @@ and pooled by the head, and the four losses
     L = L_rpn_cls + L_rpn_reg + L_head_cls + L_head_box
 
 send their gradients back into the shared features, where the two streams add up.
+
+On the GPU (``FasterRCNN(config, rng, device="cuda")`` or ``model.to("cuda")``) the
+dense layers run as CUDA kernels and the small, sort-and-sample work stays on the host;
+the class docstring lists what crosses the bus in a training step.
 """
 
 import json
@@ -20,8 +24,9 @@ import numpy as np
 from . import anchors as anchors_mod
 from .backbone import BACKBONE_STRIDE, make_backbone
 from .checks import as_float_array, check_boxes, check_finite
+from .device import check_device, grid_1d, is_device_array, to_device, to_host
 from .head import FastRCNNHead, head_loss, postprocess_detections
-from .layers import Module, Parameter
+from .layers import Module, Parameter, _add_cuda, _flat
 from .rpn import RPNHead, generate_proposals, rpn_loss
 from .targets import anchor_targets, sample_labels, sample_proposals
 
@@ -103,9 +108,40 @@ class ModelConfig:
 
 
 class FasterRCNN(Module):
-    """Backbone + RPN + Fast R-CNN head sharing the backbone's features."""
+    """Backbone + RPN + Fast R-CNN head sharing the backbone's features.
 
-    def __init__(self, config=None, rng=None):
+    ``device`` ("cpu" or "cuda") is where the parameters live; ``to(device)`` moves them
+    and ``device`` reports it. Asking for "cuda" without a usable GPU raises
+    RuntimeError (never a silent fallback to the CPU). Images, ground truth and results
+    are NumPy arrays on either device. On "cuda" one training step does:
+
+    1. up: the images, once (N*3*H*W floats, cast to the parameters' dtype);
+    2. device: the backbone, the RPN head's convs and the permutation of its outputs
+       to one row per anchor (``rpn.to_anchor_rows``, a small CUDA kernel, so that the
+       copy down is one contiguous array in the layout the host code reads);
+    3. down: the RPN's logits and deltas, N*A*6 floats (A anchors per image). Anchor
+       labelling and sampling, the RPN loss, the proposal layer (decode, top-n, NMS) and
+       RoI sampling stay on the host: they sort, sample and index a few thousand numbers
+       per image, which a kernel launch per step would not speed up;
+    4. up: the R sampled RoIs (R*5 floats); device: RoI pooling and the head's fc layers
+       (the RoI layer validates the device RoIs on a host copy: R*5 floats down, in the
+       forward and again in the backward);
+    5. down: the class logits and box deltas, R*5(K+1) floats; the head's loss runs on
+       the host;
+    6. up: the loss gradients, N*A*6 + R*5(K+1) floats; device: the whole backward, the
+       two gradient streams added on the device, and SGD's update (``optim.SGD``).
+
+    For the default configuration (128x128 images, batch 8, stride 8 so A = 16*16*5 =
+    1280, R <= 8*64 = 512, K = 3), in float32: images 1,572,864 B up; RPN outputs
+    245,760 B down and their gradients 245,760 B up; RoIs 10,240 B up and 2 x 10,240 B
+    down; head outputs 40,960 B down and their gradients 40,960 B up. In all
+    1,869,824 B up and 307,200 B down per step (about 1.9 MB and 0.3 MB); no parameter
+    or activation crosses. ``detect`` moves the same kinds of arrays, without
+    gradients.
+    """
+
+    def __init__(self, config=None, rng=None, device="cpu"):
+        check_device(device)
         self.config = config = config or ModelConfig()
         rng = rng if rng is not None else np.random.default_rng(0)
         self.stride = BACKBONE_STRIDE
@@ -119,6 +155,31 @@ class FasterRCNN(Module):
             spatial_scale=1.0 / self.stride, pooling=config.pooling, rng=rng,
         )
         self._cache = None
+        if device != "cpu":
+            self.to(device)
+
+    @property
+    def device(self):
+        """Where the parameters live: "cpu" or "cuda"."""
+        return self.parameters()[0].device
+
+    def to(self, device):
+        """Move every parameter (data and grad) to "cpu" or "cuda"; returns self. Call it
+        between training steps (a pending ``backward`` is forgotten)."""
+        super().to(device)
+        self._cache = None
+        return self
+
+    def _upload(self, images, where):
+        """Validate host images (N, 3, H, W); on "cuda" copy them to the device in the
+        parameters' dtype."""
+        if is_device_array(images):
+            raise ValueError(f"{where}: images must be a NumPy array (the model copies it to its device)")
+        images = as_float_array(images, "images", ndim=4, where=where)
+        check_finite(images, "images", where)
+        if self.device == "cuda":
+            return to_device(np.ascontiguousarray(images, dtype=self.parameters()[0].data.dtype))
+        return images
 
     @staticmethod
     def _base_anchors(config):
@@ -145,8 +206,8 @@ class FasterRCNN(Module):
         own proposals for the head, as step 2 of that schedule needs.
         """
         cfg = self.config
-        images = as_float_array(images, "images", ndim=4, where="FasterRCNN.forward")
-        check_finite(images, "images", "FasterRCNN.forward")
+        images = self._upload(images, "FasterRCNN.forward")
+        gpu = is_device_array(images)
         n, _, height, width = images.shape
         if len(gt_boxes) != n or len(gt_labels) != n:
             raise ValueError(
@@ -154,7 +215,7 @@ class FasterRCNN(Module):
         feats = self.backbone.forward(images)  # (N, C, h, w)
         fh, fw = feats.shape[2:]
         anchors = self.anchors_for(fh, fw)  # (A, 4)
-        logits, deltas = self.rpn.forward(feats)  # (N, A, 2), (N, A, 4)
+        logits, deltas = (to_host(a) for a in self.rpn.forward(feats))  # (N, A, 2), (N, A, 4)
         _require_finite(logits, "rpn_cls", "the RPN's objectness logits")
         _require_finite(deltas, "rpn_reg", "the RPN's box deltas")
 
@@ -197,14 +258,15 @@ class FasterRCNN(Module):
         grad_cls = grad_box = None
         if train_head:
             rois = np.concatenate(rois).astype(feats.dtype)  # (R, 5)
-            cls_logits, box_deltas = self.head.forward(feats, rois)  # (R, C+1), (R, 4(C+1))
+            cls_logits, box_deltas = self.head.forward(feats, to_device(rois) if gpu else rois)
+            cls_logits, box_deltas = to_host(cls_logits), to_host(box_deltas)  # (R, C+1), (R, 4(C+1))
             _require_finite(cls_logits, "head_cls", "the head's class logits")
             _require_finite(box_deltas, "head_box", "the head's box deltas")
             h = head_loss(cls_logits, box_deltas, np.concatenate(roi_labels), np.concatenate(roi_targets),
                           sigma=cfg.head_sigma)
             head_cls, head_box = h["loss_cls"], h["loss_box"]
             grad_cls, grad_box = h["grad_cls"], h["grad_box"]
-        self._cache = (grad_logits if train_rpn else None, grad_deltas, grad_cls, grad_box)
+        self._cache = (grad_logits if train_rpn else None, grad_deltas, grad_cls, grad_box, gpu)
         losses = {
             "rpn_cls": float(rpn_cls), "rpn_reg": float(rpn_reg),
             "head_cls": float(head_cls), "head_box": float(head_box),
@@ -214,29 +276,38 @@ class FasterRCNN(Module):
 
     def backward(self, train_backbone=True):
         """Back-propagate the losses of the last ``forward`` into every parameter's grad
-        (the shared features receive the sum of the RPN's and the head's gradients)."""
+        (the shared features receive the sum of the RPN's and the head's gradients).
+        On "cuda" the loss gradients are uploaded and everything else stays there."""
         if self._cache is None:
             raise ValueError("FasterRCNN.backward: call forward first")
-        grad_logits, grad_deltas, grad_cls, grad_box = self._cache
+        grad_logits, grad_deltas, grad_cls, grad_box, gpu = self._cache
         self._cache = None
-        grad_feats = 0
+        up = to_device if gpu else np.asarray
+        streams = []
         if grad_cls is not None:
-            grad_feats = grad_feats + self.head.backward(grad_cls, grad_box)  # (N, C, h, w)
+            streams.append(self.head.backward(up(grad_cls), up(grad_box)))  # (N, C, h, w)
         if grad_logits is not None:
-            grad_feats = grad_feats + self.rpn.backward(grad_logits, grad_deltas)
-        if train_backbone:
-            self.backbone.backward(grad_feats)
+            streams.append(self.rpn.backward(up(grad_logits), up(grad_deltas)))  # (N, C, h, w)
+        if not train_backbone or not streams:
+            return
+        grad_feats = streams[0]
+        for g in streams[1:]:
+            if gpu:
+                _add_cuda[grid_1d(g.size)](_flat(grad_feats), _flat(g))
+            else:
+                grad_feats = grad_feats + g
+        self.backbone.backward(grad_feats)
 
     # ----------------------------------------------------------------- inference
     def propose(self, images):
-        """RPN proposals for each image at test settings: list of ((P, 4), (P,))."""
-        feats = self.backbone.forward(images)
+        """RPN proposals for each image at test settings: list of ((P, 4), (P,)) NumPy arrays."""
+        feats = self.backbone.forward(self._upload(images, "FasterRCNN.propose"))
         return self._propose(feats, images.shape[2], images.shape[3])[1]
 
     def _propose(self, feats, height, width):
         cfg = self.config
         anchors = self.anchors_for(*feats.shape[2:])
-        logits, deltas = self.rpn.forward(feats)
+        logits, deltas = (to_host(a) for a in self.rpn.forward(feats))  # (N, A, 2), (N, A, 4)
         out = [generate_proposals(logits[i], deltas[i], anchors, (height, width), cfg.rpn_pre_nms_test,
                                   cfg.rpn_post_nms_test, nms_thresh=cfg.rpn_nms, min_size=cfg.rpn_min_size)
                for i in range(len(feats))]
@@ -244,16 +315,17 @@ class FasterRCNN(Module):
 
     def detect(self, images):
         """Detections for a batch: a list with one dict per image, ``boxes`` (D, 4),
-        ``scores`` (D,), ``labels`` (D,) int64 in 1..C."""
+        ``scores`` (D,), ``labels`` (D,) int64 in 1..C (NumPy arrays, also on "cuda")."""
         cfg = self.config
-        images = as_float_array(images, "images", ndim=4, where="FasterRCNN.detect")
-        check_finite(images, "images", "FasterRCNN.detect")
+        images = self._upload(images, "FasterRCNN.detect")
+        gpu = is_device_array(images)
         n, _, height, width = images.shape
         feats, proposals = self._propose(self.backbone.forward(images), height, width)
         rois = np.concatenate(
             [np.concatenate([np.full((len(p), 1), i, dtype=np.float32), p.astype(np.float32)], axis=1)
              for i, (p, _) in enumerate(proposals)]).astype(feats.dtype)  # (R, 5)
-        cls_logits, box_deltas = self.head.forward(feats, rois)
+        cls_logits, box_deltas = self.head.forward(feats, to_device(rois) if gpu else rois)
+        cls_logits, box_deltas = to_host(cls_logits), to_host(box_deltas)  # (R, C+1), (R, 4(C+1))
         results = []
         for i in range(n):
             sel = rois[:, 0] == i
@@ -264,7 +336,8 @@ class FasterRCNN(Module):
 
     # ---------------------------------------------------------------- checkpoints
     def state_dict(self):
-        return {name: p.data for name, p in self.named_parameters()}
+        """Parameter name -> NumPy array (a host copy when the model is on "cuda")."""
+        return {name: to_host(p.data) for name, p in self.named_parameters()}
 
     def load_state_dict(self, state):
         for name, p in self.named_parameters():
@@ -274,11 +347,15 @@ class FasterRCNN(Module):
             if value.shape != p.data.shape:
                 raise ValueError(
                     f"checkpoint parameter {name!r} has shape {value.shape}, the model expects {p.data.shape}")
-            p.data[...] = value
+            if is_device_array(p.data):
+                p.data.copy_to_device(np.ascontiguousarray(value, dtype=p.data.dtype))
+            else:
+                p.data[...] = value
 
     def save(self, path, extra=None):
-        """Write weights, configuration and ``extra`` arrays to one ``.npz`` file, atomically:
-        a temporary file in the same folder is renamed over ``path`` only once complete."""
+        """Write weights (host copies: a checkpoint from "cuda" loads on "cpu"),
+        configuration and ``extra`` arrays to one ``.npz`` file, atomically: a temporary
+        file in the same folder is renamed over ``path`` only once complete."""
         arrays = {f"param/{k}": v for k, v in self.state_dict().items()}
         arrays["format"] = np.array(CHECKPOINT_FORMAT)
         arrays["config"] = np.array(self.config.to_json())
@@ -287,11 +364,13 @@ class FasterRCNN(Module):
         save_npz_atomically(path, arrays)
 
     @classmethod
-    def load(cls, path):
-        """Rebuild a model from a checkpoint; returns (model, extra arrays)."""
+    def load(cls, path, device="cpu"):
+        """Rebuild a model from a checkpoint on ``device``; returns (model, extra arrays)."""
+        check_device(device)
         arrays = read_checkpoint(path)
         model = cls(ModelConfig.from_json(str(arrays["config"])))
         model.load_state_dict({k[len("param/"):]: v for k, v in arrays.items() if k.startswith("param/")})
+        model.to(device)
         extra = {k[len("extra/"):]: v for k, v in arrays.items() if k.startswith("extra/")}
         return model, extra
 

@@ -12,19 +12,22 @@ the deltas on the anchors, clip to the image, drop tiny boxes, keep the top-scor
 ones, NMS, keep the top again. Proposals are constants for backpropagation: no gradient
 flows through their coordinates (the paper's "approximate joint training").
 
-The head is built from ``tinyfrcnn.layers`` (their kernels do the work); the loss from
+The head is built from ``tinyfrcnn.layers`` (their kernels do the work) and runs on
+NumPy arrays or, moved with ``.to("cuda")``, on numba device arrays; the loss from
 ``tinyfrcnn.losses``; the proposal layer from ``tinyfrcnn.boxes`` and ``tinyfrcnn.nms``.
-All take NumPy arrays.
+The loss and the proposal layer take NumPy arrays: they read a few thousand numbers
+per image, and their sorting and sampling belong on the host.
 """
 
 from dataclasses import dataclass
 
 import numpy as np
+from numba import cuda
 
 from .boxes import box_iou, clip_boxes, decode, remove_small_boxes
 from .checks import as_array, as_float_array, check_boxes, check_finite, check_number, check_positive_int
-from .device import is_device_array
-from .layers import Conv2d, Module, Parameter, ReLU
+from .device import grid_1d, is_device_array
+from .layers import Conv2d, Module, Parameter, ReLU, _add_cuda, _flat
 from .losses import smooth_l1, softmax_cross_entropy
 from .nms import nms
 
@@ -33,6 +36,84 @@ def _host(x, name, where):
     if is_device_array(x):
         raise ValueError(f"{where}: {name} is a CUDA device array; pass a NumPy array")
     return x
+
+
+# ---------------------------------------------------------------- anchor rows
+
+
+def _to_anchor_rows_reference(maps, num_anchors):
+    n, c, h, w = maps.shape
+    d = c // num_anchors
+    return maps.reshape(n, num_anchors, d, h, w).transpose(0, 3, 4, 1, 2).reshape(n, h * w * num_anchors, d)
+
+
+@cuda.jit
+def _to_anchor_rows_cuda(maps, k, d, hw, rows):
+    """rows[n, cell*k + a, j] = maps[n, a*d + j, cell], both flat; one thread per row entry."""
+    t = cuda.grid(1)
+    if t < rows.size:
+        j = t % d
+        a = (t // d) % k
+        cell = (t // (d * k)) % hw
+        n = t // (d * k * hw)
+        rows[t] = maps[(n * k * d + a * d + j) * hw + cell]
+
+
+@cuda.jit
+def _from_anchor_rows_cuda(rows, k, d, hw, maps):
+    """The inverse: maps[n, c, cell] = rows[n, cell*k + c // d, c % d]; one thread per map entry."""
+    t = cuda.grid(1)
+    if t < maps.size:
+        cell = t % hw
+        c = (t // hw) % (k * d)
+        n = t // (hw * k * d)
+        maps[t] = rows[((n * hw + cell) * k + c // d) * d + c % d]
+
+
+def to_anchor_rows(maps, num_anchors):
+    """A 1x1 conv's output (N, k*D, H, W) as one row per anchor: (N, H*W*k, D).
+
+    Channel ``a*D + j`` at cell (y, x) goes to row ``(y*W + x)*k + a``, column ``j``:
+    the row order of ``tinyfrcnn.anchors.grid_anchors``. It only moves numbers. NumPy
+    in: reshape to (N, k, D, H, W), transpose to (N, H, W, k, D), flatten; device array
+    in: one CUDA thread per output entry, device array out.
+    """
+    where = "to_anchor_rows"
+    maps = as_float_array(maps, "maps", ndim=4, where=where)
+    k = check_positive_int(num_anchors, "num_anchors", where)
+    n, c, h, w = maps.shape
+    if c % k:
+        raise ValueError(f"{where}: maps has {c} channels, not a multiple of num_anchors={k}")
+    d = c // k
+    if not is_device_array(maps):
+        return np.ascontiguousarray(_to_anchor_rows_reference(maps, k))
+    if not maps.is_c_contiguous():
+        raise ValueError(f"{where}: maps must be C-contiguous on the device")
+    rows = cuda.device_array((n, h * w * k, d), dtype=maps.dtype)  # (N, H*W*k, D)
+    if rows.size:
+        _to_anchor_rows_cuda[grid_1d(rows.size)](_flat(maps), k, d, h * w, _flat(rows))
+    return rows
+
+
+def from_anchor_rows(rows, num_anchors, height, width):
+    """The inverse of ``to_anchor_rows`` (and so its backward): (N, H*W*k, D) ->
+    (N, k*D, H, W). NumPy in: NumPy out; device array in: CUDA kernel, device array out."""
+    where = "from_anchor_rows"
+    rows = as_float_array(rows, "rows", ndim=3, where=where)
+    k = check_positive_int(num_anchors, "num_anchors", where)
+    h = check_positive_int(height, "height", where)
+    w = check_positive_int(width, "width", where)
+    n, num, d = rows.shape
+    if num != h * w * k:
+        raise ValueError(f"{where}: rows has {num} rows, but height*width*num_anchors = {h}*{w}*{k} = {h * w * k}")
+    if not is_device_array(rows):
+        return np.ascontiguousarray(rows.reshape(n, h, w, k, d).transpose(0, 3, 4, 1, 2).reshape(n, k * d, h, w))
+    if not rows.is_c_contiguous():
+        raise ValueError(f"{where}: rows must be C-contiguous on the device")
+    maps = cuda.device_array((n, k * d, h, w), dtype=rows.dtype)  # (N, k*D, H, W)
+    if maps.size:
+        _from_anchor_rows_cuda[grid_1d(maps.size)](_flat(rows), k, d, h * w, _flat(maps))
+    return maps
 
 
 # ---------------------------------------------------------------- head
@@ -46,9 +127,14 @@ class RPNHead(Module):
     Channel layout: cls channel ``2a + j`` is anchor ``a``'s logit for class ``j``
     (0 background, 1 object); reg channel ``4a + d`` is its delta ``d`` of
     (t_x, t_y, t_w, t_h). ``forward`` reshapes (N, 2k, H, W) -> (N, k, 2, H, W),
-    transposes to (N, H, W, k, 2) and flattens to (N, H*W*k, 2), so row
-    ``(y*W + x)*k + a`` is anchor ``a`` at cell (y, x), the row order of
-    ``tinyfrcnn.anchors.grid_anchors``. ``backward`` undoes the same steps.
+    transposes to (N, H, W, k, 2) and flattens to (N, H*W*k, 2) (``to_anchor_rows``),
+    so row ``(y*W + x)*k + a`` is anchor ``a`` at cell (y, x), the row order of
+    ``tinyfrcnn.anchors.grid_anchors``. ``backward`` undoes the same steps
+    (``from_anchor_rows``).
+
+    On the device (``.to("cuda")``, device features in) the three convs and the
+    permutation run as CUDA kernels and the outputs are device arrays; ``backward``
+    then takes device gradients.
     """
 
     def __init__(self, in_channels, mid_channels, num_anchors, rng=None):
@@ -71,34 +157,37 @@ class RPNHead(Module):
 
     def forward(self, features):
         """features (N, C, H, W) -> (logits (N, H*W*k, 2), deltas (N, H*W*k, 4))."""
-        _host(features, "features", "RPNHead.forward")
         hidden = self.relu.forward(self.conv.forward(features))  # (N, mid, H, W)
         n, _, h, w = hidden.shape
         k = self.num_anchors
-        self._shape = (n, h, w)
-        logits = self.cls.forward(hidden).reshape(n, k, 2, h, w).transpose(0, 3, 4, 1, 2)  # (N, H, W, k, 2)
-        deltas = self.reg.forward(hidden).reshape(n, k, 4, h, w).transpose(0, 3, 4, 1, 2)  # (N, H, W, k, 4)
-        return (np.ascontiguousarray(logits).reshape(n, h * w * k, 2),
-                np.ascontiguousarray(deltas).reshape(n, h * w * k, 4))
+        self._shape = (n, h, w, is_device_array(hidden))
+        return to_anchor_rows(self.cls.forward(hidden), k), to_anchor_rows(self.reg.forward(hidden), k)
 
     def backward(self, grad_logits, grad_deltas):
         """Gradient w.r.t. the features; either gradient may be None (counted as zero)."""
         where = "RPNHead.backward"
         if self._shape is None:
             raise ValueError(f"{where}: backward called before forward")
-        n, h, w = self._shape
+        n, h, w, gpu = self._shape
         k = self.num_anchors
         grad_hidden = None
         for name, grad, width, conv in (("grad_logits", grad_logits, 2, self.cls),
                                         ("grad_deltas", grad_deltas, 4, self.reg)):
             if grad is None:
                 continue
-            grad = as_float_array(_host(grad, name, where), name, ndim=3, where=where)
-            if grad.shape != (n, h * w * k, width):
-                raise ValueError(f"{where}: {name} must have shape {(n, h * w * k, width)}, got {grad.shape}")
-            grad = grad.reshape(n, h, w, k, width).transpose(0, 3, 4, 1, 2).reshape(n, k * width, h, w)
-            g = conv.backward(np.ascontiguousarray(grad))  # (N, mid, H, W)
-            grad_hidden = g if grad_hidden is None else grad_hidden + g
+            grad = as_float_array(grad, name, ndim=3, where=where)
+            if is_device_array(grad) != gpu:
+                raise ValueError(f"{where}: {name} must be {'a CUDA device' if gpu else 'a NumPy'} array, "
+                                 "like the forward's features")
+            if tuple(grad.shape) != (n, h * w * k, width):
+                raise ValueError(f"{where}: {name} must have shape {(n, h * w * k, width)}, got {tuple(grad.shape)}")
+            g = conv.backward(from_anchor_rows(grad, k, h, w))  # (N, mid, H, W)
+            if grad_hidden is None:
+                grad_hidden = g
+            elif gpu:
+                _add_cuda[grid_1d(g.size)](_flat(grad_hidden), _flat(g))
+            else:
+                grad_hidden = grad_hidden + g
         if grad_hidden is None:
             raise ValueError(f"{where}: grad_logits and grad_deltas are both None")
         return self.conv.backward(self.relu.backward(grad_hidden))
