@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from .device import check_device, is_device_array
 from .evaluate import coco_ap
 from .model import FasterRCNN, ModelConfig, NonFiniteLoss
 from .optim import SGD, warmup_step_lr
@@ -25,9 +26,13 @@ LOSS_TERMS = ("rpn_cls", "rpn_reg", "head_cls", "head_box")
 
 @dataclass
 class TrainConfig:
-    """How to train: optimiser, schedule, data and bookkeeping."""
+    """How to train: optimiser, schedule, data and bookkeeping.
 
-    steps: int = 1500
+    ``device``: "cpu", or "cuda" to keep the model and SGD's update on the GPU (see
+    ``FasterRCNN``); checkpoints hold host copies either way.
+    """
+
+    steps: int = 2000
     batch_size: int = 4
     lr: float = 0.02
     momentum: float = 0.9
@@ -42,6 +47,7 @@ class TrainConfig:
     eval_every: int = 500
     checkpoint_every: int = 250
     schedule: str = "joint"
+    device: str = "cpu"
 
     @property
     def milestones(self):
@@ -78,8 +84,10 @@ class Trainer:
         self.cfg = train_config or TrainConfig()
         if self.cfg.schedule not in ("joint",):
             raise ValueError(f"Trainer: schedule must be 'joint' (use train_alternating for 4-step), got {self.cfg.schedule!r}")
+        check_device(self.cfg.device)
         self.rng = np.random.default_rng(self.cfg.seed)
-        self.model = FasterRCNN(model_config or ModelConfig(), rng=np.random.default_rng(self.cfg.seed))
+        self.model = FasterRCNN(model_config or ModelConfig(), rng=np.random.default_rng(self.cfg.seed),
+                                device=self.cfg.device)
         self.optim = SGD(self.model.parameters(), lr=self.cfg.lr, momentum=self.cfg.momentum,
                          weight_decay=self.cfg.weight_decay)
         self.data = shapes_split("train", self.cfg.train_images, image_size=self.cfg.image_size)
@@ -138,8 +146,9 @@ class Trainer:
         return path
 
     @classmethod
-    def resume(cls, path, out_dir=None, steps=None):
-        """Continue a run from its checkpoint (optionally with a new total step count)."""
+    def resume(cls, path, out_dir=None, steps=None, device=None):
+        """Continue a run from its checkpoint (optionally with a new total step count, or
+        on another ``device``: None keeps the run's)."""
         model, extra = FasterRCNN.load(path)
         if "train_state" not in extra:
             raise ValueError(f"{path!r} holds weights only, not a training state to resume")
@@ -150,8 +159,10 @@ class Trainer:
                 tc[key] = tuple(value)
         if steps is not None:
             tc["steps"] = steps
+        if device is not None:
+            tc["device"] = check_device(device)
         self = cls(model.config, TrainConfig(**tc), out_dir=out_dir or os.path.dirname(os.path.abspath(path)))
-        self.model = model
+        self.model = model.to(self.cfg.device)
         self.optim = SGD(model.parameters(), lr=self.cfg.lr, momentum=self.cfg.momentum,
                          weight_decay=self.cfg.weight_decay)
         names = [n for n, _ in model.named_parameters()]
@@ -168,11 +179,15 @@ class Trainer:
 
 def train(out_dir, model_config=None, train_config=None, resume=None, progress=True, log=print):
     """Train (or resume) a detector, writing into ``out_dir``: checkpoint.npz,
-    loss_curve.png and metrics.json. Returns the Trainer."""
+    loss_curve.png and metrics.json. Returns the Trainer. On resume, ``train_config``
+    only chooses the device (None: the run's own)."""
     from tqdm.auto import tqdm
 
     os.makedirs(out_dir, exist_ok=True)
-    trainer = Trainer.resume(resume, out_dir=out_dir) if resume else Trainer(model_config, train_config, out_dir)
+    if resume:
+        trainer = Trainer.resume(resume, out_dir=out_dir, device=train_config.device if train_config else None)
+    else:
+        trainer = Trainer(model_config, train_config, out_dir)
     cfg = trainer.cfg
     val = shapes_split("val", cfg.val_images, image_size=cfg.image_size) if cfg.val_images else None
     bar = tqdm(total=cfg.steps, initial=trainer.step, disable=not progress, desc="train", unit="step")
@@ -256,11 +271,12 @@ def train_alternating(out_dir, model_config=None, train_config=None, progress=Tr
 
     cfg = train_config or TrainConfig()
     mc = model_config or ModelConfig()
+    check_device(cfg.device)
     os.makedirs(out_dir, exist_ok=True)
     rng = np.random.default_rng(cfg.seed)
     data = shapes_split("train", cfg.train_images, image_size=cfg.image_size)
-    rpn_net = FasterRCNN(mc, rng=np.random.default_rng(cfg.seed))
-    det_net = FasterRCNN(mc, rng=np.random.default_rng(cfg.seed + 1))
+    rpn_net = FasterRCNN(mc, rng=np.random.default_rng(cfg.seed), device=cfg.device)
+    det_net = FasterRCNN(mc, rng=np.random.default_rng(cfg.seed + 1), device=cfg.device)
     quarter = max(1, cfg.steps // 4)
     started = time.perf_counter()
     history = {k: [] for k in LOSS_TERMS + ("loss", "lr")}
@@ -293,7 +309,10 @@ def train_alternating(out_dir, model_config=None, train_config=None, progress=Tr
     stage("2/4 backbone+head", det_net, det_net.backbone.parameters() + det_net.head.parameters(),
           False, True, True, proposer=rpn_net)
     for mine, theirs in zip(det_net.rpn.parameters(), rpn_net.rpn.parameters()):
-        mine.data[...] = theirs.data
+        if is_device_array(mine.data):
+            mine.data.copy_to_device(theirs.data)
+        else:
+            mine.data[...] = theirs.data
     stage("3/4 RPN on fixed backbone", det_net, det_net.rpn.parameters(), True, False, False)
     stage("4/4 head on fixed backbone", det_net, det_net.head.parameters(), False, True, False)
 
