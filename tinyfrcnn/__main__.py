@@ -20,6 +20,20 @@ def _positive_int(text):
     return v
 
 
+def _add_device(parser):
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="where the network runs: cpu (default) or cuda (an NVIDIA GPU, via numba-cuda)")
+
+
+def _check_device(name):
+    from .device import check_device
+
+    try:
+        return check_device(name)
+    except RuntimeError as e:
+        raise SystemExit(f"error: --device {name}: {e}") from None
+
+
 def build_parser():
     parser = argparse.ArgumentParser(
         prog="python -m tinyfrcnn",
@@ -44,12 +58,14 @@ def build_parser():
     t.add_argument("--test-images", type=int, default=500,
                    help="evaluate on this many test images at the end (0: skip; default 500)")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_device(t)
 
     e = sub.add_parser("evaluate", help="AP of a checkpoint on the test split",
                        description="COCO-style AP (overall and per class) of a checkpoint on the shapes test split.")
     e.add_argument("--checkpoint", required=True, help="a .npz checkpoint written by train")
     e.add_argument("--images", type=_positive_int, default=500, help="number of test images (default 500)")
     e.add_argument("--json", action="store_true", help="print one JSON object on one line")
+    _add_device(e)
 
     d = sub.add_parser("detect", help="draw detections on images",
                        description="Run a checkpoint on PNG/JPEG images and write <name>_detections.png files. "
@@ -61,6 +77,7 @@ def build_parser():
     d.add_argument("--out", default=".", help="folder for the drawn images (default: current folder)")
     d.add_argument("--size", type=_positive_int, default=128, help="longer side after resizing (default 128)")
     d.add_argument("--score-thresh", type=float, default=0.5, help="draw detections above this score")
+    _add_device(d)
     return parser
 
 
@@ -77,7 +94,7 @@ def cmd_train(args):
     from .shapes import CLASS_NAMES, shapes_split
     from .train import TrainConfig, evaluate_model, train, train_alternating
 
-    tc = TrainConfig()
+    tc = TrainConfig(device=_check_device(args.device))
     for name in ("steps", "batch_size", "lr", "seed", "train_images", "eval_every"):
         value = getattr(args, name)
         if value is not None:
@@ -107,13 +124,14 @@ def cmd_train(args):
     return 0
 
 
-def _load_model(path):
+def _load_model(path, device="cpu"):
     from .model import FasterRCNN
 
+    device = _check_device(device)
     if not os.path.exists(path):
         raise SystemExit(f"error: checkpoint {path!r} does not exist")
     try:
-        return FasterRCNN.load(path)[0]
+        return FasterRCNN.load(path, device=device)[0]
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
 
@@ -122,7 +140,7 @@ def cmd_evaluate(args):
     from .shapes import CLASS_NAMES, shapes_split
     from .train import evaluate_model
 
-    model = _load_model(args.checkpoint)
+    model = _load_model(args.checkpoint, args.device)
     test = shapes_split("test", args.images)
     ap = evaluate_model(model, test)[0]
     if args.json:
@@ -158,7 +176,7 @@ def cmd_detect(args):
     from .shapes import CLASS_NAMES
     from .viz import save_detections
 
-    model = _load_model(args.checkpoint)
+    model = _load_model(args.checkpoint, args.device)
     os.makedirs(args.out, exist_ok=True)
     for path in args.images:
         image, (sx, sy) = load_image(path, args.size)
