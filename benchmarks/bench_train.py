@@ -22,6 +22,7 @@ def main():
     args = parser.parse_args()
     os.environ.setdefault("NUMBA_NUM_THREADS", str(args.threads))
 
+    import tinyfrcnn  # noqa: F401  (sets one OpenBLAS thread before NumPy loads, as the CLI does)
     import numpy as np
 
     from tinyfrcnn.rpn import generate_proposals
