@@ -26,7 +26,7 @@ from .backbone import BACKBONE_STRIDE, make_backbone
 from .checks import as_float_array, check_boxes, check_finite
 from .device import check_device, grid_1d, is_device_array, to_device, to_host
 from .head import FastRCNNHead, head_loss, postprocess_detections
-from .layers import Module, Parameter, _add_cuda, _flat
+from .layers import Module, _add_cuda, _flat
 from .rpn import RPNHead, generate_proposals, rpn_loss
 from .targets import anchor_targets, sample_labels, sample_proposals
 

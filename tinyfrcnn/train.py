@@ -195,7 +195,7 @@ def train(out_dir, model_config=None, train_config=None, resume=None, progress=T
     images_seen = 0
     try:
         while trainer.step < cfg.steps:
-            losses = trainer.train_step()
+            trainer.train_step()
             images_seen += cfg.batch_size
             bar.update(1)
             if trainer.step % 10 == 0 or trainer.step == cfg.steps:
