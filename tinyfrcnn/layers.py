@@ -48,6 +48,16 @@ def _flat(a):
     return a.reshape(a.size)
 
 
+def add_(dst, src):
+    """``dst += src`` in place, for two NumPy arrays or two device arrays of one shape."""
+    if is_device_array(dst):
+        if src.size:
+            _add_cuda[grid_1d(src.size)](_flat(dst), _flat(src))
+    else:
+        dst += src
+    return dst
+
+
 def _zeros_on_device(shape, dtype):
     a = cuda.device_array(shape, dtype=dtype)
     if a.size:
@@ -104,8 +114,7 @@ class Parameter:
             if not is_device_array(g) or tuple(g.shape) != self.shape or g.dtype != self.grad.dtype:
                 raise ValueError(f"Parameter.accumulate: g must be a device array of shape {self.shape} "
                                  f"and dtype {self.grad.dtype}")
-            if g.size:
-                _add_cuda[grid_1d(g.size)](_flat(self.grad), _flat(g))
+            add_(self.grad, g)
             return
         self.grad += g.astype(self.grad.dtype, copy=False)
 

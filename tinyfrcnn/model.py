@@ -24,9 +24,9 @@ import numpy as np
 from . import anchors as anchors_mod
 from .backbone import BACKBONE_STRIDE, make_backbone
 from .checks import as_float_array, check_boxes, check_finite
-from .device import check_device, grid_1d, is_device_array, to_device, to_host
+from .device import check_device, is_device_array, to_device, to_host
 from .head import FastRCNNHead, head_loss, postprocess_detections
-from .layers import Module, _add_cuda, _flat
+from .layers import Module, add_
 from .rpn import RPNHead, generate_proposals, rpn_loss
 from .targets import anchor_targets, sample_labels, sample_proposals
 
@@ -292,10 +292,7 @@ class FasterRCNN(Module):
             return
         grad_feats = streams[0]
         for g in streams[1:]:
-            if gpu:
-                _add_cuda[grid_1d(g.size)](_flat(grad_feats), _flat(g))
-            else:
-                grad_feats = grad_feats + g
+            add_(grad_feats, g)  # the two gradient streams meet in the shared features
         self.backbone.backward(grad_feats)
 
     # ----------------------------------------------------------------- inference
