@@ -13,6 +13,10 @@ import os
 import time
 
 
+# Stages that run on the host whatever the device: targets, proposals and losses.
+HOST_STAGES = ("anchor targets + sampling", "proposal layer (decode, NMS)", "proposal sampling", "losses (RPN + head)")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch-size", type=int, default=4)
@@ -25,7 +29,8 @@ def main():
     import tinyfrcnn  # noqa: F401  (sets one OpenBLAS thread before NumPy loads, as the CLI does)
     import numpy as np
 
-    from tinyfrcnn.rpn import generate_proposals
+    from tinyfrcnn.head import head_loss
+    from tinyfrcnn.rpn import generate_proposals_batch, rpn_loss
     from tinyfrcnn.targets import anchor_targets, sample_labels, sample_proposals
     from tinyfrcnn.train import Trainer, TrainConfig
 
@@ -57,17 +62,20 @@ def main():
     t, (logits, deltas) = timed(lambda: model.rpn.forward(feats))
     rows.append(("RPN head forward", t))
     anchors = model.anchors_for(*feats.shape[2:])
+    border = None if mc.rpn_allowed_border < 0 else mc.rpn_allowed_border
 
     def targets():
         for i in range(len(images)):
-            lab, _, _ = anchor_targets(anchors, boxes[i], image_size=images.shape[2:], allowed_border=0)
-            sample_labels(lab, mc.rpn_batch, mc.rpn_pos_fraction, rng=rng)
+            lab, _, reg = anchor_targets(anchors, boxes[i], image_size=images.shape[2:], allowed_border=border)
+            lab = sample_labels(lab, mc.rpn_batch, mc.rpn_pos_fraction, rng=rng)
+            anchor_batch.append((lab, reg))
+    anchor_batch = []
     rows.append(("anchor targets + sampling", timed(targets)[0]))
 
     def proposals():
-        return [generate_proposals(logits[i], deltas[i], anchors, images.shape[2:], mc.rpn_pre_nms_train,
-                                   mc.rpn_post_nms_train, nms_thresh=mc.rpn_nms, min_size=mc.rpn_min_size)[0]
-                for i in range(len(images))]
+        return [p for p, _ in generate_proposals_batch(logits, deltas, anchors, images.shape[2:],
+                                                       mc.rpn_pre_nms_train, mc.rpn_post_nms_train,
+                                                       nms_thresh=mc.rpn_nms, min_size=mc.rpn_min_size)]
     t, props = timed(proposals)
     rows.append(("proposal layer (decode, NMS)", t))
 
@@ -81,6 +89,14 @@ def main():
     rows.append(("proposal sampling", t))
     t, (cls_logits, box_deltas) = timed(lambda: model.head.forward(feats, rois))
     rows.append(("head forward (RoI pool + fc)", t))
+    roi_labels = rng.integers(0, mc.num_classes + 1, len(rois))
+    roi_targets = rng.normal(0, 1, (len(rois), 4)).astype(np.float32)
+
+    def losses():
+        for i in range(len(images)):
+            rpn_loss(logits[i], deltas[i], *anchor_batch[i], sigma=mc.rpn_sigma)
+        head_loss(cls_logits, box_deltas, roi_labels, roi_targets, sigma=mc.head_sigma)
+    rows.append(("losses (RPN + head)", timed(losses)[0]))
     rows.append(("head backward", timed(lambda: model.head.backward(np.ones_like(cls_logits), np.ones_like(box_deltas)))[0]))
     rows.append(("RPN head backward", timed(lambda: model.rpn.backward(np.ones_like(logits), np.ones_like(deltas)))[0]))
     rows.append(("backbone backward", timed(lambda: model.backbone.backward(np.ones_like(feats)))[0]))
@@ -93,6 +109,9 @@ def main():
     for name, t in rows:
         print(f"{name:36s} {t * 1000:8.1f} {t / total:7.1%}")
     print(f"{'sum of stages':36s} {total * 1000:8.1f}")
+    host = sum(t for name, t in rows if name in HOST_STAGES)
+    print(f"\nhost stages (on the host with --device cuda too): {host * 1000:.1f} ms per step "
+          f"({host / per_step:.1%} of the CPU step)")
 
 
 if __name__ == "__main__":

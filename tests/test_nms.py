@@ -116,6 +116,19 @@ def test_batched_nms_is_nms_per_class(dtype):
     assert len(keep) > len(nms(boxes, scores, 0.5))
 
 
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), n=st.integers(1, 150), classes=st.integers(1, 12),
+       threshold=st.floats(0.0, 1.0))
+def test_batched_nms_matches_reference(seed, n, classes, threshold):
+    # categories run as separate segments in parallel on the CPU: any ids, any mix, ties
+    rng = np.random.default_rng(seed)
+    boxes = random_boxes(rng, n)
+    scores = tied_scores(rng, n, levels=6)
+    idxs = rng.integers(-3, classes, n)
+    np.testing.assert_array_equal(batched_nms(boxes, scores, idxs, threshold),
+                                  _nms_reference(boxes, scores, threshold, idxs))
+
+
 def test_batched_nms_different_classes_never_suppress():
     boxes = np.array([[0, 0, 10, 10]] * 3, np.float32)
     scores = np.array([0.9, 0.8, 0.7], np.float32)

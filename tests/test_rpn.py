@@ -4,7 +4,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tinyfrcnn.boxes import box_iou, decode
-from tinyfrcnn.rpn import TEST_PROPOSALS, TRAIN_PROPOSALS, RPNHead, generate_proposals, objectness, rpn_loss
+from tinyfrcnn.nms import _nms_reference
+from tinyfrcnn.rpn import (TEST_PROPOSALS, TRAIN_PROPOSALS, RPNHead, generate_proposals,
+                           generate_proposals_batch, objectness, rpn_loss)
 
 
 def numeric_grad(f, x, eps=1e-6):
@@ -231,6 +233,51 @@ def test_proposal_invariants(seed, thresh, post):
     same, same_scores = generate_proposals(objectness(logits), deltas, anchors, (48, 40), pre_nms_top_n=70,
                                            post_nms_top_n=post, nms_thresh=thresh, min_size=2.0)
     np.testing.assert_array_equal(same, boxes)
+
+
+def _proposals_reference(scores, deltas, anchors, image_size, pre, post, thresh, min_size):
+    """py-faster-rcnn's proposal layer step by step, for one image."""
+    h, w = image_size
+    boxes = decode(anchors, deltas)  # (A, 4)
+    boxes[:, [0, 2]] = np.clip(boxes[:, [0, 2]], 0, w)
+    boxes[:, [1, 3]] = np.clip(boxes[:, [1, 3]], 0, h)
+    big = np.flatnonzero((boxes[:, 2] - boxes[:, 0] >= min_size) & (boxes[:, 3] - boxes[:, 1] >= min_size))
+    boxes, scores = boxes[big], scores[big]
+    order = np.argsort(-scores, kind="stable")[:pre]
+    boxes, scores = boxes[order], scores[order]
+    keep = _nms_reference(boxes, scores, thresh)[:post]
+    return boxes[keep], scores[keep]
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(0, 2**31 - 1), st.integers(0, 4), st.integers(1, 120), st.integers(1, 60),
+       st.floats(0.3, 0.9), st.sampled_from([np.float32, np.float64]))
+def test_proposals_batch_is_each_image_alone(seed, n, pre, post, thresh, dtype):
+    rng = np.random.default_rng(seed)
+    anchors = simple_anchors(6, 6, 3)
+    # few distinct scores, so that ties decide the order
+    logits = np.round(rng.normal(size=(n, len(anchors), 2)), 1).astype(dtype)
+    deltas = rng.normal(scale=0.5, size=(n, len(anchors), 4)).astype(dtype)
+    batch = generate_proposals_batch(logits, deltas, anchors, (48, 40), pre, post, thresh, min_size=3.0)
+    assert len(batch) == n
+    for i, (boxes, scores) in enumerate(batch):
+        one = generate_proposals(logits[i], deltas[i], anchors, (48, 40), pre, post, thresh, min_size=3.0)
+        ref = _proposals_reference(objectness(logits[i]), deltas[i], anchors, (48, 40), pre, post, thresh, 3.0)
+        for got in (one, (boxes, scores)):
+            np.testing.assert_array_equal(got[0], ref[0])
+            np.testing.assert_array_equal(got[1], ref[1])
+            assert got[0].dtype == dtype and got[1].dtype == dtype
+
+
+def test_proposals_batch_bad_input():
+    anchors = simple_anchors(2, 2, 1)
+    with pytest.raises(ValueError, match="same A anchors"):
+        generate_proposals_batch(np.zeros((2, 4, 2)), np.zeros((3, 4, 4)), anchors, (16, 16))
+    with pytest.raises(ValueError, match=r"\(N, A, 2\) logits"):
+        generate_proposals_batch(np.zeros((2, 4, 3)), np.zeros((2, 4, 4)), anchors, (16, 16))
+    with pytest.raises(ValueError, match="deltas"):
+        generate_proposals_batch(np.zeros((2, 4, 2)), np.zeros((4, 4)), anchors, (16, 16))
+    assert generate_proposals_batch(np.zeros((0, 4, 2)), np.zeros((0, 4, 4)), anchors, (16, 16)) == []
 
 
 def test_proposal_settings():

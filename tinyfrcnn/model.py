@@ -27,7 +27,7 @@ from .checks import as_float_array, check_boxes, check_finite
 from .device import check_device, is_device_array, to_device, to_host
 from .head import FastRCNNHead, head_loss, postprocess_detections
 from .layers import Module, add_
-from .rpn import RPNHead, generate_proposals, rpn_loss
+from .rpn import RPNHead, generate_proposals_batch, rpn_loss
 from .targets import anchor_targets, sample_labels, sample_proposals
 
 CHECKPOINT_FORMAT = "tinyfrcnn-checkpoint-1"
@@ -219,6 +219,14 @@ class FasterRCNN(Module):
         _require_finite(logits, "rpn_cls", "the RPN's objectness logits")
         _require_finite(deltas, "rpn_reg", "the RPN's box deltas")
 
+        if train_head and proposals is None:
+            proposals = [p for p, _ in generate_proposals_batch(
+                logits, deltas, anchors, (height, width), cfg.rpn_pre_nms_train, cfg.rpn_post_nms_train,
+                nms_thresh=cfg.rpn_nms, min_size=cfg.rpn_min_size)]
+        elif train_head:
+            if len(proposals) != n:
+                raise ValueError(f"FasterRCNN.forward: got {n} images but {len(proposals)} proposals")
+            proposals = [np.asarray(p, dtype=np.float32).reshape(-1, 4) for p in proposals]
         grad_logits = np.zeros_like(logits)
         grad_deltas = np.zeros_like(deltas)
         rpn_cls = rpn_reg = 0.0
@@ -240,14 +248,8 @@ class FasterRCNN(Module):
                 grad_deltas[i] = out["grad_deltas"] / n
             if not train_head:
                 continue
-            if proposals is not None:
-                props = np.asarray(proposals[i], dtype=np.float32).reshape(-1, 4)
-            else:
-                props, _ = generate_proposals(
-                    logits[i], deltas[i], anchors, (height, width), cfg.rpn_pre_nms_train,
-                    cfg.rpn_post_nms_train, nms_thresh=cfg.rpn_nms, min_size=cfg.rpn_min_size)
             sample = sample_proposals(
-                props, boxes, labels, num_samples=cfg.roi_batch, fg_fraction=cfg.fg_fraction,
+                proposals[i], boxes, labels, num_samples=cfg.roi_batch, fg_fraction=cfg.fg_fraction,
                 fg_iou=cfg.fg_iou, bg_iou=cfg.bg_iou, rng=rng)
             r = sample["rois"]
             rois.append(np.concatenate([np.full((len(r), 1), i, dtype=r.dtype), r], axis=1))  # (S, 5)
@@ -305,9 +307,8 @@ class FasterRCNN(Module):
         cfg = self.config
         anchors = self.anchors_for(*feats.shape[2:])
         logits, deltas = (to_host(a) for a in self.rpn.forward(feats))  # (N, A, 2), (N, A, 4)
-        out = [generate_proposals(logits[i], deltas[i], anchors, (height, width), cfg.rpn_pre_nms_test,
-                                  cfg.rpn_post_nms_test, nms_thresh=cfg.rpn_nms, min_size=cfg.rpn_min_size)
-               for i in range(len(feats))]
+        out = generate_proposals_batch(logits, deltas, anchors, (height, width), cfg.rpn_pre_nms_test,
+                                       cfg.rpn_post_nms_test, nms_thresh=cfg.rpn_nms, min_size=cfg.rpn_min_size)
         return feats, out
 
     def detect(self, images):

@@ -12,7 +12,7 @@ over the masks, which also runs on the GPU, in one block.
 import threading
 
 import numpy as np
-from numba import cuda, float32, float64, int64, njit, uint64
+from numba import cuda, float32, float64, int64, njit, prange, uint64
 from numba.cuda.cudadrv.driver import device_memset
 
 from .boxes import rounded_ops
@@ -95,6 +95,19 @@ def _nms_cpu(boxes, classes, iou_threshold):
             iou = inter / (iarea + jarea[j] - inter)
             jsup[j] |= (w > 0) & (h > 0) & (iou > iou_threshold) & (jclass[j] == ci)
     return keep[:n_keep]
+
+
+@njit(cache=True, parallel=True)
+def _nms_segments_cpu(boxes, starts, iou_threshold):
+    """Greedy NMS on each segment ``boxes[starts[s]:starts[s + 1]]`` (one category, sorted
+    by decreasing score) in parallel; returns a kept flag per box."""
+    kept = np.zeros(boxes.shape[0], np.bool_)
+    for s in prange(starts.shape[0] - 1):
+        lo, hi = starts[s], starts[s + 1]
+        same = np.zeros(hi - lo, np.int64)
+        for k in _nms_cpu(boxes[lo:hi], same, iou_threshold):
+            kept[lo + k] = True
+    return kept
 
 
 def _make_nms_mask_cuda(dtype):
@@ -276,8 +289,14 @@ def _run(host, iou_threshold, device):
     if device:
         return _nms_cuda(sorted_boxes, classes, order, iou_threshold)
     if classes is None:
-        classes = np.zeros(len(boxes), np.int64)
-    return order[_nms_cpu(sorted_boxes, classes, iou_threshold)].astype(np.int64)
+        return order[_nms_cpu(sorted_boxes, np.zeros(len(boxes), np.int64), iou_threshold)].astype(np.int64)
+    # One category after another, each still in score order: boxes of different
+    # categories are never compared, and the categories run in parallel.
+    by_class = np.argsort(classes, kind="stable")  # (N,) positions in score order
+    sorted_classes = classes[by_class]
+    starts = np.flatnonzero(np.r_[True, sorted_classes[1:] != sorted_classes[:-1], True])  # (S + 1,)
+    kept = _nms_segments_cpu(np.ascontiguousarray(sorted_boxes[by_class]), starts, iou_threshold)
+    return order[np.sort(by_class[kept])].astype(np.int64)  # back to score order
 
 
 def nms(boxes, scores, iou_threshold):
@@ -299,8 +318,9 @@ def batched_nms(boxes, scores, idxs, iou_threshold):
 
     Returns int64 indices of kept boxes in decreasing score order (equal scores: lower
     index first). Same kept set as ``torchvision.ops.batched_nms``, which is NMS run
-    once per category; here one pass skips pairs of different categories, so no
-    coordinate offsets perturb the IoUs.
+    once per category. No coordinate offsets perturb the IoUs here: the CPU kernel runs
+    each category as a segment of its own, the categories in parallel, and the CUDA
+    kernel skips pairs of different categories.
     """
     host, thr, device = _validate(boxes, scores, iou_threshold, "batched_nms", idxs=idxs)
     return _run(host, thr, device)

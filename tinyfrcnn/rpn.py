@@ -29,7 +29,7 @@ from .checks import as_array, as_float_array, check_boxes, check_finite, check_n
 from .device import grid_1d, is_device_array
 from .layers import Conv2d, Module, Parameter, ReLU, _add_cuda, _flat
 from .losses import smooth_l1, softmax_cross_entropy
-from .nms import nms
+from .nms import batched_nms
 
 
 def _host(x, name, where):
@@ -284,21 +284,40 @@ def generate_proposals(logits, deltas, anchors, image_size, pre_nms_top_n=TEST_P
     than ``min_size``, keep the ``pre_nms_top_n`` highest scores, NMS at ``nms_thresh``,
     keep the first ``post_nms_top_n``. Defaults: ``TEST_PROPOSALS``; training uses
     ``TRAIN_PROPOSALS``. The proposals are constants for backprop (no gradient).
+    One image of ``generate_proposals_batch``.
     """
     where = "generate_proposals"
     logits = as_float_array(_host(logits, "logits", where), "logits", where=where)
     deltas = as_float_array(_host(deltas, "deltas", where), "deltas", ndim=2, where=where)
+    if logits.ndim not in (1, 2):
+        raise ValueError(f"{where}: logits must be (A, 2) logits or (A,) scores, got shape {logits.shape}")
+    return generate_proposals_batch(logits[None], deltas[None], anchors, image_size, pre_nms_top_n,
+                                    post_nms_top_n, nms_thresh, min_size, where=where)[0]
+
+
+def generate_proposals_batch(logits, deltas, anchors, image_size, pre_nms_top_n=TEST_PROPOSALS.pre_nms_top_n,
+                             post_nms_top_n=TEST_PROPOSALS.post_nms_top_n, nms_thresh=TEST_PROPOSALS.nms_thresh,
+                             min_size=TEST_PROPOSALS.min_size, where="generate_proposals_batch"):
+    """``generate_proposals`` for a batch of N images that share ``anchors`` (A, 4) and
+    ``image_size``: ``logits`` (N, A, 2) or scores (N, A), ``deltas`` (N, A, 4). Returns
+    one (boxes (P_i, 4), scores (P_i,)) pair per image, the same as ``generate_proposals``
+    on each image alone, in one pass: decoding and the top-n cut run on the whole batch,
+    and NMS once, with each image's boxes as a category of their own.
+    """
+    logits = as_float_array(_host(logits, "logits", where), "logits", where=where)
+    deltas = as_float_array(_host(deltas, "deltas", where), "deltas", ndim=3, where=where)
     anchors = as_float_array(_host(anchors, "anchors", where), "anchors", ndim=2, where=where)
     num = anchors.shape[0]
-    if logits.ndim == 1:
+    if logits.ndim == 2:
         scores = logits
-    elif logits.ndim == 2 and logits.shape[1] == 2:
+    elif logits.ndim == 3 and logits.shape[2] == 2:
         scores = None
     else:
-        raise ValueError(f"{where}: logits must be (A, 2) logits or (A,) scores, got shape {logits.shape}")
-    if logits.shape[0] != num or deltas.shape != (num, 4) or anchors.shape != (num, 4):
+        raise ValueError(f"{where}: logits must be (N, A, 2) logits or (N, A) scores, got shape {logits.shape}")
+    n = logits.shape[0]
+    if logits.shape[1] != num or deltas.shape != (n, num, 4) or anchors.shape != (num, 4):
         raise ValueError(f"{where}: logits {logits.shape}, deltas {deltas.shape} and anchors {anchors.shape} "
-                         "must describe the same A anchors ((A, 2) or (A,), (A, 4), (A, 4))")
+                         "must describe the same A anchors ((N, A, 2) or (N, A), (N, A, 4), (A, 4))")
     check_finite(logits, "logits", where)
     if not isinstance(image_size, (tuple, list)) or len(image_size) != 2:
         raise ValueError(f"{where}: image_size must be a (height, width) pair, got {image_size!r}")
@@ -310,14 +329,25 @@ def generate_proposals(logits, deltas, anchors, image_size, pre_nms_top_n=TEST_P
     min_size = check_number(min_size, "min_size", low=0.0, where=where)
 
     if scores is None:
-        scores = objectness(logits)  # (A,)
-    boxes = clip_boxes(decode(anchors, deltas), height, width)  # (A, 4)
-    keep = remove_small_boxes(boxes, min_size)
-    boxes, scores = boxes[keep], scores[keep]
-    order = np.argsort(-scores, kind="stable")[:pre_nms_top_n]
-    boxes, scores = boxes[order], scores[order]
-    keep = nms(boxes, scores, nms_thresh)[:post_nms_top_n]
-    return boxes[keep], scores[keep]
+        scores = objectness(logits.reshape(n * num, 2)).reshape(n, num)  # (N, A)
+    boxes = decode(np.tile(anchors, (n, 1)), deltas.reshape(n * num, 4))  # (N * A, 4)
+    boxes = clip_boxes(boxes, height, width).reshape(n, num, 4)  # (N, A, 4)
+    big = ((boxes[..., 2] - boxes[..., 0] >= min_size)
+           & (boxes[..., 3] - boxes[..., 1] >= min_size))  # (N, A)
+    # Each image's boxes by decreasing score (ties: lower index first), small ones last;
+    # then the first pre_nms_top_n, less the small ones.
+    ranked = np.where(big, -scores.astype(np.float64), np.inf)  # (N, A)
+    top = np.argsort(ranked, axis=1, kind="stable")[:, :pre_nms_top_n]  # (N, T)
+    take = np.take_along_axis(big, top, axis=1)  # (N, T)
+    image = np.broadcast_to(np.arange(n)[:, None], top.shape)[take]  # (M,) candidates, image-major
+    index = top[take]  # (M,)
+    cand_boxes, cand_scores = boxes[image, index], scores[image, index]  # (M, 4), (M,)
+    keep = batched_nms(cand_boxes, cand_scores, image, nms_thresh)  # (K,) by decreasing score
+    out = []
+    for i in range(n):
+        k = keep[image[keep] == i][:post_nms_top_n]
+        out.append((cand_boxes[k], cand_scores[k]))
+    return out
 
 
 # ---------------------------------------------------------------- evaluation
