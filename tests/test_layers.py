@@ -43,6 +43,17 @@ def test_im2col_and_col2im_match_references(kernel, stride, padding, hw):
     np.testing.assert_allclose(back, _col2im_reference(cols, x.shape, kernel, stride, padding), atol=1e-12)
 
 
+def test_im2col_layout_images_side_by_side():
+    # column (n, pos) is the window of image n at output position pos, rows in (c, i, j) order
+    x = np.arange(2 * 2 * 4 * 5, dtype=np.float64).reshape(2, 2, 4, 5)
+    cols = im2col(x, (3, 3), (1, 1), (0, 0))
+    assert cols.shape == (2 * 9, 2, 2 * 3)
+    for n in range(2):
+        for y in range(2):
+            for xo in range(3):
+                np.testing.assert_array_equal(cols[:, n, y * 3 + xo], x[n, :, y:y + 3, xo:xo + 3].ravel())
+
+
 def test_col2im_is_the_adjoint_of_im2col():
     rng = np.random.default_rng(1)
     x = rng.standard_normal((2, 2, 7, 6))
@@ -382,6 +393,7 @@ from numba import cuda  # noqa: E402
 from tests.ptx import assert_compiles_to_ptx  # noqa: E402
 from tinyfrcnn.device import is_device_array  # noqa: E402
 from tinyfrcnn.backbone import make_backbone  # noqa: E402
+from tinyfrcnn.layers import _to_batch_major, _to_channel_major  # noqa: E402
 
 
 def _host(a):
@@ -390,7 +402,7 @@ def _host(a):
 
 def test_cuda_im2col_and_col2im_match_cpu():
     rng = np.random.default_rng(20)
-    x = rng.standard_normal((1, 2, 5, 6)).astype(np.float32)
+    x = rng.standard_normal((2, 2, 5, 6)).astype(np.float32)
     args = ((3, 2), (2, 1), (1, 1))
     cols = im2col(x, *args)
     dcols = im2col(cuda.to_device(x), *args)
@@ -416,6 +428,22 @@ def _run_both(model, x, g):
     gpu = (_host(out), _host(dx), [_host(p.grad) for p in model.parameters()])
     model.to("cpu")
     return cpu, gpu
+
+
+@pytest.mark.parametrize("o,n,p", [(3, 2, 5), (1, 4, 1), (2, 0, 3)])
+def test_batch_and_channel_major_match_numpy(o, n, p):
+    rng = np.random.default_rng(21)
+    y = rng.standard_normal((o, n, p)).astype(np.float32)  # (O, N, P)
+    bias = rng.standard_normal(o).astype(np.float32)
+    expected = y.transpose(1, 0, 2) + bias[None, :, None]  # (N, O, P)
+    np.testing.assert_array_equal(_to_batch_major(y, bias, False), expected)
+    got = _to_batch_major(cuda.to_device(y), cuda.to_device(bias), True)
+    np.testing.assert_array_equal(_host(got), expected)
+    g = rng.standard_normal((n, o, p)).astype(np.float32)  # (N, O, P)
+    np.testing.assert_array_equal(_to_channel_major(g, np.empty((o, n, p), np.float32), False),
+                                  g.transpose(1, 0, 2))
+    got = _to_channel_major(cuda.to_device(g), cuda.device_array((o, n, p), np.float32), True)
+    np.testing.assert_array_equal(_host(got), g.transpose(1, 0, 2))
 
 
 def test_cuda_layers_match_cpu():
@@ -542,6 +570,8 @@ def test_cuda_kernels_compile_to_ptx():
         ("tinyfrcnn.layers", "_fill_cuda", f"void({f1}, int64)"),
         ("tinyfrcnn.layers", "_add_cuda", f"void({f1}, {f1})"),
         ("tinyfrcnn.layers", "_bias_add_cuda", f"void({f3}, {f1})"),
+        ("tinyfrcnn.layers", "_batch_major_cuda", f"void({f3}, {f1}, {f3})"),
+        ("tinyfrcnn.layers", "_channel_major_cuda", f"void({f3}, {f3})"),
         ("tinyfrcnn.layers", "_bias_grad_cuda", f"void({f3}, {f1})"),
         ("tinyfrcnn.layers", "_bias_grad_cuda", "void(float64[:,:,::1], float64[::1])"),
         ("tinyfrcnn.layers", "_relu_forward_cuda", f"void({f1}, {f1})"),

@@ -1,18 +1,16 @@
-"""im2col and col2im: turning a convolution into one matrix product per image.
+"""im2col and col2im: turning a convolution over a whole batch into one matrix product.
 
 A 2-D cross-correlation of ``x`` (N, C, H, W) with ``w`` (O, C, kh, kw) reads, for every
-output pixel (oh, ow), the C*kh*kw input values under the kernel. ``im2col`` copies
-those values into a column, so that for image n
+output pixel (oh, ow) of every image, the C*kh*kw input values under the kernel.
+``im2col`` copies those values into a column, the columns of all N images side by side:
 
-    cols[n] : (C*kh*kw, OH*OW),   out[n] = w.reshape(O, C*kh*kw) @ cols[n]
+    cols : (C*kh*kw, N, OH*OW),   y = w.reshape(O, C*kh*kw) @ cols.reshape(C*kh*kw, N*OH*OW)
 
-with row ``(c*kh + i)*kw + j`` of ``cols[n]`` holding ``x[n, c, oh*sh + i - ph,
-ow*sw + j - pw]`` (zero where that falls in the padding). ``col2im`` is its adjoint: it
-adds every column entry back onto the input pixel it was copied from, which is exactly
-the gradient of ``im2col`` (pixels under several windows collect several terms).
-
-The layout (N, C*kh*kw, OH*OW) lets ``np.matmul`` produce the output directly in
-(N, O, OH*OW) order, so no transpose is ever copied.
+so ``y`` (O, N, OH*OW) holds every output of the batch after one product. Row
+``(c*kh + i)*kw + j`` of ``cols[:, n]`` holds ``x[n, c, oh*sh + i - ph, ow*sw + j - pw]``
+(zero where that falls in the padding). ``col2im`` is its adjoint: it adds every column
+entry back onto the input pixel it was copied from, which is exactly the gradient of
+``im2col`` (pixels under several windows collect several terms).
 
 CUDA: ``im2col`` runs one thread per column entry (a copy or a padding zero).
 ``col2im`` is written as a gather, one thread per input pixel: the thread finds the
@@ -38,11 +36,11 @@ def _im2col_reference(x, kernel, stride, padding):
     n, c, h, w = x.shape
     oh, ow = output_size(h, kh, sh, ph), output_size(w, kw, sw, pw)
     xp = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)))
-    cols = np.zeros((n, c, kh, kw, oh, ow), dtype=x.dtype)
+    cols = np.zeros((c, kh, kw, n, oh, ow), dtype=x.dtype)
     for i in range(kh):
         for j in range(kw):
-            cols[:, :, i, j] = xp[:, :, i:i + sh * oh:sh, j:j + sw * ow:sw]
-    return cols.reshape(n, c * kh * kw, oh * ow)
+            cols[:, i, j] = xp[:, :, i:i + sh * oh:sh, j:j + sw * ow:sw].transpose(1, 0, 2, 3)
+    return cols.reshape(c * kh * kw, n, oh * ow)
 
 
 def _col2im_reference(cols, x_shape, kernel, stride, padding):
@@ -50,11 +48,11 @@ def _col2im_reference(cols, x_shape, kernel, stride, padding):
     (kh, kw), (sh, sw), (ph, pw) = kernel, stride, padding
     n, c, h, w = x_shape
     oh, ow = output_size(h, kh, sh, ph), output_size(w, kw, sw, pw)
-    cols = cols.reshape(n, c, kh, kw, oh, ow)
+    cols = cols.reshape(c, kh, kw, n, oh, ow)
     xp = np.zeros((n, c, h + 2 * ph, w + 2 * pw), dtype=cols.dtype)
     for i in range(kh):
         for j in range(kw):
-            xp[:, :, i:i + sh * oh:sh, j:j + sw * ow:sw] += cols[:, :, i, j]
+            xp[:, :, i:i + sh * oh:sh, j:j + sw * ow:sw] += cols[:, i, j].transpose(1, 0, 2, 3)
     return xp[:, :, ph:ph + h, pw:pw + w]
 
 
@@ -86,15 +84,15 @@ def _im2col_cpu(x, kh, kw, sh, sw, ph, pw, oh, ow, cols):
                     base = y * ow
                     if y < ylo or y >= yhi:
                         for xo in range(ow):
-                            cols[b, row, base + xo] = 0
+                            cols[row, b, base + xo] = 0
                         continue
                     iy = y * sh + i - ph
                     for xo in range(xlo):
-                        cols[b, row, base + xo] = 0
+                        cols[row, b, base + xo] = 0
                     for xo in range(xlo, xhi):
-                        cols[b, row, base + xo] = x[b, ch, iy, xo * sw + j - pw]
+                        cols[row, b, base + xo] = x[b, ch, iy, xo * sw + j - pw]
                     for xo in range(xhi, ow):
-                        cols[b, row, base + xo] = 0
+                        cols[row, b, base + xo] = 0
 
 
 @njit(cache=True, parallel=True)
@@ -115,17 +113,17 @@ def _col2im_cpu(cols, kh, kw, sh, sw, ph, pw, oh, ow, dx):
                     iy = y * sh + i - ph
                     base = y * ow
                     for xo in range(xlo, xhi):
-                        dx[b, ch, iy, xo * sw + j - pw] += cols[b, row, base + xo]
+                        dx[b, ch, iy, xo * sw + j - pw] += cols[row, b, base + xo]
 
 
 @cuda.jit
 def _im2col_cuda(x, kh, kw, sh, sw, ph, pw, oh, ow, cols):
     t = cuda.grid(1)
-    n, k, p = cols.shape
-    if t >= n * k * p:
+    k, n, p = cols.shape
+    if t >= k * n * p:
         return
-    b = t // (k * p)
-    row = (t // p) % k
+    row = t // (n * p)
+    b = (t // p) % n
     pos = t % p
     ch = row // (kh * kw)
     i = (row // kw) % kh
@@ -133,9 +131,9 @@ def _im2col_cuda(x, kh, kw, sh, sw, ph, pw, oh, ow, cols):
     iy = (pos // ow) * sh + i - ph
     ix = (pos % ow) * sw + j - pw
     if 0 <= iy < x.shape[2] and 0 <= ix < x.shape[3]:
-        cols[b, row, pos] = x[b, ch, iy, ix]
+        cols[row, b, pos] = x[b, ch, iy, ix]
     else:
-        cols[b, row, pos] = 0
+        cols[row, b, pos] = 0
 
 
 @cuda.jit
@@ -158,7 +156,7 @@ def _col2im_cuda(cols, kh, kw, sh, sw, ph, pw, oh, ow, dx):
             tx = ix + pw - j
             if tx < 0 or tx % sw != 0 or tx // sw >= ow:
                 continue
-            acc[0] += cols[b, (ch * kh + i) * kw + j, (ty // sh) * ow + tx // sw]
+            acc[0] += cols[(ch * kh + i) * kw + j, b, (ty // sh) * ow + tx // sw]
     dx[b, ch, iy, ix] = acc[0]
 
 
@@ -172,7 +170,7 @@ def _contiguous(a, name, where):
 
 
 def im2col(x, kernel, stride, padding, out=None):
-    """Columns (N, C*kh*kw, OH*OW) of the windows of ``x`` (N, C, H, W).
+    """Columns (C*kh*kw, N, OH*OW) of the windows of ``x`` (N, C, H, W).
 
     ``kernel``, ``stride``, ``padding`` are (h, w) pairs; padding is zeros. The caller
     (``Conv2d``) has validated the shapes. ``out``, if given, is a C-contiguous array of
@@ -183,16 +181,16 @@ def im2col(x, kernel, stride, padding, out=None):
     (kh, kw), (sh, sw), (ph, pw) = kernel, stride, padding
     n, c, h, w = x.shape
     oh, ow = output_size(h, kh, sh, ph), output_size(w, kw, sw, pw)
-    shape = (n, c * kh * kw, oh * ow)
+    shape = (c * kh * kw, n, oh * ow)
     gpu = is_device_array(x)
     x = _contiguous(x, "x", "im2col")
     if (out is not None and is_device_array(out) == gpu and tuple(out.shape) == shape
             and out.dtype == x.dtype and (out.is_c_contiguous() if gpu else out.flags.c_contiguous)):
         cols = out
     elif gpu:
-        cols = cuda.device_array(shape, dtype=x.dtype)  # (N, C*kh*kw, OH*OW)
+        cols = cuda.device_array(shape, dtype=x.dtype)  # (C*kh*kw, N, OH*OW)
     else:
-        cols = np.empty(shape, dtype=x.dtype)  # (N, C*kh*kw, OH*OW)
+        cols = np.empty(shape, dtype=x.dtype)  # (C*kh*kw, N, OH*OW)
     if cols.size == 0:
         return cols
     if gpu:
@@ -203,7 +201,7 @@ def im2col(x, kernel, stride, padding, out=None):
 
 
 def col2im(cols, x_shape, kernel, stride, padding):
-    """Sum columns (N, C*kh*kw, OH*OW) back onto an image of shape ``x_shape``."""
+    """Sum columns (C*kh*kw, N, OH*OW) back onto images of shape ``x_shape`` (N, C, H, W)."""
     (kh, kw), (sh, sw), (ph, pw) = kernel, stride, padding
     n, c, h, w = x_shape
     oh, ow = output_size(h, kh, sh, ph), output_size(w, kw, sw, pw)

@@ -317,6 +317,71 @@ def _accumulate_bias_grad(p, g3, gpu):
         p.accumulate(g3.sum(axis=(0, 2)))
 
 
+# ------------------------------------------------------------------ batch <-> channel major
+
+
+@njit(cache=True, parallel=True)
+def _batch_major_cpu(y, bias, out):
+    o_, n_, p_ = y.shape
+    for t in prange(n_ * o_):
+        b = t // o_
+        o = t % o_
+        for q in range(p_):
+            out[b, o, q] = y[o, b, q] + bias[o]
+
+
+@njit(cache=True, parallel=True)
+def _channel_major_cpu(g, out):
+    n_, o_, p_ = g.shape
+    for t in prange(o_ * n_):
+        o = t // n_
+        b = t % n_
+        for q in range(p_):
+            out[o, b, q] = g[b, o, q]
+
+
+@cuda.jit
+def _batch_major_cuda(y, bias, out):
+    t = cuda.grid(1)
+    n, o, p = out.shape
+    if t < n * o * p:
+        c = (t // p) % o
+        out[t // (o * p), c, t % p] = y[c, t // (o * p), t % p] + bias[c]
+
+
+@cuda.jit
+def _channel_major_cuda(g, out):
+    t = cuda.grid(1)
+    o, n, p = out.shape
+    if t < o * n * p:
+        out[t // (n * p), (t // p) % n, t % p] = g[(t // p) % n, t // (n * p), t % p]
+
+
+def _to_batch_major(y3, bias, gpu):
+    """A new (N, O, P) array ``out[n, o, p] = y3[o, n, p] + bias[o]`` from y3 (O, N, P):
+    a convolution's product over the batch, laid out as the next layer reads it."""
+    o, n, p = y3.shape
+    if gpu:
+        out = cuda.device_array((n, o, p), dtype=y3.dtype)  # (N, O, P)
+        if out.size:
+            _batch_major_cuda[grid_1d(out.size)](y3, bias, out)
+    else:
+        out = np.empty((n, o, p), dtype=y3.dtype)  # (N, O, P)
+        if out.size:
+            _batch_major_cpu(y3, bias, out)
+    return out
+
+
+def _to_channel_major(g3, out, gpu):
+    """``out[o, n, p] = g3[n, o, p]`` for g3 (N, O, P), into ``out`` (O, N, P)."""
+    if out.size:
+        if gpu:
+            _channel_major_cuda[grid_1d(out.size)](g3, out)
+        else:
+            _channel_major_cpu(g3, out)
+    return out
+
+
 def _he_normal(shape, fan_in, rng):
     return (rng.standard_normal(shape) * np.sqrt(2.0 / fan_in)).astype(np.float32)
 
@@ -357,9 +422,11 @@ class Conv2d(Module):
 
         out[n, o, y, x] = b[o] + sum_{c, i, j} w[o, c, i, j] * xpad[n, c, y*sh + i, x*sw + j]
 
-    with output size ``(H + 2p - k) // s + 1``. Computed as ``w @ im2col(x)``; backward:
-    dL/dw = sum_n g[n] @ cols[n]^T, dL/db = sum over n, y, x of g, and
-    dL/dx = col2im(w^T @ g).
+    with output size ``(H + 2p - k) // s + 1``. Computed for the whole batch as one
+    product ``Y = W X`` with ``X = im2col(x)`` (C*kh*kw, N*OH*OW), every image's columns
+    side by side; backward, with ``G`` = dL/dY laid out the same way (O, N*OH*OW):
+    dL/dw = G X^T (the sum over images is part of the product), dL/db = the row sums
+    of G, and dL/dx = col2im(W^T G).
 
     Init (He et al. 2015, "Kaiming" normal): ``w ~ N(0, 2 / fan_in)`` with
     ``fan_in = in_channels * kh * kw``, ``b = 0``, drawn from ``rng``
@@ -369,9 +436,10 @@ class Conv2d(Module):
     half of the backward pass): ``backward`` then only accumulates the parameter
     gradients and returns None. Use it for a first layer whose input is an image.
 
-    On the device: the CUDA im2col, then one ``tinyfrcnn.matmul`` per image for each
-    product (dL/dw added straight into ``weight.grad`` with ``accumulate=True``), a
-    bias-add kernel and a bias-gradient reduction kernel (one block per channel).
+    On the device: the CUDA im2col, one ``tinyfrcnn.matmul`` per product for the whole
+    batch (dL/dw added straight into ``weight.grad`` with ``accumulate=True``), kernels
+    that move the image axis between (O, N, P) and (N, O, P) (the forward one also adds
+    the bias), and a bias-gradient reduction kernel (one block per channel).
     """
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, rng=None,
@@ -391,7 +459,9 @@ class Conv2d(Module):
         self.weight = Parameter(_he_normal((self.out_channels, self.in_channels, kh, kw), fan_in, rng))
         self.bias = Parameter(np.zeros(self.out_channels, dtype=np.float32))
         self._cache = None
-        self._dcols = None
+        self._dcols = None  # (C*kh*kw, N, OH*OW) dL/dcols, kept between calls
+        self._y = None  # (O, N*OH*OW) the product before the bias, kept between calls
+        self._g = None  # (O, N, OH*OW) dL/dY in the product's layout, kept between calls
 
     def __repr__(self):
         extra = "" if self.needs_input_grad else ", needs_input_grad=False"
@@ -414,15 +484,12 @@ class Conv2d(Module):
         oh, ow = output_size(h, kh, sh, ph), output_size(w, kw, sw, pw)
         wmat = _param(self.weight, x.dtype, gpu).reshape(o, c * kh * kw)  # (O, C*kh*kw)
         bias = _param(self.bias, x.dtype, gpu)
+        k, p = c * kh * kw, oh * ow
         reuse = self._cache[0] if self._cache else None
-        cols = im2col(x, self.kernel_size, self.stride, self.padding, out=reuse)  # (N, C*kh*kw, OH*OW)
-        if gpu:
-            out = cuda.device_array((n, o, oh * ow), dtype=x.dtype)  # (N, O, OH*OW)
-            for b in range(n):
-                matmul(wmat, cols[b], out=out[b])
-        else:
-            out = np.matmul(wmat, cols)  # (N, O, OH*OW)
-        _add_bias(out, bias, gpu)
+        cols = im2col(x, self.kernel_size, self.stride, self.padding, out=reuse)  # (C*kh*kw, N, OH*OW)
+        self._y = _buffer(self._y, (o, n * p), x.dtype, gpu)
+        y = matmul(wmat, cols.reshape(k, n * p), out=self._y)  # (O, N*OH*OW): the batch in one product
+        out = _to_batch_major(y.reshape(o, n, p), bias, gpu)  # (N, O, OH*OW)
         self._cache = (cols, wmat, tuple(x.shape), (n, o, oh, ow), gpu)
         return out.reshape(n, o, oh, ow)  # (N, O, OH, OW)
 
@@ -430,24 +497,21 @@ class Conv2d(Module):
         cols, wmat, x_shape, out_shape, gpu = self._cache if self._cache else (None,) * 5
         g = _check_grad(grad_out, out_shape, None if wmat is None else wmat.dtype, "Conv2d", gpu)
         n, o, oh, ow = out_shape
-        g = g.reshape(n, o, oh * ow)  # (N, O, OH*OW)
+        k, p = cols.shape[0], oh * ow
+        self._g = _buffer(self._g, (o, n, p), g.dtype, gpu)
+        g2 = _to_channel_major(g.reshape(n, o, p), self._g, gpu).reshape(o, n * p)  # (O, N*OH*OW)
+        x2 = cols.reshape(k, n * p)  # (C*kh*kw, N*OH*OW)
         if n and gpu:
-            dw = self.weight.grad.reshape(o, cols.shape[1])  # a view of .grad, (O, C*kh*kw)
-            for b in range(n):
-                matmul(g[b], cols[b], trans_b=True, out=dw, accumulate=True)
-            _accumulate_bias_grad(self.bias, g, gpu)
+            dw = self.weight.grad.reshape(o, k)  # a view of .grad, (O, C*kh*kw)
+            matmul(g2, x2, trans_b=True, out=dw, accumulate=True)
         elif n:
-            dw = np.matmul(g, cols.transpose(0, 2, 1)).sum(axis=0)  # (O, C*kh*kw)
-            self.weight.accumulate(dw.reshape(self.weight.shape))
-            _accumulate_bias_grad(self.bias, g, gpu)
+            self.weight.accumulate(matmul(g2, x2, trans_b=True).reshape(self.weight.shape))
+        if n:
+            _accumulate_bias_grad(self.bias, g2.reshape(1, o, n * p), gpu)
         if not self.needs_input_grad:
             return None
-        self._dcols = _buffer(self._dcols, cols.shape, cols.dtype, gpu)
-        if gpu:
-            for b in range(n):
-                matmul(wmat, g[b], trans_a=True, out=self._dcols[b])
-        else:
-            np.matmul(wmat.T, g, out=self._dcols)  # (N, C*kh*kw, OH*OW)
+        self._dcols = _buffer(self._dcols, cols.shape, cols.dtype, gpu)  # (C*kh*kw, N, OH*OW)
+        matmul(wmat, g2, trans_a=True, out=self._dcols.reshape(k, n * p))
         return col2im(self._dcols, x_shape, self.kernel_size, self.stride, self.padding)
 
 
