@@ -130,6 +130,8 @@ def test_forward_rejects_bad_input():
         model.forward(images[0], boxes, labels, rng=np.random.default_rng(0))
     with pytest.raises(ValueError, match="gt_boxes"):
         model.forward(images, boxes[:1], labels, rng=np.random.default_rng(0))
+    with pytest.raises(ValueError, match="2 images but 1 proposals"):
+        model.forward(images, boxes, labels, rng=np.random.default_rng(0), proposals=[boxes[0]])
     bad = images.copy()
     bad[0, 0, 0, 0] = np.nan
     with pytest.raises(ValueError, match="NaN"):
