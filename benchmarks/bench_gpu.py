@@ -379,7 +379,7 @@ def kernel_resources(kernel):
         return ""
 
 
-HOST_STEPS = ("anchor_targets", "sample_labels", "rpn_loss", "generate_proposals", "sample_proposals",
+HOST_STEPS = ("anchor_targets", "sample_labels", "rpn_loss", "generate_proposals_batch", "sample_proposals",
               "head_loss")
 
 

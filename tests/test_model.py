@@ -138,3 +138,17 @@ def test_forward_rejects_bad_input():
         model.detect(bad)
     with pytest.raises(ValueError, match="backward"):
         FasterRCNN(TINY).backward()
+
+
+def test_bench_gpu_times_the_models_host_steps():
+    # benchmarks/bench_gpu.py times the GPU step's host part by wrapping these names
+    import importlib.util
+    import os
+
+    import tinyfrcnn.model as model_mod
+
+    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "bench_gpu.py")
+    spec = importlib.util.spec_from_file_location("bench_gpu", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.HOST_STEPS and all(callable(getattr(model_mod, name, None)) for name in bench.HOST_STEPS)
