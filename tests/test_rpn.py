@@ -296,8 +296,9 @@ def test_proposals_empty():
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        (dict(logits=np.zeros((4, 3))), "logits must be"),
-        (dict(deltas=np.zeros((3, 4))), "same A anchors"),
+        (dict(logits=np.zeros((4, 3))), r"logits must be \(A, 2\) logits or \(A,\) scores, got shape \(4, 3\)"),
+        (dict(deltas=np.zeros((3, 4))), r"deltas \(3, 4\) and anchors \(4, 4\) must describe the same A anchors"),
+        (dict(anchors=np.zeros((3, 4))), r"anchors \(3, 4\) must describe the same A anchors"),
         (dict(logits=np.full((4, 2), np.nan)), "NaN"),
         (dict(image_size=(32,)), "image_size"),
         (dict(image_size=(0, 32)), "image_size"),

@@ -289,8 +289,11 @@ def generate_proposals(logits, deltas, anchors, image_size, pre_nms_top_n=TEST_P
     where = "generate_proposals"
     logits = as_float_array(_host(logits, "logits", where), "logits", where=where)
     deltas = as_float_array(_host(deltas, "deltas", where), "deltas", ndim=2, where=where)
-    if logits.ndim not in (1, 2):
+    if not (logits.ndim == 1 or (logits.ndim == 2 and logits.shape[1] == 2)):
         raise ValueError(f"{where}: logits must be (A, 2) logits or (A,) scores, got shape {logits.shape}")
+    if deltas.shape != (logits.shape[0], 4) or np.shape(anchors) != (logits.shape[0], 4):
+        raise ValueError(f"{where}: logits {logits.shape}, deltas {deltas.shape} and anchors "
+                         f"{np.shape(anchors)} must describe the same A anchors ((A, 2) or (A,), (A, 4), (A, 4))")
     return generate_proposals_batch(logits[None], deltas[None], anchors, image_size, pre_nms_top_n,
                                     post_nms_top_n, nms_thresh, min_size, where=where)[0]
 
