@@ -65,12 +65,13 @@ def main():
     border = None if mc.rpn_allowed_border < 0 else mc.rpn_allowed_border
 
     def targets():
+        out = []
         for i in range(len(images)):
             lab, _, reg = anchor_targets(anchors, boxes[i], image_size=images.shape[2:], allowed_border=border)
-            lab = sample_labels(lab, mc.rpn_batch, mc.rpn_pos_fraction, rng=rng)
-            anchor_batch.append((lab, reg))
-    anchor_batch = []
-    rows.append(("anchor targets + sampling", timed(targets)[0]))
+            out.append((sample_labels(lab, mc.rpn_batch, mc.rpn_pos_fraction, rng=rng), reg))
+        return out
+    t, anchor_batch = timed(targets)
+    rows.append(("anchor targets + sampling", t))
 
     def proposals():
         return [p for p, _ in generate_proposals_batch(logits, deltas, anchors, images.shape[2:],

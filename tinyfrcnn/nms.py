@@ -98,14 +98,13 @@ def _nms_cpu(boxes, classes, iou_threshold):
 
 
 @njit(cache=True, parallel=True)
-def _nms_segments_cpu(boxes, starts, iou_threshold):
+def _nms_segments_cpu(boxes, classes, starts, iou_threshold):
     """Greedy NMS on each segment ``boxes[starts[s]:starts[s + 1]]`` (one category, sorted
     by decreasing score) in parallel; returns a kept flag per box."""
     kept = np.zeros(boxes.shape[0], np.bool_)
     for s in prange(starts.shape[0] - 1):
         lo, hi = starts[s], starts[s + 1]
-        same = np.zeros(hi - lo, np.int64)
-        for k in _nms_cpu(boxes[lo:hi], same, iou_threshold):
+        for k in _nms_cpu(boxes[lo:hi], classes[lo:hi], iou_threshold):
             kept[lo + k] = True
     return kept
 
@@ -295,7 +294,7 @@ def _run(host, iou_threshold, device):
     by_class = np.argsort(classes, kind="stable")  # (N,) positions in score order
     sorted_classes = classes[by_class]
     starts = np.flatnonzero(np.r_[True, sorted_classes[1:] != sorted_classes[:-1], True])  # (S + 1,)
-    kept = _nms_segments_cpu(np.ascontiguousarray(sorted_boxes[by_class]), starts, iou_threshold)
+    kept = _nms_segments_cpu(np.ascontiguousarray(sorted_boxes[by_class]), sorted_classes, starts, iou_threshold)
     return order[np.sort(by_class[kept])].astype(np.int64)  # back to score order
 
 

@@ -334,9 +334,10 @@ def generate_proposals_batch(logits, deltas, anchors, image_size, pre_nms_top_n=
     if scores is None:
         scores = objectness(logits.reshape(n * num, 2)).reshape(n, num)  # (N, A)
     boxes = decode(np.tile(anchors, (n, 1)), deltas.reshape(n * num, 4))  # (N * A, 4)
-    boxes = clip_boxes(boxes, height, width).reshape(n, num, 4)  # (N, A, 4)
-    big = ((boxes[..., 2] - boxes[..., 0] >= min_size)
-           & (boxes[..., 3] - boxes[..., 1] >= min_size))  # (N, A)
+    boxes = clip_boxes(boxes, height, width)  # (N * A, 4)
+    big = np.zeros(n * num, bool)
+    big[remove_small_boxes(boxes, min_size)] = True
+    boxes, big = boxes.reshape(n, num, 4), big.reshape(n, num)  # (N, A, 4), (N, A)
     # Each image's boxes by decreasing score (ties: lower index first), small ones last;
     # then the first pre_nms_top_n, less the small ones.
     ranked = np.where(big, -scores.astype(np.float64), np.inf)  # (N, A)
