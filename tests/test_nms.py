@@ -95,6 +95,53 @@ def test_nms_invariants(seed, n, threshold):
         assert (box_iou(boxes[dropped], boxes[keep]) > threshold).any(axis=1).all()
 
 
+@settings(max_examples=200, deadline=None)
+@given(x=st.floats(0, 1, width=32), t=st.floats(0, 1))
+def test_threshold_in_float32_decides_as_float64(x, t):
+    # the CPU kernel compares a float32 IoU with the threshold rounded down to float32
+    x = np.float32(x)
+    thr = nms_module._threshold_in(np.float32, t)
+    assert thr.dtype == np.float32 and thr <= t
+    assert (x > thr) == (np.float64(x) > t)
+
+
+def test_nms_threshold_at_a_float32_iou():
+    # float32 IoU of these two is 70/100 -> 0.699999988 (the float32 nearest 0.7), below 0.7
+    boxes = np.array([[0, 0, 10, 10], [0, 0, 10, 7]], np.float32)
+    scores = np.array([0.9, 0.8], np.float32)
+    iou = float(box_iou(boxes, boxes)[0, 1])
+    assert iou < 0.7
+    for thr, kept in ((0.7, [0, 1]), (iou, [0, 1]), (np.nextafter(iou, 0.0), [0])):
+        np.testing.assert_array_equal(nms(boxes, scores, thr), kept)
+        np.testing.assert_array_equal(nms(boxes, scores, thr), _nms_reference(boxes, scores, thr))
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), n=st.integers(2, 80), pick=st.integers(0, 10**6),
+       nudge=st.sampled_from([-1, 0, 1]))
+def test_nms_thresholds_at_pairwise_ious_match_reference(seed, n, pick, nudge):
+    # thresholds equal to (or one float64 step from) an IoU that occurs: the ties are exact
+    rng = np.random.default_rng(seed)
+    boxes = clustered_boxes(rng, 3, (n + 2) // 3)[:n]
+    scores = tied_scores(rng, n, levels=5)
+    ious = box_iou(boxes, boxes)[np.triu_indices(n, 1)]
+    ious = ious[(ious > 0) & (ious < 1)]
+    if ious.size == 0:
+        return
+    thr = float(ious[pick % ious.size])
+    thr = np.nextafter(thr, 2.0 * nudge) if nudge else thr
+    np.testing.assert_array_equal(nms(boxes, scores, thr), _nms_reference(boxes, scores, thr))
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), n=st.integers(1, 150), limit=st.integers(1, 40))
+def test_max_keep_is_the_first_of_the_full_result(seed, n, limit):
+    rng = np.random.default_rng(seed)
+    boxes = random_boxes(rng, n)
+    scores = tied_scores(rng, n, levels=6)
+    np.testing.assert_array_equal(nms(boxes, scores, 0.5, max_keep=limit), nms(boxes, scores, 0.5)[:limit])
+
+
 # ---------------------------------------------------------------- batched
 
 def _per_class(boxes, scores, idxs, threshold):
@@ -129,6 +176,19 @@ def test_batched_nms_matches_reference(seed, n, classes, threshold):
                                   _nms_reference(boxes, scores, threshold, idxs))
 
 
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), n=st.integers(1, 150), classes=st.integers(1, 6), limit=st.integers(1, 12))
+def test_batched_nms_max_per_category_matches_reference(seed, n, classes, limit):
+    rng = np.random.default_rng(seed)
+    boxes = random_boxes(rng, n)
+    scores = tied_scores(rng, n, levels=6)
+    idxs = rng.integers(0, classes, n)
+    keep = batched_nms(boxes, scores, idxs, 0.5, max_per_category=limit)
+    np.testing.assert_array_equal(keep, _nms_reference(boxes, scores, 0.5, idxs, max_per_category=limit))
+    full = batched_nms(boxes, scores, idxs, 0.5)
+    np.testing.assert_array_equal(keep, [k for j, k in enumerate(full) if np.sum(idxs[full[:j]] == idxs[k]) < limit])
+
+
 def test_batched_nms_different_classes_never_suppress():
     boxes = np.array([[0, 0, 10, 10]] * 3, np.float32)
     scores = np.array([0.9, 0.8, 0.7], np.float32)
@@ -160,6 +220,9 @@ SCORES = np.array([0.5, 0.4], np.float32)
     (lambda: nms(BOXES, SCORES, float("nan")), "iou_threshold"),
     (lambda: batched_nms(BOXES, SCORES, np.array([0, 1, 2]), 0.5), "idxs has 3"),
     (lambda: batched_nms(BOXES, SCORES, np.array([0.0, 1.0]), 0.5), "integers"),
+    (lambda: nms(BOXES, SCORES, 0.5, max_keep=0), "max_keep"),
+    (lambda: nms(BOXES, SCORES, 0.5, max_keep=True), "max_keep"),
+    (lambda: batched_nms(BOXES, SCORES, np.array([0, 1]), 0.5, max_per_category=2.0), "max_per_category"),
 ])
 def test_bad_input_raises(call, message):
     with pytest.raises(ValueError, match=message):
@@ -179,6 +242,11 @@ def test_nms_cuda_matches_cpu(dtype):
     np.testing.assert_array_equal(keep.copy_to_host(), nms(boxes, scores, 0.5))
     keep = batched_nms(cuda.to_device(boxes), cuda.to_device(scores), cuda.to_device(idxs), 0.5)
     np.testing.assert_array_equal(keep.copy_to_host(), batched_nms(boxes, scores, idxs, 0.5))
+    keep = nms(cuda.to_device(boxes), cuda.to_device(scores), 0.5, max_keep=7)
+    np.testing.assert_array_equal(keep.copy_to_host(), nms(boxes, scores, 0.5, max_keep=7))
+    keep = batched_nms(cuda.to_device(boxes), cuda.to_device(scores), cuda.to_device(idxs), 0.5, max_per_category=4)
+    np.testing.assert_array_equal(keep.copy_to_host(), batched_nms(boxes, scores, idxs, 0.5, max_per_category=4))
+    assert len(keep.copy_to_host()) == 12  # three categories, each with more than 4 kept
 
 
 def test_nms_cuda_edge_cases():

@@ -142,8 +142,11 @@ def box_iou(a, b):
             by, ty = grid_1d(b.shape[0], 16)
             _BOX_IOU_CUDA[np.dtype(a.dtype)][(bx, by), (tx, ty)](a, b, out)
         return out
-    a = check_boxes(a, "a", "box_iou")
-    b = check_boxes(b, "b", "box_iou")
+    return _box_iou_host(check_boxes(a, "a", "box_iou"), check_boxes(b, "b", "box_iou"))
+
+
+def _box_iou_host(a, b):
+    """``box_iou`` of two NumPy box arrays that have already been checked."""
     dtype = np.result_type(a.dtype, b.dtype)
     a = np.ascontiguousarray(a, dtype=dtype)
     b = np.ascontiguousarray(b, dtype=dtype)
@@ -222,20 +225,27 @@ def encode(reference, target, weights=(1.0, 1.0, 1.0, 1.0)):
     target = check_boxes(target, "target", where)
     if reference.shape[0] != target.shape[0]:
         raise ValueError(f"{where}: reference has {reference.shape[0]} boxes but target has {target.shape[0]}")
+    for name, boxes in (("reference", reference), ("target", target)):
+        empty = (boxes[:, 2] <= boxes[:, 0]) | (boxes[:, 3] <= boxes[:, 1])  # (N,)
+        if empty.any():
+            i = int(np.flatnonzero(empty)[0])
+            raise ValueError(f"{where}: {name}[{i}] has zero width or height (log(w / w_a) is undefined)")
+    return _encode(reference, target, _check_weights(weights, where))
+
+
+def _encode(reference, target, weights):
+    """``encode`` of checked boxes with positive sizes; ``weights`` four floats."""
     dtype = np.result_type(reference.dtype, target.dtype)
     reference, target = reference.astype(dtype, copy=False), target.astype(dtype, copy=False)
-    wx, wy, ww, wh = (dtype.type(w) for w in _check_weights(weights, where))
+    wx, wy, ww, wh = (dtype.type(w) for w in weights)
     xa, ya, wa, ha = _centre_size(reference)
     x, y, w, h = _centre_size(target)
-    for name, size in (("reference", wa), ("reference", ha), ("target", w), ("target", h)):
-        if size.size and not (size > 0).all():
-            i = int(np.flatnonzero(~(size > 0))[0])
-            raise ValueError(f"{where}: {name}[{i}] has zero width or height (log(w / w_a) is undefined)")
-    tx = wx * (x - xa) / wa
-    ty = wy * (y - ya) / ha
-    tw = ww * np.log(w / wa)
-    th = wh * np.log(h / ha)
-    return np.stack([tx, ty, tw, th], axis=1)  # (N, 4)
+    out = np.empty((reference.shape[0], 4), dtype)  # (N, 4): t_x, t_y, t_w, t_h
+    out[:, 0] = wx * (x - xa) / wa
+    out[:, 1] = wy * (y - ya) / ha
+    out[:, 2] = ww * np.log(w / wa)
+    out[:, 3] = wh * np.log(h / ha)
+    return out
 
 
 def decode(reference, deltas, weights=(1.0, 1.0, 1.0, 1.0)):

@@ -16,7 +16,7 @@ from numba import cuda, float32, float64, int64, njit, prange, uint64
 from numba.cuda.cudadrv.driver import device_memset
 
 from .boxes import rounded_ops
-from .checks import as_array, as_float_array, check_boxes, check_finite, check_number
+from .checks import as_array, as_float_array, check_boxes, check_finite, check_number, check_positive_int
 from .device import on_device, to_device, to_host
 
 BLOCK = 64  # boxes per CUDA block: one bit each in a uint64 mask word
@@ -40,9 +40,10 @@ def _descending_order(scores):
     return np.sort(keys) & 0xFFFFFFFF
 
 
-def _nms_reference(boxes, scores, iou_threshold, idxs=None):
+def _nms_reference(boxes, scores, iou_threshold, idxs=None, max_per_category=None):
     """Greedy NMS in plain NumPy: the best undecided box is kept and suppresses every box
-    of its category with IoU > iou_threshold (compared in float64, as torchvision does)."""
+    of its category with IoU > iou_threshold (compared in float64, as torchvision does);
+    then the first ``max_per_category`` kept boxes of each category (None: all)."""
     n = boxes.shape[0]
     order = np.argsort(-scores, kind="stable")  # (N,)
     b = boxes[order]  # (N, 4)
@@ -60,12 +61,19 @@ def _nms_reference(boxes, scores, iou_threshold, idxs=None):
         with np.errstate(invalid="ignore", divide="ignore"):
             iou = (inter / (area[i] + area - inter)).astype(np.float64)
         suppressed |= (w > 0) & (h > 0) & (iou > iou_threshold) & (cls == cls[i])
-    return np.array(keep, dtype=np.int64)
+    keep = np.array(keep, dtype=np.int64)
+    if max_per_category is not None:
+        kept_cls = (np.zeros(n, np.int64) if idxs is None else idxs)[keep]  # (K,)
+        rank = np.array([np.sum(kept_cls[:k] == c) for k, c in enumerate(kept_cls)], dtype=np.int64)
+        keep = keep[rank < max_per_category]
+    return keep
 
 
 @njit(cache=True, error_model="numpy")
-def _nms_cpu(boxes, classes, iou_threshold):
-    """Greedy NMS over boxes already sorted by decreasing score; returns kept positions."""
+def _nms_cpu(boxes, iou_threshold, max_keep):
+    """Greedy NMS over boxes of one category already sorted by decreasing score; returns
+    kept positions, stopping once ``max_keep`` are kept (the first ``max_keep`` of the
+    full result). ``iou_threshold`` has the boxes' dtype (see ``_threshold_in``)."""
     n = boxes.shape[0]
     x1 = boxes[:, 0].copy()
     y1 = boxes[:, 1].copy()
@@ -76,37 +84,48 @@ def _nms_cpu(boxes, classes, iou_threshold):
     keep = np.empty(n, np.int64)
     n_keep = 0
     for i in range(n):
+        if n_keep == max_keep:
+            break
         if suppressed[i]:
             continue
         keep[n_keep] = i
         n_keep += 1
-        ix1, iy1, ix2, iy2, iarea, ci = x1[i], y1[i], x2[i], y2[i], area[i], classes[i]
+        ix1, iy1, ix2, iy2, iarea = x1[i], y1[i], x2[i], y2[i], area[i]
         first, last = i + 1, n
         while last > first and suppressed[last - 1]:
             last -= 1
-        # Slices and a branch-free body let LLVM vectorise this loop; pairs that do not
-        # overlap have w or h <= 0 and are masked out, whatever the division gives.
+        # Slices and a branch-free body in one dtype let LLVM vectorise this loop; pairs
+        # that do not overlap have w or h <= 0 and are masked out, whatever the division gives.
         jx1, jy1, jx2, jy2 = x1[first:last], y1[first:last], x2[first:last], y2[first:last]
-        jarea, jclass, jsup = area[first:last], classes[first:last], suppressed[first:last]
+        jarea, jsup = area[first:last], suppressed[first:last]
         for j in range(jx1.shape[0]):
             w = min(ix2, jx2[j]) - max(ix1, jx1[j])
             h = min(iy2, jy2[j]) - max(iy1, jy1[j])
             inter = w * h
             iou = inter / (iarea + jarea[j] - inter)
-            jsup[j] |= (w > 0) & (h > 0) & (iou > iou_threshold) & (jclass[j] == ci)
+            jsup[j] |= (w > 0) & (h > 0) & (iou > iou_threshold)
     return keep[:n_keep]
 
 
 @njit(cache=True, parallel=True)
-def _nms_segments_cpu(boxes, classes, starts, iou_threshold):
+def _nms_segments_cpu(boxes, starts, iou_threshold, max_keep):
     """Greedy NMS on each segment ``boxes[starts[s]:starts[s + 1]]`` (one category, sorted
-    by decreasing score) in parallel; returns a kept flag per box."""
+    by decreasing score) in parallel, at most ``max_keep`` kept in each; returns a kept
+    flag per box."""
     kept = np.zeros(boxes.shape[0], np.bool_)
     for s in prange(starts.shape[0] - 1):
         lo, hi = starts[s], starts[s + 1]
-        for k in _nms_cpu(boxes[lo:hi], classes[lo:hi], iou_threshold):
+        for k in _nms_cpu(boxes[lo:hi], iou_threshold, max_keep):
             kept[lo + k] = True
     return kept
+
+
+def _threshold_in(dtype, iou_threshold):
+    """The largest ``dtype`` value t <= iou_threshold: for an IoU x of that dtype,
+    ``x > t`` exactly when ``x > iou_threshold``, and the kernel compares in one dtype."""
+    t = np.dtype(dtype).type(iou_threshold)
+    above = np.float64(t) > np.float64(iou_threshold)  # in float64: NumPy would compare in dtype
+    return np.nextafter(t, t.dtype.type(-np.inf)) if above else t
 
 
 def _make_nms_mask_cuda(dtype):
@@ -277,7 +296,7 @@ def _validate(boxes, scores, iou_threshold, where, idxs=None):
     return {k: np.ascontiguousarray(v) for k, v in host.items()}, iou_threshold, device
 
 
-def _run(host, iou_threshold, device):
+def _run(host, iou_threshold, device, max_per_category=None):
     boxes, scores = host["boxes"], host["scores"]
     if boxes.shape[0] == 0:
         keep = np.zeros(0, np.int64)
@@ -286,19 +305,39 @@ def _run(host, iou_threshold, device):
     sorted_boxes = np.ascontiguousarray(boxes[order])  # (N, 4)
     classes = host["idxs"].astype(np.int64)[order] if "idxs" in host else None  # (N,)
     if device:
-        return _nms_cuda(sorted_boxes, classes, order, iou_threshold)
+        keep = _nms_cuda(sorted_boxes, classes, order, iou_threshold)
+        return keep if max_per_category is None else _first_per_category(keep, host.get("idxs"), max_per_category)
+    max_keep = len(boxes) if max_per_category is None else max_per_category
+    threshold = _threshold_in(boxes.dtype, iou_threshold)
     if classes is None:
-        return order[_nms_cpu(sorted_boxes, np.zeros(len(boxes), np.int64), iou_threshold)].astype(np.int64)
+        return order[_nms_cpu(sorted_boxes, threshold, max_keep)].astype(np.int64)
     # One category after another, each still in score order: boxes of different
     # categories are never compared, and the categories run in parallel.
     by_class = np.argsort(classes, kind="stable")  # (N,) positions in score order
     sorted_classes = classes[by_class]
     starts = np.flatnonzero(np.r_[True, sorted_classes[1:] != sorted_classes[:-1], True])  # (S + 1,)
-    kept = _nms_segments_cpu(np.ascontiguousarray(sorted_boxes[by_class]), sorted_classes, starts, iou_threshold)
+    kept = _nms_segments_cpu(np.ascontiguousarray(sorted_boxes[by_class]), starts, threshold, max_keep)
     return order[np.sort(by_class[kept])].astype(np.int64)  # back to score order
 
 
-def nms(boxes, scores, iou_threshold):
+def _first_per_category(keep, idxs, limit):
+    """The first ``limit`` entries of each category in the device array ``keep`` (kept
+    indices in score order), as a device array; ``idxs`` None: one category."""
+    keep = to_host(keep)  # (K,)
+    if idxs is None:
+        return to_device(np.ascontiguousarray(keep[:limit]))
+    cls = idxs.astype(np.int64)[keep]  # (K,)
+    by_class = np.argsort(cls, kind="stable")  # (K,) grouped by category, score order inside
+    starts = np.r_[0, np.flatnonzero(np.diff(cls[by_class])) + 1]  # first entry of each category
+    rank = np.arange(len(keep)) - np.repeat(starts, np.diff(np.r_[starts, len(keep)]))  # (K,) rank in category
+    return to_device(np.ascontiguousarray(keep[np.sort(by_class[rank < limit])]))
+
+
+def _limit(value, name, where):
+    return None if value is None else check_positive_int(value, name, where)
+
+
+def nms(boxes, scores, iou_threshold, max_keep=None):
     """Greedy non-maximum suppression; int64 indices of kept boxes, highest score first.
 
     Visit boxes in decreasing score (equal scores: lower index first); keep a box unless
@@ -306,20 +345,23 @@ def nms(boxes, scores, iou_threshold):
     ``torchvision.ops.nms``. NumPy in: Numba CPU kernel; device arrays in: the CUDA
     bitmask kernel and a single-block pass over the masks, both on the GPU (the inputs
     are checked, and the scores sorted, on one host copy), device array out. Both give
-    the same indices.
+    the same indices. ``max_keep`` returns only the first ``max_keep`` of them; the CPU
+    kernel stops as soon as it has kept that many (the RPN keeps 500 or 300 proposals of
+    a few thousand boxes).
     """
     host, thr, device = _validate(boxes, scores, iou_threshold, "nms")
-    return _run(host, thr, device)
+    return _run(host, thr, device, _limit(max_keep, "max_keep", "nms"))
 
 
-def batched_nms(boxes, scores, idxs, iou_threshold):
+def batched_nms(boxes, scores, idxs, iou_threshold, max_per_category=None):
     """NMS within each category: boxes with different ``idxs`` never suppress each other.
 
     Returns int64 indices of kept boxes in decreasing score order (equal scores: lower
     index first). Same kept set as ``torchvision.ops.batched_nms``, which is NMS run
     once per category. No coordinate offsets perturb the IoUs here: the CPU kernel runs
     each category as a segment of its own, the categories in parallel, and the CUDA
-    kernel skips pairs of different categories.
+    kernel skips pairs of different categories. ``max_per_category`` keeps only the
+    first that many of each category (the CPU kernel stops each segment there).
     """
     host, thr, device = _validate(boxes, scores, iou_threshold, "batched_nms", idxs=idxs)
-    return _run(host, thr, device)
+    return _run(host, thr, device, _limit(max_per_category, "max_per_category", "batched_nms"))

@@ -223,7 +223,7 @@ def rpn_loss(logits, deltas, labels, reg_targets, sigma=3.0, lam=1.0):
             raise ValueError(f"{where}: {name} must have shape ({num}, {width}), got {a.shape}")
     if labels.shape[0] != num:
         raise ValueError(f"{where}: labels has {labels.shape[0]} entries but logits has {num} rows")
-    if not np.issubdtype(labels.dtype, np.integer) or (labels.size and not np.isin(labels, (-1, 0, 1)).all()):
+    if not np.issubdtype(labels.dtype, np.integer) or (labels.size and (labels.min() < -1 or labels.max() > 1)):
         raise ValueError(f"{where}: labels must be integers in {{-1, 0, 1}}, got dtype {labels.dtype.name}, "
                          f"values {np.unique(labels)[:5].tolist()}")
     sigma = check_number(sigma, "sigma", low=0.0, low_open=True, where=where)
@@ -346,10 +346,10 @@ def generate_proposals_batch(logits, deltas, anchors, image_size, pre_nms_top_n=
     image = np.broadcast_to(np.arange(n)[:, None], top.shape)[take]  # (M,) candidates, image-major
     index = top[take]  # (M,)
     cand_boxes, cand_scores = boxes[image, index], scores[image, index]  # (M, 4), (M,)
-    keep = batched_nms(cand_boxes, cand_scores, image, nms_thresh)  # (K,) by decreasing score
+    keep = batched_nms(cand_boxes, cand_scores, image, nms_thresh, max_per_category=post_nms_top_n)  # (K,)
     out = []
     for i in range(n):
-        k = keep[image[keep] == i][:post_nms_top_n]
+        k = keep[image[keep] == i]
         out.append((cand_boxes[k], cand_scores[k]))
     return out
 

@@ -18,7 +18,7 @@ data-dependent bookkeeping, and the one hot loop, the IoU matrix, is
 
 import numpy as np
 
-from .boxes import box_iou, encode
+from .boxes import _box_iou_host, _check_weights, _encode
 from .checks import as_array, check_boxes, check_number, check_positive_int
 from .device import is_device_array
 
@@ -64,14 +64,25 @@ def check_gt_boxes(gt_boxes, image_size=None, where="", name="gt_boxes"):
     return gt_boxes
 
 
-def _check_labels(labels, name, where, allowed=None):
+def _check_labels(labels, name, where, low=None, high=None):
+    """(N,) integer labels, all in [low, high] when those are given."""
     labels = as_array(_host(labels, name, where), name, ndim=1, where=where)
     if not np.issubdtype(labels.dtype, np.integer):
         raise ValueError(f"{where}: {name} must have an integer dtype, got {labels.dtype.name}")
-    if allowed is not None and labels.size and not np.isin(labels, allowed).all():
-        bad = labels[~np.isin(labels, allowed)][0]
-        raise ValueError(f"{where}: {name} must hold only {list(allowed)}, found {int(bad)}")
+    if low is not None and labels.size and (labels.min() < low or labels.max() > high):
+        bad = labels[(labels < low) | (labels > high)][0]
+        raise ValueError(f"{where}: {name} must hold only {list(range(low, high + 1))}, found {int(bad)}")
     return labels
+
+
+def _best_match(iou):
+    """Each row's highest IoU and its column (the first on ties): (R,), (R,) int64.
+
+    ``iou.max(axis=1)`` gives the same values; gathering at the argmax is several times
+    faster for the few columns (ground-truth boxes) that these matrices have.
+    """
+    matched = iou.argmax(axis=1)  # (R,)
+    return np.take_along_axis(iou, matched[:, None], axis=1)[:, 0], matched.astype(np.int64)
 
 
 # ---------------------------------------------------------------- anchors (RPN)
@@ -121,15 +132,17 @@ def label_anchors(anchors, gt_boxes, pos_iou=0.7, neg_iou=0.3, image_size=None, 
     if num_anchors == 0:
         return labels, np.zeros(0, dtype=np.int64)
 
-    iou = box_iou(anchors, gt_boxes)  # (A, G)
-    matched_gt = iou.argmax(axis=1).astype(np.int64)
-    iou = np.where(inside[:, None], iou, -1.0)  # (A, G): outside anchors never win
-    best_iou = iou.max(axis=1)  # (A,)
+    # One row per ground truth: NumPy reduces over the few rows, or along each long row,
+    # much faster than along the short rows of the (A, G) matrix. (IoU is symmetric.)
+    iou = _box_iou_host(gt_boxes, anchors)  # (G, A)
+    matched_gt = iou.argmax(axis=0).astype(np.int64)  # (A,)
+    iou = np.where(inside[None, :], iou, -1.0)  # (G, A): outside anchors never win
+    best_iou = iou.max(axis=0)  # (A,)
 
     labels[inside & (best_iou < neg_iou)] = 0
-    best_per_gt = iou.max(axis=0)  # (G,)
-    is_best = (iou == best_per_gt[None, :]) & (best_per_gt > 0)[None, :]  # (A, G)
-    labels[is_best.any(axis=1)] = 1
+    best_per_gt = iou.max(axis=1)  # (G,)
+    is_best = (iou == best_per_gt[:, None]) & (best_per_gt > 0)[:, None]  # (G, A)
+    labels[np.nonzero(is_best)[1]] = 1  # the anchors that are some gt's best
     labels[inside & (best_iou >= pos_iou)] = 1
     return labels, matched_gt
 
@@ -144,7 +157,7 @@ def sample_labels(labels, num_samples=256, positive_fraction=0.5, rng=None):
     the same seed gives the same batch. Returns a new (A,) int64 array.
     """
     where = "sample_labels"
-    labels = _check_labels(labels, "labels", where, allowed=(-1, 0, 1))
+    labels = _check_labels(labels, "labels", where, low=-1, high=1)
     num_samples = check_positive_int(num_samples, "num_samples", where)
     positive_fraction = check_number(positive_fraction, "positive_fraction", low=0.0, high=1.0, where=where)
     rng = _check_rng(rng, where)
@@ -167,13 +180,14 @@ def anchor_targets(anchors, gt_boxes, pos_iou=0.7, neg_iou=0.3, image_size=None,
     weights)`` on positive anchors, zeros elsewhere (the paper's p*_i makes the
     regression loss zero there anyway). The RPN uses unit weights, as the paper.
     """
+    weights = _check_weights(weights, "anchor_targets")
     labels, matched_gt = label_anchors(anchors, gt_boxes, pos_iou, neg_iou, image_size, allowed_border)
-    anchors = np.asarray(anchors)
-    dtype = np.result_type(anchors.dtype, np.asarray(gt_boxes).dtype)
+    anchors, gt_boxes = np.asarray(anchors), np.asarray(gt_boxes)  # checked by label_anchors
+    dtype = np.result_type(anchors.dtype, gt_boxes.dtype)
     reg_targets = np.zeros((labels.shape[0], 4), dtype=dtype)  # (A, 4)
-    pos = np.flatnonzero(labels == 1)
+    pos = np.flatnonzero(labels == 1)  # positives overlap their gt, so both have positive sizes
     if pos.size:
-        reg_targets[pos] = encode(anchors[pos], np.asarray(gt_boxes)[matched_gt[pos]], weights)
+        reg_targets[pos] = _encode(anchors[pos], gt_boxes[matched_gt[pos]], weights)
     return labels, matched_gt, reg_targets
 
 
@@ -221,13 +235,12 @@ def sample_proposals(proposals, gt_boxes, gt_labels, num_samples=128, fg_fractio
     bg_lo = check_number(bg_iou[0], "bg_iou", low=0.0, high=1.0, where=where)
     bg_hi = check_number(bg_iou[1], "bg_iou", low=bg_lo, high=fg_iou, low_open=True, where=where)
     rng = _check_rng(rng, where)
+    weights = _check_weights(weights, where)
 
     dtype = np.result_type(proposals.dtype, gt_boxes.dtype)
     rois = np.concatenate([proposals.astype(dtype), gt_boxes.astype(dtype)])  # (P + G, 4)
     if gt_boxes.shape[0]:
-        iou = box_iou(rois, gt_boxes)  # (P + G, G)
-        best_iou = iou.max(axis=1)
-        matched = iou.argmax(axis=1).astype(np.int64)
+        best_iou, matched = _best_match(_box_iou_host(rois, gt_boxes))  # (P + G,), (P + G,)
     else:
         best_iou = np.zeros(rois.shape[0], dtype=dtype)
         matched = np.full(rois.shape[0], -1, dtype=np.int64)
@@ -243,7 +256,7 @@ def sample_proposals(proposals, gt_boxes, gt_labels, num_samples=128, fg_fractio
     labels[:num_fg] = gt_labels[matched[fg]]
     box_targets = np.zeros((keep.size, 4), dtype=dtype)  # (S, 4)
     if num_fg:
-        box_targets[:num_fg] = encode(rois[fg], gt_boxes.astype(dtype)[matched[fg]], weights)
+        box_targets[:num_fg] = _encode(rois[fg], gt_boxes.astype(dtype)[matched[fg]], weights)
     matched_out = matched[keep].copy()
     matched_out[num_fg:] = -1
     return {"rois": rois[keep], "labels": labels, "box_targets": box_targets,
