@@ -189,6 +189,17 @@ def test_batched_nms_max_per_category_matches_reference(seed, n, classes, limit)
     np.testing.assert_array_equal(keep, [k for j, k in enumerate(full) if np.sum(idxs[full[:j]] == idxs[k]) < limit])
 
 
+def test_batched_nms_category_ids_of_any_range():
+    # ids spanning less than 2**16 are sorted as 16-bit keys, others as they are
+    rng = np.random.default_rng(3)
+    boxes = clustered_boxes(rng, 4, 30)
+    scores = tied_scores(rng, 120, levels=6)
+    small = rng.integers(0, 3, 120)
+    expected = _nms_reference(boxes, scores, 0.5, small)
+    for idxs in (small + 60000, small * 40000 - 10**9, small.astype(np.int8)):
+        np.testing.assert_array_equal(batched_nms(boxes, scores, idxs, 0.5), expected)
+
+
 def test_batched_nms_different_classes_never_suppress():
     boxes = np.array([[0, 0, 10, 10]] * 3, np.float32)
     scores = np.array([0.9, 0.8, 0.7], np.float32)
@@ -263,6 +274,10 @@ def test_descending_order_is_stable_argsort(seed, n, dtype):
     pool = np.array([0.0, -0.0, 1.0, -1.0, 0.5, -2.5, 1e-40, -1e-40, 3e38, -3e38, np.float32(0.1)], dtype)
     scores = np.where(rng.random(n) < 0.5, rng.choice(pool, n), rng.standard_normal(n)).astype(dtype)
     np.testing.assert_array_equal(_descending_order(scores), np.argsort(-scores, kind="stable"))
+    rows = np.concatenate([scores, scores[::-1], [-np.inf] * (n % 3)]).astype(dtype).reshape(-1, 1)
+    rows = np.tile(rows, (1, 3)).T.copy()  # (3, M): sorted along the last axis, row by row
+    rows[1] = rows[1][::-1]
+    np.testing.assert_array_equal(_descending_order(rows), np.argsort(-rows, axis=-1, kind="stable"))
 
 
 def test_cuda_gather_pass_matches_host_pass():

@@ -20,6 +20,8 @@ arrays are checked for shape and dtype only: their values are not scanned for Na
 inf (that would copy each activation back to the host).
 """
 
+import math
+
 import numpy as np
 from numba import cuda, njit, prange
 
@@ -835,11 +837,11 @@ class Flatten(Module):
         if self._gpu and not x.is_c_contiguous():
             raise ValueError("Flatten: x must be C-contiguous on the device")
         self._shape, self._dtype = tuple(x.shape), x.dtype
-        return x.reshape(x.shape[0], int(np.prod(x.shape[1:], dtype=np.int64)))
+        return x.reshape(x.shape[0], math.prod(x.shape[1:]))
 
     def backward(self, grad_out):
         shape = self._shape
-        flat = None if shape is None else (shape[0], int(np.prod(shape[1:], dtype=np.int64)))
+        flat = None if shape is None else (shape[0], math.prod(shape[1:]))
         g = _check_grad(grad_out, flat, None if shape is None else self._dtype, "Flatten", self._gpu)
         return g.reshape(*shape)
 

@@ -239,7 +239,7 @@ def smooth_l1(pred, target, beta=1.0, weights=None):
             raise ValueError(f"{where}: {name} has dtype {np.dtype(a.dtype).name} but pred has {np.dtype(pred.dtype).name}")
         check_finite(a, name, where)
     gpu = on_device(named)
-    shape, dtype, size = tuple(pred.shape), pred.dtype, int(np.prod(pred.shape))
+    shape, dtype, size = tuple(pred.shape), pred.dtype, int(pred.size)
     if size == 0:
         grad = np.zeros(shape, dtype)
         return 0.0, (to_device(grad) if gpu else grad)

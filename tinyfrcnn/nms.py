@@ -24,20 +24,22 @@ MAX_WORDS = 4096  # the single-block pass keeps its "removed" bitset in 32 KiB o
 
 
 def _descending_order(scores):
-    """Indices that sort ``scores`` from high to low, equal scores by lower index first.
+    """Indices that sort ``scores`` (..., N) from high to low along the last axis, equal
+    scores by lower index first.
 
-    The same permutation as ``np.argsort(-scores, kind="stable")``. For float32, each
-    score becomes an integer with the same order (flip the magnitude bits of negatives),
-    packed above its index into one int64 key; NumPy's unstable sort of int64 keys is
-    several times faster than a stable sort of floats, and ties stay in index order
-    because the index is part of the key.
+    The same permutation as ``np.argsort(-scores, axis=-1, kind="stable")``. For
+    float32, each score becomes an integer with the same order (flip the magnitude bits
+    of negatives), packed above its index into one int64 key; NumPy's unstable sort of
+    int64 keys is several times faster than a stable sort of floats, and ties stay in
+    index order because the index is part of the key.
     """
-    if scores.dtype != np.float32 or len(scores) >= 2**31:
-        return np.argsort(-scores, kind="stable")
-    bits = (scores + np.float32(0)).view(np.int32).astype(np.int64)  # (N,); + 0 turns -0.0 into 0.0
+    n = scores.shape[-1]
+    if scores.dtype != np.float32 or n >= 2**31:
+        return np.argsort(-scores, axis=-1, kind="stable")
+    bits = (scores + np.float32(0)).view(np.int32).astype(np.int64)  # (..., N); + 0 turns -0.0 into 0.0
     rank = np.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # increasing with the score
-    keys = ((-rank) << 32) | np.arange(len(scores), dtype=np.int64)  # (N,)
-    return np.sort(keys) & 0xFFFFFFFF
+    keys = ((-rank) << 32) | np.arange(n, dtype=np.int64)  # (..., N)
+    return np.sort(keys, axis=-1) & 0xFFFFFFFF
 
 
 def _nms_reference(boxes, scores, iou_threshold, idxs=None, max_per_category=None):
@@ -313,7 +315,9 @@ def _run(host, iou_threshold, device, max_per_category=None):
         return order[_nms_cpu(sorted_boxes, threshold, max_keep)].astype(np.int64)
     # One category after another, each still in score order: boxes of different
     # categories are never compared, and the categories run in parallel.
-    by_class = np.argsort(classes, kind="stable")  # (N,) positions in score order
+    low = int(classes.min())
+    compact = int(classes.max()) - low < 2**16  # NumPy's stable sort of 16-bit ints is a radix sort
+    by_class = np.argsort((classes - low).astype(np.uint16) if compact else classes, kind="stable")  # (N,)
     sorted_classes = classes[by_class]
     starts = np.flatnonzero(np.r_[True, sorted_classes[1:] != sorted_classes[:-1], True])  # (S + 1,)
     kept = _nms_segments_cpu(np.ascontiguousarray(sorted_boxes[by_class]), starts, threshold, max_keep)

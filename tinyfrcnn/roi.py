@@ -104,7 +104,7 @@ class _RecycledBuffers:
     def device_array(self, shape, dtype):
         dtype = np.dtype(dtype)
         shape = tuple(int(s) for s in np.atleast_1d(shape))
-        nbytes = int(np.prod(shape)) * dtype.itemsize
+        nbytes = math.prod(shape) * dtype.itemsize
         if nbytes == 0 or config.ENABLE_CUDASIM:
             return cuda.device_array(shape, dtype=dtype)
         from numba.cuda.cudadrv.devicearray import DeviceNDArray
@@ -379,7 +379,7 @@ def roi_pool_backward(grad_out, argmax, features_shape):
     grad_out = as_float_array(grad_out, "grad_out", ndim=4, where=where)
     argmax = _check_argmax(argmax, grad_out, features_shape, where)
     gpu = on_device({"grad_out": grad_out, "argmax": argmax})
-    size = int(np.prod(features_shape))
+    size = math.prod(features_shape)
     if gpu:
         grad_in = _device_zeros(size, grad_out.dtype)
         if grad_out.size:
@@ -407,7 +407,7 @@ def _check_shape(features_shape, where):
 
 
 def _raise_argmax_outside(features_shape, where):
-    raise ValueError(f"{where}: argmax holds indices outside [-1, {int(np.prod(features_shape))}) "
+    raise ValueError(f"{where}: argmax holds indices outside [-1, {math.prod(features_shape)}) "
                      f"for features_shape {tuple(features_shape)}")
 
 
@@ -423,7 +423,7 @@ def _check_argmax(argmax, grad_out, features_shape, where):
     if grad_out.shape[1] != shape[1]:
         raise ValueError(f"{where}: grad_out has {grad_out.shape[1]} channels but features_shape "
                          f"{shape} has {shape[1]}")
-    size = int(np.prod(shape))
+    size = math.prod(shape)
     if not is_device_array(argmax) and argmax.size and (argmax.min() < -1 or argmax.max() >= size):
         _raise_argmax_outside(shape, where)  # device argmax: checked by the CUDA kernel
     return argmax

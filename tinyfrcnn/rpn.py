@@ -29,7 +29,7 @@ from .checks import as_array, as_float_array, check_boxes, check_finite, check_n
 from .device import grid_1d, is_device_array
 from .layers import Conv2d, Module, Parameter, ReLU, _add_cuda, _flat
 from .losses import smooth_l1, softmax_cross_entropy
-from .nms import batched_nms
+from .nms import _descending_order, batched_nms
 
 
 def _host(x, name, where):
@@ -338,10 +338,10 @@ def generate_proposals_batch(logits, deltas, anchors, image_size, pre_nms_top_n=
     big = np.zeros(n * num, bool)
     big[remove_small_boxes(boxes, min_size)] = True
     boxes, big = boxes.reshape(n, num, 4), big.reshape(n, num)  # (N, A, 4), (N, A)
-    # Each image's boxes by decreasing score (ties: lower index first), small ones last;
-    # then the first pre_nms_top_n, less the small ones.
-    ranked = np.where(big, -scores.astype(np.float64), np.inf)  # (N, A)
-    top = np.argsort(ranked, axis=1, kind="stable")[:, :pre_nms_top_n]  # (N, T)
+    # Each image's boxes by decreasing score (ties: lower index first), small ones last
+    # (scores are finite); then the first pre_nms_top_n, less the small ones.
+    ranked = np.where(big, scores, -np.inf)  # (N, A)
+    top = _descending_order(ranked)[:, :pre_nms_top_n]  # (N, T)
     take = np.take_along_axis(big, top, axis=1)  # (N, T)
     image = np.broadcast_to(np.arange(n)[:, None], top.shape)[take]  # (M,) candidates, image-major
     index = top[take]  # (M,)
