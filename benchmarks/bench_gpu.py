@@ -414,8 +414,9 @@ def bench_train_step(B):
     on the GPU against the same step on the CPU with 2 Numba threads and one BLAS thread.
     On a GPU: the default ModelConfig at 128x128, batch 8; simulated: a tiny network on
     16x16 images. The check compares the first step's losses of the two devices (same
-    weights, seed). A second row gives the part of the GPU step spent on the host in
-    anchor targets, proposals, RoI sampling and the losses (``HOST_STEPS``)."""
+    weights, seed). Two more rows give parts of the GPU step: the time spent on the host
+    in anchor targets, proposals, RoI sampling and the losses (``HOST_STEPS``), and the
+    time of ``zero_grad`` and the SGD update."""
     name = "train step"
     try:
         import numba
@@ -461,6 +462,9 @@ def bench_train_step(B):
                 for _ in range(repeats):
                     step(gpu_model, gpu_optim)
             host = 1e3 * totals["host"] / repeats
+            # after the timed steps: this applies extra updates to the GPU model
+            update = B.time_ours(lambda: (gpu_optim.zero_grad(), gpu_optim.step()), repeats=repeats)
+            launches = 2 * len(gpu_optim.params)
         finally:
             numba.set_num_threads(threads)
         diff = max(abs(first_gpu[k] - first_cpu[k]) for k in first_cpu)
@@ -472,6 +476,9 @@ def bench_train_step(B):
         B.add(name + ": host part", f"{size}x{size}, batch {n}", host, ours, "-",
               note="ours: ms of the GPU step spent in the host steps (targets, proposals, losses); "
                    "baseline column: the whole GPU step")
+        B.add(name + ": zero_grad + SGD", f"{size}x{size}, batch {n}", update, ours, "-",
+              note=f"ours: ms of the GPU step in zero_grad and the SGD update ({launches} launches, one "
+                   "per parameter each); baseline column: the whole GPU step")
     except Exception as e:
         B.fail(name, e)
 
