@@ -141,11 +141,16 @@ def test_model_moves_between_devices():
     model = FasterRCNN(TINY, rng=np.random.default_rng(1))
     before = {n: v.copy() for n, v in model.state_dict().items()}
     assert model.to("cuda") is model and model.device == "cuda"
+    assert layers.packed_store(model.parameters()) is not None  # one store: one SGD launch
     assert all(isinstance(v, np.ndarray) for v in model.state_dict().values())
     model.to("cpu")
     assert model.device == "cpu"
     for name, p in model.named_parameters():
         np.testing.assert_array_equal(p.data, before[name])
+    model.to("cuda")
+    assert layers.packed_store(model.parameters()) is not None
+    for name, value in model.state_dict().items():
+        np.testing.assert_array_equal(value, before[name])
 
 
 def test_device_errors(monkeypatch, tmp_path):

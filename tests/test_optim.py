@@ -156,3 +156,134 @@ def test_cuda_kernel_compiles_to_ptx():
     assert_compiles_to_ptx([
         ("tinyfrcnn.optim", "_sgd_step_cuda", f"void({f1}, {f1}, {f1}, float32, float32, float32, boolean)"),
     ])
+
+
+# ----------------------------------------------------------------------------- packed parameters
+
+from tinyfrcnn import layers as layers_mod  # noqa: E402
+from tinyfrcnn import optim as optim_mod  # noqa: E402
+from tinyfrcnn.layers import DeviceStore, Module, packed_store  # noqa: E402
+
+
+class Three(Module):
+    def __init__(self, dtype=np.float32, seed=0):
+        rng = np.random.default_rng(seed)
+        self.a = Parameter(rng.standard_normal((3, 5)).astype(dtype))
+        self.b = Parameter(rng.standard_normal(7).astype(dtype))
+        self.c = Parameter(rng.standard_normal((2, 70)).astype(dtype))
+
+
+class CountLaunches:
+    """Stands in for a CUDA kernel and counts its launches."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, 0
+
+    def __getitem__(self, config):
+        self.launches += 1
+        return self.kernel[config]
+
+
+def test_to_cuda_packs_parameters_into_one_store():
+    host, dev = Three(), Three()
+    for m in (host, dev):
+        m.a.grad[...] = 2.0
+    dev.to("cuda")
+    store = packed_store(dev.parameters())
+    assert store is not None and all(p.store is store for p in dev.parameters())
+    assert store.offsets == [0, 64, 128] and store.data.size == 128 + 192  # 140 elements round up to 192
+    for p, q in zip(host.parameters(), dev.parameters()):
+        np.testing.assert_array_equal(q.data.copy_to_host(), p.data)
+        np.testing.assert_array_equal(q.grad.copy_to_host(), p.grad)  # grads move too
+    gaps = np.ones(store.data.size, bool)
+    for p, off in zip(dev.parameters(), store.offsets):
+        gaps[off:off + p.data.size] = False
+    assert not store.data.copy_to_host()[gaps].any() and not store.grad.copy_to_host()[gaps].any()
+    assert packed_store(dev.parameters()[:2]) is None  # only the whole store, in order
+    assert packed_store(dev.parameters()[::-1]) is None
+
+
+def _grads(model, step):
+    for p in model.parameters():
+        g = np.random.default_rng(step * 10 + p.data.size).standard_normal(p.shape).astype(p.data.dtype)
+        p.accumulate(cuda.to_device(g) if p.device == "cuda" else g)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_packed_sgd_is_one_launch_and_matches_cpu(monkeypatch, dtype):
+    sgd_kernel = CountLaunches(optim_mod._sgd_step_cuda)
+    fill_kernel = CountLaunches(layers_mod._fill_cuda)
+    host, dev = Three(dtype), Three(dtype).to("cuda")
+    opts = [SGD(m.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4) for m in (host, dev)]
+    monkeypatch.setattr(optim_mod, "_sgd_step_cuda", sgd_kernel)
+    monkeypatch.setattr(layers_mod, "_fill_cuda", fill_kernel)
+    for step in range(3):
+        for opt, model in zip(opts, (host, dev)):
+            opt.zero_grad()
+            _grads(model, step)
+            opt.step()
+        for p, q in zip(host.parameters(), dev.parameters()):
+            np.testing.assert_allclose(q.data.copy_to_host(), p.data, rtol=1e-6, atol=1e-7)
+    assert sgd_kernel.launches == 3 and fill_kernel.launches == 3  # one per step each, not one per parameter
+    store = packed_store(dev.parameters())
+    assert not store.data.copy_to_host()[np.r_[15:64, 71:128]].any()  # the gaps stay zero
+    assert opts[1]._buffers_are_flat()
+
+
+def test_broken_packing_falls_back_to_one_launch_per_parameter(monkeypatch):
+    host, dev = Three(), Three().to("cuda")
+    opts = [SGD(m.parameters(), lr=0.1, momentum=0.9) for m in (host, dev)]
+    for opt, model in zip(opts, (host, dev)):
+        _grads(model, 0)
+        opt.step()
+    dev.b.to("cpu").to("cuda")  # b now has arrays of its own: the store no longer holds it
+    assert packed_store(dev.parameters()) is None
+    sgd_kernel = CountLaunches(optim_mod._sgd_step_cuda)
+    monkeypatch.setattr(optim_mod, "_sgd_step_cuda", sgd_kernel)
+    for opt in opts:
+        opt.step()
+    assert sgd_kernel.launches == 3
+    for p, q in zip(host.parameters(), dev.parameters()):
+        np.testing.assert_allclose(q.data.copy_to_host(), p.data, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("packed_target", [True, False])
+def test_packed_state_dict_roundtrip(packed_target):
+    a = Three().to("cuda")
+    opt = SGD(a.parameters(), lr=0.1, momentum=0.9)
+    _grads(a, 0)
+    opt.step()
+    b = Three()
+    for p, q in zip(a.parameters(), b.parameters()):
+        q.data[...] = p.data.copy_to_host()
+    b.to("cuda")
+    if not packed_target:
+        b.a.to("cpu").to("cuda")
+    opt2 = SGD(b.parameters(), lr=0.1, momentum=0.9)
+    opt2.load_state_dict(opt.state_dict())
+    assert opt2._buffers_are_flat() == packed_target
+    _grads(b, 0)  # a still holds these grads
+    for o in (opt, opt2):
+        o.step()
+    for p, q in zip(a.parameters(), b.parameters()):
+        np.testing.assert_array_equal(q.data.copy_to_host(), p.data.copy_to_host())
+    for buf, ref in zip(opt2.state_dict()["buffers"], opt.state_dict()["buffers"]):
+        np.testing.assert_array_equal(buf, ref)
+
+
+def test_astype_keeps_parameters_packed_with_their_grads():
+    m = Three(np.float64)
+    m.c.grad[...] = 3.0
+    m.to("cuda").astype(np.float32)
+    store = packed_store(m.parameters())
+    assert store is not None and store.data.dtype == np.float32
+    np.testing.assert_array_equal(m.c.grad.copy_to_host(), np.full((2, 70), 3.0, np.float32))
+    np.testing.assert_allclose(m.b.data.copy_to_host(), Three(np.float64).b.data, rtol=1e-6)
+
+
+def test_device_store_view_is_a_window_of_the_flat_buffer():
+    flat = cuda.to_device(np.arange(10.0))
+    view = DeviceStore.view(flat, 2, (2, 3))
+    np.testing.assert_array_equal(view.copy_to_host(), [[2, 3, 4], [5, 6, 7]])
+    view.copy_to_device(np.zeros((2, 3)))
+    np.testing.assert_array_equal(flat.copy_to_host(), [0, 1, 0, 0, 0, 0, 0, 0, 8, 9])

@@ -67,14 +67,78 @@ def _zeros_on_device(shape, dtype):
     return a
 
 
+class DeviceStore:
+    """Parameters packed into two flat device buffers, ``data`` and ``grad``.
+
+    ``Module.to("cuda")`` puts all of a module's parameters in one store: each one's
+    ``data`` and ``grad`` become views of its segment (segments start at multiples of
+    ``ALIGN`` elements; the gaps hold zeros). An optimizer can then update every
+    parameter, or zero every gradient, in one kernel launch over the flat buffers
+    instead of one launch per parameter, which on a small network is a good part of
+    the launches of a step.
+    """
+
+    ALIGN = 64
+
+    def __init__(self, params):
+        self.params = list(params)
+        dtype = np.dtype(self.params[0].data.dtype)
+        self.offsets = []
+        total = 0
+        for p in self.params:
+            self.offsets.append(total)
+            total += -(-p.data.size // self.ALIGN) * self.ALIGN
+        self.data = _zeros_on_device(total, dtype)  # (total,)
+        self.grad = _zeros_on_device(total, dtype)  # (total,)
+        for p, off in zip(self.params, self.offsets):
+            data, grad = (np.ascontiguousarray(a, dtype=dtype) for a in (p.data, p.grad))
+            p.data, p.grad = self.view(self.data, off, data.shape), self.view(self.grad, off, grad.shape)
+            if data.size:
+                p.data.copy_to_device(data)
+                p.grad.copy_to_device(grad)
+            p.store = self
+        self._views = [(p.data, p.grad) for p in self.params]
+
+    @staticmethod
+    def view(flat, offset, shape):
+        """The ``shape`` view of ``flat`` (1-D) that starts at ``offset``."""
+        return flat[offset:offset + math.prod(shape)].reshape(shape)
+
+    def holds(self, params):
+        """True when ``params`` are this store's parameters, in its order, and their data
+        and grad are still its views (``Parameter.to`` or an assignment breaks that)."""
+        return len(params) == len(self.params) and all(
+            p is q and p.data is d and p.grad is g for p, q, (d, g) in zip(params, self.params, self._views))
+
+    def zero_grad(self):
+        _fill_cuda[grid_1d(self.grad.size)](self.grad, 0)
+
+
+def _pack_on_device(params):
+    """Move host parameters of one dtype to the GPU in one ``DeviceStore``; False when
+    they do not qualify (some already on the device, mixed dtypes, repeats, none)."""
+    if (not params or any(p.device != "cpu" for p in params) or len({id(p) for p in params}) != len(params)
+            or len({np.dtype(p.data.dtype) for p in params}) != 1):
+        return False
+    DeviceStore(params)
+    return True
+
+
+def packed_store(params):
+    """The ``DeviceStore`` holding exactly ``params`` (in order), or None."""
+    store = getattr(params[0], "store", None) if params else None
+    return store if store is not None and store.holds(params) else None
+
+
 class Parameter:
     """A trainable array ``data`` and its gradient ``grad`` (same shape and dtype).
 
     Both live on the host (NumPy) or both on the GPU (numba device arrays); ``to``
-    moves them.
+    moves them. ``store`` is the ``DeviceStore`` whose buffers hold them, if any.
     """
 
     def __init__(self, data):
+        self.store = None
         if is_device_array(data):
             if not data.is_c_contiguous():
                 raise ValueError("Parameter: a device array must be C-contiguous")
@@ -162,16 +226,26 @@ class Module:
         return [p for _, p in self.named_parameters()]
 
     def zero_grad(self):
-        for p in self.parameters():
+        params = self.parameters()
+        store = packed_store(params)
+        if store is not None:
+            store.zero_grad()
+            return
+        for p in params:
             p.zero_grad()
 
     def to(self, device):
         """Move every parameter (data and grad) to ``"cpu"`` or ``"cuda"``; returns self.
 
-        Call it between training steps, not between a forward and its backward.
+        To "cuda", parameters of one dtype that are all on the host are packed into one
+        ``DeviceStore``. Call it between training steps, not between a forward and its
+        backward.
         """
         check_device(device)
-        for p in self.parameters():
+        params = self.parameters()
+        if device == "cuda" and _pack_on_device(params):
+            return self
+        for p in params:
             p.to(device)
         return self
 
@@ -180,11 +254,15 @@ class Module:
         dtype = np.dtype(dtype)
         if dtype not in (np.dtype(np.float32), np.dtype(np.float64)):
             raise ValueError(f"{type(self).__name__}.astype: dtype must be float32 or float64, got {dtype.name}")
-        for p in self.parameters():
-            device = p.device
+        params = self.parameters()
+        devices = [p.device for p in params]
+        for p in params:
             p.to("cpu")
             p.data = p.data.astype(dtype)
             p.grad = p.grad.astype(dtype)
+        if devices and all(d == "cuda" for d in devices):
+            return self.to("cuda")
+        for p, device in zip(params, devices):
             p.to(device)
         return self
 

@@ -10,9 +10,11 @@ a linear warm-up over the first iterations. ``SGD`` makes the same update as
     buf = momentum * buf + d        (later steps)
     p   = p - lr * buf
 
-Parameters on the GPU (``model.to("cuda")``) are updated in place by one CUDA kernel
-per parameter, the same formula element by element, with the hyper-parameters cast
-to the parameter's dtype as NumPy does on the CPU.
+Parameters on the GPU are updated in place by a CUDA kernel, the same formula element
+by element, with the hyper-parameters cast to the parameter's dtype as NumPy does on
+the CPU: one launch for all of them when they are exactly the parameters that
+``model.to("cuda")`` packed into one ``DeviceStore`` (the momentum buffers are then
+views of one flat buffer too), else one launch per parameter.
 """
 
 import numpy as np
@@ -20,6 +22,7 @@ from numba import cuda
 
 from .checks import check_number, check_positive_int
 from .device import grid_1d, is_device_array
+from .layers import DeviceStore, _zeros_on_device, packed_store
 
 
 @cuda.jit
@@ -61,8 +64,23 @@ class SGD:
         self.momentum = check_number(momentum, "momentum", low=0, where=where)
         self.weight_decay = check_number(weight_decay, "weight_decay", low=0, where=where)
         self._buffers = [None] * len(self.params)
+        self._flat_buffer = None  # the momentum buffers' storage when the params are packed
+        self._flat_views = []
+
+    def _make_flat_buffers(self, store, flat):
+        self._flat_buffer = flat
+        self._flat_views = [DeviceStore.view(flat, off, p.data.shape) for p, off in zip(self.params, store.offsets)]
+        self._buffers = list(self._flat_views)
+
+    def _buffers_are_flat(self):
+        return (self._flat_buffer is not None and len(self._flat_views) == len(self._buffers)
+                and all(b is v for b, v in zip(self._buffers, self._flat_views)))
 
     def zero_grad(self):
+        store = packed_store(self.params)
+        if store is not None:
+            store.zero_grad()
+            return
         for p in self.params:
             if hasattr(p, "zero_grad"):
                 p.zero_grad()
@@ -71,6 +89,9 @@ class SGD:
 
     def step(self):
         lr = check_number(self.lr, "lr", low=0, where="SGD.step")
+        store = packed_store(self.params)
+        if store is not None and self._step_packed(store, lr):
+            return
         for i, p in enumerate(self.params):
             if is_device_array(p.data):
                 self._step_cuda(i, p, lr)
@@ -87,6 +108,20 @@ class SGD:
                     buf += d
                 d = buf
             p.data -= (lr * d).astype(p.data.dtype, copy=False)
+
+    def _step_packed(self, store, lr):
+        """One launch over the store's flat buffers; False (nothing done) when the
+        momentum buffers are not views of one flat buffer, e.g. after loading a state."""
+        first = all(b is None for b in self._buffers)
+        if self.momentum and not first and not self._buffers_are_flat():
+            return False
+        cast = np.dtype(store.data.dtype).type
+        if self.momentum and first:
+            self._make_flat_buffers(store, cuda.device_array(store.data.size, dtype=store.data.dtype))
+        buf = self._flat_buffer if self.momentum else store.data
+        _sgd_step_cuda[grid_1d(store.data.size)](store.data, store.grad, buf, cast(lr), cast(self.momentum),
+                                                 cast(self.weight_decay), first)
+        return True
 
     def _step_cuda(self, i, p, lr):
         if not is_device_array(p.grad) or p.grad.shape != p.data.shape or p.grad.dtype != p.data.dtype:
@@ -114,6 +149,15 @@ class SGD:
         if len(buffers) != len(self.params):
             raise ValueError(f"SGD.load_state_dict: state has {len(buffers)} buffers for {len(self.params)} params")
         self.lr, self.momentum, self.weight_decay = state["lr"], state["momentum"], state["weight_decay"]
+        store = packed_store(self.params)
+        if (store is not None and self.momentum and all(b is not None for b in buffers)
+                and all(np.shape(b) == p.shape for b, p in zip(buffers, self.params))):
+            self._make_flat_buffers(store, _zeros_on_device(store.data.size, store.data.dtype))
+            for b, view in zip(buffers, self._buffers):
+                if view.size:
+                    view.copy_to_device(np.ascontiguousarray(b, dtype=view.dtype))
+            return
+        self._flat_buffer, self._flat_views = None, []
         self._buffers = [None if b is None else (cuda.to_device(np.array(b)) if is_device_array(p.data)
                                                  else np.array(b, copy=True))
                          for b, p in zip(buffers, self.params)]
