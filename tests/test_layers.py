@@ -579,3 +579,55 @@ def test_cuda_kernels_compile_to_ptx():
         ("tinyfrcnn.layers", "_maxpool2d_forward_cuda", f"void({f4}, int64, int64, int64, int64, {f4}, {i4})"),
         ("tinyfrcnn.layers", "_maxpool2d_backward_cuda", f"void({f4}, {i4}, int64, int64, int64, int64, {f4})"),
     ])
+
+
+# ---------------------------------------------------------------- parameters packed on the device
+
+from tinyfrcnn.layers import DeviceStore, packed_store  # noqa: E402
+
+
+class Three(Module):
+    def __init__(self, dtype=np.float32, seed=0):
+        rng = np.random.default_rng(seed)
+        self.a = Parameter(rng.standard_normal((3, 5)).astype(dtype))
+        self.b = Parameter(rng.standard_normal(7).astype(dtype))
+        self.c = Parameter(rng.standard_normal((2, 70)).astype(dtype))
+
+
+def test_to_cuda_packs_parameters_into_one_store():
+    host, dev = Three(), Three()
+    for m in (host, dev):
+        m.a.grad[...] = 2.0
+    dev.to("cuda")
+    store = packed_store(dev.parameters())
+    assert store is not None and all(p.store is store for p in dev.parameters())
+    assert store.offsets == [0, 64, 128] and store.data.size == 128 + 192  # 140 elements round up to 192
+    for p, q in zip(host.parameters(), dev.parameters()):
+        np.testing.assert_array_equal(q.data.copy_to_host(), p.data)
+        np.testing.assert_array_equal(q.grad.copy_to_host(), p.grad)  # grads move too
+    gaps = np.ones(store.data.size, bool)
+    for p, off in zip(dev.parameters(), store.offsets):
+        gaps[off:off + p.data.size] = False
+    assert not store.data.copy_to_host()[gaps].any() and not store.grad.copy_to_host()[gaps].any()
+    assert packed_store(dev.parameters()[:2]) is None  # only the whole store, in order
+    assert packed_store(dev.parameters()[::-1]) is None
+
+
+
+def test_astype_keeps_parameters_packed_with_their_grads():
+    m = Three(np.float64)
+    m.c.grad[...] = 3.0
+    m.to("cuda").astype(np.float32)
+    store = packed_store(m.parameters())
+    assert store is not None and store.data.dtype == np.float32
+    np.testing.assert_array_equal(m.c.grad.copy_to_host(), np.full((2, 70), 3.0, np.float32))
+    np.testing.assert_allclose(m.b.data.copy_to_host(), Three(np.float64).b.data, rtol=1e-6)
+
+
+
+def test_device_store_view_is_a_window_of_the_flat_buffer():
+    flat = cuda.to_device(np.arange(10.0))
+    view = DeviceStore.view(flat, 2, (2, 3))
+    np.testing.assert_array_equal(view.copy_to_host(), [[2, 3, 4], [5, 6, 7]])
+    view.copy_to_device(np.zeros((2, 3)))
+    np.testing.assert_array_equal(flat.copy_to_host(), [0, 1, 0, 0, 0, 0, 0, 0, 8, 9])

@@ -162,15 +162,13 @@ def test_cuda_kernel_compiles_to_ptx():
 
 from tinyfrcnn import layers as layers_mod  # noqa: E402
 from tinyfrcnn import optim as optim_mod  # noqa: E402
-from tinyfrcnn.layers import DeviceStore, Module, packed_store  # noqa: E402
+from tinyfrcnn.layers import Linear, Sequential, packed_store  # noqa: E402
 
 
-class Three(Module):
-    def __init__(self, dtype=np.float32, seed=0):
-        rng = np.random.default_rng(seed)
-        self.a = Parameter(rng.standard_normal((3, 5)).astype(dtype))
-        self.b = Parameter(rng.standard_normal(7).astype(dtype))
-        self.c = Parameter(rng.standard_normal((2, 70)).astype(dtype))
+def net(dtype=np.float32):
+    """Two linear layers: parameters of 15, 3, 210 and 70 numbers (segments at 0, 64, 128, 384)."""
+    return Sequential(Linear(5, 3, rng=np.random.default_rng(0)),
+                      Linear(3, 70, rng=np.random.default_rng(1))).astype(dtype)
 
 
 class CountLaunches:
@@ -184,25 +182,6 @@ class CountLaunches:
         return self.kernel[config]
 
 
-def test_to_cuda_packs_parameters_into_one_store():
-    host, dev = Three(), Three()
-    for m in (host, dev):
-        m.a.grad[...] = 2.0
-    dev.to("cuda")
-    store = packed_store(dev.parameters())
-    assert store is not None and all(p.store is store for p in dev.parameters())
-    assert store.offsets == [0, 64, 128] and store.data.size == 128 + 192  # 140 elements round up to 192
-    for p, q in zip(host.parameters(), dev.parameters()):
-        np.testing.assert_array_equal(q.data.copy_to_host(), p.data)
-        np.testing.assert_array_equal(q.grad.copy_to_host(), p.grad)  # grads move too
-    gaps = np.ones(store.data.size, bool)
-    for p, off in zip(dev.parameters(), store.offsets):
-        gaps[off:off + p.data.size] = False
-    assert not store.data.copy_to_host()[gaps].any() and not store.grad.copy_to_host()[gaps].any()
-    assert packed_store(dev.parameters()[:2]) is None  # only the whole store, in order
-    assert packed_store(dev.parameters()[::-1]) is None
-
-
 def _grads(model, step):
     for p in model.parameters():
         g = np.random.default_rng(step * 10 + p.data.size).standard_normal(p.shape).astype(p.data.dtype)
@@ -213,7 +192,7 @@ def _grads(model, step):
 def test_packed_sgd_is_one_launch_and_matches_cpu(monkeypatch, dtype):
     sgd_kernel = CountLaunches(optim_mod._sgd_step_cuda)
     fill_kernel = CountLaunches(layers_mod._fill_cuda)
-    host, dev = Three(dtype), Three(dtype).to("cuda")
+    host, dev = net(dtype), net(dtype).to("cuda")
     opts = [SGD(m.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4) for m in (host, dev)]
     monkeypatch.setattr(optim_mod, "_sgd_step_cuda", sgd_kernel)
     monkeypatch.setattr(layers_mod, "_fill_cuda", fill_kernel)
@@ -226,39 +205,43 @@ def test_packed_sgd_is_one_launch_and_matches_cpu(monkeypatch, dtype):
             np.testing.assert_allclose(q.data.copy_to_host(), p.data, rtol=1e-6, atol=1e-7)
     assert sgd_kernel.launches == 3 and fill_kernel.launches == 3  # one per step each, not one per parameter
     store = packed_store(dev.parameters())
-    assert not store.data.copy_to_host()[np.r_[15:64, 71:128]].any()  # the gaps stay zero
+    assert store.offsets == [0, 64, 128, 384]
+    gaps = np.ones(store.data.size, bool)  # (512,)
+    for p, off in zip(dev.parameters(), store.offsets):
+        gaps[off:off + p.data.size] = False
+    assert gaps.sum() == 512 - 298 and not store.data.copy_to_host()[gaps].any()  # the gaps stay zero
     assert opts[1]._buffers_are_flat()
 
 
 def test_broken_packing_falls_back_to_one_launch_per_parameter(monkeypatch):
-    host, dev = Three(), Three().to("cuda")
+    host, dev = net(), net().to("cuda")
     opts = [SGD(m.parameters(), lr=0.1, momentum=0.9) for m in (host, dev)]
     for opt, model in zip(opts, (host, dev)):
         _grads(model, 0)
         opt.step()
-    dev.b.to("cpu").to("cuda")  # b now has arrays of its own: the store no longer holds it
+    dev.parameters()[1].to("cpu").to("cuda")  # it now has arrays of its own: the store no longer holds it
     assert packed_store(dev.parameters()) is None
     sgd_kernel = CountLaunches(optim_mod._sgd_step_cuda)
     monkeypatch.setattr(optim_mod, "_sgd_step_cuda", sgd_kernel)
     for opt in opts:
         opt.step()
-    assert sgd_kernel.launches == 3
+    assert sgd_kernel.launches == 4  # one per parameter
     for p, q in zip(host.parameters(), dev.parameters()):
         np.testing.assert_allclose(q.data.copy_to_host(), p.data, rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("packed_target", [True, False])
 def test_packed_state_dict_roundtrip(packed_target):
-    a = Three().to("cuda")
+    a = net().to("cuda")
     opt = SGD(a.parameters(), lr=0.1, momentum=0.9)
     _grads(a, 0)
     opt.step()
-    b = Three()
+    b = net()
     for p, q in zip(a.parameters(), b.parameters()):
         q.data[...] = p.data.copy_to_host()
     b.to("cuda")
     if not packed_target:
-        b.a.to("cpu").to("cuda")
+        b.parameters()[0].to("cpu").to("cuda")
     opt2 = SGD(b.parameters(), lr=0.1, momentum=0.9)
     opt2.load_state_dict(opt.state_dict())
     assert opt2._buffers_are_flat() == packed_target
@@ -269,21 +252,3 @@ def test_packed_state_dict_roundtrip(packed_target):
         np.testing.assert_array_equal(q.data.copy_to_host(), p.data.copy_to_host())
     for buf, ref in zip(opt2.state_dict()["buffers"], opt.state_dict()["buffers"]):
         np.testing.assert_array_equal(buf, ref)
-
-
-def test_astype_keeps_parameters_packed_with_their_grads():
-    m = Three(np.float64)
-    m.c.grad[...] = 3.0
-    m.to("cuda").astype(np.float32)
-    store = packed_store(m.parameters())
-    assert store is not None and store.data.dtype == np.float32
-    np.testing.assert_array_equal(m.c.grad.copy_to_host(), np.full((2, 70), 3.0, np.float32))
-    np.testing.assert_allclose(m.b.data.copy_to_host(), Three(np.float64).b.data, rtol=1e-6)
-
-
-def test_device_store_view_is_a_window_of_the_flat_buffer():
-    flat = cuda.to_device(np.arange(10.0))
-    view = DeviceStore.view(flat, 2, (2, 3))
-    np.testing.assert_array_equal(view.copy_to_host(), [[2, 3, 4], [5, 6, 7]])
-    view.copy_to_device(np.zeros((2, 3)))
-    np.testing.assert_array_equal(flat.copy_to_host(), [0, 1, 0, 0, 0, 0, 0, 0, 8, 9])
