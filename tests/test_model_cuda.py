@@ -145,6 +145,7 @@ def test_model_moves_between_devices():
     assert all(isinstance(v, np.ndarray) for v in model.state_dict().values())
     model.to("cpu")
     assert model.device == "cpu"
+    assert all(p.store is None for p in model.parameters())  # nothing keeps the device buffers alive
     for name, p in model.named_parameters():
         np.testing.assert_array_equal(p.data, before[name])
     model.to("cuda")

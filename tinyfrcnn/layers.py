@@ -165,6 +165,7 @@ class Parameter:
             self.data, self.grad = cuda.to_device(self.data), cuda.to_device(self.grad)
         else:
             self.data, self.grad = self.data.copy_to_host(), self.grad.copy_to_host()
+        self.store = None  # its own arrays now: a store it was in no longer holds it
         return self
 
     def zero_grad(self):
