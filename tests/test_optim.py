@@ -162,7 +162,7 @@ def test_cuda_kernel_compiles_to_ptx():
 
 from tinyfrcnn import layers as layers_mod  # noqa: E402
 from tinyfrcnn import optim as optim_mod  # noqa: E402
-from tinyfrcnn.layers import Linear, Sequential, packed_store  # noqa: E402
+from tinyfrcnn.layers import Linear, Module, Sequential, packed_store  # noqa: E402
 
 
 def net(dtype=np.float32):
@@ -252,3 +252,18 @@ def test_packed_state_dict_roundtrip(packed_target):
         np.testing.assert_array_equal(q.data.copy_to_host(), p.data.copy_to_host())
     for buf, ref in zip(opt2.state_dict()["buffers"], opt.state_dict()["buffers"]):
         np.testing.assert_array_equal(buf, ref)
+
+
+class Empty(Module):
+    def __init__(self):
+        self.w = Parameter(np.zeros((0, 3), np.float32))
+        self.b = Parameter(np.zeros(0, np.float32))
+
+
+def test_packed_empty_parameters():
+    m = Empty().to("cuda")
+    assert packed_store(m.parameters()).data.size == 0
+    opt = SGD(m.parameters(), lr=0.1, momentum=0.9)
+    opt.zero_grad()
+    opt.step()
+    assert all(p.data.copy_to_host().shape == p.shape for p in m.parameters())

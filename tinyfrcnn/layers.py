@@ -111,7 +111,8 @@ class DeviceStore:
             p is q and p.data is d and p.grad is g for p, q, (d, g) in zip(params, self.params, self._views))
 
     def zero_grad(self):
-        _fill_cuda[grid_1d(self.grad.size)](self.grad, 0)
+        if self.grad.size:
+            _fill_cuda[grid_1d(self.grad.size)](self.grad, 0)
 
 
 def _pack_on_device(params):

@@ -119,8 +119,9 @@ class SGD:
         if self.momentum and first:
             self._make_flat_buffers(store, cuda.device_array(store.data.size, dtype=store.data.dtype))
         buf = self._flat_buffer if self.momentum else store.data
-        _sgd_step_cuda[grid_1d(store.data.size)](store.data, store.grad, buf, cast(lr), cast(self.momentum),
-                                                 cast(self.weight_decay), first)
+        if store.data.size:
+            _sgd_step_cuda[grid_1d(store.data.size)](store.data, store.grad, buf, cast(lr), cast(self.momentum),
+                                                     cast(self.weight_decay), first)
         return True
 
     def _step_cuda(self, i, p, lr):
