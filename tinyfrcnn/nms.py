@@ -315,25 +315,30 @@ def _run(host, iou_threshold, device, max_per_category=None):
         return order[_nms_cpu(sorted_boxes, threshold, max_keep)].astype(np.int64)
     # One category after another, each still in score order: boxes of different
     # categories are never compared, and the categories run in parallel.
+    by_class, starts = _group_by_category(classes)
+    kept = _nms_segments_cpu(np.ascontiguousarray(sorted_boxes[by_class]), starts, threshold, max_keep)
+    return order[np.sort(by_class[kept])].astype(np.int64)  # back to score order
+
+
+def _group_by_category(classes):
+    """A stable order of ``classes`` (N,) int64 that groups equal values, and where each
+    group starts in it, with N at the end: (N,), (S + 1,)."""
     low = int(classes.min())
     compact = int(classes.max()) - low < 2**16  # NumPy's stable sort of 16-bit ints is a radix sort
     by_class = np.argsort((classes - low).astype(np.uint16) if compact else classes, kind="stable")  # (N,)
     sorted_classes = classes[by_class]
     starts = np.flatnonzero(np.r_[True, sorted_classes[1:] != sorted_classes[:-1], True])  # (S + 1,)
-    kept = _nms_segments_cpu(np.ascontiguousarray(sorted_boxes[by_class]), starts, threshold, max_keep)
-    return order[np.sort(by_class[kept])].astype(np.int64)  # back to score order
+    return by_class, starts
 
 
 def _first_per_category(keep, idxs, limit):
     """The first ``limit`` entries of each category in the device array ``keep`` (kept
     indices in score order), as a device array; ``idxs`` None: one category."""
     keep = to_host(keep)  # (K,)
-    if idxs is None:
+    if idxs is None or len(keep) == 0:
         return to_device(np.ascontiguousarray(keep[:limit]))
-    cls = idxs.astype(np.int64)[keep]  # (K,)
-    by_class = np.argsort(cls, kind="stable")  # (K,) grouped by category, score order inside
-    starts = np.r_[0, np.flatnonzero(np.diff(cls[by_class])) + 1]  # first entry of each category
-    rank = np.arange(len(keep)) - np.repeat(starts, np.diff(np.r_[starts, len(keep)]))  # (K,) rank in category
+    by_class, starts = _group_by_category(idxs.astype(np.int64)[keep])
+    rank = np.arange(len(keep)) - np.repeat(starts[:-1], np.diff(starts))  # (K,) rank within its category
     return to_device(np.ascontiguousarray(keep[np.sort(by_class[rank < limit])]))
 
 

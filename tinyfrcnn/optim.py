@@ -22,7 +22,7 @@ from numba import cuda
 
 from .checks import check_number, check_positive_int
 from .device import grid_1d, is_device_array
-from .layers import DeviceStore, _zeros_on_device, packed_store
+from .layers import DeviceStore, packed_store
 
 
 @cuda.jit
@@ -64,17 +64,16 @@ class SGD:
         self.momentum = check_number(momentum, "momentum", low=0, where=where)
         self.weight_decay = check_number(weight_decay, "weight_decay", low=0, where=where)
         self._buffers = [None] * len(self.params)
-        self._flat_buffer = None  # the momentum buffers' storage when the params are packed
-        self._flat_views = []
+        self._flat_buffer = None  # set: the momentum buffers are views of it (params packed)
 
-    def _make_flat_buffers(self, store, flat):
-        self._flat_buffer = flat
-        self._flat_views = [DeviceStore.view(flat, off, p.data.shape) for p, off in zip(self.params, store.offsets)]
-        self._buffers = list(self._flat_views)
+    def _make_flat_buffers(self, store):
+        """Momentum buffers as views of one flat buffer, uninitialised (a first step writes all of it)."""
+        self._flat_buffer = cuda.device_array(store.data.size, dtype=store.data.dtype)  # (total,)
+        self._buffers = [DeviceStore.view(self._flat_buffer, off, p.data.shape)
+                         for p, off in zip(self.params, store.offsets)]
 
     def _buffers_are_flat(self):
-        return (self._flat_buffer is not None and len(self._flat_views) == len(self._buffers)
-                and all(b is v for b, v in zip(self._buffers, self._flat_views)))
+        return self._flat_buffer is not None
 
     def zero_grad(self):
         store = packed_store(self.params)
@@ -117,7 +116,7 @@ class SGD:
             return False
         cast = np.dtype(store.data.dtype).type
         if self.momentum and first:
-            self._make_flat_buffers(store, cuda.device_array(store.data.size, dtype=store.data.dtype))
+            self._make_flat_buffers(store)
         buf = self._flat_buffer if self.momentum else store.data
         if store.data.size:
             _sgd_step_cuda[grid_1d(store.data.size)](store.data, store.grad, buf, cast(lr), cast(self.momentum),
@@ -153,12 +152,13 @@ class SGD:
         store = packed_store(self.params)
         if (store is not None and self.momentum and all(b is not None for b in buffers)
                 and all(np.shape(b) == p.shape for b, p in zip(buffers, self.params))):
-            self._make_flat_buffers(store, _zeros_on_device(store.data.size, store.data.dtype))
-            for b, view in zip(buffers, self._buffers):
-                if view.size:
-                    view.copy_to_device(np.ascontiguousarray(b, dtype=view.dtype))
+            self._make_flat_buffers(store)
+            flat = np.zeros(store.data.size, store.data.dtype)  # (total,): zeros in the gaps
+            for b, p, off in zip(buffers, self.params, store.offsets):
+                flat[off:off + p.data.size] = np.ravel(b)
+            self._flat_buffer.copy_to_device(flat)
             return
-        self._flat_buffer, self._flat_views = None, []
+        self._flat_buffer = None
         self._buffers = [None if b is None else (cuda.to_device(np.array(b)) if is_device_array(p.data)
                                                  else np.array(b, copy=True))
                          for b, p in zip(buffers, self.params)]
