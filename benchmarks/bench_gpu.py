@@ -421,6 +421,7 @@ def bench_train_step(B):
     try:
         import numba
 
+        from tinyfrcnn.device import POOL
         from tinyfrcnn.layers import packed_store
         from tinyfrcnn.model import FasterRCNN, ModelConfig
         from tinyfrcnn.optim import SGD
@@ -463,6 +464,16 @@ def bench_train_step(B):
                 for _ in range(repeats):
                     step(gpu_model, gpu_optim)
             host = 1e3 * totals["host"] / repeats
+            # the same GPU step with every dropped buffer handed back to the driver
+            allocations = POOL.allocations
+            ours_again = B.time_ours(lambda: step(gpu_model, gpu_optim), repeats=repeats)
+            per_step = (POOL.allocations - allocations) / (B.warmup + repeats)
+            limit, POOL.max_cached_bytes = POOL.max_cached_bytes, 0
+            POOL.clear()
+            try:
+                unpooled = B.time_ours(lambda: step(gpu_model, gpu_optim), repeats=repeats)
+            finally:
+                POOL.max_cached_bytes = limit
             # after the timed steps: this applies extra updates to the GPU model
             update = B.time_ours(lambda: (gpu_optim.zero_grad(), gpu_optim.step()), repeats=repeats)
             launches = 2 if packed_store(gpu_optim.params) is not None else 2 * len(gpu_optim.params)
@@ -477,6 +488,9 @@ def bench_train_step(B):
         B.add(name + ": host part", f"{size}x{size}, batch {n}", host, ours, "-",
               note="ours: ms of the GPU step spent in the host steps (targets, proposals, losses); "
                    "baseline column: the whole GPU step")
+        B.add(name + ": no buffer pool", f"{size}x{size}, batch {n}", unpooled, ours_again, "-",
+              note="ours: the GPU step with every device array from the driver (cuMemAlloc/cuMemFree); "
+                   f"baseline column: the pooled step ({per_step:.1f} driver allocations per pooled step)")
         B.add(name + ": zero_grad + SGD", f"{size}x{size}, batch {n}", update, ours, "-",
               note=f"ours: ms of the GPU step in zero_grad and the SGD update ({launches} launches for "
                    f"{len(gpu_optim.params)} parameters); baseline column: the whole GPU step")

@@ -22,7 +22,7 @@ from numba import config, cuda, njit, prange
 from numba.cuda import libdevice
 
 from .checks import as_float_array, check_boxes, check_finite, check_number
-from .device import grid_1d, is_device_array, on_device
+from .device import empty_on_device, grid_1d, is_device_array, on_device
 
 BBOX_XFORM_CLIP = math.log(1000.0 / 16)
 
@@ -136,7 +136,7 @@ def box_iou(a, b):
         check_boxes(b.copy_to_host(), "b", "box_iou")
         if a.dtype != b.dtype:
             raise ValueError(f"box_iou: a and b must share a dtype on the device, got {a.dtype} and {b.dtype}")
-        out = cuda.device_array((a.shape[0], b.shape[0]), dtype=a.dtype)  # (N, M)
+        out = empty_on_device((a.shape[0], b.shape[0]), dtype=a.dtype)  # (N, M)
         if a.shape[0] and b.shape[0]:
             bx, tx = grid_1d(a.shape[0], 16)
             by, ty = grid_1d(b.shape[0], 16)

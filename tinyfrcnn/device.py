@@ -7,7 +7,14 @@ nothing ever falls back silently.
 
 Tests run the CUDA kernels without a GPU in numba's simulator: set
 ``NUMBA_ENABLE_CUDASIM=1`` before numba is first imported.
+
+Device arrays that ops return come from ``empty_on_device``: a pool that hands out the
+memory of dropped arrays again instead of asking the driver for more (see
+``BufferPool``).
 """
+
+import math
+import threading
 
 import numpy as np
 
@@ -73,14 +80,120 @@ def on_device(name_to_array):
     return False
 
 
-def to_device(x):
-    """Copy a NumPy array to the GPU (device arrays pass through)."""
-    from numba import cuda
+def size_class(nbytes):
+    """The bytes the pool reserves for a request of ``nbytes``: at least 512, and above
+    that the next of four sizes per power of two (2^k times 1, 1.25, 1.5, 1.75), so at
+    most a fifth of a buffer goes unused and arrays of similar sizes share buffers."""
+    if nbytes <= 512:
+        return 512
+    step = 1 << ((nbytes - 1).bit_length() - 3)
+    return -(-nbytes // step) * step
 
+
+class BufferPool:
+    """Device buffers that come back for reuse once every array made from them is dropped.
+
+    numba gives each device array its own ``cuMemAlloc`` and, a few dropped arrays
+    later, a ``cuMemFree`` that waits for the GPU to go idle. A train step makes and
+    drops a few dozen activations and gradients, so, like PyTorch's caching allocator,
+    the pool keeps the memory of dropped arrays (by ``size_class`` and CUDA context)
+    and hands it out again: once it holds one step's buffers, later steps are served
+    from it.
+
+    A buffer is never reused while any array or view of it is alive: numba counts the
+    references to the memory and calls ``_release`` only after the last one is gone.
+    All kernels run on the default stream, so work queued by an old owner finishes
+    before a new owner's kernels write. Dropped buffers beyond ``max_cached_bytes`` go
+    back to the driver; ``clear`` returns all of them. Under numba's simulator the pool
+    steps aside (plain ``cuda.device_array``).
+    """
+
+    def __init__(self, max_cached_bytes=1 << 30, allocate=None, context=None):
+        from numba import cuda
+
+        self.max_cached_bytes = max_cached_bytes
+        self._allocate = allocate or (lambda nbytes: cuda.device_array(nbytes, dtype=np.uint8))
+        self._context = context or cuda.current_context
+        self._free = {}  # (context, size class) -> [raw uint8 device arrays]
+        self._live = {}  # ticket -> the AutoFreePointer behind a handed-out array
+        self._tickets = 0
+        self.cached_bytes = 0  # held in dropped buffers, ready for reuse
+        self.allocations = 0  # buffers asked of the driver so far
+        self._lock = threading.RLock()  # a release can run inside an allocation (gc)
+
+    def empty(self, shape, dtype):
+        """An uninitialised C-contiguous device array of ``shape`` and ``dtype``."""
+        from numba import config, cuda
+
+        dtype = np.dtype(dtype)
+        shape = tuple(int(s) for s in np.atleast_1d(shape))
+        nbytes = math.prod(shape) * dtype.itemsize
+        if nbytes == 0 or config.ENABLE_CUDASIM:
+            return cuda.device_array(shape, dtype=dtype)
+        from numba.cuda.cudadrv.devicearray import DeviceNDArray
+        from numba.cuda.cudadrv.driver import AutoFreePointer
+
+        key = (self._context(), size_class(nbytes))
+        with self._lock:
+            free = self._free.get(key)
+            if free:
+                raw = free.pop()
+                self.cached_bytes -= key[1]
+            else:
+                raw = self._allocate(key[1])
+                self.allocations += 1
+            ticket, self._tickets = self._tickets, self._tickets + 1
+            mem = AutoFreePointer(raw.gpu_data.context, raw.gpu_data.device_pointer, nbytes,
+                                  finalizer=lambda: self._release(ticket, key, raw))
+            self._live[ticket] = mem
+        strides, step = [], dtype.itemsize
+        for s in reversed(shape):  # C order
+            strides.insert(0, step)
+            step *= s
+        return DeviceNDArray(shape, tuple(strides), dtype, gpu_data=mem.own())
+
+    def _release(self, ticket, key, raw):
+        with self._lock:
+            self._live.pop(ticket, None)
+            if self.cached_bytes + key[1] <= self.max_cached_bytes:
+                self._free.setdefault(key, []).append(raw)
+                self.cached_bytes += key[1]
+
+    def clear(self):
+        """Hand every cached buffer back to the driver (arrays in use are unaffected)."""
+        with self._lock:
+            self._free.clear()
+            self.cached_bytes = 0
+
+
+POOL = BufferPool()
+
+
+def empty_on_device(shape, dtype):
+    """An uninitialised device array from the pool: the ops' outputs and scratch."""
+    return POOL.empty(shape, dtype)
+
+
+def zeros_on_device(shape, dtype):
+    """A zeroed device array from the pool: one driver memset, no kernel, no copy."""
+    from numba.cuda.cudadrv.driver import device_memset
+
+    out = POOL.empty(shape, dtype)
+    if out.size:
+        device_memset(out, 0, out.size * out.dtype.itemsize)
+    return out
+
+
+def to_device(x):
+    """Copy a NumPy array to the GPU, into a pooled buffer (device arrays pass through)."""
     if is_device_array(x):
         return x
     require_cuda("to_device")
-    return cuda.to_device(np.ascontiguousarray(x))
+    x = np.ascontiguousarray(x)
+    out = empty_on_device(x.shape, x.dtype)
+    if x.size:
+        out.copy_to_device(x)
+    return out
 
 
 def to_host(x):

@@ -12,12 +12,11 @@ with L_cls = -log p_u and L_loc = sum_{i in x,y,w,h} smooth_L1(t^u_i - v_i).
 """
 
 import numpy as np
-from numba import cuda
 
 from .boxes import clip_boxes, decode, remove_small_boxes
 from .checks import as_array, as_float_array, check_boxes, check_finite, check_number, check_positive_int
-from .device import grid_1d, is_device_array
-from .layers import Flatten, Linear, Module, Parameter, ReLU, _add_cuda, _flat, _zeros_on_device
+from .device import empty_on_device, grid_1d, is_device_array, zeros_on_device
+from .layers import Flatten, Linear, Module, Parameter, ReLU, _add_cuda, _flat
 from .losses import smooth_l1, softmax_cross_entropy
 from .nms import batched_nms
 from .roi import RoIAlign, RoIPool
@@ -81,8 +80,8 @@ class FastRCNNHead(Module):
         k1 = self.num_classes + 1
         if pooled.shape[0] == 0:
             if is_device_array(pooled):
-                return (cuda.device_array((0, k1), features.dtype),  # (0, K + 1)
-                        cuda.device_array((0, 4 * k1), features.dtype))  # (0, 4 (K + 1))
+                return (empty_on_device((0, k1), features.dtype),  # (0, K + 1)
+                        empty_on_device((0, 4 * k1), features.dtype))  # (0, 4 (K + 1))
             return np.zeros((0, k1), features.dtype), np.zeros((0, 4 * k1), features.dtype)
         x = self.flatten.forward(pooled)  # (R, C * ph * pw)
         x = self.relu6.forward(self.fc6.forward(x))  # (R, hidden)
@@ -102,7 +101,7 @@ class FastRCNNHead(Module):
                              f"{(num_rois, 4 * k1)}, got {grad_cls.shape} and {grad_box.shape}")
         if num_rois == 0:
             if is_device_array(grad_cls):
-                return _zeros_on_device(features_shape, grad_cls.dtype)
+                return zeros_on_device(features_shape, grad_cls.dtype)
             return np.zeros(features_shape, grad_cls.dtype)
         g = self.cls_score.backward(grad_cls)  # (R, hidden)
         g_box = self.bbox_pred.backward(grad_box)  # (R, hidden)

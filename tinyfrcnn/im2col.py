@@ -22,7 +22,7 @@ write the same address (no atomics, and the same result every run).
 import numpy as np
 from numba import cuda, njit, prange
 
-from .device import grid_1d, is_device_array
+from .device import empty_on_device, grid_1d, is_device_array
 
 
 def output_size(size, kernel, stride, padding):
@@ -188,7 +188,7 @@ def im2col(x, kernel, stride, padding, out=None):
             and out.dtype == x.dtype and (out.is_c_contiguous() if gpu else out.flags.c_contiguous)):
         cols = out
     elif gpu:
-        cols = cuda.device_array(shape, dtype=x.dtype)  # (C*kh*kw, N, OH*OW)
+        cols = empty_on_device(shape, dtype=x.dtype)  # (C*kh*kw, N, OH*OW)
     else:
         cols = np.empty(shape, dtype=x.dtype)  # (C*kh*kw, N, OH*OW)
     if cols.size == 0:
@@ -208,7 +208,7 @@ def col2im(cols, x_shape, kernel, stride, padding):
     gpu = is_device_array(cols)
     cols = _contiguous(cols, "cols", "col2im")
     if gpu:
-        dx = cuda.device_array((n, c, h, w), dtype=cols.dtype)  # (N, C, H, W)
+        dx = empty_on_device((n, c, h, w), dtype=cols.dtype)  # (N, C, H, W)
         if dx.size:
             _col2im_cuda[grid_1d(dx.size)](cols, kh, kw, sh, sw, ph, pw, oh, ow, dx)
         return dx

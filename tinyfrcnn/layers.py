@@ -26,7 +26,7 @@ import numpy as np
 from numba import cuda, njit, prange
 
 from .checks import as_float_array, check_finite, check_positive_int, pair
-from .device import check_device, grid_1d, is_device_array, on_device
+from .device import check_device, empty_on_device, grid_1d, is_device_array, on_device
 from .im2col import col2im, im2col, output_size
 from .matmul import matmul
 
@@ -337,7 +337,7 @@ def _buffer(old, shape, dtype, gpu=False):
     if (old is not None and is_device_array(old) == gpu and tuple(old.shape) == tuple(shape)
             and old.dtype == dtype):
         return old
-    return cuda.device_array(shape, dtype=dtype) if gpu else np.empty(shape, dtype=dtype)
+    return empty_on_device(shape, dtype=dtype) if gpu else np.empty(shape, dtype=dtype)
 
 
 def _param(p, dtype, gpu):
@@ -444,7 +444,7 @@ def _to_batch_major(y3, bias, gpu):
     a convolution's product over the batch, laid out as the next layer reads it."""
     o, n, p = y3.shape
     if gpu:
-        out = cuda.device_array((n, o, p), dtype=y3.dtype)  # (N, O, P)
+        out = empty_on_device((n, o, p), dtype=y3.dtype)  # (N, O, P)
         if out.size:
             _batch_major_cuda[grid_1d(out.size)](y3, bias, out)
     else:
@@ -641,7 +641,7 @@ class ReLU(Module):
     def forward(self, x):
         x, gpu = _check_input(x, "ReLU", None, "")
         if gpu:
-            out = cuda.device_array(x.shape, dtype=x.dtype)
+            out = empty_on_device(x.shape, dtype=x.dtype)
             if out.size:
                 _relu_forward_cuda[grid_1d(out.size)](_flat(x), _flat(out))
         else:
@@ -656,7 +656,7 @@ class ReLU(Module):
         shape, dtype = (None, None) if out is None else (out.shape, out.dtype)
         g = _check_grad(grad_out, shape, dtype, "ReLU", self._gpu)
         if self._gpu:
-            dx = cuda.device_array(g.shape, dtype=g.dtype)
+            dx = empty_on_device(g.shape, dtype=g.dtype)
             if dx.size:
                 _relu_backward_cuda[grid_1d(dx.size)](_flat(g), _flat(out), _flat(dx))
             return dx
@@ -778,8 +778,8 @@ def maxpool2d_forward(x, kernel, stride):
     n, c, h, w = x.shape
     oh, ow = output_size(h, kh, sh, 0), output_size(w, kw, sw, 0)
     if is_device_array(x):
-        out = cuda.device_array((n, c, oh, ow), dtype=x.dtype)  # (N, C, OH, OW)
-        argmax = cuda.device_array((n, c, oh, ow), dtype=np.int32)  # (N, C, OH, OW)
+        out = empty_on_device((n, c, oh, ow), dtype=x.dtype)  # (N, C, OH, OW)
+        argmax = empty_on_device((n, c, oh, ow), dtype=np.int32)  # (N, C, OH, OW)
         if out.size:
             _maxpool2d_forward_cuda[grid_1d(out.size)](x, kh, kw, sh, sw, out, argmax)
         return out, argmax
@@ -797,7 +797,7 @@ def maxpool2d_backward(grad_out, argmax, x_shape, kernel=None, stride=None):
     ``stride`` to find the windows over it; no atomics, same sums as the CPU."""
     if is_device_array(grad_out):
         (kh, kw), (sh, sw) = kernel, stride
-        dx = cuda.device_array(x_shape, dtype=grad_out.dtype)  # (N, C, H, W)
+        dx = empty_on_device(x_shape, dtype=grad_out.dtype)  # (N, C, H, W)
         if dx.size:
             _maxpool2d_backward_cuda[grid_1d(dx.size)](grad_out, argmax, kh, kw, sh, sw, dx)
         return dx

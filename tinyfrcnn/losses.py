@@ -20,7 +20,7 @@ import numpy as np
 from numba import cuda, njit
 
 from .checks import as_array, as_float_array, check_finite, check_number
-from .device import grid_1d, on_device, to_device, to_host
+from .device import empty_on_device, grid_1d, on_device, to_device, to_host
 
 
 # ---------------------------------------------------------------- cross-entropy
@@ -139,8 +139,8 @@ def softmax_cross_entropy(logits, labels, ignore_index=-1):
         grad = np.zeros((0, k), logits.dtype)
         return 0.0, (to_device(grad) if gpu else grad)
     if gpu:
-        row_loss = cuda.device_array(n, np.float64)
-        grad = cuda.device_array((n, k), logits.dtype)
+        row_loss = empty_on_device(n, np.float64)
+        grad = empty_on_device((n, k), logits.dtype)
         blocks, threads = grid_1d(n)
         _softmax_cross_entropy_cuda[blocks, threads](logits, labels, ignore_index, scale, row_loss, grad)
         row_loss = row_loss.copy_to_host()
@@ -245,9 +245,9 @@ def smooth_l1(pred, target, beta=1.0, weights=None):
         return 0.0, (to_device(grad) if gpu else grad)
     if gpu:
         flat = [a.reshape(size) for a in (pred, target)]
-        w = weights.reshape(size) if weights is not None else cuda.device_array(1, dtype)
-        elem_loss = cuda.device_array(size, np.float64)
-        grad = cuda.device_array(size, dtype)
+        w = weights.reshape(size) if weights is not None else empty_on_device(1, dtype)
+        elem_loss = empty_on_device(size, np.float64)
+        grad = empty_on_device(size, dtype)
         blocks, threads = grid_1d(size)
         _smooth_l1_cuda[blocks, threads](flat[0], flat[1], w, weights is not None, beta, elem_loss, grad)
         return float(elem_loss.copy_to_host().sum()), grad.reshape(shape)

@@ -34,7 +34,7 @@ import numpy as np
 from numba import cuda
 
 from .checks import as_float_array
-from .device import on_device
+from .device import empty_on_device, on_device
 
 Tiling = namedtuple("Tiling", "bm bn bk tm tn")
 Tiling.__doc__ = """Block tile ``bm x bn`` of C, ``bk`` of K per step, ``tm x tn`` outputs per thread."""
@@ -220,7 +220,7 @@ def launch_tiled(a, b, out, trans_a, trans_b, accumulate, tiling=TILING, splits=
     if splits == 1:
         kernel[grid, threads](a, b, out.reshape(1, m, n), trans_a, trans_b, accumulate, k_chunk)
         return
-    partial = cuda.device_array((splits, m, n), dtype=out.dtype)  # (S, M, N)
+    partial = empty_on_device((splits, m, n), dtype=out.dtype)  # (S, M, N)
     kernel[grid, threads](a, b, partial, trans_a, trans_b, False, k_chunk)
     grid = (math.ceil(n / NAIVE_BLOCK[0]), math.ceil(m / NAIVE_BLOCK[1]))
     _matmul_splitk_reduce_kernel[grid, NAIVE_BLOCK](partial, out, accumulate)
@@ -278,7 +278,7 @@ def matmul(a, b, trans_a=False, trans_b=False, out=None, accumulate=False):
     a, b, out, (m, k, n), gpu = _validate(a, b, trans_a, trans_b, out, accumulate, where)
     if gpu:
         if out is None:
-            out = cuda.device_array((m, n), dtype=a.dtype)  # (M, N)
+            out = empty_on_device((m, n), dtype=a.dtype)  # (M, N)
         if m and n:
             launch_tiled(a, b, out, bool(trans_a), bool(trans_b), bool(accumulate))
         return out

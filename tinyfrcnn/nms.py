@@ -13,11 +13,10 @@ import threading
 
 import numpy as np
 from numba import cuda, float32, float64, int64, njit, prange, uint64
-from numba.cuda.cudadrv.driver import device_memset
 
 from .boxes import rounded_ops
 from .checks import as_array, as_float_array, check_boxes, check_finite, check_number, check_positive_int
-from .device import on_device, to_device, to_host
+from .device import empty_on_device, on_device, to_device, to_host, zeros_on_device
 
 BLOCK = 64  # boxes per CUDA block: one bit each in a uint64 mask word
 MAX_WORDS = 4096  # the single-block pass keeps its "removed" bitset in 32 KiB of shared memory
@@ -261,11 +260,10 @@ def _nms_cuda(boxes, classes, order, iou_threshold):
         raise ValueError(f"nms: {n} boxes are more than the CUDA kernel's {MAX_WORDS * BLOCK}")
     d_boxes, d_order = to_device(boxes), to_device(order)
     if classes is None:
-        d_classes = cuda.device_array(n, dtype=np.int64)
-        device_memset(d_classes, 0, n * 8)
+        d_classes = zeros_on_device(n, np.int64)
     else:
         d_classes = to_device(classes)
-    keep = cuda.device_array(n + 1, dtype=np.int64)  # (N + 1,): kept indices, then their count
+    keep = empty_on_device(n + 1, dtype=np.int64)  # (N + 1,): kept indices, then their count
     threads = min(256, 32 * ((col_blocks + 31) // 32))
     with _SCRATCH_LOCK:
         mask = _mask_buffer(n, col_blocks)  # (N, ceil(N / 64))

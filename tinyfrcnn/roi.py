@@ -22,15 +22,13 @@ whole feature array rather than into one channel plane).
 """
 
 import math
-import threading
 
 import numpy as np
-from numba import config, cuda, float32, float64, njit, prange
-from numba.cuda.cudadrv.driver import device_memset
+from numba import cuda, float32, float64, njit, prange
 
 from .boxes import rounded_ops
 from .checks import as_float_array, check_boxes, check_finite, check_number, pair
-from .device import grid_1d, is_device_array, on_device
+from .device import empty_on_device, grid_1d, is_device_array, on_device, zeros_on_device
 from .layers import Module
 
 FLT_MAX = float(np.finfo(np.float32).max)
@@ -80,69 +78,8 @@ def _round_half_away(v):
     return t + np.sign(v) * (np.abs(v - t) >= 0.5)
 
 
-class _RecycledBuffers:
-    """Device buffers for outputs, reused once every array made from one has been dropped.
-
-    numba allocates each device array with ``cuMemAlloc`` and frees it with ``cuMemFree``
-    (which waits for the GPU); for the tens of megabytes that RoI outputs take, that
-    costs more than the kernels. Like PyTorch's caching allocator, this keeps the
-    buffers of dropped outputs (at most ``keep`` per size) and hands them out again.
-    An output is never overwritten while the caller holds it or any view of it: numba
-    counts the references to the buffer and only then calls ``_release``. Kernels all
-    run on the default stream, so work queued on an old owner finishes before a new one
-    writes. Not thread-safe across concurrent allocations without the lock below.
-    """
-
-    def __init__(self, keep=2, allocate=None):
-        self.keep = keep
-        self._allocate = allocate or (lambda nbytes: cuda.device_array(nbytes, dtype=np.uint8))
-        self._free = {}  # nbytes -> [raw uint8 device arrays]
-        self._live = {}  # key -> numba AutoFreePointer of a handed-out buffer
-        self._next = 0
-        self._lock = threading.Lock()
-
-    def device_array(self, shape, dtype):
-        dtype = np.dtype(dtype)
-        shape = tuple(int(s) for s in np.atleast_1d(shape))
-        nbytes = math.prod(shape) * dtype.itemsize
-        if nbytes == 0 or config.ENABLE_CUDASIM:
-            return cuda.device_array(shape, dtype=dtype)
-        from numba.cuda.cudadrv.devicearray import DeviceNDArray
-        from numba.cuda.cudadrv.driver import AutoFreePointer
-
-        with self._lock:
-            free = self._free.setdefault(nbytes, [])
-            raw = free.pop() if free else self._allocate(nbytes)
-            key, self._next = self._next, self._next + 1
-            mem = AutoFreePointer(raw.gpu_data.context, raw.gpu_data.device_pointer, nbytes,
-                                  finalizer=lambda: self._release(key, raw, free))
-            self._live[key] = mem
-        strides, step = [], dtype.itemsize
-        for s in reversed(shape):  # C order
-            strides.insert(0, step)
-            step *= s
-        return DeviceNDArray(shape, tuple(strides), dtype, gpu_data=mem.own())
-
-    def _release(self, key, raw, free):
-        with self._lock:
-            self._live.pop(key, None)
-            if len(free) < self.keep:
-                free.append(raw)
-
-
-_BUFFERS = _RecycledBuffers()
-
-
 def _empty(gpu, shape, dtype):
-    return _BUFFERS.device_array(shape, dtype) if gpu else np.zeros(shape, dtype=dtype)
-
-
-def _device_zeros(shape, dtype):
-    """A zeroed device array: one driver memset, no kernel, no host copy."""
-    out = _BUFFERS.device_array(shape, dtype)
-    if out.size:
-        device_memset(out, 0, out.size * out.dtype.itemsize)
-    return out
+    return empty_on_device(shape, dtype) if gpu else np.zeros(shape, dtype=dtype)
 
 
 _ARGMAX_FLAG = []  # one mapped (host-visible) int32, made on first use
@@ -381,7 +318,7 @@ def roi_pool_backward(grad_out, argmax, features_shape):
     gpu = on_device({"grad_out": grad_out, "argmax": argmax})
     size = math.prod(features_shape)
     if gpu:
-        grad_in = _device_zeros(size, grad_out.dtype)
+        grad_in = zeros_on_device(size, grad_out.dtype)
         if grad_out.size:
             flag = _argmax_flag()
             blocks, threads = grid_1d(grad_out.size)
@@ -803,7 +740,7 @@ def roi_align_backward(grad_out, rois, features_shape, spatial_scale, sampling_r
     if host.shape[0] != R or C != shape[1]:
         raise ValueError(f"{where}: grad_out has shape {tuple(grad_out.shape)} but there are {host.shape[0]} "
                          f"rois and features_shape {shape} has {shape[1]} channels")
-    grad_in = _device_zeros(shape, grad_out.dtype) if gpu else np.zeros(shape, dtype=grad_out.dtype)
+    grad_in = zeros_on_device(shape, grad_out.dtype) if gpu else np.zeros(shape, dtype=grad_out.dtype)
     if grad_out.size == 0:
         return grad_in
     if gpu:

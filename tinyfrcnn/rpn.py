@@ -26,7 +26,7 @@ from numba import cuda
 
 from .boxes import box_iou, clip_boxes, decode, remove_small_boxes
 from .checks import as_array, as_float_array, check_boxes, check_finite, check_number, check_positive_int
-from .device import grid_1d, is_device_array
+from .device import empty_on_device, grid_1d, is_device_array
 from .layers import Conv2d, Module, Parameter, ReLU, _add_cuda, _flat
 from .losses import smooth_l1, softmax_cross_entropy
 from .nms import _descending_order, batched_nms
@@ -89,7 +89,7 @@ def to_anchor_rows(maps, num_anchors):
         return np.ascontiguousarray(_to_anchor_rows_reference(maps, k))
     if not maps.is_c_contiguous():
         raise ValueError(f"{where}: maps must be C-contiguous on the device")
-    rows = cuda.device_array((n, h * w * k, d), dtype=maps.dtype)  # (N, H*W*k, D)
+    rows = empty_on_device((n, h * w * k, d), dtype=maps.dtype)  # (N, H*W*k, D)
     if rows.size:
         _to_anchor_rows_cuda[grid_1d(rows.size)](_flat(maps), k, d, h * w, _flat(rows))
     return rows
@@ -110,7 +110,7 @@ def from_anchor_rows(rows, num_anchors, height, width):
         return np.ascontiguousarray(rows.reshape(n, h, w, k, d).transpose(0, 3, 4, 1, 2).reshape(n, k * d, h, w))
     if not rows.is_c_contiguous():
         raise ValueError(f"{where}: rows must be C-contiguous on the device")
-    maps = cuda.device_array((n, k * d, h, w), dtype=rows.dtype)  # (N, k*D, H, W)
+    maps = empty_on_device((n, k * d, h, w), dtype=rows.dtype)  # (N, k*D, H, W)
     if maps.size:
         _from_anchor_rows_cuda[grid_1d(maps.size)](_flat(rows), k, d, h * w, _flat(maps))
     return maps

@@ -1,0 +1,126 @@
+"""The device pool: size classes, reuse only after every array of a buffer is dropped,
+per-context lists, the cache limit, and the pooled helpers in the simulator."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from numba import config, cuda
+
+from tinyfrcnn.device import empty_on_device, is_device_array, size_class, to_device, to_host, zeros_on_device
+
+
+def test_size_class_hand_worked():
+    assert [size_class(n) for n in (1, 512, 513, 640, 641, 1024, 1025, 3000)] == [
+        512, 512, 640, 640, 768, 1024, 1280, 3072]
+
+
+@given(st.integers(1, 1 << 40))
+def test_size_class_covers_the_request_and_wastes_under_a_fifth(n):
+    c = size_class(n)
+    assert c >= n and size_class(c) == c
+    assert c == 512 or (c - n) * 5 < c
+    assert size_class(n + 1) >= c  # monotonic
+
+
+def test_four_size_classes_per_power_of_two():
+    classes = {size_class(n) for n in range((1 << 12) + 1, (1 << 13) + 1, 7)} | {size_class(1 << 13)}
+    assert sorted(classes) == [4096 + 1024 * i for i in range(1, 5)]
+
+
+_POOL_SCRIPT = r"""
+import gc
+from types import SimpleNamespace
+import numpy as np
+from numba.cuda.cudadrv.driver import binding
+from tinyfrcnn import device
+
+made = []
+def fake(nbytes):
+    ptr = binding.CUdeviceptr((len(made) + 1) << 32)
+    made.append(SimpleNamespace(nbytes=nbytes, gpu_data=SimpleNamespace(context=None, device_pointer=ptr)))
+    if hook:
+        hook.pop()()  # a finalizer that runs inside an allocation, as gc may do
+    return made[-1]
+
+hook = []
+ctx = ["A"]
+pool = device.BufferPool(max_cached_bytes=2048, allocate=fake, context=lambda: ctx[0])
+ptr = lambda a: a.device_ctypes_pointer.value
+
+a = pool.empty((2, 3), np.float32)
+assert a.shape == (2, 3) and a.strides == (12, 4) and a.dtype == np.float32 and device.is_device_array(a)
+assert made[0].nbytes == 512 and ptr(a) == 1 << 32
+view = a.gpu_data.view(12)  # what slicing a[1] holds: a pointer into the buffer
+del a
+gc.collect()
+b = pool.empty(6, np.float32)
+assert len(made) == 2, "a view still used the first buffer"
+del view, b
+gc.collect()
+assert pool.cached_bytes == 1024 and not pool._live
+
+c = pool.empty((10, 10), np.float32)  # 400 bytes: the same 512-byte class
+assert len(made) == 2 and ptr(c) in (1 << 32, 2 << 32) and c.shape == (10, 10)
+d = pool.empty(1000, np.float64)  # 8000 bytes: a new class
+assert len(made) == 3 and made[2].nbytes == 8192
+ctx[0] = "B"
+e = pool.empty(6, np.float32)  # a cached 512-byte buffer exists, but in context A
+assert len(made) == 4 and pool.cached_bytes == 512
+del c, d, e
+gc.collect()
+# 8192 bytes are over the 2048-byte limit: that buffer went back to the driver.
+assert pool.cached_bytes == 1536 and sorted(pool._free) == [("A", 512), ("B", 512)]
+assert len(pool._free[("A", 512)]) == 2
+
+f = pool.empty(3, np.int64)
+hook.append(lambda: globals().pop("f"))
+g = pool.empty(1 << 20, np.uint8)  # allocates; inside, f is dropped and released
+assert pool.cached_bytes == 1536 and len(pool._free[("B", 512)]) == 1
+del g
+pool.clear()
+assert pool.cached_bytes == 0 and not pool._free
+pool.empty(6, np.float32)
+assert len(made) == 6 and pool.allocations == 6
+print("ok")
+"""
+
+
+def test_pool_reuses_buffers_only_once_dropped():
+    # numba's real device-array classes on fake allocations (no simulator, no GPU): a
+    # buffer comes back only when the array and every view of it are gone.
+    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="0")
+    env["PYTHONPATH"] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-c", _POOL_SCRIPT], capture_output=True, text=True, env=env,
+                          timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.int64, np.uint8])
+def test_pooled_helpers_on_cuda(dtype):
+    x = (np.arange(24) % 7).astype(dtype).reshape(2, 3, 4)
+    d = to_device(x)
+    assert is_device_array(d) and d.shape == x.shape and d.dtype == x.dtype
+    assert np.array_equal(to_host(d), x)
+    z = zeros_on_device((3, 5), dtype)
+    assert z.dtype == dtype and np.array_equal(z.copy_to_host(), np.zeros((3, 5), dtype))
+    e = empty_on_device(7, dtype)
+    assert e.shape == (7,) and e.dtype == dtype
+    assert to_device(np.zeros((0, 3), dtype)).shape == (0, 3)
+
+
+@pytest.mark.skipif(config.ENABLE_CUDASIM or not cuda.is_available(), reason="needs a real GPU")
+def test_pool_reuses_real_cuda_memory():
+    a = to_device(np.arange(1000, dtype=np.float32))
+    first = a.device_ctypes_pointer.value
+    del a
+    b = zeros_on_device(900, np.float32)  # same 4096-byte class
+    assert b.device_ctypes_pointer.value == first
+    assert not b.copy_to_host().any()
+    b[:] = 3.0
+    c = to_device(np.ones(1000, np.float32))
+    assert c.device_ctypes_pointer.value != first and (b.copy_to_host() == 3).all()
