@@ -215,7 +215,16 @@ class FasterRCNN(Module):
         feats = self.backbone.forward(images)  # (N, C, h, w)
         fh, fw = feats.shape[2:]
         anchors = self.anchors_for(fh, fw)  # (A, 4)
-        logits, deltas = (to_host(a) for a in self.rpn.forward(feats))  # (N, A, 2), (N, A, 4)
+        rpn_out = self.rpn.forward(feats)  # on "cuda": queued on the GPU
+        # Anchor labels and targets depend only on the boxes, so the host works them out
+        # while the GPU runs the network; to_host below waits for the RPN's outputs.
+        boxes = [check_boxes(np.asarray(b, dtype=np.float32).reshape(-1, 4), f"gt_boxes[{i}]", "FasterRCNN.forward")
+                 for i, b in enumerate(gt_boxes)]
+        border = None if cfg.rpn_allowed_border < 0 else cfg.rpn_allowed_border
+        targets = [anchor_targets(anchors, b, pos_iou=cfg.rpn_pos_iou, neg_iou=cfg.rpn_neg_iou,
+                                  image_size=(height, width), allowed_border=border)
+                   for b in boxes] if train_rpn else []
+        logits, deltas = (to_host(a) for a in rpn_out)  # (N, A, 2), (N, A, 4)
         _require_finite(logits, "rpn_cls", "the RPN's objectness logits")
         _require_finite(deltas, "rpn_reg", "the RPN's box deltas")
 
@@ -232,14 +241,9 @@ class FasterRCNN(Module):
         rpn_cls = rpn_reg = 0.0
         rois, roi_labels, roi_targets = [], [], []
         for i in range(n):
-            boxes = check_boxes(np.asarray(gt_boxes[i], dtype=np.float32).reshape(-1, 4), f"gt_boxes[{i}]",
-                                "FasterRCNN.forward")
             labels = np.asarray(gt_labels[i], dtype=np.int64).reshape(-1)
             if train_rpn:
-                labels_a, _, reg_targets = anchor_targets(
-                    anchors, boxes, pos_iou=cfg.rpn_pos_iou, neg_iou=cfg.rpn_neg_iou,
-                    image_size=(height, width),
-                    allowed_border=None if cfg.rpn_allowed_border < 0 else cfg.rpn_allowed_border)
+                labels_a, _, reg_targets = targets[i]
                 labels_a = sample_labels(labels_a, cfg.rpn_batch, cfg.rpn_pos_fraction, rng=rng)
                 out = rpn_loss(logits[i], deltas[i], labels_a, reg_targets, sigma=cfg.rpn_sigma)
                 rpn_cls += out["loss_cls"] / n
@@ -249,7 +253,7 @@ class FasterRCNN(Module):
             if not train_head:
                 continue
             sample = sample_proposals(
-                proposals[i], boxes, labels, num_samples=cfg.roi_batch, fg_fraction=cfg.fg_fraction,
+                proposals[i], boxes[i], labels, num_samples=cfg.roi_batch, fg_fraction=cfg.fg_fraction,
                 fg_iou=cfg.fg_iou, bg_iou=cfg.bg_iou, rng=rng)
             r = sample["rois"]
             rois.append(np.concatenate([np.full((len(r), 1), i, dtype=r.dtype), r], axis=1))  # (S, 5)
