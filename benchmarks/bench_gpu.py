@@ -422,7 +422,7 @@ def bench_train_step(B):
         import numba
 
         from tinyfrcnn.device import POOL
-        from tinyfrcnn.layers import packed_store
+        from tinyfrcnn.layers import packed_runs
         from tinyfrcnn.model import FasterRCNN, ModelConfig
         from tinyfrcnn.optim import SGD
 
@@ -476,7 +476,8 @@ def bench_train_step(B):
                 POOL.max_cached_bytes = limit
             # after the timed steps: this applies extra updates to the GPU model
             update = B.time_ours(lambda: (gpu_optim.zero_grad(), gpu_optim.step()), repeats=repeats)
-            launches = 2 if packed_store(gpu_optim.params) is not None else 2 * len(gpu_optim.params)
+            packed = packed_runs(gpu_optim.params)
+            launches = 2 * (len(packed[1]) if packed is not None else len(gpu_optim.params))
         finally:
             numba.set_num_threads(threads)
         diff = max(abs(first_gpu[k] - first_cpu[k]) for k in first_cpu)

@@ -583,7 +583,7 @@ def test_cuda_kernels_compile_to_ptx():
 
 # ---------------------------------------------------------------- parameters packed on the device
 
-from tinyfrcnn.layers import DeviceStore, packed_store  # noqa: E402
+from tinyfrcnn.layers import DeviceStore, packed_runs, packed_store  # noqa: E402
 
 
 class Three(Module):
@@ -611,6 +611,21 @@ def test_to_cuda_packs_parameters_into_one_store():
     assert not store.data.copy_to_host()[gaps].any() and not store.grad.copy_to_host()[gaps].any()
     assert packed_store(dev.parameters()[:2]) is None  # only the whole store, in order
     assert packed_store(dev.parameters()[::-1]) is None
+
+
+def test_store_runs_of_some_parameters():
+    dev = Three().to("cuda")
+    a, b, c = dev.parameters()
+    store = packed_store(dev.parameters())  # segments [0, 64), [64, 128), [128, 320)
+    assert store.runs([a, b, c]) == [(0, 320)]
+    assert store.runs([a, b]) == [(0, 128)] and store.runs([b, c]) == [(64, 320)]
+    assert store.runs([a, c]) == [(0, 64), (128, 320)] and store.runs([b]) == [(64, 128)]
+    assert store.offset(c) == 128 and packed_runs([a, c]) == (store, [(0, 64), (128, 320)])
+    for bad in ([b, a], [a, a], [a, Parameter(np.zeros(3, np.float32))]):
+        assert store.runs(bad) is None  # out of order, repeated, not in the store
+    b.to("cpu").to("cuda")  # b has arrays of its own now
+    assert store.runs([a, b]) is None and store.runs([a, c]) == [(0, 64), (128, 320)]
+    assert packed_runs([b]) is None and packed_runs([]) is None
 
 
 

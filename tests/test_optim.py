@@ -213,6 +213,47 @@ def test_packed_sgd_is_one_launch_and_matches_cpu(monkeypatch, dtype):
     assert opts[1]._buffers_are_flat()
 
 
+@pytest.mark.parametrize("which", [(1, 3), (0, 1), (2,)])
+def test_sgd_on_some_packed_parameters_is_one_launch_per_run(monkeypatch, which):
+    # A stage of the alternating schedule trains some of a model's parameters.
+    sgd_kernel = CountLaunches(optim_mod._sgd_step_cuda)
+    fill_kernel = CountLaunches(layers_mod._fill_cuda)
+    host, dev = net(), net().to("cuda")
+    before = [p.data.copy_to_host() for p in dev.parameters()]
+    opts = [SGD([m.parameters()[i] for i in which], lr=0.05, momentum=0.9, weight_decay=5e-4) for m in (host, dev)]
+    monkeypatch.setattr(optim_mod, "_sgd_step_cuda", sgd_kernel)
+    monkeypatch.setattr(layers_mod, "_fill_cuda", fill_kernel)
+    for step in range(3):
+        for opt, model in zip(opts, (host, dev)):
+            opt.zero_grad()
+            _grads(model, step)
+            opt.step()
+    runs = 1 if which != (1, 3) else 2
+    assert sgd_kernel.launches == 3 * runs and fill_kernel.launches == 3 * runs
+    for i, (p, q) in enumerate(zip(host.parameters(), dev.parameters())):
+        if i in which:
+            np.testing.assert_allclose(q.data.copy_to_host(), p.data, rtol=1e-6, atol=1e-7)
+        else:
+            np.testing.assert_array_equal(q.data.copy_to_host(), before[i])  # not in the optimizer
+    state = opts[1].state_dict()
+    again = SGD([dev.parameters()[i] for i in which], lr=0.05, momentum=0.9, weight_decay=5e-4)
+    again.load_state_dict(state)
+    assert again._buffers_are_flat()
+    for buf, ref in zip(again.state_dict()["buffers"], state["buffers"]):
+        np.testing.assert_array_equal(buf, ref)
+
+
+def test_module_zero_grad_of_a_packed_submodule_is_one_launch(monkeypatch):
+    dev = net().to("cuda")
+    for p in dev.parameters():
+        p.accumulate(cuda.to_device(np.ones(p.shape, np.float32)))
+    fill_kernel = CountLaunches(layers_mod._fill_cuda)
+    monkeypatch.setattr(layers_mod, "_fill_cuda", fill_kernel)
+    dev[1].zero_grad()
+    assert fill_kernel.launches == 1
+    assert [bool(p.grad.copy_to_host().any()) for p in dev.parameters()] == [True, True, False, False]
+
+
 def test_broken_packing_falls_back_to_one_launch_per_parameter(monkeypatch):
     host, dev = net(), net().to("cuda")
     opts = [SGD(m.parameters(), lr=0.1, momentum=0.9) for m in (host, dev)]

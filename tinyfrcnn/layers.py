@@ -75,7 +75,8 @@ class DeviceStore:
     ``ALIGN`` elements; the gaps hold zeros). An optimizer can then update every
     parameter, or zero every gradient, in one kernel launch over the flat buffers
     instead of one launch per parameter, which on a small network is a good part of
-    the launches of a step.
+    the launches of a step. Some of the parameters (a stage of the alternating
+    schedule trains the RPN alone, say) take one launch per run of neighbours.
     """
 
     ALIGN = 64
@@ -98,21 +99,45 @@ class DeviceStore:
                 p.grad.copy_to_device(grad)
             p.store = self
         self._views = [(p.data, p.grad) for p in self.params]
+        self._ends = self.offsets[1:] + [total]  # segment j is [offsets[j], _ends[j])
+        self._position = {id(p): j for j, p in enumerate(self.params)}
 
     @staticmethod
     def view(flat, offset, shape):
         """The ``shape`` view of ``flat`` (1-D) that starts at ``offset``."""
         return flat[offset:offset + math.prod(shape)].reshape(shape)
 
-    def holds(self, params):
-        """True when ``params`` are this store's parameters, in its order, and their data
-        and grad are still its views (``Parameter.to`` or an assignment breaks that)."""
-        return len(params) == len(self.params) and all(
-            p is q and p.data is d and p.grad is g for p, q, (d, g) in zip(params, self.params, self._views))
+    def offset(self, p):
+        """Where parameter ``p``'s segment starts in the flat buffers."""
+        return self.offsets[self._position[id(p)]]
 
-    def zero_grad(self):
-        if self.grad.size:
-            _fill_cuda[grid_1d(self.grad.size)](self.grad, 0)
+    def runs(self, params):
+        """The ranges [start, stop) of the flat buffers that hold ``params``, merged where
+        neighbours in the store are neighbours in ``params``; None unless ``params`` are
+        some of this store's parameters, in its order, whose data and grad are still its
+        views (``Parameter.to`` or an assignment breaks that)."""
+        runs, last = [], -1
+        for p in params:
+            j = self._position.get(id(p), -1)
+            if j <= last or self.params[j] is not p or p.data is not self._views[j][0] \
+                    or p.grad is not self._views[j][1]:
+                return None
+            if runs and j == last + 1:
+                runs[-1] = (runs[-1][0], self._ends[j])
+            else:
+                runs.append((self.offsets[j], self._ends[j]))
+            last = j
+        return runs
+
+    def holds(self, params):
+        """True when ``params`` are exactly this store's parameters (see ``runs``)."""
+        return len(params) == len(self.params) and self.runs(params) is not None
+
+    def zero_grad(self, runs=None):
+        """Zero the gradients of the ``runs`` (all by default): one launch per run."""
+        for start, stop in runs if runs is not None else [(0, self.grad.size)]:
+            if stop > start:
+                _fill_cuda[grid_1d(stop - start)](self.grad[start:stop], 0)
 
 
 def _pack_on_device(params):
@@ -129,6 +154,13 @@ def packed_store(params):
     """The ``DeviceStore`` holding exactly ``params`` (in order), or None."""
     store = getattr(params[0], "store", None) if params else None
     return store if store is not None and store.holds(params) else None
+
+
+def packed_runs(params):
+    """``(store, runs)`` when ``params`` sit in one ``DeviceStore`` (see its ``runs``), else None."""
+    store = getattr(params[0], "store", None) if params else None
+    runs = store.runs(params) if store is not None else None
+    return None if runs is None else (store, runs)
 
 
 class Parameter:
@@ -229,9 +261,10 @@ class Module:
 
     def zero_grad(self):
         params = self.parameters()
-        store = packed_store(params)
-        if store is not None:
-            store.zero_grad()
+        packed = packed_runs(params)
+        if packed is not None:
+            store, runs = packed
+            store.zero_grad(runs)
             return
         for p in params:
             p.zero_grad()

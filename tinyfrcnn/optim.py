@@ -12,9 +12,9 @@ a linear warm-up over the first iterations. ``SGD`` makes the same update as
 
 Parameters on the GPU are updated in place by a CUDA kernel, the same formula element
 by element, with the hyper-parameters cast to the parameter's dtype as NumPy does on
-the CPU: one launch for all of them when they are exactly the parameters that
-``model.to("cuda")`` packed into one ``DeviceStore`` (the momentum buffers are then
-views of one flat buffer too), else one launch per parameter.
+the CPU: when they sit in the ``DeviceStore`` that ``model.to("cuda")`` packed them
+into, one launch per run of neighbouring segments (one for a whole model; the
+momentum buffers are then views of one flat buffer too), else one per parameter.
 """
 
 import numpy as np
@@ -22,7 +22,7 @@ from numba import cuda
 
 from .checks import check_number, check_positive_int
 from .device import grid_1d, is_device_array
-from .layers import DeviceStore, packed_store
+from .layers import DeviceStore, packed_runs
 
 
 @cuda.jit
@@ -67,18 +67,19 @@ class SGD:
         self._flat_buffer = None  # set: the momentum buffers are views of it (params packed)
 
     def _make_flat_buffers(self, store):
-        """Momentum buffers as views of one flat buffer, uninitialised (a first step writes all of it)."""
+        """Momentum buffers as views of one flat buffer laid out as the store,
+        uninitialised (a first step writes every run of it)."""
         self._flat_buffer = cuda.device_array(store.data.size, dtype=store.data.dtype)  # (total,)
-        self._buffers = [DeviceStore.view(self._flat_buffer, off, p.data.shape)
-                         for p, off in zip(self.params, store.offsets)]
+        self._buffers = [DeviceStore.view(self._flat_buffer, store.offset(p), p.data.shape) for p in self.params]
 
     def _buffers_are_flat(self):
         return self._flat_buffer is not None
 
     def zero_grad(self):
-        store = packed_store(self.params)
-        if store is not None:
-            store.zero_grad()
+        packed = packed_runs(self.params)
+        if packed is not None:
+            store, runs = packed
+            store.zero_grad(runs)
             return
         for p in self.params:
             if hasattr(p, "zero_grad"):
@@ -88,8 +89,8 @@ class SGD:
 
     def step(self):
         lr = check_number(self.lr, "lr", low=0, where="SGD.step")
-        store = packed_store(self.params)
-        if store is not None and self._step_packed(store, lr):
+        packed = packed_runs(self.params)
+        if packed is not None and self._step_packed(*packed, lr):
             return
         for i, p in enumerate(self.params):
             if is_device_array(p.data):
@@ -108,8 +109,8 @@ class SGD:
                 d = buf
             p.data -= (lr * d).astype(p.data.dtype, copy=False)
 
-    def _step_packed(self, store, lr):
-        """One launch over the store's flat buffers; False (nothing done) when the
+    def _step_packed(self, store, runs, lr):
+        """One launch per run of the store's flat buffers; False (nothing done) when the
         momentum buffers are not views of one flat buffer, e.g. after loading a state."""
         first = all(b is None for b in self._buffers)
         if self.momentum and not first and not self._buffers_are_flat():
@@ -118,9 +119,10 @@ class SGD:
         if self.momentum and first:
             self._make_flat_buffers(store)
         buf = self._flat_buffer if self.momentum else store.data
-        if store.data.size:
-            _sgd_step_cuda[grid_1d(store.data.size)](store.data, store.grad, buf, cast(lr), cast(self.momentum),
-                                                     cast(self.weight_decay), first)
+        for a, b in runs:
+            if b > a:
+                _sgd_step_cuda[grid_1d(b - a)](store.data[a:b], store.grad[a:b], buf[a:b], cast(lr),
+                                               cast(self.momentum), cast(self.weight_decay), first)
         return True
 
     def _step_cuda(self, i, p, lr):
@@ -149,12 +151,14 @@ class SGD:
         if len(buffers) != len(self.params):
             raise ValueError(f"SGD.load_state_dict: state has {len(buffers)} buffers for {len(self.params)} params")
         self.lr, self.momentum, self.weight_decay = state["lr"], state["momentum"], state["weight_decay"]
-        store = packed_store(self.params)
-        if (store is not None and self.momentum and all(b is not None for b in buffers)
+        packed = packed_runs(self.params)
+        if (packed is not None and self.momentum and all(b is not None for b in buffers)
                 and all(np.shape(b) == p.shape for b, p in zip(buffers, self.params))):
+            store = packed[0]
             self._make_flat_buffers(store)
             flat = np.zeros(store.data.size, store.data.dtype)  # (total,): zeros in the gaps
-            for b, p, off in zip(buffers, self.params, store.offsets):
+            for b, p in zip(buffers, self.params):
+                off = store.offset(p)
                 flat[off:off + p.data.size] = np.ravel(b)
             self._flat_buffer.copy_to_device(flat)
             return
