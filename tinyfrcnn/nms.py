@@ -318,6 +318,16 @@ def _run(host, iou_threshold, device, max_per_category=None):
     return order[np.sort(by_class[kept])].astype(np.int64)  # back to score order
 
 
+def _nms_sorted_segments(boxes, starts, iou_threshold, max_keep):
+    """Greedy NMS on host ``boxes`` (N, 4), valid and finite, that the caller has already
+    laid out as segments ``[starts[s], starts[s + 1])`` (one category each, by decreasing
+    score, ties lower index first): what ``batched_nms`` would sort them into. Returns the
+    kept positions (K,) in order, at most ``max_keep`` per segment; no validation."""
+    kept = _nms_segments_cpu(np.ascontiguousarray(boxes), np.asarray(starts, np.int64),
+                             _threshold_in(boxes.dtype, iou_threshold), max_keep)
+    return np.flatnonzero(kept)
+
+
 def _group_by_category(classes):
     """A stable order of ``classes`` (N,) int64 that groups equal values, and where each
     group starts in it, with N at the end: (N,), (S + 1,)."""

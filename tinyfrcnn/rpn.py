@@ -29,7 +29,7 @@ from .checks import as_array, as_float_array, check_boxes, check_finite, check_n
 from .device import empty_on_device, grid_1d, is_device_array
 from .layers import Conv2d, Module, Parameter, ReLU, _add_cuda, _flat
 from .losses import smooth_l1, softmax_cross_entropy
-from .nms import _descending_order, batched_nms
+from .nms import _descending_order, _nms_sorted_segments
 
 
 def _host(x, name, where):
@@ -337,21 +337,20 @@ def generate_proposals_batch(logits, deltas, anchors, image_size, pre_nms_top_n=
     boxes = clip_boxes(boxes, height, width)  # (N * A, 4)
     big = np.zeros(n * num, bool)
     big[remove_small_boxes(boxes, min_size)] = True
-    boxes, big = boxes.reshape(n, num, 4), big.reshape(n, num)  # (N, A, 4), (N, A)
+    big = big.reshape(n, num)  # (N, A)
     # Each image's boxes by decreasing score (ties: lower index first), small ones last
     # (scores are finite); then the first pre_nms_top_n, less the small ones.
     ranked = np.where(big, scores, -np.inf)  # (N, A)
     top = _descending_order(ranked)[:, :pre_nms_top_n]  # (N, T)
     take = np.take_along_axis(big, top, axis=1)  # (N, T)
-    image = np.broadcast_to(np.arange(n)[:, None], top.shape)[take]  # (M,) candidates, image-major
-    index = top[take]  # (M,)
-    cand_boxes, cand_scores = boxes[image, index], scores[image, index]  # (M, 4), (M,)
-    keep = batched_nms(cand_boxes, cand_scores, image, nms_thresh, max_per_category=post_nms_top_n)  # (K,)
-    out = []
-    for i in range(n):
-        k = keep[image[keep] == i]
-        out.append((cand_boxes[k], cand_scores[k]))
-    return out
+    flat = (top + num * np.arange(n)[:, None])[take]  # (M,) candidates, image-major, by score
+    cand_boxes, cand_scores = boxes[flat], scores.reshape(n * num)[flat]  # (M, 4), (M,)
+    # NMS with each image as a category, as batched_nms would do it; the candidates
+    # already lie in its order (image by image, by decreasing score), so no sort is needed.
+    starts = np.concatenate([[0], np.cumsum(take.sum(axis=1))])  # (N + 1,)
+    keep = _nms_sorted_segments(cand_boxes, starts, nms_thresh, post_nms_top_n)  # (K,) image-major
+    bounds = np.searchsorted(keep, starts)  # (N + 1,): image i kept keep[bounds[i]:bounds[i + 1]]
+    return [(cand_boxes[keep[a:b]], cand_scores[keep[a:b]]) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
 # ---------------------------------------------------------------- evaluation
