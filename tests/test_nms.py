@@ -189,6 +189,24 @@ def test_batched_nms_max_per_category_matches_reference(seed, n, classes, limit)
     np.testing.assert_array_equal(keep, [k for j, k in enumerate(full) if np.sum(idxs[full[:j]] == idxs[k]) < limit])
 
 
+@settings(deadline=None, max_examples=25)
+@given(st.integers(0, 2**31 - 1), st.integers(1, 5), st.integers(1, 30))
+def test_presorted_segments_match_batched_nms(seed, segments, limit):
+    # The proposal layer lays its candidates out as batched_nms would: category by
+    # category, each by decreasing score (ties: lower index first), with ties in scores.
+    rng = np.random.default_rng(seed)
+    sizes = rng.integers(0, 40, segments)
+    boxes = random_boxes(rng, int(sizes.sum()))
+    scores = rng.integers(0, 6, len(boxes)).astype(np.float32)
+    idxs = np.repeat(np.arange(segments), sizes)
+    order = np.lexsort((np.arange(len(boxes)), -scores, idxs))
+    boxes, scores = boxes[order], scores[order]
+    starts = np.concatenate([[0], np.cumsum(sizes)])
+    kept = nms_module._nms_sorted_segments(boxes, starts, 0.5, limit)
+    ref = batched_nms(boxes, scores, idxs, 0.5, max_per_category=limit)
+    np.testing.assert_array_equal(kept, np.sort(ref))
+
+
 def test_batched_nms_category_ids_of_any_range():
     # ids spanning less than 2**16 are sorted as 16-bit keys, others as they are
     rng = np.random.default_rng(3)
