@@ -82,8 +82,8 @@ def on_device(name_to_array):
 
 def size_class(nbytes):
     """The bytes the pool reserves for a request of ``nbytes``: at least 512, and above
-    that the next of four sizes per power of two (2^k times 1, 1.25, 1.5, 1.75), so at
-    most a fifth of a buffer goes unused and arrays of similar sizes share buffers."""
+    that the next of four sizes per power of two (2^k times 1, 1.25, 1.5, 1.75), so less
+    than a fifth of a buffer goes unused and arrays of similar sizes share buffers."""
     if nbytes <= 512:
         return 512
     step = 1 << ((nbytes - 1).bit_length() - 3)
