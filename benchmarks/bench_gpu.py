@@ -468,12 +468,11 @@ def bench_train_step(B):
             allocations = POOL.allocations
             ours_again = B.time_ours(lambda: step(gpu_model, gpu_optim), repeats=repeats)
             per_step = (POOL.allocations - allocations) / (B.warmup + repeats)
-            limit, POOL.max_cached_bytes = POOL.max_cached_bytes, 0
-            POOL.clear()
+            POOL.enabled = False
             try:
                 unpooled = B.time_ours(lambda: step(gpu_model, gpu_optim), repeats=repeats)
             finally:
-                POOL.max_cached_bytes = limit
+                POOL.enabled = True
             # after the timed steps: this applies extra updates to the GPU model
             update = B.time_ours(lambda: (gpu_optim.zero_grad(), gpu_optim.step()), repeats=repeats)
             packed = packed_runs(gpu_optim.params)
@@ -490,7 +489,7 @@ def bench_train_step(B):
               note="ours: ms of the GPU step spent in the host steps (targets, proposals, losses); "
                    "baseline column: the whole GPU step")
         B.add(name + ": no buffer pool", f"{size}x{size}, batch {n}", unpooled, ours_again, "-",
-              note="ours: the GPU step with every device array from the driver (cuMemAlloc/cuMemFree); "
+              note="ours: the GPU step with the pool off (numba's cuMemAlloc/cuMemFree per array); "
                    f"baseline column: the pooled step ({per_step:.1f} driver allocations per pooled step)")
         B.add(name + ": zero_grad + SGD", f"{size}x{size}, batch {n}", update, ours, "-",
               note=f"ours: ms of the GPU step in zero_grad and the SGD update ({launches} launches for "

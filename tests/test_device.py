@@ -86,6 +86,12 @@ pool.clear()
 assert pool.cached_bytes == 0 and not pool._free
 pool.empty(6, np.float32)
 assert len(made) == 6 and pool.allocations == 6
+pool.enabled = False  # numba's own allocation, which needs a GPU here
+try:
+    pool.empty(6, np.float32)
+except Exception as e:
+    assert "CUDA" in type(e).__name__ or "driver" in str(e), e
+assert len(made) == 6 and pool.allocations == 6
 print("ok")
 """
 

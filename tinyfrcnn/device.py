@@ -104,13 +104,14 @@ class BufferPool:
     references to the memory and calls ``_release`` only after the last one is gone.
     All kernels run on the default stream, so work queued by an old owner finishes
     before a new owner's kernels write. Dropped buffers beyond ``max_cached_bytes`` go
-    back to the driver; ``clear`` returns all of them. Under numba's simulator the pool
-    steps aside (plain ``cuda.device_array``).
+    back to the driver; ``clear`` returns all of them. With ``enabled`` False, and under
+    numba's simulator, the pool steps aside: plain ``cuda.device_array``.
     """
 
     def __init__(self, max_cached_bytes=1 << 30, allocate=None, context=None):
         from numba import cuda
 
+        self.enabled = True
         self.max_cached_bytes = max_cached_bytes
         self._allocate = allocate or (lambda nbytes: cuda.device_array(nbytes, dtype=np.uint8))
         self._context = context or cuda.current_context
@@ -128,7 +129,7 @@ class BufferPool:
         dtype = np.dtype(dtype)
         shape = tuple(int(s) for s in np.atleast_1d(shape))
         nbytes = math.prod(shape) * dtype.itemsize
-        if nbytes == 0 or config.ENABLE_CUDASIM:
+        if nbytes == 0 or config.ENABLE_CUDASIM or not self.enabled:
             return cuda.device_array(shape, dtype=dtype)
         from numba.cuda.cudadrv.devicearray import DeviceNDArray
         from numba.cuda.cudadrv.driver import AutoFreePointer
