@@ -148,6 +148,13 @@ def test_head_loss_nothing_sampled_and_bad_input():
         head_loss(np.zeros((2, 3)), np.zeros((2, 12)), np.array([0, 1]), np.zeros((2, 5)))
     with pytest.raises(ValueError, match="sigma"):
         head_loss(np.zeros((2, 3)), np.zeros((2, 12)), np.array([0, 1]), np.zeros((2, 4)), sigma=0)
+    with pytest.raises(ValueError, match="cls_logits"):
+        head_loss(np.array([[0, np.nan, 0], [0, 0, 0]]), np.zeros((2, 12)), np.array([0, 1]), np.zeros((2, 4)))
+    with pytest.raises(ValueError, match="box_targets"):
+        head_loss(np.zeros((2, 3)), np.zeros((2, 12)), np.array([0, 1]), np.array([[0, 0, 0, 0], [0, np.inf, 0, 0]]))
+    # a background row's target is never read, whatever it holds
+    out = head_loss(np.zeros((2, 3)), np.zeros((2, 12)), np.array([0, 1]), np.array([[np.nan] * 4, [0, 0, 0, 0]]))
+    assert np.isfinite(out["loss_box"]) and np.isfinite(out["grad_box"]).all()
 
 
 # --------------------------------------------------------------------------- postprocess_detections

@@ -177,6 +177,11 @@ def test_rpn_loss_nothing_sampled_and_float32():
         ((np.zeros((3, 3)), np.zeros((3, 4)), np.array([0, 1, 0]), np.zeros((3, 4))), "logits must have shape"),
         ((np.zeros((3, 2)), np.zeros((3, 4)), np.array([0, 2, 0]), np.zeros((3, 4))), "labels must be"),
         ((np.zeros((3, 2)), np.zeros((3, 4)), np.array([0, 1, 0]), np.full((3, 4), np.nan)), "NaN"),
+        ((np.array([[0, 0], [np.inf, 0], [0, 0]]), np.zeros((3, 4)), np.array([0, 1, 0]), np.zeros((3, 4))),
+         "rpn_loss: logits"),
+        ((np.zeros((3, 2)), np.full((3, 4), np.nan), np.array([-1, -1, -1]), np.zeros((3, 4))), "rpn_loss: deltas"),
+        ((np.zeros((3, 2), np.float32), np.zeros((3, 4), np.float32), np.array([0, 1, 0]), np.full((3, 4), 1e300)),
+         "reg_targets"),  # finite in float64, inf in the deltas' float32
     ],
 )
 def test_rpn_loss_bad_input(args, match):

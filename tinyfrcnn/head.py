@@ -17,7 +17,7 @@ from .boxes import clip_boxes, decode, remove_small_boxes
 from .checks import as_array, as_float_array, check_boxes, check_finite, check_number, check_positive_int
 from .device import empty_on_device, grid_1d, is_device_array, zeros_on_device
 from .layers import Flatten, Linear, Module, Parameter, ReLU, _add_cuda, _flat
-from .losses import smooth_l1, softmax_cross_entropy
+from .losses import _smooth_l1_host, _softmax_cross_entropy_host
 from .nms import batched_nms
 from .roi import RoIAlign, RoIPool
 
@@ -152,18 +152,20 @@ def head_loss(cls_logits, box_deltas, labels, box_targets, sigma=1.0):
         i = int(np.flatnonzero((labels < -1) | (labels >= k1))[0])
         raise ValueError(f"{where}: labels[{i}] = {int(labels[i])} is outside [-1, {k1 - 1}]")
     sigma = check_number(sigma, "sigma", low=0, low_open=True, where=where)
+    check_finite(cls_logits, "cls_logits", where)
     check_finite(box_deltas, "box_deltas", where)
-
-    loss_cls, grad_cls = softmax_cross_entropy(cls_logits, labels, ignore_index=-1)
-    sampled = int((labels >= 0).sum())
     fg = labels > 0
-    check_finite(box_targets[fg], "box_targets (foreground rows)", where)
+    targets = np.where(fg[:, None], box_targets, 0).astype(box_deltas.dtype)  # (R, 4): own rows only
+    check_finite(targets, "box_targets (foreground rows)", where)
+
+    # The inputs are checked: the losses' unchecked host cores (see losses.py).
+    loss_cls, grad_cls = _softmax_cross_entropy_host(cls_logits, labels, ignore_index=-1)
+    sampled = int((labels >= 0).sum())
     rows = np.arange(r)
     cols = 4 * np.maximum(labels, 0)[:, None] + np.arange(4)  # (R, 4): the own class's columns
     own = box_deltas[rows[:, None], cols]  # (R, 4)
-    targets = np.where(fg[:, None], box_targets, 0).astype(box_deltas.dtype)  # (R, 4)
-    loss_box, grad_own = smooth_l1(own, targets, beta=1.0 / sigma**2,
-                                   weights=np.repeat(fg[:, None], 4, axis=1).astype(box_deltas.dtype))
+    loss_box, grad_own = _smooth_l1_host(own, targets, 1.0 / sigma**2,
+                                         weights=np.repeat(fg[:, None], 4, axis=1).astype(box_deltas.dtype))
     scale = 1.0 / sampled if sampled else 0.0
     grad_box = np.zeros_like(box_deltas)  # (R, 4 (K + 1))
     grad_box[rows[:, None], cols] = grad_own * box_deltas.dtype.type(scale)

@@ -133,23 +133,31 @@ def softmax_cross_entropy(logits, labels, ignore_index=-1):
             f"{where}: labels[{i}] = {int(host_labels[i])} is outside [0, {k}) "
             f"and is not ignore_index ({ignore_index})"
         )
+    if not gpu:
+        return _softmax_cross_entropy_host(logits, labels, ignore_index)
     count = int(keep.sum())
     scale = 1.0 / count if count else 0.0
     if n == 0:
-        grad = np.zeros((0, k), logits.dtype)
-        return 0.0, (to_device(grad) if gpu else grad)
-    if gpu:
-        row_loss = empty_on_device(n, np.float64)
-        grad = empty_on_device((n, k), logits.dtype)
-        blocks, threads = grid_1d(n)
-        _softmax_cross_entropy_cuda[blocks, threads](logits, labels, ignore_index, scale, row_loss, grad)
-        row_loss = row_loss.copy_to_host()
-    else:
-        logits = np.ascontiguousarray(logits)
-        labels = np.ascontiguousarray(labels, dtype=np.int64)
-        row_loss = np.empty(n, np.float64)
-        grad = np.empty((n, k), logits.dtype)
-        _softmax_cross_entropy_cpu(logits, labels, ignore_index, scale, row_loss, grad)
+        return 0.0, to_device(np.zeros((0, k), logits.dtype))
+    row_loss = empty_on_device(n, np.float64)
+    grad = empty_on_device((n, k), logits.dtype)
+    blocks, threads = grid_1d(n)
+    _softmax_cross_entropy_cuda[blocks, threads](logits, labels, ignore_index, scale, row_loss, grad)
+    return float(row_loss.copy_to_host().sum() * scale), grad
+
+
+def _softmax_cross_entropy_host(logits, labels, ignore_index):
+    """``softmax_cross_entropy`` of checked NumPy arrays: finite float logits (N, K),
+    integer labels (N,) in [0, K) or ``ignore_index``. For callers that validated them."""
+    n, k = logits.shape
+    if n == 0:
+        return 0.0, np.zeros((0, k), logits.dtype)
+    count = int((labels != ignore_index).sum())
+    scale = 1.0 / count if count else 0.0
+    row_loss = np.empty(n, np.float64)
+    grad = np.empty((n, k), logits.dtype)
+    _softmax_cross_entropy_cpu(np.ascontiguousarray(logits), np.ascontiguousarray(labels, dtype=np.int64),
+                               ignore_index, scale, row_loss, grad)
     return float(row_loss.sum() * scale), grad
 
 
@@ -238,19 +246,26 @@ def smooth_l1(pred, target, beta=1.0, weights=None):
         if np.dtype(a.dtype) != np.dtype(pred.dtype):
             raise ValueError(f"{where}: {name} has dtype {np.dtype(a.dtype).name} but pred has {np.dtype(pred.dtype).name}")
         check_finite(a, name, where)
-    gpu = on_device(named)
+    if not on_device(named):
+        return _smooth_l1_host(pred, target, beta, named.get("weights"))
     shape, dtype, size = tuple(pred.shape), pred.dtype, int(pred.size)
     if size == 0:
-        grad = np.zeros(shape, dtype)
-        return 0.0, (to_device(grad) if gpu else grad)
-    if gpu:
-        flat = [a.reshape(size) for a in (pred, target)]
-        w = weights.reshape(size) if weights is not None else empty_on_device(1, dtype)
-        elem_loss = empty_on_device(size, np.float64)
-        grad = empty_on_device(size, dtype)
-        blocks, threads = grid_1d(size)
-        _smooth_l1_cuda[blocks, threads](flat[0], flat[1], w, weights is not None, beta, elem_loss, grad)
-        return float(elem_loss.copy_to_host().sum()), grad.reshape(shape)
+        return 0.0, to_device(np.zeros(shape, dtype))
+    flat = [a.reshape(size) for a in (pred, target)]
+    w = weights.reshape(size) if weights is not None else empty_on_device(1, dtype)
+    elem_loss = empty_on_device(size, np.float64)
+    grad = empty_on_device(size, dtype)
+    blocks, threads = grid_1d(size)
+    _smooth_l1_cuda[blocks, threads](flat[0], flat[1], w, weights is not None, beta, elem_loss, grad)
+    return float(elem_loss.copy_to_host().sum()), grad.reshape(shape)
+
+
+def _smooth_l1_host(pred, target, beta, weights=None):
+    """``smooth_l1`` of checked NumPy arrays: finite, one shape and float dtype (weights
+    may be None), ``beta >= 0``. For callers that validated them."""
+    shape, dtype, size = tuple(pred.shape), pred.dtype, int(pred.size)
+    if size == 0:
+        return 0.0, np.zeros(shape, dtype)
     flat = [np.ascontiguousarray(a).reshape(size) for a in (pred, target)]
     w = np.ascontiguousarray(weights).reshape(size) if weights is not None else np.ones(1, dtype)
     elem_loss = np.empty(size, np.float64)

@@ -28,7 +28,7 @@ from .boxes import box_iou, clip_boxes, decode, remove_small_boxes
 from .checks import as_array, as_float_array, check_boxes, check_finite, check_number, check_positive_int
 from .device import empty_on_device, grid_1d, is_device_array
 from .layers import Conv2d, Module, Parameter, ReLU, _add_cuda, _flat
-from .losses import smooth_l1, softmax_cross_entropy
+from .losses import _smooth_l1_host, _softmax_cross_entropy_host
 from .nms import _descending_order, _nms_sorted_segments
 
 
@@ -228,14 +228,17 @@ def rpn_loss(logits, deltas, labels, reg_targets, sigma=3.0, lam=1.0):
                          f"values {np.unique(labels)[:5].tolist()}")
     sigma = check_number(sigma, "sigma", low=0.0, low_open=True, where=where)
     lam = check_number(lam, "lam", low=0.0, where=where)
-    check_finite(reg_targets, "reg_targets", where)
+    with np.errstate(over="ignore"):  # an overflow to inf is reported just below
+        reg_targets = reg_targets.astype(deltas.dtype, copy=False)
+    for name, a in (("logits", logits), ("deltas", deltas), ("reg_targets", reg_targets)):
+        check_finite(a, name, where)
 
-    loss_cls, grad_logits = softmax_cross_entropy(logits, labels, ignore_index=-1)
+    # The inputs are checked: the losses' unchecked host cores (see losses.py).
+    loss_cls, grad_logits = _softmax_cross_entropy_host(logits, labels, ignore_index=-1)
     num_sampled = int((labels >= 0).sum())
     scale = lam / num_sampled if num_sampled else 0.0
     p_star = np.repeat((labels == 1)[:, None], 4, axis=1).astype(deltas.dtype)  # (A, 4)
-    loss_reg, grad_deltas = smooth_l1(deltas, reg_targets.astype(deltas.dtype), beta=1.0 / sigma**2,
-                                      weights=p_star)
+    loss_reg, grad_deltas = _smooth_l1_host(deltas, reg_targets, 1.0 / sigma**2, weights=p_star)
     return {"loss_cls": loss_cls, "loss_reg": loss_reg * scale,
             "grad_logits": grad_logits, "grad_deltas": (grad_deltas * scale).astype(deltas.dtype)}
 
