@@ -308,13 +308,12 @@ def _run(host, iou_threshold, device, max_per_category=None):
         keep = _nms_cuda(sorted_boxes, classes, order, iou_threshold)
         return keep if max_per_category is None else _first_per_category(keep, host.get("idxs"), max_per_category)
     max_keep = len(boxes) if max_per_category is None else max_per_category
-    threshold = _threshold_in(boxes.dtype, iou_threshold)
     if classes is None:
-        return order[_nms_cpu(sorted_boxes, threshold, max_keep)].astype(np.int64)
+        return order[_nms_cpu(sorted_boxes, _threshold_in(boxes.dtype, iou_threshold), max_keep)].astype(np.int64)
     # One category after another, each still in score order: boxes of different
     # categories are never compared, and the categories run in parallel.
     by_class, starts = _group_by_category(classes)
-    kept = _nms_segments_cpu(np.ascontiguousarray(sorted_boxes[by_class]), starts, threshold, max_keep)
+    kept = _nms_sorted_segments(sorted_boxes[by_class], starts, iou_threshold, max_keep)
     return order[np.sort(by_class[kept])].astype(np.int64)  # back to score order
 
 
