@@ -188,19 +188,30 @@ def _grads(model, step):
         p.accumulate(cuda.to_device(g) if p.device == "cuda" else g)
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_packed_sgd_is_one_launch_and_matches_cpu(monkeypatch, dtype):
+def _count_launches(monkeypatch):
+    """The SGD and fill kernels, swapped for counting stand-ins: (sgd, fill)."""
     sgd_kernel = CountLaunches(optim_mod._sgd_step_cuda)
     fill_kernel = CountLaunches(layers_mod._fill_cuda)
-    host, dev = net(dtype), net(dtype).to("cuda")
-    opts = [SGD(m.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4) for m in (host, dev)]
     monkeypatch.setattr(optim_mod, "_sgd_step_cuda", sgd_kernel)
     monkeypatch.setattr(layers_mod, "_fill_cuda", fill_kernel)
+    return sgd_kernel, fill_kernel
+
+
+def _sgd_step(opts, models, step):
+    """zero_grad, the step's gradients, and one update, for each (optimizer, model)."""
+    for opt, model in zip(opts, models):
+        opt.zero_grad()
+        _grads(model, step)
+        opt.step()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_packed_sgd_is_one_launch_and_matches_cpu(monkeypatch, dtype):
+    host, dev = net(dtype), net(dtype).to("cuda")
+    opts = [SGD(m.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4) for m in (host, dev)]
+    sgd_kernel, fill_kernel = _count_launches(monkeypatch)
     for step in range(3):
-        for opt, model in zip(opts, (host, dev)):
-            opt.zero_grad()
-            _grads(model, step)
-            opt.step()
+        _sgd_step(opts, (host, dev), step)
         for p, q in zip(host.parameters(), dev.parameters()):
             np.testing.assert_allclose(q.data.copy_to_host(), p.data, rtol=1e-6, atol=1e-7)
     assert sgd_kernel.launches == 3 and fill_kernel.launches == 3  # one per step each, not one per parameter
@@ -216,18 +227,12 @@ def test_packed_sgd_is_one_launch_and_matches_cpu(monkeypatch, dtype):
 @pytest.mark.parametrize("which", [(1, 3), (0, 1), (2,)])
 def test_sgd_on_some_packed_parameters_is_one_launch_per_run(monkeypatch, which):
     # A stage of the alternating schedule trains some of a model's parameters.
-    sgd_kernel = CountLaunches(optim_mod._sgd_step_cuda)
-    fill_kernel = CountLaunches(layers_mod._fill_cuda)
     host, dev = net(), net().to("cuda")
     before = [p.data.copy_to_host() for p in dev.parameters()]
     opts = [SGD([m.parameters()[i] for i in which], lr=0.05, momentum=0.9, weight_decay=5e-4) for m in (host, dev)]
-    monkeypatch.setattr(optim_mod, "_sgd_step_cuda", sgd_kernel)
-    monkeypatch.setattr(layers_mod, "_fill_cuda", fill_kernel)
+    sgd_kernel, fill_kernel = _count_launches(monkeypatch)
     for step in range(3):
-        for opt, model in zip(opts, (host, dev)):
-            opt.zero_grad()
-            _grads(model, step)
-            opt.step()
+        _sgd_step(opts, (host, dev), step)
     runs = 1 if which != (1, 3) else 2
     assert sgd_kernel.launches == 3 * runs and fill_kernel.launches == 3 * runs
     for i, (p, q) in enumerate(zip(host.parameters(), dev.parameters())):
@@ -247,8 +252,7 @@ def test_module_zero_grad_of_a_packed_submodule_is_one_launch(monkeypatch):
     dev = net().to("cuda")
     for p in dev.parameters():
         p.accumulate(cuda.to_device(np.ones(p.shape, np.float32)))
-    fill_kernel = CountLaunches(layers_mod._fill_cuda)
-    monkeypatch.setattr(layers_mod, "_fill_cuda", fill_kernel)
+    _, fill_kernel = _count_launches(monkeypatch)
     dev[1].zero_grad()
     assert fill_kernel.launches == 1
     assert [bool(p.grad.copy_to_host().any()) for p in dev.parameters()] == [True, True, False, False]
@@ -262,8 +266,7 @@ def test_broken_packing_falls_back_to_one_launch_per_parameter(monkeypatch):
         opt.step()
     dev.parameters()[1].to("cpu").to("cuda")  # it now has arrays of its own: the store no longer holds it
     assert packed_store(dev.parameters()) is None
-    sgd_kernel = CountLaunches(optim_mod._sgd_step_cuda)
-    monkeypatch.setattr(optim_mod, "_sgd_step_cuda", sgd_kernel)
+    sgd_kernel, _ = _count_launches(monkeypatch)
     for opt in opts:
         opt.step()
     assert sgd_kernel.launches == 4  # one per parameter
