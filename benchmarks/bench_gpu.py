@@ -3,6 +3,7 @@
     python benchmarks/bench_gpu.py                # on a machine with an NVIDIA GPU
     python benchmarks/bench_gpu.py --simulate     # tiny inputs in numba's simulator
     python benchmarks/bench_gpu.py --json results.json
+    python benchmarks/bench_gpu.py --only train,nms   # some of the benchmarks
 
 Each row runs tinyfrcnn's public function on device arrays and the torch op on the same
 numbers, times both (median of several runs after warm-up, synchronising the device
@@ -13,7 +14,9 @@ with TF32 off, so both sides do float32 arithmetic.
 
 ``--simulate`` runs the same code paths on tiny inputs in numba's CUDA simulator and
 checks them against tinyfrcnn's CPU path instead of torch (the times mean nothing
-there). Without a GPU and without ``--simulate`` the script says so and exits 0.
+there). Without a GPU and without ``--simulate`` the script says so and exits 0. Rows are
+printed as they are measured and ``--json`` is rewritten after each benchmark, so a run
+cut short keeps what it measured.
 numba-cuda 0.30 needs NumPy below 2.5 (it calls ``np.row_stack``): install
 ``numpy<2.5`` beside torch if importing numba.cuda fails with that error.
 """
@@ -41,7 +44,14 @@ def parse_args(argv=None):
     p.add_argument("--simulate", action="store_true", help="tiny inputs in numba's CUDA simulator, no torch")
     p.add_argument("--repeats", type=int, default=None, help="timed runs per op (median reported)")
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
-    return p.parse_args(argv)
+    p.add_argument("--only", default=",".join(BENCHMARKS),
+                   help=f"comma-separated benchmarks to run, of {','.join(BENCHMARKS)} (default: all, in that order)")
+    args = p.parse_args(argv)
+    args.only = [name.strip() for name in args.only.split(",") if name.strip()]
+    unknown = [name for name in args.only if name not in BENCHMARKS]
+    if unknown or not args.only:
+        p.error(f"--only takes names from {','.join(BENCHMARKS)}, got {unknown or 'none'}")
+    return args
 
 
 def median_ms(fn, sync, warmup, repeats):
@@ -109,6 +119,7 @@ class Bench:
     def add(self, name, size, ours_ms, base_ms, check, target="", note="", met=None):
         self.rows.append(dict(op=name, size=size, ours_ms=ours_ms, base_ms=base_ms, check=check,
                               target=target, met=None if self.sim else met, note=note))
+        print(f"{name} ({size}): {fmt_ms(ours_ms)} ms vs {fmt_ms(base_ms)} ms, {check}", flush=True)
 
     def fail(self, name, exc):
         self.rows.append(dict(op=name, size="", ours_ms=None, base_ms=None, check="ERROR",
@@ -522,6 +533,11 @@ def print_table(B, header):
         print(" | ".join(str(x).ljust(w) for x, w in zip(row, widths)))
 
 
+# --only's names, in the default order: the train step first, the figure that matters most
+BENCHMARKS = {"train": bench_train_step, "nms": bench_nms, "roi": bench_roi, "box_iou": bench_box_iou,
+              "matmul": bench_matmul}
+
+
 def main(argv=None):
     args = parse_args(argv)
     # numba reads this once, at import: it must be settled before numba is imported.
@@ -557,14 +573,14 @@ def main(argv=None):
         header = (f"tinyfrcnn CUDA kernels vs torch {B.torch.__version__} / torchvision {B.tv.__version__} "
                   f"on {gpu}; numba {numba.__version__}, numpy {np.__version__}, Python {platform.python_version()}")
     t0 = time.perf_counter()
-    for bench in (bench_nms, bench_roi, bench_box_iou, bench_matmul, bench_train_step):
-        bench(B)
+    for name in args.only:
+        BENCHMARKS[name](B)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(dict(header=header, baseline=B.baseline, repeats=B.repeats, rows=B.rows), f, indent=1)
     print()
     print_table(B, header)
     print(f"\n(total {time.perf_counter() - t0:.1f} s)")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(header=header, baseline=B.baseline, repeats=B.repeats, rows=B.rows), f, indent=1)
     errors = [r for r in B.rows if r["check"] == "ERROR" or str(r["check"]).startswith("DIFFER")]
     return 1 if errors else 0
 

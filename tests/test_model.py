@@ -140,15 +140,32 @@ def test_forward_rejects_bad_input():
         FasterRCNN(TINY).backward()
 
 
-def test_bench_gpu_times_the_models_host_steps():
-    # benchmarks/bench_gpu.py times the GPU step's host part by wrapping these names
+def _load_bench_gpu():
     import importlib.util
-    import os
-
-    import tinyfrcnn.model as model_mod
 
     path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "bench_gpu.py")
     spec = importlib.util.spec_from_file_location("bench_gpu", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+def test_bench_gpu_times_the_models_host_steps():
+    # benchmarks/bench_gpu.py times the GPU step's host part by wrapping these names
+    import tinyfrcnn.model as model_mod
+
+    bench = _load_bench_gpu()
     assert bench.HOST_STEPS and all(callable(getattr(model_mod, name, None)) for name in bench.HOST_STEPS)
+
+
+def test_bench_gpu_runs_the_benchmarks_asked_for_and_writes_their_rows(tmp_path, capsys):
+    import json
+
+    bench = _load_bench_gpu()
+    out = tmp_path / "rows.json"
+    assert bench.main(["--simulate", "--only", "box_iou", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["op"] for r in rows] == ["box_iou"] and rows[0]["check"] == "0.00e+00"
+    assert "box_iou (20 x 10):" in capsys.readouterr().out  # printed when measured
+    with pytest.raises(SystemExit):
+        bench.main(["--simulate", "--only", "box_iou,nmz"])
