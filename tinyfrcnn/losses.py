@@ -43,38 +43,11 @@ def _softmax_cross_entropy_reference(logits, labels, ignore_index=-1):
     return float(loss), (grad / n).astype(logits.dtype)
 
 
-@njit(cache=True)
-def _softmax_cross_entropy_cpu(logits, labels, ignore_index, scale, row_loss, grad):
-    n, k = logits.shape
-    for i in range(n):
-        y = labels[i]
-        if y == ignore_index:
-            row_loss[i] = 0.0
-            for j in range(k):
-                grad[i, j] = 0.0
-            continue
-        m = logits[i, 0]
-        for j in range(1, k):
-            m = max(m, logits[i, j])
-        total = 0.0
-        for j in range(k):
-            total += math.exp(logits[i, j] - m)
-        log_total = math.log(total)
-        row_loss[i] = log_total - (logits[i, y] - m)
-        for j in range(k):
-            g = math.exp(logits[i, j] - m - log_total)
-            if j == y:
-                g -= 1.0
-            grad[i, j] = g * scale
-
-
-@cuda.jit
-def _softmax_cross_entropy_cuda(logits, labels, ignore_index, scale, row_loss, grad):
-    i = cuda.grid(1)
-    n = logits.shape[0]
+def _softmax_cross_entropy_row(logits, labels, ignore_index, scale, row_loss, grad, i):
+    """Row i: ``row_loss[i] = log sum_j exp z_ij - z_{i,y}`` and ``grad[i] = scale *
+    (softmax(z_i) - onehot(y))``, both 0 when ``y`` is ignored. Written once, compiled
+    for the CPU loop and for one CUDA thread."""
     k = logits.shape[1]
-    if i >= n:
-        return
     y = labels[i]
     if y == ignore_index:
         row_loss[i] = 0.0
@@ -94,6 +67,23 @@ def _softmax_cross_entropy_cuda(logits, labels, ignore_index, scale, row_loss, g
         if j == y:
             g -= 1.0
         grad[i, j] = g * scale
+
+
+_softmax_cross_entropy_row_cpu = njit(cache=True)(_softmax_cross_entropy_row)
+_softmax_cross_entropy_row_cuda = cuda.jit(device=True, inline="always")(_softmax_cross_entropy_row)
+
+
+@njit(cache=True)
+def _softmax_cross_entropy_cpu(logits, labels, ignore_index, scale, row_loss, grad):
+    for i in range(logits.shape[0]):
+        _softmax_cross_entropy_row_cpu(logits, labels, ignore_index, scale, row_loss, grad, i)
+
+
+@cuda.jit
+def _softmax_cross_entropy_cuda(logits, labels, ignore_index, scale, row_loss, grad):
+    i = cuda.grid(1)
+    if i < logits.shape[0]:
+        _softmax_cross_entropy_row_cuda(logits, labels, ignore_index, scale, row_loss, grad, i)
 
 
 def softmax_cross_entropy(logits, labels, ignore_index=-1):
@@ -176,29 +166,10 @@ def _smooth_l1_reference(pred, target, beta=1.0, weights=None):
     return float((w * loss).sum()), (w * grad).astype(pred.dtype)
 
 
-@njit(cache=True)
-def _smooth_l1_cpu(pred, target, weights, use_weights, beta, elem_loss, grad):
-    for i in range(pred.size):
-        x = pred[i] - target[i]
-        ax = abs(x)
-        if ax < beta:
-            loss = 0.5 * x * x / beta
-            g = x / beta
-        else:
-            loss = ax - 0.5 * beta
-            g = 1.0 if x > 0 else (-1.0 if x < 0 else 0.0)
-        if use_weights:
-            loss *= weights[i]
-            g *= weights[i]
-        elem_loss[i] = loss
-        grad[i] = g
-
-
-@cuda.jit
-def _smooth_l1_cuda(pred, target, weights, use_weights, beta, elem_loss, grad):
-    i = cuda.grid(1)
-    if i >= pred.size:
-        return
+def _smooth_l1_element(pred, target, weights, use_weights, beta, elem_loss, grad, i):
+    """Element i: ``f(x)`` and ``f'(x)`` of ``x = pred[i] - target[i]``, times
+    ``weights[i]`` when ``use_weights``. Written once, compiled for the CPU loop and for
+    one CUDA thread."""
     x = pred[i] - target[i]
     ax = abs(x)
     if ax < beta:
@@ -212,6 +183,23 @@ def _smooth_l1_cuda(pred, target, weights, use_weights, beta, elem_loss, grad):
         g *= weights[i]
     elem_loss[i] = loss
     grad[i] = g
+
+
+_smooth_l1_element_cpu = njit(cache=True)(_smooth_l1_element)
+_smooth_l1_element_cuda = cuda.jit(device=True, inline="always")(_smooth_l1_element)
+
+
+@njit(cache=True)
+def _smooth_l1_cpu(pred, target, weights, use_weights, beta, elem_loss, grad):
+    for i in range(pred.size):
+        _smooth_l1_element_cpu(pred, target, weights, use_weights, beta, elem_loss, grad, i)
+
+
+@cuda.jit
+def _smooth_l1_cuda(pred, target, weights, use_weights, beta, elem_loss, grad):
+    i = cuda.grid(1)
+    if i < pred.size:
+        _smooth_l1_element_cuda(pred, target, weights, use_weights, beta, elem_loss, grad, i)
 
 
 def smooth_l1(pred, target, beta=1.0, weights=None):
