@@ -186,6 +186,12 @@ def _roi_pool_backward_cpu(grad_out, argmax, grad_in):
                         grad_in[a] += grad_out[r, c, i, j]
 
 
+@cuda.jit(device=True, inline="always")
+def _output_index(t, C, PH, PW):
+    """(r, c, i, j) of flat index t into an (R, C, PH, PW) output: one CUDA thread a bin."""
+    return t // (PW * PH * C), (t // (PW * PH)) % C, (t // PW) % PH, t % PW
+
+
 def _cuda_scalar(dtype):
     return float32 if np.dtype(dtype) == np.float32 else float64
 
@@ -224,10 +230,7 @@ def _make_roi_pool_forward_cuda(dtype):
         t = cuda.grid(1)
         if t >= R * C * PH * PW:
             return
-        j = t % PW
-        i = (t // PW) % PH
-        c = (t // (PW * PH)) % C
-        r = t // (PW * PH * C)
+        r, c, i, j = _output_index(t, C, PH, PW)
         n = int(rois[r, 0])
         h0, h1 = bin_edges(corner(rois[r, 2], scale), corner(rois[r, 4], scale), i, PH, H)
         w0, w1 = bin_edges(corner(rois[r, 1], scale), corner(rois[r, 3], scale), j, PW, W)
@@ -264,10 +267,7 @@ def _roi_pool_backward_cuda(grad_out, argmax, grad_in, flag):
     t = cuda.grid(1)
     if t >= R * C * PH * PW:
         return
-    j = t % PW
-    i = (t // PW) % PH
-    c = (t // (PW * PH)) % C
-    r = t // (PW * PH * C)
+    r, c, i, j = _output_index(t, C, PH, PW)
     a = argmax[r, c, i, j]
     if a < -1 or a >= grad_in.size:
         flag[0] = 1
@@ -635,10 +635,7 @@ def _make_roi_align_cuda(dtype):
         t = cuda.grid(1)
         if t >= R * C * PH * PW:
             return
-        j = t % PW
-        i = (t // PW) % PH
-        c = (t // (PW * PH)) % C
-        r = t // (PW * PH * C)
+        r, c, i, j = _output_index(t, C, PH, PW)
         n, y0, x0, bin_h, bin_w, gh, gw = geometry(rois, r, scale, sampling_ratio, aligned, PH, PW)
         total = T(0.0)
         for iy in range(gh):
@@ -659,10 +656,7 @@ def _make_roi_align_cuda(dtype):
         t = cuda.grid(1)
         if t >= R * C * PH * PW:
             return
-        j = t % PW
-        i = (t // PW) % PH
-        c = (t // (PW * PH)) % C
-        r = t // (PW * PH * C)
+        r, c, i, j = _output_index(t, C, PH, PW)
         n, y0, x0, bin_h, bin_w, gh, gw = geometry(rois, r, scale, sampling_ratio, aligned, PH, PW)
         g = grad_out[r, c, i, j] / max(gh * gw, 1)
         for iy in range(gh):
