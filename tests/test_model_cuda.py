@@ -70,13 +70,73 @@ def stepped():
     bias-gradient reduction. This changes no result beyond float rounding; on a GPU
     (``NUMBA_ENABLE_CUDASIM=0``) the defaults run.
     """
+    launched = {}  # simulator: kernel -> the numba types of each launch's arguments
     with pytest.MonkeyPatch.context() as mp:
         if numba.config.ENABLE_CUDASIM:
             mp.setattr(mm, "launch_tiled", _naive_matmul)
             mp.setattr(tinyfrcnn.device.grid_1d, "__defaults__", (32,))
             mp.setattr(layers, "BIAS_THREADS", 4)
-        cpu, gpu = train_step("cpu"), train_step("cuda")
-        yield {"cpu": cpu, "cuda": gpu}
+        cpu = train_step("cpu")
+        if numba.config.ENABLE_CUDASIM:
+            _record_launches(mp, launched)
+        gpu = train_step("cuda")
+        yield {"cpu": cpu, "cuda": gpu, "launched": launched}
+
+
+def _record_launches(mp, launched):
+    """Have the simulator note each kernel launch and the numba types of its arguments."""
+    from numba.cuda.simulator import kernel as sim_kernel
+
+    call = sim_kernel.FakeCUDAKernel.__call__
+
+    def recording_call(kernel, *args):
+        if not kernel._device:  # a launch, not a device function called by a kernel
+            types = tuple(numba.typeof(getattr(a, "_ary", a)) for a in args)  # the simulator's arrays wrap NumPy's
+            launched.setdefault(kernel, set()).add(types)
+        return call(kernel, *args)
+
+    mp.setattr(sim_kernel.FakeCUDAKernel, "__call__", recording_call)
+
+
+def _signature(types):
+    """numba types of a launch's arguments -> the signature string compile_ptx takes."""
+    def one(t):
+        if isinstance(t, numba.types.Array):
+            dims = [":"] * t.ndim
+            if t.layout == "C":
+                dims[-1] = "::1"
+            elif t.layout == "F":
+                dims[0] = "::1"
+            return f"{t.dtype}[{', '.join(dims)}]"
+        return "boolean" if t == numba.types.boolean else str(t)
+
+    return "void(" + ", ".join(one(t) for t in types) + ")"
+
+
+def test_step_kernels_compile_to_ptx_with_the_types_they_are_launched_with(stepped):
+    # The PTX tests of each module use signatures written by hand; this one compiles every
+    # kernel of a CUDA train step with the argument types the step passed it, so that a
+    # launch the real compiler cannot type (in a branch the simulator never took, or with
+    # types no hand-written signature has) fails here, not on a GPU.
+    if not numba.config.ENABLE_CUDASIM:
+        pytest.skip("on a GPU the step itself compiled its kernels")
+    import importlib
+    import pkgutil
+
+    import tinyfrcnn
+
+    names = {}  # kernel -> (module, attribute) for the compiling process to import
+    for info in pkgutil.iter_modules(tinyfrcnn.__path__):
+        module = importlib.import_module(f"tinyfrcnn.{info.name}")
+        for attr, value in vars(module).items():
+            names.setdefault(id(value), (module.__name__, attr))
+    launched = stepped["launched"]
+    assert len(launched) >= 15  # im2col, matmul, bias, ReLU, pooling, RoIAlign, SGD, ...
+    jobs = []
+    for kernel, launches in launched.items():
+        assert id(kernel) in names, f"kernel {kernel.fn.__qualname__} is not a module attribute of tinyfrcnn"
+        jobs += [(*names[id(kernel)], _signature(types)) for types in sorted(launches, key=str)]
+    assert_compiles_to_ptx(jobs)
 
 
 def test_train_step_on_cuda_matches_cpu(stepped):
