@@ -521,45 +521,79 @@ def _align_tables(y0, x0, bin_h, bin_w, grid_h, grid_w, offsets, PH, PW, H, W):
     return pos, weight
 
 
+@njit(cache=True)
+def _channel_block(c0, C):
+    """The four channels of the block starting at c0, which share each read of the
+    sample table; past the last channel, the last one again (the backward pass gives
+    those lanes a zero gradient)."""
+    return c0, min(c0 + 1, C - 1), min(c0 + 2, C - 1), min(c0 + 3, C - 1)
+
+
 @njit(cache=True, parallel=True)
 def _roi_align_forward_cpu(planes, batch, offsets, pos, weight, out):
-    # planes: the features as (N * C, H * W); offsets unsigned like pos. Sums run in the
-    # features' dtype, as torchvision's do.
+    # planes: the features as (N * C, H * W); offsets unsigned like pos. One task is one
+    # RoI and a block of four channels, which read each sample's positions and weights
+    # once. Sums run in the features' dtype, as torchvision's do; a repeated channel
+    # computes the same sum again and stores the same value.
     R, C, PH, PW = out.shape
     zero = weight.dtype.type(0)
     one = offsets.dtype.type(1)
-    for rc in prange(R * C):
-        r = rc // C
-        c = rc - r * C
-        plane = planes[batch[r] * C + c]
+    blocks = (C + 3) // 4
+    for task in prange(R * blocks):
+        r = task // blocks
+        c0, c1, c2, c3 = _channel_block((task - r * blocks) * 4, C)
+        base = batch[r] * C
+        p0, p1, p2, p3 = planes[base + c0], planes[base + c1], planes[base + c2], planes[base + c3]
         samples = np.int64(offsets[r + 1] - offsets[r]) // (PH * PW)
         k = offsets[r]
         for i in range(PH):
             for j in range(PW):
-                total = zero
+                t0 = t1 = t2 = t3 = zero
                 for _ in range(samples):
-                    total += (weight[k, 0] * plane[pos[k, 0]] + weight[k, 1] * plane[pos[k, 1]]
-                              + weight[k, 2] * plane[pos[k, 2]] + weight[k, 3] * plane[pos[k, 3]])
+                    a0, a1, a2, a3 = pos[k, 0], pos[k, 1], pos[k, 2], pos[k, 3]
+                    w0, w1, w2, w3 = weight[k, 0], weight[k, 1], weight[k, 2], weight[k, 3]
+                    t0 += w0 * p0[a0] + w1 * p0[a1] + w2 * p0[a2] + w3 * p0[a3]
+                    t1 += w0 * p1[a0] + w1 * p1[a1] + w2 * p1[a2] + w3 * p1[a3]
+                    t2 += w0 * p2[a0] + w1 * p2[a1] + w2 * p2[a2] + w3 * p2[a3]
+                    t3 += w0 * p3[a0] + w1 * p3[a1] + w2 * p3[a2] + w3 * p3[a3]
                     k += one
-                out[r, c, i, j] = total / max(samples, 1)
+                n = max(samples, 1)
+                out[r, c0, i, j], out[r, c1, i, j] = t0 / n, t1 / n
+                out[r, c2, i, j], out[r, c3, i, j] = t2 / n, t3 / n
 
 
 @njit(cache=True, parallel=True)
 def _roi_align_backward_cpu(grad_out, batch, offsets, pos, weight, grad_planes):
-    # Parallel over channels: a channel's gradients only land in that channel's planes.
+    # Parallel over blocks of four channels: a channel's gradients only land in that
+    # channel's planes. The four updates of one sample are independent, so they overlap
+    # instead of each waiting for the last one's store. A repeated channel's lane adds
+    # +0.0, which leaves every value as it was (gradients start at +0.0, never -0.0).
     R, C, PH, PW = grad_out.shape
     one = offsets.dtype.type(1)
-    for c in prange(C):
+    blocks = (C + 3) // 4
+    for block in prange(blocks):
+        first = block * 4
+        c0, c1, c2, c3 = _channel_block(first, C)
         for r in range(R):
-            plane = grad_planes[batch[r] * C + c]
+            base = batch[r] * C
+            p0, p1 = grad_planes[base + c0], grad_planes[base + c1]
+            p2, p3 = grad_planes[base + c2], grad_planes[base + c3]
             samples = np.int64(offsets[r + 1] - offsets[r]) // (PH * PW)
             k = offsets[r]
             for i in range(PH):
                 for j in range(PW):
-                    g = grad_out[r, c, i, j] / max(samples, 1)
+                    n = max(samples, 1)
+                    g0 = grad_out[r, c0, i, j] / n
+                    g1 = grad_out[r, c1, i, j] / n if first + 1 < C else 0.0
+                    g2 = grad_out[r, c2, i, j] / n if first + 2 < C else 0.0
+                    g3 = grad_out[r, c3, i, j] / n if first + 3 < C else 0.0
                     for _ in range(samples):
                         for q in range(4):
-                            plane[pos[k, q]] += g * weight[k, q]
+                            a, w = pos[k, q], weight[k, q]
+                            p0[a] += g0 * w
+                            p1[a] += g1 * w
+                            p2[a] += g2 * w
+                            p3[a] += g3 * w
                         k += one
 
 
