@@ -150,7 +150,7 @@ def test_roi_pool_matches_reference(dtype):
 @pytest.mark.parametrize("sampling_ratio,aligned", [(-1, True), (2, True), (-1, False), (1, False)])
 def test_roi_align_matches_reference(dtype, sampling_ratio, aligned):
     rng = np.random.default_rng(1)
-    f = rng.standard_normal((2, 3, 9, 11)).astype(dtype)
+    f = rng.standard_normal((2, 6, 9, 11)).astype(dtype)  # 6 channels: the CPU kernels' blocks of 4, one partial
     rois = random_rois(rng, 20, 2, 9 / 0.5, 11 / 0.5).astype(dtype)
     out = roi_align(f, rois, (3, 2), 0.5, sampling_ratio, aligned)
     ref = _roi_align_reference(f, rois, (3, 2), 0.5, sampling_ratio, aligned)
@@ -175,7 +175,7 @@ def test_roi_align_cpu_tables_in_chunks(monkeypatch):
        scale=st.sampled_from([1.0, 0.5, 0.25, 1 / 3]), sampling_ratio=st.integers(-1, 3), aligned=st.booleans())
 def test_properties_match_reference_and_backward_is_adjoint(seed, n, ph, pw, scale, sampling_ratio, aligned):
     rng = np.random.default_rng(seed)
-    f = rng.standard_normal((2, 2, int(rng.integers(1, 7)), int(rng.integers(1, 7))))
+    f = rng.standard_normal((2, int(rng.integers(1, 7)), int(rng.integers(1, 7)), int(rng.integers(1, 7))))
     rois = random_rois(rng, n, 2, f.shape[2] / scale, f.shape[3] / scale)
     out, argmax = roi_pool(f, rois, (ph, pw), scale)
     ref, ref_argmax = _roi_pool_reference(f, rois, (ph, pw), scale)
