@@ -158,10 +158,14 @@ def test_bench_gpu_times_the_models_host_steps():
     assert bench.HOST_STEPS and all(callable(getattr(model_mod, name, None)) for name in bench.HOST_STEPS)
 
 
-def test_bench_gpu_runs_the_benchmarks_asked_for_and_writes_their_rows(tmp_path, capsys):
+def test_bench_gpu_runs_the_benchmarks_asked_for_and_writes_their_rows(tmp_path, capsys, monkeypatch):
     import json
+    import sys
 
     bench = _load_bench_gpu()
+    # main() sets NUMBA_ENABLE_CUDASIM and sys.path for its own process; give both back after
+    monkeypatch.setenv("NUMBA_ENABLE_CUDASIM", os.environ.get("NUMBA_ENABLE_CUDASIM", "1"))
+    monkeypatch.setattr(sys, "path", list(sys.path))
     out = tmp_path / "rows.json"
     assert bench.main(["--simulate", "--only", "box_iou", "--json", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
