@@ -628,7 +628,6 @@ def test_store_runs_of_some_parameters():
     assert packed_runs([b]) is None and packed_runs([]) is None
 
 
-
 def test_astype_keeps_parameters_packed_with_their_grads():
     m = Three(np.float64)
     m.c.grad[...] = 3.0
@@ -637,7 +636,6 @@ def test_astype_keeps_parameters_packed_with_their_grads():
     assert store is not None and store.data.dtype == np.float32
     np.testing.assert_array_equal(m.c.grad.copy_to_host(), np.full((2, 70), 3.0, np.float32))
     np.testing.assert_allclose(m.b.data.copy_to_host(), Three(np.float64).b.data, rtol=1e-6)
-
 
 
 def test_device_store_view_is_a_window_of_the_flat_buffer():

@@ -61,6 +61,9 @@ def add_(dst, src):
 
 
 def _zeros_on_device(shape, dtype):
+    """A zeroed device array with memory of its own, outside ``device.POOL``: for
+    long-lived buffers (a parameter's gradient, the ``DeviceStore``), which moving a
+    model back to the host should free."""
     a = cuda.device_array(shape, dtype=dtype)
     if a.size:
         _fill_cuda[grid_1d(a.size)](_flat(a), 0)
