@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from tinyfrcnn.gradcheck import check_layer, check_loss, numerical_gradient, relative_error
+from tinyfrcnn.gradcheck import GradCheckResult, check_layer, check_loss, numerical_gradient, relative_error
 from tinyfrcnn.layers import Conv2d, Linear, Module, ReLU
 
 
@@ -25,6 +25,13 @@ class LinearWrongBias(Linear):
     def backward(self, grad_out):
         dx = super().backward(grad_out)
         self.bias.grad *= 1.01
+        return dx
+
+
+class LinearNanBias(Linear):
+    def backward(self, grad_out):
+        dx = super().backward(grad_out)
+        self.bias.grad[0] = np.nan
         return dx
 
 
@@ -68,6 +75,21 @@ def test_check_layer_names_the_wrong_parameter():
     assert not result.passed()
     assert result.worst["tensor"] == "bias"
     assert result["input"]["error"] < 1e-6 and result["weight"]["error"] < 1e-6
+
+
+def test_check_layer_fails_on_a_nan_gradient_after_finite_ones():
+    rng = np.random.default_rng(1)
+    layer = LinearNanBias(3, 2, rng=rng).astype(np.float64)
+    result = check_layer(layer, rng.standard_normal((4, 3)), rng=rng)
+    assert result["input"]["error"] < 1e-6 and np.isnan(result["bias"]["error"])
+    assert result.worst["tensor"] == "bias" and np.isnan(result.max_error)
+    assert not result.passed() and not result and "FAIL" in str(result)
+
+
+def test_worst_prefers_nan_then_inf():
+    entries = [{"tensor": t, "error": e} for t, e in [("a", 0.5), ("b", np.inf), ("c", np.nan), ("d", 0.1)]]
+    assert GradCheckResult("x", entries).worst["tensor"] == "c"
+    assert GradCheckResult("x", entries[:2] + entries[3:]).worst["tensor"] == "b"
 
 
 def test_check_layer_requires_float64():

@@ -6,10 +6,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tinyfrcnn.gradcheck import check_layer
-from tinyfrcnn.im2col import _col2im_reference, _im2col_reference, col2im, im2col
+from tinyfrcnn.im2col import _col2im_reference, _im2col_reference, _valid_range, col2im, im2col, output_size
 from tinyfrcnn.layers import (
     Conv2d, Flatten, Linear, MaxPool2d, Module, Parameter, ReLU, Sequential,
-    _conv2d_reference, _maxpool2d_reference,
+    _conv2d_reference, _maxpool2d_reference, maxpool2d_backward, maxpool2d_forward,
 )
 
 # The layers are piecewise linear, so central differences have no truncation error and
@@ -60,6 +60,69 @@ def test_col2im_is_the_adjoint_of_im2col():
     args = ((3, 3), (2, 1), (1, 2))
     c = rng.standard_normal(im2col(x, *args).shape)
     assert np.isclose(np.sum(im2col(x, *args) * c), np.sum(x * col2im(c, x.shape, *args)))
+
+
+def test_valid_range_stays_within_the_output():
+    # a kernel offset whose windows all lie in the padding must give an empty range inside
+    # [0, out_size]: the CPU im2col zeroes positions [0, lo) of each row
+    for size in range(4):
+        for k in range(1, 8):
+            for s in range(1, 5):
+                for p in range(6):
+                    if k > size + 2 * p:
+                        continue
+                    out = output_size(size, k, s, p)
+                    for j in range(k):
+                        lo, hi = _valid_range(j, p, s, size, out)
+                        assert 0 <= lo <= hi <= out, (size, k, s, p, j)
+
+
+@pytest.mark.parametrize("shape,kernel,stride,padding", [
+    ((2, 3, 1, 1), (5, 5), (1, 1), (2, 2)),
+    ((2, 1, 1, 2), (3, 3), (1, 2), (3, 3)),
+    ((1, 2, 0, 3), (2, 3), (1, 1), (1, 0)),
+])
+def test_im2col_where_whole_windows_lie_in_the_padding(shape, kernel, stride, padding):
+    x = np.random.default_rng(2).standard_normal(shape)
+    cols = im2col(x, kernel, stride, padding)
+    np.testing.assert_array_equal(cols, _im2col_reference(x, kernel, stride, padding))
+    np.testing.assert_array_equal(col2im(cols, shape, kernel, stride, padding),
+                                  _col2im_reference(cols, shape, kernel, stride, padding))
+
+
+def test_im2col_and_col2im_empty_batch():
+    cols = im2col(np.zeros((0, 2, 5, 5)), 3, 1, 1)
+    assert cols.shape == (18, 0, 25)
+    assert col2im(cols, (0, 2, 5, 5), 3, 1, 1).shape == (0, 2, 5, 5)
+
+
+@pytest.mark.parametrize("x,args,match", [
+    (np.ones((1, 1, 5, 5)), ((9, 9), (1, 1), (0, 0)), r"im2col: kernel \(9, 9\) is larger than the padded input"),
+    (np.ones((1, 1, 5, 5)), ((3, 3), (0, 0), (0, 0)), r"im2col: stride must be a positive integer"),
+    (np.ones((1, 1, 5, 5)), ((3, 3), (1, 1), (-1, 0)), r"im2col: padding must be a non-negative"),
+    (np.ones((1, 1, 5, 5)), ((3, 3, 3), (1, 1), (0, 0)), r"im2col: kernel must be an int or an \(h, w\) pair"),
+    (np.ones((1, 1, 5, 5), np.int64), ((3, 3), (1, 1), (0, 0)), r"im2col: x must be float32 or float64, got int64"),
+    (np.ones((1, 5, 5)), ((3, 3), (1, 1), (0, 0)), r"im2col: x must be 4-D"),
+])
+def test_im2col_rejects_bad_arguments(x, args, match):
+    with pytest.raises(ValueError, match=match):
+        im2col(x, *args)
+
+
+@pytest.mark.parametrize("cols,x_shape,args,match", [
+    (np.ones((9, 1, 1)), (1, 1, 5, 5), ((3, 3), (1, 1), (0, 0)),
+     r"col2im: cols must have shape \(9, 1, 9\) \(C\*kh\*kw, N, OH\*OW\) for x_shape \(1, 1, 5, 5\), got \(9, 1, 1\)"),
+    (np.ones((9, 1, 9)), (1, 1, 5, 5), ((3, 3), (0, 1), (0, 0)), r"col2im: stride must be a positive integer"),
+    (np.ones((9, 1, 9)), (1, 1, 5, 5), ((3, 3), (1, 1), (0, -1)), r"col2im: padding must be a non-negative"),
+    (np.ones((81, 1, 1)), (1, 1, 5, 5), ((9, 9), (1, 1), (0, 0)), r"col2im: kernel \(9, 9\) is larger than the padded"),
+    (np.ones((9, 1, 9), np.float16), (1, 1, 5, 5), ((3, 3), (1, 1), (0, 0)), r"col2im: cols must be float32 or"),
+    (np.ones((9, 9)), (1, 1, 5, 5), ((3, 3), (1, 1), (0, 0)), r"col2im: cols must be 3-D"),
+    (np.ones((9, 1, 9)), (1, 5, 5), ((3, 3), (1, 1), (0, 0)), r"col2im: x_shape must be a tuple of 4 non-neg"),
+    (np.ones((9, 1, 9)), (1, 1, -5, 5), ((3, 3), (1, 1), (0, 0)), r"col2im: x_shape must be a tuple of 4"),
+])
+def test_col2im_rejects_bad_arguments(cols, x_shape, args, match):
+    with pytest.raises(ValueError, match=match):
+        col2im(cols, x_shape, *args)
 
 
 # ----------------------------------------------------------------------------- Conv2d
@@ -195,6 +258,46 @@ def test_overlapping_pool_windows_sum_gradients():
 def test_maxpool_floor_output_size():
     assert MaxPool2d(2)(np.zeros((1, 1, 7, 5))).shape == (1, 1, 3, 2)
     assert MaxPool2d(3, 2)(np.zeros((1, 1, 8, 8))).shape == (1, 1, 3, 3)
+
+
+@pytest.mark.parametrize("k,s", [((2, 2), (2, 2)), ((3, 2), (1, 2))])
+def test_maxpool2d_backward_function_matches_the_layer(k, s):
+    rng = np.random.default_rng(15)
+    x = rng.standard_normal((2, 3, 7, 8))
+    pool = MaxPool2d(k, s)
+    g = rng.standard_normal(pool(x).shape)
+    _, argmax = maxpool2d_forward(x, k, s)
+    expected = pool.backward(g)
+    np.testing.assert_array_equal(maxpool2d_backward(g, argmax, x.shape), expected)
+    np.testing.assert_array_equal(maxpool2d_backward(g, argmax.astype(np.int64), list(x.shape), k, s), expected)
+    empty = maxpool2d_backward(np.zeros((0, 3) + g.shape[2:]), argmax[:0], (0, 3, 7, 8), k, s)
+    assert empty.shape == (0, 3, 7, 8)
+
+
+_G = np.ones((1, 1, 2, 2), np.float32)
+_A = np.array([[[[0, 2], [8, 10]]]], np.int32)  # each 2x2 window's top-left in a 4x4 plane
+
+
+@pytest.mark.parametrize("grad_out,argmax,x_shape,kw,match", [
+    (_G, np.full((1, 1, 2, 2), 10 ** 8, np.int32), (1, 1, 4, 4), {},
+     r"maxpool2d_backward: argmax holds indices outside \[0, 16\)"),
+    (_G, _A - 1, (1, 1, 4, 4), {}, r"argmax holds indices outside \[0, 16\)"),
+    (_G, _A + 6, (1, 1, 4, 4), {}, r"argmax holds indices outside \[0, 16\)"),
+    (_G, _A.astype(np.float64), (1, 1, 4, 4), {}, r"argmax must have an integer dtype, got float64"),
+    (_G, _A[..., :1], (1, 1, 4, 4), {}, r"maxpool2d_backward: argmax has shape \(1, 1, 2, 1\) but grad_out has"),
+    (_G, _A, (2, 1, 4, 4), {}, r"maxpool2d_backward: x_shape \(2, 1, 4, 4\) and grad_out .* same N and C"),
+    (_G, _A, (1, 1, 16), {}, r"maxpool2d_backward: x_shape must be a tuple of 4 non-negative ints"),
+    (_G, _A, (1, 1, 4, 4), {"kernel": 2}, r"maxpool2d_backward: give both kernel and stride or neither"),
+    (_G, _A, (1, 1, 4, 4), {"kernel": 2, "stride": 1}, r"grad_out must have shape \(1, 1, 3, 3\)"),
+    (_G, _A, (1, 1, 4, 4), {"kernel": 5, "stride": 1}, r"kernel \(5, 5\) is larger than the input \(4, 4\)"),
+    (_G, _A, (1, 1, 4, 4), {"kernel": 2, "stride": 0}, r"maxpool2d_backward: stride must be a positive integer"),
+    (_G, np.zeros((1, 1, 2, 2), np.int32), (1, 1, 4, 4), {"kernel": 2, "stride": 2},
+     r"maxpool2d_backward: argmax\[0, 0, 0, 1\] = 0 is not in its 2x2 window at row 0, column 2"),
+    (_G.astype(np.int32), _A, (1, 1, 4, 4), {}, r"maxpool2d_backward: grad_out must be float32 or float64"),
+])
+def test_maxpool2d_backward_rejects_bad_arguments(grad_out, argmax, x_shape, kw, match):
+    with pytest.raises(ValueError, match=match):
+        maxpool2d_backward(grad_out, argmax, x_shape, **kw)
 
 
 # ----------------------------------------------------------------------------- ReLU, Linear, Flatten, Sequential
@@ -483,6 +586,27 @@ def test_cuda_maxpool_ties_and_overlaps_match_cpu():
         dout = pool(cuda.to_device(x))
         np.testing.assert_array_equal(_host(dout), out)
         np.testing.assert_array_equal(_host(pool.backward(cuda.to_device(g))), dx)
+
+
+def test_cuda_maxpool2d_backward_checks_its_arguments():
+    x = np.random.default_rng(26).standard_normal((1, 2, 4, 4)).astype(np.float32)
+    _, argmax = maxpool2d_forward(x, (2, 2), (2, 2))
+    g = np.ones((1, 2, 2, 2), np.float32)
+    dx = maxpool2d_backward(cuda.to_device(g), cuda.to_device(argmax), x.shape, 2, 2)
+    np.testing.assert_array_equal(_host(dx), maxpool2d_backward(g, argmax, x.shape))
+    with pytest.raises(ValueError, match=r"maxpool2d_backward: argmax holds indices outside \[0, 16\)"):
+        maxpool2d_backward(cuda.to_device(g), cuda.to_device(argmax + 10 ** 8), x.shape, 2, 2)
+    with pytest.raises(ValueError, match=r"maxpool2d_backward: argmax\[0, 0, 0, 0\] = 15 is not in its"):
+        maxpool2d_backward(cuda.to_device(g), cuda.to_device(np.full_like(argmax, 15)), x.shape, 2, 2)
+    with pytest.raises(ValueError, match="maxpool2d_backward: give both kernel and stride or neither "
+                                         r"\(device arrays need both\)"):
+        maxpool2d_backward(cuda.to_device(g), cuda.to_device(argmax), x.shape)
+    with pytest.raises(ValueError, match=r"maxpool2d_backward: arguments \['argmax'\] are CUDA device arrays"):
+        maxpool2d_backward(g, cuda.to_device(argmax), x.shape, 2, 2)
+    with pytest.raises(ValueError, match=r"maxpool2d_backward: argmax has shape \(1, 2, 2, 1\)"):
+        maxpool2d_backward(cuda.to_device(g), cuda.to_device(argmax[..., :1].copy()), x.shape, 2, 2)
+    with pytest.raises(ValueError, match=r"maxpool2d_backward: x_shape \(3, 2, 4, 4\) and grad_out"):
+        maxpool2d_backward(cuda.to_device(g), cuda.to_device(argmax), (3, 2, 4, 4), 2, 2)
 
 
 def test_cuda_conv_without_input_grad_and_accumulation():

@@ -81,6 +81,53 @@ def test_bad_arguments():
         warmup_step_lr(0, 0.1, [10, 5])
 
 
+def test_numbers_must_be_real_numbers_not_bools_or_strings():
+    for bad in ["0.1", True, np.bool_(False), None, [0.1], np.array([0.1]), 1j]:
+        with pytest.raises(ValueError, match="SGD: lr must be a number, got"):
+            SGD([_param([1.0])], lr=bad)
+    with pytest.raises(ValueError, match="warmup_step_lr: base_lr must be a number, got '0.1'"):
+        warmup_step_lr(0, "0.1", [])
+    for good in [1, 0.5, np.float32(0.5), np.int64(2), np.array(0.25)]:
+        assert SGD([_param([1.0])], lr=good).lr == float(good)
+        assert isinstance(SGD([_param([1.0])], lr=good).lr, float)
+
+
+def _stepped(momentum=0.9):
+    p = _param([1.0, 2.0])
+    opt = SGD([p], lr=0.1, momentum=momentum)
+    p.grad[...] = 1
+    opt.step()
+    return opt
+
+
+@pytest.mark.parametrize("change,match", [
+    ({"momentum": np.nan}, "SGD.load_state_dict: momentum must be finite, got nan"),
+    ({"weight_decay": -5}, "SGD.load_state_dict: weight_decay must be >= 0, got -5"),
+    ({"lr": "0.1"}, "SGD.load_state_dict: lr must be a number"),
+    ({"buffers": [np.zeros(3)]}, r"SGD.load_state_dict: buffers\[0\] has shape \(3,\) and dtype float64, "
+                                 r"but params\[0\] has shape \(2,\) and dtype float64"),
+    ({"buffers": [np.zeros(2, np.float32)]}, r"buffers\[0\] has shape \(2,\) and dtype float32"),
+    ({"buffers": [np.array([0.0, np.inf])]}, r"SGD.load_state_dict: buffers\[0\] holds NaN or inf"),
+    ({"buffers": []}, "SGD.load_state_dict: state has 0 buffers for 1 params"),
+])
+def test_load_state_dict_checks_the_state_and_keeps_the_old_one(change, match):
+    opt = _stepped()
+    before = opt.state_dict()
+    with pytest.raises(ValueError, match=match):
+        opt.load_state_dict({**before, **change})
+    after = opt.state_dict()
+    assert (after["lr"], after["momentum"], after["weight_decay"]) == (0.1, 0.9, 0.0)
+    np.testing.assert_array_equal(after["buffers"][0], before["buffers"][0])
+    with pytest.raises(ValueError, match=r"SGD.load_state_dict: state is missing \['buffers'\]"):
+        opt.load_state_dict({"lr": 0.1, "momentum": 0.9, "weight_decay": 0.0})
+
+
+def test_load_state_dict_accepts_missing_buffers():
+    opt = SGD([_param([1.0, 2.0])], lr=0.5)
+    opt.load_state_dict(_stepped(momentum=0.0).state_dict())
+    assert opt.lr == 0.1 and opt.state_dict()["buffers"] == [None]
+
+
 def test_warmup_step_lr_hand_worked():
     # base 0.02, warm-up over 4 steps from 1/3: 0.02*(1/3 + 2/3*s/4); x0.1 at 6 and 8
     lrs = [warmup_step_lr(s, 0.02, [6, 8], gamma=0.1, warmup_steps=4, warmup_factor=1 / 3) for s in range(10)]

@@ -6,6 +6,8 @@ are checked for shape and dtype; their values are checked on a host copy only wh
 the op reads them as indices or coordinates (small arrays such as boxes and RoIs).
 """
 
+import numbers
+
 import numpy as np
 
 from .device import is_device_array
@@ -68,12 +70,17 @@ def check_boxes(boxes, name="boxes", where=""):
 
 
 def check_number(value, name, low=None, high=None, low_open=False, high_open=False, where=""):
-    """A finite real number within [low, high] (ends open where asked)."""
+    """A finite real number within [low, high] (ends open where asked).
+
+    Python and NumPy ints and floats, and 0-d arrays of them, are numbers; bools and
+    strings are not (``float`` would turn ``True`` into 1.0 and ``"0.5"`` into 0.5).
+    """
     prefix = f"{where}: " if where else ""
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{prefix}{name} must be a number, got {value!r}") from None
+    real = isinstance(value, numbers.Real) or (
+        isinstance(value, np.ndarray) and value.ndim == 0 and value.dtype.kind in "iuf")
+    if not real or isinstance(value, bool):
+        raise ValueError(f"{prefix}{name} must be a number, got {value!r}")
+    v = float(value)
     if not np.isfinite(v):
         raise ValueError(f"{prefix}{name} must be finite, got {value!r}")
     if low is not None and (v < low or (low_open and v == low)):
@@ -100,3 +107,27 @@ def pair(value, name, where=""):
         return check_positive_int(value[0], name, where), check_positive_int(value[1], name, where)
     v = check_positive_int(value, name, where)
     return v, v
+
+
+def padding_pair(value, name, where=""):
+    """An int or an (h, w) pair of non-negative ints, as an (h, w) tuple."""
+    prefix = f"{where}: " if where else ""
+    if isinstance(value, (tuple, list)):
+        if len(value) != 2:
+            raise ValueError(f"{prefix}{name} must be an int or an (h, w) pair, got {value!r}")
+        vals = tuple(value)
+    else:
+        vals = (value, value)
+    for v in vals:
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
+            raise ValueError(f"{prefix}{name} must be a non-negative integer or pair, got {value!r}")
+    return int(vals[0]), int(vals[1])
+
+
+def check_shape(value, name, ndim, where=""):
+    """A shape: a tuple or list of ``ndim`` non-negative ints, as a tuple."""
+    prefix = f"{where}: " if where else ""
+    if (not isinstance(value, (tuple, list)) or len(value) != ndim
+            or any(isinstance(s, bool) or not isinstance(s, (int, np.integer)) or s < 0 for s in value)):
+        raise ValueError(f"{prefix}{name} must be a tuple of {ndim} non-negative ints, got {value!r}")
+    return tuple(int(s) for s in value)

@@ -80,7 +80,8 @@ class GradCheckResult:
 
     @property
     def worst(self):
-        return max(self.entries, key=lambda e: e["error"]) if self.entries else None
+        """The entry with the largest error; a NaN error counts as the largest (it fails)."""
+        return max(self.entries, key=lambda e: (np.isnan(e["error"]), e["error"])) if self.entries else None
 
     @property
     def max_error(self):

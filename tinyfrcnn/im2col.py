@@ -22,6 +22,7 @@ write the same address (no atomics, and the same result every run).
 import numpy as np
 from numba import cuda, njit, prange
 
+from .checks import as_float_array, check_shape, padding_pair, pair
 from .device import empty_on_device, grid_1d, is_device_array
 
 
@@ -58,10 +59,11 @@ def _col2im_reference(cols, x_shape, kernel, stride, padding):
 
 @njit(cache=True)
 def _valid_range(j, pad, stride, size, out_size):
-    """Output positions o in [lo, hi) whose input index o*stride + j - pad lies in [0, size)."""
+    """Output positions o in [lo, hi) whose input index o*stride + j - pad lies in [0, size),
+    with 0 <= lo <= hi <= out_size (also where kernel offset j sees only padding)."""
     lo = 0
     if pad > j:
-        lo = (pad - j + stride - 1) // stride
+        lo = min((pad - j + stride - 1) // stride, out_size)
     hi = 0
     if size - 1 - j + pad >= 0:
         hi = (size - 1 - j + pad) // stride + 1
@@ -169,16 +171,29 @@ def _contiguous(a, name, where):
     return np.ascontiguousarray(a)
 
 
-def im2col(x, kernel, stride, padding, out=None):
-    """Columns (C*kh*kw, N, OH*OW) of the windows of ``x`` (N, C, H, W).
+def _check_window(kernel, stride, padding, x_shape, where):
+    """(kernel, stride, padding) as (h, w) pairs, the kernel within the padded input."""
+    kh, kw = pair(kernel, "kernel", where)
+    stride = pair(stride, "stride", where)
+    ph, pw = padding_pair(padding, "padding", where)
+    h, w = x_shape[2:]
+    if kh > h + 2 * ph or kw > w + 2 * pw:
+        raise ValueError(f"{where}: kernel {(kh, kw)} is larger than the padded input "
+                         f"{(h + 2 * ph, w + 2 * pw)} (x shape {tuple(x_shape)}, padding {(ph, pw)})")
+    return (kh, kw), stride, (ph, pw)
 
-    ``kernel``, ``stride``, ``padding`` are (h, w) pairs; padding is zeros. The caller
-    (``Conv2d``) has validated the shapes. ``out``, if given, is a C-contiguous array of
-    the right shape and dtype, on the same side as ``x``, to write into (saves
-    allocating a large buffer per call). NumPy ``x``: Numba CPU kernel; device ``x``:
-    CUDA kernel, device array out.
+
+def im2col(x, kernel, stride, padding, out=None):
+    """Columns (C*kh*kw, N, OH*OW) of the windows of ``x`` (N, C, H, W), float32 or float64.
+
+    ``kernel`` and ``stride`` are positive ints or (h, w) pairs, ``padding`` non-negative
+    ones; padding is zeros, and the kernel must fit in the padded input. ``out``, if
+    given, is a C-contiguous array of the right shape and dtype, on the same side as
+    ``x``, to write into (saves allocating a large buffer per call). NumPy ``x``: Numba
+    CPU kernel; device ``x``: CUDA kernel, device array out.
     """
-    (kh, kw), (sh, sw), (ph, pw) = kernel, stride, padding
+    x = as_float_array(x, "x", ndim=4, where="im2col")
+    (kh, kw), (sh, sw), (ph, pw) = _check_window(kernel, stride, padding, x.shape, "im2col")
     n, c, h, w = x.shape
     oh, ow = output_size(h, kh, sh, ph), output_size(w, kw, sw, pw)
     shape = (c * kh * kw, n, oh * ow)
@@ -201,10 +216,18 @@ def im2col(x, kernel, stride, padding, out=None):
 
 
 def col2im(cols, x_shape, kernel, stride, padding):
-    """Sum columns (C*kh*kw, N, OH*OW) back onto images of shape ``x_shape`` (N, C, H, W)."""
-    (kh, kw), (sh, sw), (ph, pw) = kernel, stride, padding
-    n, c, h, w = x_shape
+    """Sum columns (C*kh*kw, N, OH*OW) back onto images of shape ``x_shape`` (N, C, H, W).
+
+    The arguments are as for ``im2col``, and ``cols`` must have the shape it returns."""
+    where = "col2im"
+    cols = as_float_array(cols, "cols", ndim=3, where=where)
+    n, c, h, w = check_shape(x_shape, "x_shape", 4, where)
+    (kh, kw), (sh, sw), (ph, pw) = _check_window(kernel, stride, padding, (n, c, h, w), where)
     oh, ow = output_size(h, kh, sh, ph), output_size(w, kw, sw, pw)
+    expected = (c * kh * kw, n, oh * ow)
+    if tuple(cols.shape) != expected:
+        raise ValueError(f"{where}: cols must have shape {expected} (C*kh*kw, N, OH*OW) for x_shape "
+                         f"{(n, c, h, w)}, got {tuple(cols.shape)}")
     gpu = is_device_array(cols)
     cols = _contiguous(cols, "cols", "col2im")
     if gpu:

@@ -25,7 +25,7 @@ import math
 import numpy as np
 from numba import cuda, njit, prange
 
-from .checks import as_float_array, check_finite, check_positive_int, pair
+from .checks import as_array, as_float_array, check_finite, check_positive_int, check_shape, padding_pair, pair
 from .device import check_device, empty_on_device, grid_1d, is_device_array, on_device
 from .im2col import col2im, im2col, output_size
 from .matmul import matmul
@@ -509,7 +509,7 @@ def _he_normal(shape, fan_in, rng):
 
 def _conv2d_reference(x, w, b, stride, padding):
     """Naive loops: out[n,o,y,x] = b[o] + sum_{c,i,j} w[o,c,i,j] xpad[n,c,y*sh+i,x*sw+j]."""
-    (sh, sw), (ph, pw) = pair(stride, "stride"), _padding_pair(padding, "padding", "_conv2d_reference")
+    (sh, sw), (ph, pw) = pair(stride, "stride"), padding_pair(padding, "padding", "_conv2d_reference")
     n, c, h, wd = x.shape
     o, _, kh, kw = w.shape
     oh, ow = output_size(h, kh, sh, ph), output_size(wd, kw, sw, pw)
@@ -520,19 +520,6 @@ def _conv2d_reference(x, w, b, stride, padding):
             patch = xp[:, :, y * sh:y * sh + kh, xo * sw:xo * sw + kw]  # (N, C, kh, kw)
             out[:, :, y, xo] = np.tensordot(patch, w, axes=([1, 2, 3], [1, 2, 3])) + b
     return out
-
-
-def _padding_pair(value, name, where):
-    if isinstance(value, (tuple, list)):
-        if len(value) != 2:
-            raise ValueError(f"{where}: {name} must be an int or an (h, w) pair, got {value!r}")
-        vals = tuple(value)
-    else:
-        vals = (value, value)
-    for v in vals:
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
-            raise ValueError(f"{where}: {name} must be a non-negative integer or pair, got {value!r}")
-    return int(vals[0]), int(vals[1])
 
 
 class Conv2d(Module):
@@ -567,7 +554,7 @@ class Conv2d(Module):
         self.out_channels = check_positive_int(out_channels, "out_channels", where)
         self.kernel_size = pair(kernel_size, "kernel_size", where)
         self.stride = pair(stride, "stride", where)
-        self.padding = _padding_pair(padding, "padding", where)
+        self.padding = padding_pair(padding, "padding", where)
         if not isinstance(needs_input_grad, (bool, np.bool_)):
             raise ValueError(f"{where}: needs_input_grad must be True or False, got {needs_input_grad!r}")
         self.needs_input_grad = bool(needs_input_grad)
@@ -829,8 +816,17 @@ def maxpool2d_forward(x, kernel, stride):
 def maxpool2d_backward(grad_out, argmax, x_shape, kernel=None, stride=None):
     """Route each output gradient to its window's recorded argmax (summing overlaps).
 
-    The CUDA path (device arrays) gathers per input pixel and needs ``kernel`` and
-    ``stride`` to find the windows over it; no atomics, same sums as the CPU."""
+    ``argmax`` (integers, the shape of ``grad_out``) holds flat indices y*W + x into each
+    (H, W) plane of ``x_shape``, as ``maxpool2d_forward`` returns them; with ``kernel``
+    and ``stride`` each must also lie in its own window. The CUDA path (device arrays)
+    gathers per input pixel and needs ``kernel`` and ``stride`` to find the windows over
+    it; no atomics, same sums as the CPU. A device ``argmax`` is checked on a host copy."""
+    args = _check_pool_backward(grad_out, argmax, x_shape, kernel, stride, "maxpool2d_backward")
+    return _maxpool2d_backward(*args)
+
+
+def _maxpool2d_backward(grad_out, argmax, x_shape, kernel, stride):
+    """``maxpool2d_backward`` without the checks, for ``MaxPool2d`` and its own argmax."""
     if is_device_array(grad_out):
         (kh, kw), (sh, sw) = kernel, stride
         dx = empty_on_device(x_shape, dtype=grad_out.dtype)  # (N, C, H, W)
@@ -844,6 +840,52 @@ def maxpool2d_backward(grad_out, argmax, x_shape, kernel=None, stride=None):
         _maxpool2d_backward_cpu(np.ascontiguousarray(grad_out).reshape(planes, -1),
                                 argmax.reshape(planes, -1), dx.reshape(planes, h * w))
     return dx
+
+
+def _check_pool_backward(grad_out, argmax, x_shape, kernel, stride, where):
+    """``maxpool2d_backward``'s arguments, checked: (grad_out, argmax, x_shape, kernel, stride)."""
+    grad_out = as_float_array(grad_out, "grad_out", ndim=4, where=where)
+    argmax = as_array(argmax, "argmax", where=where)
+    try:
+        gpu = on_device({"grad_out": grad_out, "argmax": argmax})
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}") from None
+    if np.dtype(argmax.dtype).kind not in "iu":
+        raise ValueError(f"{where}: argmax must have an integer dtype, got {np.dtype(argmax.dtype).name}")
+    if tuple(argmax.shape) != tuple(grad_out.shape):
+        raise ValueError(f"{where}: argmax has shape {tuple(argmax.shape)} but grad_out has "
+                         f"{tuple(grad_out.shape)}; they must match")
+    n, c, h, w = check_shape(x_shape, "x_shape", 4, where)
+    if (n, c) != tuple(grad_out.shape[:2]):
+        raise ValueError(f"{where}: x_shape {tuple(x_shape)} and grad_out {tuple(grad_out.shape)} "
+                         "must have the same N and C")
+    if (kernel is None) != (stride is None) or (gpu and kernel is None):
+        raise ValueError(f"{where}: give both kernel and stride or neither (device arrays need both)")
+    if kernel is not None:
+        (kh, kw), (sh, sw) = pair(kernel, "kernel", where), pair(stride, "stride", where)
+        if kh > h or kw > w:
+            raise ValueError(f"{where}: kernel {(kh, kw)} is larger than the input {(h, w)}")
+        expected = (n, c, output_size(h, kh, sh, 0), output_size(w, kw, sw, 0))
+        if tuple(grad_out.shape) != expected:
+            raise ValueError(f"{where}: grad_out must have shape {expected} for x_shape {tuple(x_shape)}, "
+                             f"kernel {(kh, kw)} and stride {(sh, sw)}, got {tuple(grad_out.shape)}")
+        kernel, stride = (kh, kw), (sh, sw)
+    values = argmax.copy_to_host() if gpu else argmax
+    if values.size == 0:
+        return grad_out, argmax, (n, c, h, w), kernel, stride
+    if values.min() < 0 or values.max() >= h * w:
+        raise ValueError(f"{where}: argmax holds indices outside [0, {h * w}), the flat y*W + x "
+                         f"in a plane of shape ({h}, {w})")
+    if kernel is not None:
+        rows, cols = np.divmod(values, w)  # (N, C, OH, OW) each
+        y0 = (np.arange(values.shape[2]) * sh)[:, None]  # (OH, 1)
+        x0 = np.arange(values.shape[3]) * sw  # (OW,)
+        outside = (rows < y0) | (rows >= y0 + kh) | (cols < x0) | (cols >= x0 + kw)
+        if outside.any():
+            i = tuple(int(k) for k in np.argwhere(outside)[0])
+            raise ValueError(f"{where}: argmax{list(i)} = {int(values[i])} is not in its "
+                             f"{kh}x{kw} window at row {i[2] * sh}, column {i[3] * sw}")
+    return grad_out, argmax, (n, c, h, w), kernel, stride
 
 
 class MaxPool2d(Module):
@@ -879,7 +921,7 @@ class MaxPool2d(Module):
     def backward(self, grad_out):
         argmax, x_shape, dtype, gpu = self._cache if self._cache else (None, None, None, False)
         g = _check_grad(grad_out, None if argmax is None else argmax.shape, dtype, "MaxPool2d", gpu)
-        return maxpool2d_backward(g, argmax, x_shape, self.kernel_size, self.stride)
+        return _maxpool2d_backward(g, argmax, x_shape, self.kernel_size, self.stride)
 
 
 # ----------------------------------------------------------------------------- Linear

@@ -2,13 +2,19 @@
 
 The paper trains with SGD, momentum 0.9, weight decay 0.0005, and a learning rate
 dropped by 10x after a fixed number of iterations; torchvision's reference scripts add
-a linear warm-up over the first iterations. ``SGD`` makes the same update as
+a linear warm-up over the first iterations. ``SGD`` makes the update of
 ``torch.optim.SGD`` (dampening 0, nesterov False):
 
     d   = grad + weight_decay * p
     buf = d                         (first step)
     buf = momentum * buf + d        (later steps)
     p   = p - lr * buf
+
+On the CPU the numbers match torch's to about 1 ulp per step, not bit for bit: torch
+computes ``p.add_(buf, alpha=-lr)`` (and ``grad.add(p, alpha=weight_decay)``) as a
+fused multiply-add, rounding once, where NumPy rounds ``lr * buf`` (and
+``weight_decay * p``) and then the sum; that extra rounding is at most half an ulp of
+``lr * buf``.
 
 Parameters on the GPU are updated in place by a CUDA kernel, the same formula element
 by element, with the hyper-parameters cast to the parameter's dtype as NumPy does on
@@ -20,7 +26,7 @@ momentum buffers are then views of one flat buffer too), else one per parameter.
 import numpy as np
 from numba import cuda
 
-from .checks import check_number, check_positive_int
+from .checks import check_finite, check_number, check_positive_int
 from .device import grid_1d, is_device_array
 from .layers import DeviceStore, packed_runs
 
@@ -46,7 +52,8 @@ def _flat(a):
 
 
 class SGD:
-    """SGD over a list of ``Parameter`` s; same update as ``torch.optim.SGD``.
+    """SGD over a list of ``Parameter`` s; the update of ``torch.optim.SGD`` to about 1 ulp
+    per step (torch rounds ``p - lr * buf`` once, a fused multiply-add; NumPy twice).
 
     ``lr`` is a plain attribute: a schedule sets it before each ``step()``.
     """
@@ -147,13 +154,29 @@ class SGD:
                             for b in self._buffers]}
 
     def load_state_dict(self, state):
-        buffers = state["buffers"]
+        """Load what ``state_dict`` returned, checked as ``__init__`` checks its arguments:
+        each buffer is None or a finite array of its parameter's shape and dtype."""
+        where = "SGD.load_state_dict"
+        missing = [k for k in ("lr", "momentum", "weight_decay", "buffers") if k not in state]
+        if missing:
+            raise ValueError(f"{where}: state is missing {missing}")
+        lr = check_number(state["lr"], "lr", low=0, where=where)
+        momentum = check_number(state["momentum"], "momentum", low=0, where=where)
+        weight_decay = check_number(state["weight_decay"], "weight_decay", low=0, where=where)
+        buffers = list(state["buffers"])
         if len(buffers) != len(self.params):
-            raise ValueError(f"SGD.load_state_dict: state has {len(buffers)} buffers for {len(self.params)} params")
-        self.lr, self.momentum, self.weight_decay = state["lr"], state["momentum"], state["weight_decay"]
+            raise ValueError(f"{where}: state has {len(buffers)} buffers for {len(self.params)} params")
+        for i, (b, p) in enumerate(zip(buffers, self.params)):
+            if b is None:
+                continue
+            b = b.copy_to_host() if is_device_array(b) else np.asarray(b)
+            if b.shape != p.shape or b.dtype != p.data.dtype:
+                raise ValueError(f"{where}: buffers[{i}] has shape {b.shape} and dtype {b.dtype.name}, but "
+                                 f"params[{i}] has shape {p.shape} and dtype {np.dtype(p.data.dtype).name}")
+            buffers[i] = check_finite(b, f"buffers[{i}]", where)
+        self.lr, self.momentum, self.weight_decay = lr, momentum, weight_decay
         packed = packed_runs(self.params)
-        if (packed is not None and self.momentum and all(b is not None for b in buffers)
-                and all(np.shape(b) == p.shape for b, p in zip(buffers, self.params))):
+        if packed is not None and self.momentum and all(b is not None for b in buffers):
             store = packed[0]
             self._make_flat_buffers(store)
             flat = np.zeros(store.data.size, store.data.dtype)  # (total,): zeros in the gaps
