@@ -207,6 +207,20 @@ def test_presorted_segments_match_batched_nms(seed, segments, limit):
     np.testing.assert_array_equal(kept, np.sort(ref))
 
 
+def test_batched_nms_is_per_class_nms_not_the_coordinate_trick():
+    # torchvision.ops.batched_nms, on small inputs, shifts each box by idx * (largest
+    # coordinate + 1) and runs one nms. The shifted float32 corners round (3.2 + 14.2 is
+    # 17.4 only approximately), which here lifts the IoU one ulp above the threshold.
+    boxes = np.array([[0, 0, 10, 10], [3.2, 0, 13.2, 10]], np.float32)
+    scores = np.array([0.9, 0.8], np.float32)
+    idxs = np.array([1, 1])
+    threshold = float(box_iou(boxes[:1], boxes[1:])[0, 0])  # the pair's own IoU: not above it
+    np.testing.assert_array_equal(batched_nms(boxes, scores, idxs, threshold), [0, 1])
+    np.testing.assert_array_equal(batched_nms(boxes, scores, idxs, threshold), nms(boxes, scores, threshold))
+    shifted = boxes + idxs[:, None].astype(np.float32) * (boxes.max() + np.float32(1))  # (2, 4)
+    np.testing.assert_array_equal(nms(shifted, scores, threshold), [0])
+
+
 def test_batched_nms_category_ids_of_any_range():
     # ids spanning less than 2**16 are sorted as 16-bit keys, others as they are
     rng = np.random.default_rng(3)

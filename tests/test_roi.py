@@ -402,3 +402,84 @@ def test_bad_input_align_options_backward_and_devices():
         RoIAlign(2, 1.0).backward(out)
     with pytest.raises(ValueError, match="spatial_scale"):
         RoIAlign(2, 0)
+
+
+@pytest.mark.parametrize("op", [roi_pool, roi_align])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_nonfinite_features_are_rejected(op, bad):
+    f = np.zeros((1, 2, 4, 4), np.float32)
+    f[0, 1, 2, 3] = bad
+    rois = np.array([[0, 0, 0, 1, 1]], np.float32)
+    match = rf"{op.__name__}: features holds NaN or inf \(first at index \(0, 1, 2, 3\)\)"
+    with pytest.raises(ValueError, match=match):
+        op(f, rois, 2, 1.0)
+
+
+HUGE_ROIS = [np.array([[0, 0, 0, 1, 1], [0, -1e30, 0, 1e30, 1]]),  # roi_pool used to return 0 with argmax -1
+             np.array([[0, 0, 0, 1, 1], [0, 0, 0, 1e30, 1]]),  # roi_align used to raise SystemError
+             np.array([[0, 0, 0, 1, 1], [0, 0, 0, 1e300, 1]])]  # float64 RoI that becomes inf in float32
+
+
+@pytest.mark.parametrize("rois", HUGE_ROIS)
+@pytest.mark.parametrize("to", [np.asarray, cuda.to_device], ids=["cpu", "cuda"])
+def test_huge_roi_coordinates_are_rejected_on_both_paths(rois, to):
+    f = np.zeros((1, 1, 4, 4), np.float32)
+    d_f, d_r = to(f), to(rois)
+    match = r"rois\[1\] = .* feature cells at spatial_scale 0.5; .* within \+-16777216 \(2\*\*24\)"
+    for call in (lambda: roi_pool(d_f, d_r, 2, 0.5), lambda: roi_align(d_f, d_r, 2, 0.5, 2),
+                 lambda: roi_align_backward(to(np.zeros((2, 1, 2, 2), np.float32)), d_r, f.shape, 0.5, 2)):
+        with pytest.raises(ValueError, match=match):
+            call()
+
+
+def test_roi_coordinate_bound_is_inclusive():
+    f = np.ones((1, 1, 4, 4), np.float32)
+    edge = float(2**25)  # times 0.5: exactly 2**24 cells
+    rois = np.array([[0, -edge, -edge, edge, edge]])
+    out, argmax = roi_pool(f, rois, 1, 0.5)
+    assert out.ravel().tolist() == [1] and argmax.ravel().tolist() == [0]
+    assert roi_align(f, rois, 1, 0.5, 1).shape == (1, 1, 1, 1)
+    rois[0, 3] = np.nextafter(edge, np.inf)
+    with pytest.raises(ValueError, match=r"rois\[0\]"):
+        roi_pool(f.astype(np.float64), rois, 1, 0.5)
+
+
+@pytest.mark.parametrize("sampling_ratio", [2**32, 2**31, 2**20, 1025, -1025, -2**70])
+def test_huge_sampling_ratio_is_rejected(sampling_ratio):
+    f, rois = np.zeros((1, 1, 4, 4)), np.array([[0, 0, 0, 2, 2]], float)
+    match = r"sampling_ratio must lie in \[-1024, 1024\]"
+    with pytest.raises(ValueError, match="roi_align: " + match):
+        roi_align(f, rois, 7, 1.0, sampling_ratio)
+    with pytest.raises(ValueError, match="roi_align_backward: " + match):
+        roi_align_backward(np.zeros((1, 1, 7, 7)), rois, f.shape, 1.0, sampling_ratio)
+    with pytest.raises(ValueError, match="RoIAlign: " + match):
+        RoIAlign(7, 1.0, sampling_ratio)
+
+
+@pytest.mark.parametrize("to", [np.asarray, cuda.to_device], ids=["cpu", "cuda"])
+def test_roi_needing_too_many_samples_is_rejected_on_both_paths(to, monkeypatch):
+    f = to(np.zeros((1, 1, 4, 4), np.float32))
+    # Adaptive grid: the RoI is 62500 cells a side, ceil(62500 / 7) = 8929 samples a bin side.
+    rois = to(np.array([[0, 0, 0, 1, 1], [0, 0, 0, 1e6, 1e6]], np.float32))
+    match = (r"rois\[1\] needs 3906625009 bilinear samples \(7 x 7 bins of 8929 x 8929\), more than the "
+             r"2097152 one RoI may take; clip the RoIs to the feature map or pass a smaller sampling_ratio")
+    with pytest.raises(ValueError, match="roi_align: " + match):
+        roi_align(f, rois, 7, 1 / 16)
+    with pytest.raises(ValueError, match="roi_align_backward: " + match):
+        roi_align_backward(to(np.zeros((2, 1, 7, 7), np.float32)), rois, f.shape, 1 / 16)
+    with pytest.raises(ValueError, match=r"rois\[0\] needs 4194304 bilinear samples \(2 x 2 bins of 1024 x 1024\)"):
+        roi_align(f, rois, 2, 1 / 16, 1024)
+    monkeypatch.setattr(roi, "MAX_ROI_SAMPLES", 16)
+    small = to(np.array([[0, 0, 0, 1, 1]], np.float32))
+    assert roi_align(f, small, 2, 1 / 16, 2).shape == (1, 1, 2, 2)  # 16 samples: exactly the limit
+    with pytest.raises(ValueError, match=r"rois\[0\] needs 24 bilinear samples"):
+        roi_align(f, small, (2, 3), 1 / 16, 2)
+
+
+def test_default_detector_rois_are_far_from_the_sample_limit():
+    # Its largest RoI: a whole 128 x 128 image at scale 1/8 (a 16 x 16 map), 7 x 7 bins.
+    rois = np.array([[0, 0, 0, 128, 128]], np.float32)
+    for sampling_ratio, grid in [(2, 2), (-1, 3)]:
+        geometry = roi._align_geometry(rois, 1 / 8, 7, 7, sampling_ratio, True)
+        assert geometry[4].tolist() == geometry[5].tolist() == [grid]
+    assert 7 * 7 * 3 * 3 < roi.MAX_ROI_SAMPLES // 1000

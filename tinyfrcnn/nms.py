@@ -373,11 +373,17 @@ def batched_nms(boxes, scores, idxs, iou_threshold, max_per_category=None):
     """NMS within each category: boxes with different ``idxs`` never suppress each other.
 
     Returns int64 indices of kept boxes in decreasing score order (equal scores: lower
-    index first). Same kept set as ``torchvision.ops.batched_nms``, which is NMS run
-    once per category. No coordinate offsets perturb the IoUs here: the CPU kernel runs
-    each category as a segment of its own, the categories in parallel, and the CUDA
-    kernel skips pairs of different categories. ``max_per_category`` keeps only the
-    first that many of each category (the CPU kernel stops each segment there).
+    index first). The kept set is that of ``torchvision.ops.nms`` run once per category
+    (torchvision's ``_batched_nms_vanilla``): no coordinate offsets perturb the IoUs here,
+    as the CPU kernel runs each category as a segment of its own, the categories in
+    parallel, and the CUDA kernel skips pairs of different categories.
+    ``torchvision.ops.batched_nms`` itself takes that path only for large inputs (more
+    than 1000 boxes on the CPU, 5000 on CUDA: ``boxes.numel()`` above 4000 or 20000).
+    For smaller ones it shifts each category's boxes by a multiple of the largest
+    coordinate and runs one NMS; rounding the shifted coordinates moves its IoUs slightly
+    (in float32 by a few ulps), so in rare cases it keeps a different set.
+    ``max_per_category`` keeps only the first that many of each category (the CPU
+    kernel stops each segment there).
     """
     host, thr, device = _validate(boxes, scores, iou_threshold, "batched_nms", idxs=idxs)
     return _run(host, thr, device, _limit(max_per_category, "max_per_category", "batched_nms"))

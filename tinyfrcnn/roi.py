@@ -16,9 +16,16 @@ RoIAlign (He et al., "Mask R-CNN", 2017) drops the rounding: each bin is the ave
 ``sx x sy`` bilinear samples taken at regularly spaced points inside it, so the output
 is a continuous (piecewise-linear) function of the features and of the RoI.
 
-Both give the same numbers as ``torchvision.ops.roi_pool`` and
-``torchvision.ops.roi_align`` on the same input (argmax here is a flat index into the
-whole feature array rather than into one channel plane).
+RoI max pooling gives the same numbers as ``torchvision.ops.roi_pool`` on the same
+input (argmax here is a flat index into the whole feature array rather than into one
+channel plane). RoIAlign gives the same numbers as ``torchvision.ops.roi_align`` in
+float64; in float32 many outputs (40-70% on random input) differ from torchvision's in
+the last few bits (up to about 3e-6 for unit-scale features), because the sample
+positions and bilinear weights are computed in float64 here and in float32 there.
+
+RoI coordinates times ``spatial_scale`` must lie within +-2**24 feature cells
+(``MAX_ROI_CELLS``), where float32 still holds every integer, and one RoI may take at
+most ``MAX_ROI_SAMPLES`` (2**21) bilinear samples in RoIAlign.
 """
 
 import math
@@ -33,13 +40,18 @@ from .layers import Module
 
 FLT_MAX = float(np.finfo(np.float32).max)
 SAMPLE_TABLE_ROWS = 1 << 21  # RoIAlign CPU: most samples tabulated at once (64 MiB for float32)
+MAX_ROI_SAMPLES = SAMPLE_TABLE_ROWS  # RoIAlign: most bilinear samples one RoI may take, on CPU and CUDA
+MAX_ROI_CELLS = 1 << 24  # largest |RoI coordinate * spatial_scale|, in feature cells
+MAX_SAMPLING_RATIO = 1 << 10  # largest |sampling_ratio|
 
 
 # --------------------------------------------------------------------------- validation
 
 
-def _check_rois(rois, n_images, dtype, where):
-    """(R, 5) finite RoIs with integer batch indices in [0, n_images) and x2 >= x1, y2 >= y1.
+def _check_rois(rois, n_images, dtype, scale, where):
+    """(R, 5) finite RoIs with integer batch indices in [0, n_images), x2 >= x1, y2 >= y1,
+    and every coordinate within ``MAX_ROI_CELLS`` feature cells once cast to ``dtype`` and
+    multiplied by ``scale`` as the kernels do, so their integer casts cannot overflow.
 
     Returns a host copy in ``dtype`` (device RoIs are copied: they are small).
     """
@@ -56,7 +68,17 @@ def _check_rois(rois, n_images, dtype, where):
         i = int(np.flatnonzero(bad)[0])
         raise ValueError(f"{where}: rois[{i}, 0] = {batch[i]!r} is not an integer batch index "
                          f"in [0, {n_images})")
-    return host.astype(dtype, copy=False)
+    T = np.dtype(dtype).type
+    with np.errstate(over="ignore", invalid="ignore"):
+        host = host.astype(dtype, copy=False)
+        cells = np.abs(host[:, 1:] * T(scale))  # (R, 4)
+    bad = ~(cells <= MAX_ROI_CELLS).all(axis=1)
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise ValueError(f"{where}: rois[{i}] = {host[i].tolist()} reaches {cells[i].max():g} feature cells at "
+                         f"spatial_scale {scale!r}; coordinates times spatial_scale must lie within "
+                         f"+-{MAX_ROI_CELLS} (2**24)")
+    return host
 
 
 def _check_inputs(features, rois, output_size, spatial_scale, where):
@@ -67,8 +89,10 @@ def _check_inputs(features, rois, output_size, spatial_scale, where):
         raise ValueError(f"{where}: features must have non-zero height and width, got {tuple(features.shape)}")
     ph, pw = pair(output_size, "output_size", where)
     scale = check_number(spatial_scale, "spatial_scale", low=0, low_open=True, where=where)
-    host = _check_rois(rois, N, features.dtype, where)
+    host = _check_rois(rois, N, features.dtype, scale, where)
     gpu = on_device({"features": features, "rois": rois})
+    if not gpu:
+        check_finite(features, "features", where)
     return gpu, (ph, pw), scale, host
 
 
@@ -278,8 +302,9 @@ def _roi_pool_backward_cuda(grad_out, argmax, grad_in, flag):
 def roi_pool(features, rois, output_size, spatial_scale):
     """RoI max pooling (Fast R-CNN): ``y[r, c, i, j] = max over bin (i, j) of RoI r``.
 
-    features (N, C, H, W) float32/float64; rois (R, 5) as (batch_index, x1, y1, x2, y2)
-    in image coordinates; the feature map is the image scaled by ``spatial_scale``.
+    features (N, C, H, W) float32/float64, finite; rois (R, 5) as (batch_index, x1, y1,
+    x2, y2) in image coordinates; the feature map is the image scaled by ``spatial_scale``,
+    and |coordinate * spatial_scale| may be at most ``MAX_ROI_CELLS`` (2**24).
     Returns ``(output (R, C, ph, pw), argmax (R, C, ph, pw) int64)``: argmax is the flat
     index into ``features`` of each maximum, -1 for an empty bin (whose output is 0).
     Same numbers as ``torchvision.ops.roi_pool``.
@@ -597,6 +622,19 @@ def _roi_align_backward_cpu(grad_out, batch, offsets, pos, weight, grad_planes):
                         k += one
 
 
+def _check_samples(geometry, pooled_h, pooled_w, where):
+    """Raise if one RoI needs more than ``MAX_ROI_SAMPLES`` bilinear samples, which
+    bounds both the CPU's sample tables and the CUDA threads' loops."""
+    grid_h, grid_w = geometry[4], geometry[5]
+    samples = grid_h.astype(np.float64) * grid_w * (pooled_h * pooled_w)  # (R,), exact below 2**53
+    bad = samples > MAX_ROI_SAMPLES
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise ValueError(f"{where}: rois[{i}] needs {samples[i]:.0f} bilinear samples ({pooled_h} x {pooled_w} bins "
+                         f"of {grid_h[i]} x {grid_w[i]}), more than the {MAX_ROI_SAMPLES} one RoI may take; "
+                         "clip the RoIs to the feature map or pass a smaller sampling_ratio")
+
+
 def _sample_tables(geometry, batch, pooled_h, pooled_w, height, width):
     """Yield (lo, hi, (batch, offsets, pos, weight)) for runs of RoIs whose tables hold at
     most ``SAMPLE_TABLE_ROWS`` samples (or one RoI), so memory stays bounded for huge RoIs."""
@@ -716,6 +754,9 @@ _ROI_ALIGN_CUDA = {np.dtype(np.float32): (_roi_align_forward_cuda_f32, _roi_alig
 def _check_sampling(sampling_ratio, aligned, where):
     if isinstance(sampling_ratio, bool) or not isinstance(sampling_ratio, (int, np.integer)):
         raise ValueError(f"{where}: sampling_ratio must be an integer (<= 0 for adaptive), got {sampling_ratio!r}")
+    if abs(int(sampling_ratio)) > MAX_SAMPLING_RATIO:
+        raise ValueError(f"{where}: sampling_ratio must lie in [-{MAX_SAMPLING_RATIO}, {MAX_SAMPLING_RATIO}] "
+                         f"(<= 0 for adaptive), got {sampling_ratio!r}")
     if not isinstance(aligned, (bool, np.bool_)):
         raise ValueError(f"{where}: aligned must be True or False, got {aligned!r}")
     return int(sampling_ratio), bool(aligned)
@@ -729,11 +770,20 @@ def roi_align(features, rois, output_size, spatial_scale, sampling_ratio=-1, ali
     ``y1 = y1_image * spatial_scale - 1/2`` when ``aligned`` (pixel centres), and
     ``sy = sampling_ratio`` or ``ceil(roi_h / ph)`` when ``sampling_ratio <= 0``.
     Samples beyond [-1, H] x [-1, W] count as 0; nearer ones are clamped onto the map.
-    Returns (R, C, ph, pw). Same numbers as ``torchvision.ops.roi_align``.
+    One RoI may take at most ``MAX_ROI_SAMPLES`` (2**21) samples, ``ph * pw * sy * sx``;
+    |sampling_ratio| is at most ``MAX_SAMPLING_RATIO`` (1024) and |coordinate *
+    spatial_scale| at most ``MAX_ROI_CELLS`` (2**24). Returns (R, C, ph, pw).
+
+    Same numbers as ``torchvision.ops.roi_align`` in float64. In float32 many outputs
+    (40-70% on random input) differ from torchvision's by a few ulps (up to about 3e-6
+    for unit-scale features): the sample positions and bilinear weights are computed in
+    float64 here and in float32 by torchvision.
     """
     where = "roi_align"
     sampling_ratio, aligned = _check_sampling(sampling_ratio, aligned, where)
     gpu, (ph, pw), scale, host = _check_inputs(features, rois, output_size, spatial_scale, where)
+    geometry = _align_geometry(host, scale, ph, pw, sampling_ratio, aligned)
+    _check_samples(geometry, ph, pw, where)
     R, C = host.shape[0], features.shape[1]
     out = _empty(gpu, (R, C, ph, pw), features.dtype)
     if out.size == 0:
@@ -744,7 +794,6 @@ def roi_align(features, rois, output_size, spatial_scale, sampling_ratio=-1, ali
         kernel[blocks, threads](features, rois, features.dtype.type(scale), sampling_ratio, aligned, out)
     else:
         batch = host[:, 0].astype(np.int64)
-        geometry = _align_geometry(host, scale, ph, pw, sampling_ratio, aligned)
         N, C, H, W = features.shape
         planes = np.ascontiguousarray(features).reshape(N * C, H * W)  # (N * C, H * W)
         for lo, hi, tables in _sample_tables(geometry, batch, ph, pw, H, W):
@@ -754,7 +803,8 @@ def roi_align(features, rois, output_size, spatial_scale, sampling_ratio=-1, ali
 
 def roi_align_backward(grad_out, rois, features_shape, spatial_scale, sampling_ratio=-1, aligned=True):
     """Gradient of RoIAlign w.r.t. the features: each sample hands ``g / (sy sx)`` to its
-    four neighbours in proportion to their bilinear weights. Returns ``features_shape``."""
+    four neighbours in proportion to their bilinear weights. The RoIs and sampling obey
+    ``roi_align``'s limits. Returns ``features_shape``."""
     where = "roi_align_backward"
     sampling_ratio, aligned = _check_sampling(sampling_ratio, aligned, where)
     grad_out = as_float_array(grad_out, "grad_out", ndim=4, where=where)
@@ -763,11 +813,13 @@ def roi_align_backward(grad_out, rois, features_shape, spatial_scale, sampling_r
     if 0 in shape[2:]:
         raise ValueError(f"{where}: features_shape must have non-zero height and width, got {shape}")
     scale = check_number(spatial_scale, "spatial_scale", low=0, low_open=True, where=where)
-    host = _check_rois(rois, shape[0], grad_out.dtype, where)
+    host = _check_rois(rois, shape[0], grad_out.dtype, scale, where)
     gpu = on_device({"grad_out": grad_out, "rois": rois})
     if host.shape[0] != R or C != shape[1]:
         raise ValueError(f"{where}: grad_out has shape {tuple(grad_out.shape)} but there are {host.shape[0]} "
                          f"rois and features_shape {shape} has {shape[1]} channels")
+    geometry = _align_geometry(host, scale, ph, pw, sampling_ratio, aligned)
+    _check_samples(geometry, ph, pw, where)
     grad_in = zeros_on_device(shape, grad_out.dtype) if gpu else np.zeros(shape, dtype=grad_out.dtype)
     if grad_out.size == 0:
         return grad_in
@@ -777,7 +829,6 @@ def roi_align_backward(grad_out, rois, features_shape, spatial_scale, sampling_r
         kernel[blocks, threads](grad_out, rois, grad_out.dtype.type(scale), sampling_ratio, aligned, grad_in)
     else:
         batch = host[:, 0].astype(np.int64)
-        geometry = _align_geometry(host, scale, ph, pw, sampling_ratio, aligned)
         N, C, H, W = shape
         grad_planes = grad_in.reshape(N * C, H * W)  # (N * C, H * W), a view
         grad_out = np.ascontiguousarray(grad_out)
