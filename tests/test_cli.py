@@ -9,8 +9,10 @@ import pytest
 from PIL import Image
 
 from test_model import TINY
-from tinyfrcnn.__main__ import main
+from test_train import tiny_train_config
+from tinyfrcnn.__main__ import load_image, main
 from tinyfrcnn.model import FasterRCNN
+from tinyfrcnn.train import Trainer
 
 
 @pytest.fixture
@@ -60,3 +62,56 @@ def test_clear_errors_for_missing_and_wrong_files(tmp_path, checkpoint):
         main(["detect", "--checkpoint", checkpoint, str(not_image)])
     with pytest.raises(SystemExit):
         main(["train", "--steps", "0"])
+
+
+@pytest.mark.parametrize("args", [
+    ["--lr", "0"], ["--lr", "-0.1"], ["--lr", "nan"], ["--seed", "-1"], ["--test-images", "-3"],
+    ["--eval-every", "-5"], ["--batch-size", "0"],
+])
+def test_train_rejects_bad_numbers_before_training(args, capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["train", "--no-progress"] + args)
+    assert stop.value.code == 2
+    assert "expected a" in capsys.readouterr().err
+
+
+def test_train_rejects_settings_that_cannot_work(tmp_path):
+    with pytest.raises(SystemExit, match="--batch-size 8 is larger than the training split"):
+        main(["train", "--batch-size", "8", "--train-images", "3"])
+    with pytest.raises(SystemExit, match="at least 4"):
+        main(["train", "--schedule", "alternating", "--steps", "2"])
+    trainer = Trainer(TINY, tiny_train_config(), out_dir=str(tmp_path))
+    trainer.train_step()
+    trainer.train_step()
+    path = trainer.save()
+    with pytest.raises(SystemExit, match="own settings; drop --batch-size, --lr"):
+        main(["train", "--resume", path, "--lr", "0.5", "--batch-size", "3"])
+    with pytest.raises(SystemExit, match="at step 2 already"):
+        main(["train", "--resume", path, "--steps", "1"])
+    with pytest.raises(SystemExit, match="does not exist"):
+        main(["train", "--resume", str(tmp_path / "nope.npz")])
+
+
+def test_detect_pads_a_long_thin_image_and_rejects_a_tiny_size(checkpoint, tmp_path, capsys):
+    src = tmp_path / "strip.png"
+    Image.fromarray(np.full((20, 1000, 3), 200, dtype=np.uint8)).save(src)
+    assert main(["detect", "--checkpoint", checkpoint, "--out", str(tmp_path), "--score-thresh", "0", str(src)]) == 0
+    assert (tmp_path / "strip_detections.png").is_file()
+    assert "detections" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["detect", "--checkpoint", checkpoint, "--size", "4", str(src)])
+
+
+def test_load_image_scales_16_bit_images_and_puts_transparency_on_white(tmp_path):
+    gray = np.linspace(0, 30000, 64 * 64).reshape(64, 64).astype(np.uint16)
+    Image.fromarray(gray).save(tmp_path / "gray16.png")
+    image, _ = load_image(str(tmp_path / "gray16.png"), 64)
+    assert image.shape == (3, 64, 64)
+    np.testing.assert_allclose(image.max(), 30000 / 65535, atol=1 / 255)
+    np.testing.assert_allclose(image[0, 0, 0], 0.0)
+    rgba = np.zeros((8, 8, 4), dtype=np.uint8)  # black, fully transparent ...
+    rgba[:4, :, 3] = 255  # ... except the top half, which is opaque black
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "rgba.png")
+    image, _ = load_image(str(tmp_path / "rgba.png"), 8)
+    np.testing.assert_array_equal(image[:, :4], 0.0)
+    np.testing.assert_array_equal(image[:, 4:], 1.0)

@@ -2,12 +2,14 @@
 
 import json
 import os
+import signal
 
 import numpy as np
 import pytest
 
 from test_model import TINY
-from tinyfrcnn.train import NonFiniteLoss, Trainer, TrainConfig, train
+from tinyfrcnn.model import FasterRCNN
+from tinyfrcnn.train import NonFiniteLoss, Trainer, TrainConfig, train, train_alternating
 
 
 def tiny_train_config(**kw):
@@ -77,3 +79,75 @@ def test_non_finite_loss_stops_with_a_message_naming_step_and_term(tmp_path):
 def test_bad_schedule_is_rejected():
     with pytest.raises(ValueError, match="schedule"):
         Trainer(TINY, tiny_train_config(schedule="sideways"))
+
+
+def _parameters(model):
+    return [p.data.copy() for p in model.parameters()]
+
+
+def test_ctrl_c_stops_after_the_step_and_resuming_repeats_the_run(tmp_path, monkeypatch):
+    config = tiny_train_config(steps=6, val_images=4, eval_every=3)
+    full = train(str(tmp_path / "full"), TINY, config, progress=False)
+
+    forward, calls = FasterRCNN.forward, []
+
+    def interrupted(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:  # Ctrl-C in the middle of step 3's forward pass
+            signal.raise_signal(signal.SIGINT)
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(FasterRCNN, "forward", interrupted)
+    out = str(tmp_path / "stopped")
+    with pytest.raises(KeyboardInterrupt):
+        train(out, TINY, config, progress=False, log=lambda *a: None)
+    monkeypatch.setattr(FasterRCNN, "forward", forward)
+    saved = Trainer.resume(os.path.join(out, "checkpoint.npz"))
+    assert saved.step == 3 and len(saved.history["loss"]) == 3 and len(saved.evals) == 1
+
+    resumed = train(out, resume=os.path.join(out, "checkpoint.npz"), progress=False)
+    assert resumed.history == full.history
+    assert resumed.evals == full.evals
+    for a, b in zip(_parameters(resumed.model), _parameters(full.model)):
+        np.testing.assert_array_equal(a, b)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_a_checkpoint_holds_the_validation_of_its_own_step(tmp_path, monkeypatch):
+    save, seen = Trainer.save, []
+
+    def recording(self, path=None):
+        seen.append((self.step, [e["step"] for e in self.evals]))
+        return save(self, path)
+
+    monkeypatch.setattr(Trainer, "save", recording)
+    train(str(tmp_path / "run"), TINY, tiny_train_config(steps=4, val_images=4, eval_every=2, checkpoint_every=2),
+          progress=False)
+    assert seen[0] == (2, [2]) and seen[1] == (4, [2, 4])
+
+
+def test_resume_with_a_new_step_count(tmp_path):
+    out = str(tmp_path / "run")
+    train(out, TINY, tiny_train_config(steps=2), progress=False)
+    path = os.path.join(out, "checkpoint.npz")
+    with pytest.raises(ValueError, match="at step 2 already"):
+        Trainer.resume(path, steps=1)
+    longer = train(out, resume=path, steps=4, progress=False)
+    assert longer.step == 4 and len(longer.history["loss"]) == 4 and longer.cfg.steps == 4
+    again = train(out, resume=path, progress=False, log=lambda *a: None)
+    assert again.step == 4 and len(again.history["loss"]) == 4
+
+
+def test_batch_larger_than_the_training_split_is_rejected(tmp_path):
+    with pytest.raises(ValueError, match=r"batch_size \(4\) is larger than the training split"):
+        Trainer(TINY, tiny_train_config(batch_size=4, train_images=3))
+    with pytest.raises(ValueError, match="larger than the training split"):
+        train_alternating(str(tmp_path), TINY, tiny_train_config(batch_size=4, train_images=3), progress=False)
+
+
+def test_alternating_training_runs_exactly_the_steps_asked_for(tmp_path):
+    with pytest.raises(ValueError, match="at least 4"):
+        train_alternating(str(tmp_path / "a"), TINY, tiny_train_config(steps=3), progress=False)
+    trainer = train_alternating(str(tmp_path / "b"), TINY, tiny_train_config(steps=5), progress=False)
+    assert trainer.step == 5 and len(trainer.history["loss"]) == 5
+    assert json.load(open(tmp_path / "b" / "metrics.json"))["steps"] == 5

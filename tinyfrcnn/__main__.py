@@ -8,16 +8,43 @@ import sys
 import numpy as np
 
 DEFAULT_OUT = os.path.join("runs", "shapes")
+MIN_SIDE = 16  # detect pads shorter sides to this: the backbone's stride is 8
 
 
-def _positive_int(text):
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return v
+def _int_at_least(low):
+    """An argparse type: an integer >= low."""
+    what = "a positive integer" if low == 1 else "a non-negative integer" if low == 0 else f"an integer >= {low}"
+
+    def parse(text):
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if v < low:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return v
+
+    return parse
+
+
+_positive_int = _int_at_least(1)
+_non_negative_int = _int_at_least(0)
+
+
+def _float_in(low, high, low_open=False):
+    """An argparse type: a finite float in [low, high] ((low, high] with low_open)."""
+    what = f"a number in {'(' if low_open else '['}{low}, {high}]"
+
+    def parse(text):
+        try:
+            v = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if not (low < v <= high if low_open else low <= v <= high):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return v
+
+    return parse
 
 
 def _add_device(parser):
@@ -47,15 +74,18 @@ def build_parser():
     t.add_argument("--out", default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")
     t.add_argument("--steps", type=_positive_int, help="SGD steps (default from TrainConfig)")
     t.add_argument("--batch-size", type=_positive_int, help="images per step")
-    t.add_argument("--lr", type=float, help="base learning rate")
-    t.add_argument("--seed", type=int, help="random seed (same seed, same run)")
+    t.add_argument("--lr", type=_float_in(0, 10, low_open=True), help="base learning rate")
+    t.add_argument("--seed", type=_non_negative_int, help="random seed (same seed, same run)")
     t.add_argument("--train-images", type=_positive_int, help="size of the training split")
-    t.add_argument("--eval-every", type=int, help="validation AP every N steps (0: never)")
+    t.add_argument("--eval-every", type=_non_negative_int,
+                   help="validation AP every N steps (0: never; joint schedule only)")
     t.add_argument("--pooling", choices=("roi_pool", "roi_align"), help="RoI pooling of the head")
     t.add_argument("--schedule", choices=("joint", "alternating"), default="joint",
                    help="approximate joint training (default) or the paper's 4-step alternating training")
-    t.add_argument("--resume", metavar="CHECKPOINT", help="continue a run from its checkpoint")
-    t.add_argument("--test-images", type=int, default=500,
+    t.add_argument("--resume", metavar="CHECKPOINT",
+                   help="continue a run from its checkpoint, with the run's own settings (only --steps, "
+                        "--out and --device may be given)")
+    t.add_argument("--test-images", type=_non_negative_int, default=500,
                    help="evaluate on this many test images at the end (0: skip; default 500)")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_device(t)
@@ -75,8 +105,10 @@ def build_parser():
     d.add_argument("--checkpoint", required=True, help="a .npz checkpoint written by train")
     d.add_argument("images", nargs="+", metavar="IMAGE", help="PNG or JPEG files")
     d.add_argument("--out", default=".", help="folder for the drawn images (default: current folder)")
-    d.add_argument("--size", type=_positive_int, default=128, help="longer side after resizing (default 128)")
-    d.add_argument("--score-thresh", type=float, default=0.5, help="draw detections above this score")
+    d.add_argument("--size", type=_int_at_least(MIN_SIDE), default=128,
+                   help=f"longer side after resizing (default 128, at least {MIN_SIDE})")
+    d.add_argument("--score-thresh", type=_float_in(0, 1), default=0.5,
+                   help="draw detections with at least this score (default 0.5)")
     _add_device(d)
     return parser
 
@@ -92,22 +124,42 @@ def _ap_table(ap, class_names):
 def cmd_train(args):
     from .model import ModelConfig
     from .shapes import CLASS_NAMES, shapes_split
-    from .train import TrainConfig, evaluate_model, train, train_alternating
+    from .train import Trainer, TrainConfig, evaluate_model, train, train_alternating
 
     tc = TrainConfig(device=_check_device(args.device))
+    settings = ("batch_size", "lr", "seed", "train_images", "eval_every", "pooling")
+    if args.resume:
+        given = [f"--{name.replace('_', '-')}" for name in settings if getattr(args, name) is not None]
+        if args.schedule == "alternating":
+            given.append("--schedule alternating")
+        if given:
+            raise SystemExit(f"error: --resume continues the run with its own settings; drop {', '.join(given)}")
+        if not os.path.exists(args.resume):
+            raise SystemExit(f"error: checkpoint {args.resume!r} does not exist")
+        try:
+            Trainer.resume(args.resume, out_dir=args.out, steps=args.steps)
+        except ValueError as e:
+            raise SystemExit(f"error: {e}") from None
     for name in ("steps", "batch_size", "lr", "seed", "train_images", "eval_every"):
         value = getattr(args, name)
         if value is not None:
             setattr(tc, name, value)
+    if tc.batch_size > tc.train_images:
+        raise SystemExit(f"error: --batch-size {tc.batch_size} is larger than the training split "
+                         f"(--train-images {tc.train_images})")
+    if args.schedule == "alternating" and tc.steps < 4:
+        raise SystemExit(f"error: --schedule alternating needs --steps of at least 4 (one per stage), got {tc.steps}")
     mc = ModelConfig()
     if args.pooling:
         mc.pooling = args.pooling
-    if args.schedule == "alternating":
-        if args.resume:
-            raise SystemExit("error: --resume works with the joint schedule only")
-        trainer = train_alternating(args.out, mc, tc, progress=not args.no_progress)
-    else:
-        trainer = train(args.out, mc, tc, resume=args.resume, progress=not args.no_progress)
+    try:
+        if args.schedule == "alternating":
+            trainer = train_alternating(args.out, mc, tc, progress=not args.no_progress)
+        else:
+            trainer = train(args.out, mc, tc, resume=args.resume, steps=args.steps if args.resume else None,
+                            progress=not args.no_progress)
+    except KeyboardInterrupt:
+        return 130
     print(f"checkpoint: {trainer.checkpoint_path()}")
     if args.test_images:
         test = shapes_split("test", args.test_images)
@@ -115,6 +167,8 @@ def cmd_train(args):
         print(f"test split ({len(test)} images):")
         print(_ap_table(ap, CLASS_NAMES))
         path = os.path.join(args.out, "metrics.json")
+        if not os.path.exists(path):
+            return 0
         with open(path) as f:
             metrics = json.load(f)
         metrics["test"] = {"images": len(test), "AP": ap["AP"], "AP50": ap["AP50"], "AP75": ap["AP75"],
@@ -152,16 +206,29 @@ def cmd_evaluate(args):
     return 0
 
 
+def _as_rgb(im):
+    """A PIL image as 8-bit RGB: 16-bit and 32-bit integer images are scaled down from
+    the 16-bit range (PIL would clip them at 255), transparent pixels are put on white."""
+    from PIL import Image
+
+    if im.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
+        values = np.asarray(im, dtype=np.float64) / 257.0  # (h, w), 0..65535 -> 0..255
+        im = Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), "L")
+    if im.mode in ("RGBA", "LA", "PA") or "transparency" in im.info:
+        im = Image.alpha_composite(Image.new("RGBA", im.size, (255, 255, 255, 255)), im.convert("RGBA"))
+    return im.convert("RGB")
+
+
 def load_image(path, size):
     """Read a PNG/JPEG as (3, h, w) float32 in [0, 1], resized so its longer side is
-    ``size``; returns (image, scale) where original = resized / scale."""
+    ``size``; returns (image, (sx, sy)) where original pixels = resized pixels / s."""
     from PIL import Image, UnidentifiedImageError
 
     if not os.path.isfile(path):
         raise SystemExit(f"error: image {path!r} does not exist")
     try:
         with Image.open(path) as im:
-            im = im.convert("RGB")
+            im = _as_rgb(im)
             w, h = im.size
             scale = size / max(w, h)
             nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
@@ -172,6 +239,13 @@ def load_image(path, size):
     return np.ascontiguousarray(arr.transpose(2, 0, 1)), (nw / w, nh / h)
 
 
+def pad_to_min_side(image, min_side=MIN_SIDE):
+    """Repeat the last row and column of a (3, h, w) image until both sides are at least
+    ``min_side``: a long thin image leaves too few rows for the backbone's stride."""
+    _, h, w = image.shape
+    return np.pad(image, ((0, 0), (0, max(0, min_side - h)), (0, max(0, min_side - w))), mode="edge")
+
+
 def cmd_detect(args):
     from .shapes import CLASS_NAMES
     from .viz import save_detections
@@ -180,10 +254,12 @@ def cmd_detect(args):
     os.makedirs(args.out, exist_ok=True)
     for path in args.images:
         image, (sx, sy) = load_image(path, args.size)
-        det = model.detect(image[None])[0]
-        keep = det["scores"] >= args.score_thresh
-        boxes = det["boxes"][keep] / np.array([sx, sy, sx, sy], dtype=np.float32)
-        original, _ = load_image(path, max(round(image.shape[2] / sx), round(image.shape[1] / sy)))
+        det = model.detect(pad_to_min_side(image)[None])[0]
+        _, h, w = image.shape
+        boxes = np.minimum(det["boxes"], np.array([w, h, w, h], dtype=np.float32))  # (D, 4), off the padding
+        keep = (det["scores"] >= args.score_thresh) & (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+        boxes = boxes[keep] / np.array([sx, sy, sx, sy], dtype=np.float32)
+        original, _ = load_image(path, max(round(w / sx), round(h / sy)))
         name = os.path.splitext(os.path.basename(path))[0]
         out = os.path.join(args.out, f"{name}_detections.png")
         save_detections(out, original, boxes, det["labels"][keep], det["scores"][keep], CLASS_NAMES)

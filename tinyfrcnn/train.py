@@ -10,6 +10,9 @@ state and the loss history, so ``resume`` continues exactly where the run stoppe
 import json
 import math
 import os
+import signal
+import sys
+import threading
 import time
 from dataclasses import asdict, dataclass
 
@@ -67,6 +70,38 @@ def evaluate_model(model, dataset, batch_size=16, progress=None):
     return coco_ap(detections, truths), detections, truths
 
 
+def _check_batch_size(cfg, where):
+    if cfg.batch_size > cfg.train_images:
+        raise ValueError(f"{where}: batch_size ({cfg.batch_size}) is larger than the training split "
+                         f"(train_images = {cfg.train_images})")
+
+
+class _StopAfterStep:
+    """While active, Ctrl-C (SIGINT) only asks the training loop to stop after the step in
+    progress, so the checkpoint written then lies on a step boundary and resuming repeats
+    the uninterrupted run exactly. A second Ctrl-C interrupts at once, without saving.
+    Signal handlers belong to the main thread; elsewhere Ctrl-C keeps its usual meaning."""
+
+    def __enter__(self):
+        self.requested = False
+        self._installed = threading.current_thread() is threading.main_thread()
+        if self._installed:
+            self._previous = signal.getsignal(signal.SIGINT)
+            signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nstopping after this step (Ctrl-C again to stop at once, without saving)", file=sys.stderr)
+
+    def __exit__(self, *exc):
+        if self._installed:
+            signal.signal(signal.SIGINT, self._previous if self._previous is not None else signal.SIG_DFL)
+        return False
+
+
 def _rng_state_json(rng):
     return json.dumps(rng.bit_generator.state)
 
@@ -85,6 +120,7 @@ class Trainer:
         if self.cfg.schedule not in ("joint",):
             raise ValueError(f"Trainer: schedule must be 'joint' (use train_alternating for 4-step), got {self.cfg.schedule!r}")
         check_device(self.cfg.device)
+        _check_batch_size(self.cfg, "Trainer")
         self.rng = np.random.default_rng(self.cfg.seed)
         self.model = FasterRCNN(model_config or ModelConfig(), rng=np.random.default_rng(self.cfg.seed),
                                 device=self.cfg.device)
@@ -158,6 +194,9 @@ class Trainer:
             if isinstance(value, list):
                 tc[key] = tuple(value)
         if steps is not None:
+            if steps < state["step"]:
+                raise ValueError(f"resume: the run in {path!r} is at step {state['step']} already; steps must be "
+                                 f"at least that, got {steps}")
             tc["steps"] = steps
         if device is not None:
             tc["device"] = check_device(device)
@@ -177,15 +216,22 @@ class Trainer:
         return self
 
 
-def train(out_dir, model_config=None, train_config=None, resume=None, progress=True, log=print):
+def train(out_dir, model_config=None, train_config=None, resume=None, progress=True, log=print, steps=None):
     """Train (or resume) a detector, writing into ``out_dir``: checkpoint.npz,
-    loss_curve.png and metrics.json. Returns the Trainer. On resume, ``train_config``
-    only chooses the device (None: the run's own)."""
+    loss_curve.png and metrics.json. Returns the Trainer. On resume, ``steps`` sets a new
+    total step count (None: the run's own) and ``train_config`` only chooses the device
+    (None: the run's own).
+
+    Ctrl-C stops after the step in progress and saves a checkpoint from which ``resume``
+    continues exactly as if there had been no interruption (then KeyboardInterrupt is
+    raised); a second Ctrl-C stops at once and saves nothing.
+    """
     from tqdm.auto import tqdm
 
     os.makedirs(out_dir, exist_ok=True)
     if resume:
-        trainer = Trainer.resume(resume, out_dir=out_dir, device=train_config.device if train_config else None)
+        trainer = Trainer.resume(resume, out_dir=out_dir, steps=steps,
+                                 device=train_config.device if train_config else None)
     else:
         trainer = Trainer(model_config, train_config, out_dir)
     cfg = trainer.cfg
@@ -194,19 +240,21 @@ def train(out_dir, model_config=None, train_config=None, resume=None, progress=T
     started = time.perf_counter()
     images_seen = 0
     try:
-        while trainer.step < cfg.steps:
-            trainer.train_step()
-            images_seen += cfg.batch_size
-            bar.update(1)
-            if trainer.step % 10 == 0 or trainer.step == cfg.steps:
-                recent = {k: np.mean(trainer.history[k][-20:]) for k in LOSS_TERMS}
-                bar.set_postfix({k: f"{v:.3f}" for k, v in recent.items()}, refresh=False)
-            if cfg.checkpoint_every and trainer.step % cfg.checkpoint_every == 0:
-                trainer.save()
-            if val is not None and cfg.eval_every and (trainer.step % cfg.eval_every == 0 or trainer.step == cfg.steps):
-                ap = evaluate_model(trainer.model, val)[0]
-                trainer.evals.append({"step": trainer.step, "AP": ap["AP"], "AP50": ap["AP50"]})
-                bar.write(f"step {trainer.step}: val AP {ap['AP']:.3f}  AP50 {ap['AP50']:.3f}")
+        with _StopAfterStep() as stop:
+            while trainer.step < cfg.steps and not stop.requested:
+                trainer.train_step()
+                images_seen += cfg.batch_size
+                bar.update(1)
+                if trainer.step % 10 == 0 or trainer.step == cfg.steps:
+                    recent = {k: np.mean(trainer.history[k][-20:]) for k in LOSS_TERMS}
+                    bar.set_postfix({k: f"{v:.3f}" for k, v in recent.items()}, refresh=False)
+                if val is not None and cfg.eval_every and (trainer.step % cfg.eval_every == 0
+                                                           or trainer.step == cfg.steps):
+                    ap = evaluate_model(trainer.model, val)[0]
+                    trainer.evals.append({"step": trainer.step, "AP": ap["AP"], "AP50": ap["AP50"]})
+                    bar.write(f"step {trainer.step}: val AP {ap['AP']:.3f}  AP50 {ap['AP50']:.3f}")
+                if cfg.checkpoint_every and trainer.step % cfg.checkpoint_every == 0:
+                    trainer.save()
     except NonFiniteLoss as e:
         bar.close()
         detail = "; ".join(filter(None, [e.detail, f"training stopped, the last good checkpoint is "
@@ -214,10 +262,17 @@ def train(out_dir, model_config=None, train_config=None, resume=None, progress=T
         raise NonFiniteLoss(e.term, e.value, detail, step=e.step) from None
     except KeyboardInterrupt:
         bar.close()
-        path = trainer.save()
-        log(f"interrupted at step {trainer.step}: checkpoint saved to {path} (continue with --resume {path})")
+        log(f"interrupted during step {trainer.step + 1}, nothing saved; the last checkpoint is "
+            f"{trainer.checkpoint_path()}")
         raise
     bar.close()
+    if stop.requested and trainer.step < cfg.steps:
+        path = trainer.save()
+        log(f"stopped after step {trainer.step}: checkpoint saved to {path} (continue with --resume {path})")
+        raise KeyboardInterrupt
+    if not images_seen:
+        log(f"the run is complete at step {trainer.step}; nothing to train (a larger steps continues it)")
+        return trainer
     elapsed = time.perf_counter() - started
     trainer.save()
     write_run_report(trainer, elapsed, images_seen)
@@ -257,7 +312,7 @@ def write_run_report(trainer, elapsed, images_seen):
 
 def train_alternating(out_dir, model_config=None, train_config=None, progress=True, log=print):
     """The paper's 4-step alternating training (section 3.2), each step a quarter of
-    ``train_config.steps``:
+    ``train_config.steps`` (at least 4; a remainder adds one step to each of the first):
 
     1. train backbone + RPN;
     2. train a second, freshly initialised backbone + the head on step 1's proposals;
@@ -265,27 +320,32 @@ def train_alternating(out_dir, model_config=None, train_config=None, progress=Tr
     4. keep the backbone fixed, and fine-tune the head on step 3's proposals.
 
     The two networks then share step 2's backbone. (The paper starts both backbones
-    from ImageNet weights; here both start from random ones.)
+    from ImageNet weights; here both start from random ones.) No validation runs
+    during the stages (``eval_every`` is not used), and there is no resuming.
     """
     from tqdm.auto import tqdm
 
     cfg = train_config or TrainConfig()
     mc = model_config or ModelConfig()
     check_device(cfg.device)
+    _check_batch_size(cfg, "train_alternating")
+    if cfg.steps < 4:
+        raise ValueError(f"train_alternating: steps must be at least 4, one per stage, got {cfg.steps}")
     os.makedirs(out_dir, exist_ok=True)
     rng = np.random.default_rng(cfg.seed)
     data = shapes_split("train", cfg.train_images, image_size=cfg.image_size)
     rpn_net = FasterRCNN(mc, rng=np.random.default_rng(cfg.seed), device=cfg.device)
     det_net = FasterRCNN(mc, rng=np.random.default_rng(cfg.seed + 1), device=cfg.device)
-    quarter = max(1, cfg.steps // 4)
+    stage_steps = [cfg.steps // 4 + (i < cfg.steps % 4) for i in range(4)]
     started = time.perf_counter()
     history = {k: [] for k in LOSS_TERMS + ("loss", "lr")}
 
-    def stage(name, model, params, train_rpn, train_head, train_backbone, proposer=None):
+    def stage(number, name, model, params, train_rpn, train_head, train_backbone, proposer=None):
+        steps, label = stage_steps[number - 1], f"{number}/4 {name}"
         optim = SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-        milestones = tuple(int(round(f * quarter)) for f in cfg.decay_at)
-        bar = tqdm(total=quarter, disable=not progress, desc=name, unit="step")
-        for step in range(quarter):
+        milestones = tuple(int(round(f * steps)) for f in cfg.decay_at)
+        bar = tqdm(total=steps, disable=not progress, desc=label, unit="step")
+        for step in range(steps):
             idx = rng.choice(len(data), size=cfg.batch_size, replace=False)
             images, boxes, labels = data.batch(idx)
             optim.lr = warmup_step_lr(step, cfg.lr, milestones, gamma=cfg.gamma, warmup_steps=cfg.warmup_steps)
@@ -295,7 +355,7 @@ def train_alternating(out_dir, model_config=None, train_config=None, progress=Tr
                                    proposals=props)
             for term in LOSS_TERMS:
                 if not math.isfinite(losses[term]):
-                    raise NonFiniteLoss(term, losses[term], name, step=step)
+                    raise NonFiniteLoss(term, losses[term], label, step=step)
             model.backward(train_backbone=train_backbone)
             optim.step()
             for k in LOSS_TERMS + ("loss",):
@@ -304,21 +364,21 @@ def train_alternating(out_dir, model_config=None, train_config=None, progress=Tr
             bar.update(1)
         bar.close()
 
-    stage("1/4 backbone+RPN", rpn_net, rpn_net.backbone.parameters() + rpn_net.rpn.parameters(),
+    stage(1, "backbone+RPN", rpn_net, rpn_net.backbone.parameters() + rpn_net.rpn.parameters(),
           True, False, True)
-    stage("2/4 backbone+head", det_net, det_net.backbone.parameters() + det_net.head.parameters(),
+    stage(2, "backbone+head", det_net, det_net.backbone.parameters() + det_net.head.parameters(),
           False, True, True, proposer=rpn_net)
     for mine, theirs in zip(det_net.rpn.parameters(), rpn_net.rpn.parameters()):
         if is_device_array(mine.data):
             mine.data.copy_to_device(theirs.data)
         else:
             mine.data[...] = theirs.data
-    stage("3/4 RPN on fixed backbone", det_net, det_net.rpn.parameters(), True, False, False)
-    stage("4/4 head on fixed backbone", det_net, det_net.head.parameters(), False, True, False)
+    stage(3, "RPN on fixed backbone", det_net, det_net.rpn.parameters(), True, False, False)
+    stage(4, "head on fixed backbone", det_net, det_net.head.parameters(), False, True, False)
 
     trainer = Trainer(mc, cfg, out_dir)
-    trainer.model, trainer.history, trainer.step = det_net, history, 4 * quarter
+    trainer.model, trainer.history, trainer.step = det_net, history, cfg.steps
     trainer.optim = SGD(det_net.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     trainer.save()
-    write_run_report(trainer, time.perf_counter() - started, 4 * quarter * cfg.batch_size)
+    write_run_report(trainer, time.perf_counter() - started, cfg.steps * cfg.batch_size)
     return trainer
