@@ -57,9 +57,9 @@ class ModelConfig:
     border and many objects touch it, so all are kept by default.
 
     Anchors: the paper's 3 scales x 3 ratios suit VOC/COCO objects. Shapes boxes are
-    nearly square (h/w within 0.92..1.09) and 11 to 64 px wide, so chapter 04 measures
-    that ratios 0.5 and 2 add no coverage, while sizes a factor sqrt(2) apart (16 to 64)
-    double the share of objects with an anchor at IoU >= 0.7 (70% against 35%).
+    nearly square (h/w within 0.92..1.09 for 98% of them; partly hidden shapes reach
+    about 0.6..1.4) and 11 to 64 px wide, so chapter 04 measures that ratios 0.5 and 2
+    add no coverage, while sizes a factor sqrt(2) apart (16 to 64) double the share of objects with an anchor at IoU >= 0.7 (70% against 35%).
     """
 
     num_classes: int = 3
@@ -131,13 +131,13 @@ class FasterRCNN(Module):
     6. up: the loss gradients, N*A*6 + R*5(K+1) floats; device: the whole backward, the
        two gradient streams added on the device, and SGD's update (``optim.SGD``).
 
-    For the default configuration (128x128 images, batch 8, stride 8 so A = 16*16*5 =
-    1280, R <= 8*64 = 512, K = 3), in float32: images 1,572,864 B up; RPN outputs
-    245,760 B down and their gradients 245,760 B up; RoIs 10,240 B up and 2 x 10,240 B
-    down; head outputs 40,960 B down and their gradients 40,960 B up. In all
-    1,869,824 B up and 307,200 B down per step (about 1.9 MB and 0.3 MB); no parameter
-    or activation crosses. ``detect`` moves the same kinds of arrays, without
-    gradients.
+    For the default network at batch 8 (the GPU benchmark's; ``TrainConfig`` trains
+    with 4) on 128x128 images (stride 8 so A = 16*16*5 = 1280, R <= 8*64 = 512, K = 3),
+    in float32: images 1,572,864 B up; RPN outputs 245,760 B down and their gradients
+    245,760 B up; RoIs 10,240 B up and 2 x 10,240 B down; head outputs 40,960 B down and
+    their gradients 40,960 B up. In all 1,869,824 B up and 307,200 B down per step
+    (about 1.9 MB and 0.3 MB); no parameter or activation crosses. ``detect`` moves the
+    same kinds of arrays, without gradients.
     """
 
     def __init__(self, config=None, rng=None, device="cpu"):
