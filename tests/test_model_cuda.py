@@ -183,7 +183,7 @@ def test_checkpoint_from_cuda_loads_on_cpu(stepped, tmp_path):
         np.testing.assert_array_equal(p.data.copy_to_host(), gpu_params[name], err_msg=name)
 
     # a training run on "cuda": weights and momentum buffers saved as host copies, resumed on the CPU
-    trainer = Trainer(TINY, TrainConfig(device="cuda", train_images=2, val_images=0), out_dir=str(tmp_path))
+    trainer = Trainer(TINY, TrainConfig(device="cuda", batch_size=2, train_images=2, val_images=0), out_dir=str(tmp_path))
     assert trainer.model.device == "cuda"
     trainer.model, trainer.optim = gpu_model, gpu_optim
     trainer.save()
@@ -235,7 +235,7 @@ def test_device_errors(monkeypatch, tmp_path):
     for make in (lambda: FasterRCNN(TINY, device="cuda"),
                  lambda: FasterRCNN(TINY).to("cuda"),
                  lambda: FasterRCNN.load(path, device="cuda"),
-                 lambda: Trainer(TINY, TrainConfig(device="cuda", train_images=2, val_images=0))):
+                 lambda: Trainer(TINY, TrainConfig(device="cuda", batch_size=2, train_images=2, val_images=0))):
         with pytest.raises(RuntimeError, match="no usable GPU"):
             make()
     for command in (["evaluate", "--checkpoint", path], ["detect", "--checkpoint", path, "x.png"],
