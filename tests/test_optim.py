@@ -79,6 +79,10 @@ def test_bad_arguments():
         warmup_step_lr(-1, 0.1, [10])
     with pytest.raises(ValueError, match="warmup_step_lr: milestones must be increasing"):
         warmup_step_lr(0, 0.1, [10, 5])
+    with pytest.raises(ValueError, match=r"warmup_step_lr: milestones\[1\] must be finite"):
+        warmup_step_lr(20, 0.1, [10, float("nan")])
+    with pytest.raises(ValueError, match=r"warmup_step_lr: milestones\[0\] must be >= 0"):
+        warmup_step_lr(20, 0.1, [-3])
 
 
 def test_numbers_must_be_real_numbers_not_bools_or_strings():

@@ -15,7 +15,7 @@ there is no kernel; they take and return NumPy arrays.
 
 import numpy as np
 
-from .checks import as_float_array, check_finite, check_number
+from .checks import check_boxes, check_number
 
 
 def _positive_numbers(values, name, where):
@@ -46,7 +46,11 @@ def base_anchors(base_size=16, scales=(8, 16, 32), ratios=(0.5, 1, 2)):
     sizes = base_size * scales  # (S,)
     w = (sizes[None, :] / np.sqrt(ratios)[:, None]).reshape(-1)  # (R * S,)
     h = (sizes[None, :] * np.sqrt(ratios)[:, None]).reshape(-1)  # (R * S,)
-    return (np.stack([-w, -h, w, h], axis=1) / 2).astype(np.float32)  # (k, 4)
+    with np.errstate(over="ignore"):
+        anchors = (np.stack([-w, -h, w, h], axis=1) / 2).astype(np.float32)  # (k, 4)
+    if not np.isfinite(anchors).all():
+        raise ValueError(f"{where}: base_size {base_size!r} x scales x sqrt(ratios) overflows float32")
+    return anchors
 
 
 def grid_anchors(base, feat_height, feat_width, stride):
@@ -56,10 +60,7 @@ def grid_anchors(base, feat_height, feat_width, stride):
     in image coordinates, ``((x + 0.5) * stride, (y + 0.5) * stride)``.
     """
     where = "grid_anchors"
-    base = as_float_array(base, "base", ndim=2, where=where)
-    if base.shape[1] != 4:
-        raise ValueError(f"{where}: base must have shape (k, 4), got {base.shape}")
-    check_finite(base, "base", where)
+    base = check_boxes(base, "base", where)
     feat_height = _count(feat_height, "feat_height", where)
     feat_width = _count(feat_width, "feat_width", where)
     stride = check_number(stride, "stride", low=0, low_open=True, where=where)

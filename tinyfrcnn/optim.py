@@ -204,7 +204,7 @@ def warmup_step_lr(step, base_lr, milestones, gamma=0.1, warmup_steps=0, warmup_
     base_lr = check_number(base_lr, "base_lr", low=0, where=where)
     gamma = check_number(gamma, "gamma", low=0, where=where)
     warmup_factor = check_number(warmup_factor, "warmup_factor", low=0, high=1, where=where)
-    milestones = list(milestones)
+    milestones = [check_number(m, f"milestones[{i}]", low=0, where=where) for i, m in enumerate(milestones)]
     if milestones != sorted(milestones):
         raise ValueError(f"{where}: milestones must be increasing, got {milestones}")
     warmup_steps = 0 if warmup_steps == 0 else check_positive_int(warmup_steps, "warmup_steps", where)
