@@ -6,7 +6,9 @@ each parameter's ``.grad`` (so gradients from several uses sum up, and
 ``zero_grad()`` is the caller's job). Outputs and gradients match ``torch.nn`` layers of
 the same name: conv is cross-correlation with torch's weight layout, output sizes are
 floored, and max-pool sends a tied window's gradient to its first maximum in row-major
-order.
+order. Max pooling and ReLU give torch's numbers bit for bit; convolutions and linear
+layers are sums of products that torch's kernels and BLAS may add up in another order,
+so they agree to an ulp or two of the output's scale (``benchmarks/torch_parity.py``).
 
 The dtype follows the input: float32 in, float32 out; float64 in, float64 out (the
 parameters are float32 by default and are cast for the computation; ``astype(np.float64)``
@@ -523,7 +525,8 @@ def _conv2d_reference(x, w, b, stride, padding):
 
 
 class Conv2d(Module):
-    """2-D convolution (cross-correlation), same numbers as ``torch.nn.Conv2d``.
+    """2-D convolution (cross-correlation), the numbers of ``torch.nn.Conv2d`` up to the
+    order of the sums (an ulp or two of the output's scale).
 
         out[n, o, y, x] = b[o] + sum_{c, i, j} w[o, c, i, j] * xpad[n, c, y*sh + i, x*sw + j]
 
@@ -928,7 +931,8 @@ class MaxPool2d(Module):
 
 
 class Linear(Module):
-    """Fully connected layer, same numbers as ``torch.nn.Linear``: y = x w^T + b.
+    """Fully connected layer, ``torch.nn.Linear``'s numbers up to the order in which BLAS
+    adds the products: y = x w^T + b.
 
     Backward: dL/dx = g w, dL/dw = g^T x, dL/db = sum_n g. Init: He normal,
     ``w ~ N(0, 2 / in_features)``, ``b = 0``, from ``rng`` (``np.random.default_rng(0)``

@@ -94,9 +94,8 @@ def softmax_cross_entropy(logits, labels, ignore_index=-1):
     and 0 on ignored ones. Computed with the log-sum-exp shift, so large logits do not
     overflow. The same numbers as
     ``torch.nn.functional.cross_entropy(logits, labels, ignore_index=ignore_index)`` up
-    to the last bit (the same operations in another order: in float64 the loss agrees
-    exactly and a few gradient entries by one ulp; in float32 the loss, summed in
-    float64 here, agrees to about 1e-7 and many gradient entries by one ulp), except
+    to the last bit (the same operations in another order: the loss and the gradient
+    agree to about one ulp, the float32 loss being summed in float64 here), except
     when every row is ignored: torch returns NaN (0/0), this returns loss 0 and a zero
     gradient, so an image with no sampled rows adds nothing to training.
 
@@ -217,11 +216,11 @@ def smooth_l1(pred, target, beta=1.0, weights=None):
     is ``sum w * f(x)`` with optional per-element ``weights`` (e.g. the paper's p*_i,
     zero for negative anchors); the same numbers as
     ``(weights * torch.nn.functional.smooth_l1_loss(pred, target, reduction="none",
-    beta=beta)).sum()`` (float64: identical; float32: the loss is summed in float64
-    here, a few gradient entries differ by one ulp). ``beta = 0`` is the L1 loss, as in
-    torch. The paper and
-    py-faster-rcnn write the loss with sigma: ``beta = 1 / sigma**2`` (sigma = 3 for
-    the RPN, 1 for the Fast R-CNN head).
+    beta=beta)).sum()`` up to the order of the sum (the loss agrees to about one ulp,
+    and is summed in float64 here for float32 input; the gradient is identical in
+    float64, and a few float32 entries differ by one ulp). ``beta = 0`` is the L1 loss,
+    as in torch. The paper and py-faster-rcnn write the loss with sigma:
+    ``beta = 1 / sigma**2`` (sigma = 3 for the RPN, 1 for the Fast R-CNN head).
 
     pred, target, weights: float arrays of one shape and dtype.
     Returns ``(loss: float, grad of pred's shape and dtype)``.

@@ -19,9 +19,10 @@ is a continuous (piecewise-linear) function of the features and of the RoI.
 RoI max pooling gives the same numbers as ``torchvision.ops.roi_pool`` on the same
 input (argmax here is a flat index into the whole feature array rather than into one
 channel plane). RoIAlign gives the same numbers as ``torchvision.ops.roi_align`` in
-float64; in float32 many outputs (40-70% on random input) differ from torchvision's in
-the last few bits (up to about 3e-6 for unit-scale features), because the sample
-positions and bilinear weights are computed in float64 here and in float32 there.
+float64; in float32 about half of the outputs and gradients differ from torchvision's
+in the last bits (by up to a few tens of ulps of the largest value, as
+``benchmarks/torch_parity.py`` measures), because the sample positions and bilinear
+weights are computed in float64 here and in float32 there.
 
 RoI coordinates times ``spatial_scale`` must lie within +-2**24 feature cells
 (``MAX_ROI_CELLS``), where float32 still holds every integer, and one RoI may take at
@@ -774,9 +775,9 @@ def roi_align(features, rois, output_size, spatial_scale, sampling_ratio=-1, ali
     |sampling_ratio| is at most ``MAX_SAMPLING_RATIO`` (1024) and |coordinate *
     spatial_scale| at most ``MAX_ROI_CELLS`` (2**24). Returns (R, C, ph, pw).
 
-    Same numbers as ``torchvision.ops.roi_align`` in float64. In float32 many outputs
-    (40-70% on random input) differ from torchvision's by a few ulps (up to about 3e-6
-    for unit-scale features): the sample positions and bilinear weights are computed in
+    Same numbers as ``torchvision.ops.roi_align`` in float64. In float32 about half of
+    the outputs differ from torchvision's in the last bits (up to a few tens of ulps of
+    the largest output): the sample positions and bilinear weights are computed in
     float64 here and in float32 by torchvision.
     """
     where = "roi_align"
