@@ -19,7 +19,7 @@ from .checks import check_boxes, check_number
 
 
 def _positive_numbers(values, name, where):
-    if np.isscalar(values) or len(values) == 0:
+    if np.ndim(values) == 0 or len(values) == 0:
         raise ValueError(f"{where}: {name} must be a non-empty sequence of positive numbers, got {values!r}")
     return np.array([check_number(v, name, low=0, low_open=True, where=where) for v in values])
 
