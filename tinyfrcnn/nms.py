@@ -377,8 +377,9 @@ def batched_nms(boxes, scores, idxs, iou_threshold, max_per_category=None):
     (torchvision's ``_batched_nms_vanilla``): no coordinate offsets perturb the IoUs here,
     as the CPU kernel runs each category as a segment of its own, the categories in
     parallel, and the CUDA kernel skips pairs of different categories.
-    ``torchvision.ops.batched_nms`` itself takes that path only for large inputs (more
-    than 1000 boxes on the CPU, 5000 on CUDA: ``boxes.numel()`` above 4000 or 20000).
+    ``torchvision.ops.batched_nms`` itself takes that path only for large inputs (in
+    torchvision 0.29, more than 1000 boxes on the CPU and 25000 on CUDA:
+    ``boxes.numel()`` above 4000 or 100000).
     For smaller ones it shifts each category's boxes by a multiple of the largest
     coordinate and runs one NMS; rounding the shifted coordinates moves its IoUs slightly
     (in float32 by a few ulps), so in rare cases it keeps a different set.
