@@ -262,7 +262,7 @@ def train(out_dir, model_config=None, train_config=None, resume=None, progress=T
         raise NonFiniteLoss(e.term, e.value, detail, step=e.step) from None
     except KeyboardInterrupt:
         bar.close()
-        log(f"interrupted during step {trainer.step + 1}, nothing saved; the last checkpoint is "
+        log(f"interrupted after step {trainer.step}, nothing saved; the last checkpoint (if any) is "
             f"{trainer.checkpoint_path()}")
         raise
     bar.close()
@@ -271,7 +271,7 @@ def train(out_dir, model_config=None, train_config=None, resume=None, progress=T
         log(f"stopped after step {trainer.step}: checkpoint saved to {path} (continue with --resume {path})")
         raise KeyboardInterrupt
     if not images_seen:
-        log(f"the run is complete at step {trainer.step}; nothing to train (a larger steps continues it)")
+        log(f"the run is complete at step {trainer.step}; nothing to train (resume with more steps to go on)")
         return trainer
     elapsed = time.perf_counter() - started
     trainer.save()
