@@ -35,7 +35,7 @@ import numpy as np
 from numba import cuda, float32, float64, njit, prange
 
 from .boxes import rounded_ops
-from .checks import as_float_array, check_boxes, check_finite, check_number, pair
+from .checks import as_float_array, check_boxes, check_finite, check_number, check_shape, pair
 from .device import empty_on_device, grid_1d, is_device_array, on_device, zeros_on_device
 from .layers import Module
 
@@ -359,23 +359,13 @@ def roi_pool_backward(grad_out, argmax, features_shape):
     return grad_in.reshape(tuple(features_shape))
 
 
-def _check_shape(features_shape, where):
-    try:
-        shape = tuple(int(s) for s in features_shape)
-    except (TypeError, ValueError):
-        raise ValueError(f"{where}: features_shape must be (N, C, H, W), got {features_shape!r}") from None
-    if len(shape) != 4 or min(shape) < 0:
-        raise ValueError(f"{where}: features_shape must be (N, C, H, W), got {features_shape!r}")
-    return shape
-
-
 def _raise_argmax_outside(features_shape, where):
     raise ValueError(f"{where}: argmax holds indices outside [-1, {math.prod(features_shape)}) "
                      f"for features_shape {tuple(features_shape)}")
 
 
 def _check_argmax(argmax, grad_out, features_shape, where):
-    shape = _check_shape(features_shape, where)
+    shape = check_shape(features_shape, "features_shape", 4, where)
     if not is_device_array(argmax):
         argmax = np.asarray(argmax)
     if tuple(argmax.shape) != tuple(grad_out.shape):
@@ -809,7 +799,7 @@ def roi_align_backward(grad_out, rois, features_shape, spatial_scale, sampling_r
     where = "roi_align_backward"
     sampling_ratio, aligned = _check_sampling(sampling_ratio, aligned, where)
     grad_out = as_float_array(grad_out, "grad_out", ndim=4, where=where)
-    shape = _check_shape(features_shape, where)
+    shape = check_shape(features_shape, "features_shape", 4, where)
     R, C, ph, pw = grad_out.shape
     if 0 in shape[2:]:
         raise ValueError(f"{where}: features_shape must have non-zero height and width, got {shape}")

@@ -255,8 +255,9 @@ class ProposalSettings:
     The shapes images (128x128, a 16x16 feature map at stride 8, k = 5) have only 1280
     anchors, so: training keeps 2000 before NMS (all of them, as the paper keeps most)
     and 500 after, plenty for sampling 64-128 RoIs on images with a few objects; test
-    keeps 1000 -> 300, the paper's 300 that its section 4 shows are enough. ``min_size`` 2 px only removes degenerate boxes: the
-    smallest shapes are about 8 px, and py-faster-rcnn's 16 px is its stride at 600 px.
+    keeps 1000 -> 300, the paper's 300 that its section 4 shows are enough. ``min_size``
+    2 px only removes degenerate boxes: the smallest shapes are about 8 px, and
+    py-faster-rcnn's 16 px is its stride at 600 px.
     """
 
     pre_nms_top_n: int
