@@ -121,26 +121,35 @@ def _ap_table(ap, class_names):
     return "\n".join(lines)
 
 
-def cmd_train(args):
+_RUN_SETTINGS = ("batch_size", "lr", "seed", "train_images", "eval_every")
+
+
+def _resumed_trainer(args):
+    """The Trainer that ``--resume`` continues, with the run's own settings."""
+    from .train import Trainer
+
+    given = [f"--{name.replace('_', '-')}" for name in _RUN_SETTINGS + ("pooling",) if getattr(args, name) is not None]
+    if args.schedule == "alternating":
+        given.append("--schedule alternating")
+    if given:
+        raise SystemExit(f"error: --resume continues the run with its own settings; drop {', '.join(given)}")
+    if not os.path.exists(args.resume):
+        raise SystemExit(f"error: checkpoint {args.resume!r} does not exist")
+    try:
+        return Trainer.resume(args.resume, out_dir=args.out, steps=args.steps, device=_check_device(args.device))
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+
+
+def _new_run(args):
+    """``train`` or ``train_alternating`` with the configs the options ask for."""
+    from functools import partial
+
     from .model import ModelConfig
-    from .shapes import CLASS_NAMES, shapes_split
-    from .train import Trainer, TrainConfig, evaluate_model, train, train_alternating
+    from .train import TrainConfig, train, train_alternating
 
     tc = TrainConfig(device=_check_device(args.device))
-    settings = ("batch_size", "lr", "seed", "train_images", "eval_every", "pooling")
-    if args.resume:
-        given = [f"--{name.replace('_', '-')}" for name in settings if getattr(args, name) is not None]
-        if args.schedule == "alternating":
-            given.append("--schedule alternating")
-        if given:
-            raise SystemExit(f"error: --resume continues the run with its own settings; drop {', '.join(given)}")
-        if not os.path.exists(args.resume):
-            raise SystemExit(f"error: checkpoint {args.resume!r} does not exist")
-        try:
-            Trainer.resume(args.resume, out_dir=args.out, steps=args.steps)
-        except ValueError as e:
-            raise SystemExit(f"error: {e}") from None
-    for name in ("steps", "batch_size", "lr", "seed", "train_images", "eval_every"):
+    for name in ("steps",) + _RUN_SETTINGS:
         value = getattr(args, name)
         if value is not None:
             setattr(tc, name, value)
@@ -152,12 +161,16 @@ def cmd_train(args):
     mc = ModelConfig()
     if args.pooling:
         mc.pooling = args.pooling
+    return partial(train_alternating if args.schedule == "alternating" else train, args.out, mc, tc)
+
+
+def cmd_train(args):
+    from .shapes import CLASS_NAMES, shapes_split
+    from .train import evaluate_model
+
+    run = _resumed_trainer(args).fit if args.resume else _new_run(args)
     try:
-        if args.schedule == "alternating":
-            trainer = train_alternating(args.out, mc, tc, progress=not args.no_progress)
-        else:
-            trainer = train(args.out, mc, tc, resume=args.resume, steps=args.steps if args.resume else None,
-                            progress=not args.no_progress)
+        trainer = run(progress=not args.no_progress)
     except KeyboardInterrupt:
         return 130
     print(f"checkpoint: {trainer.checkpoint_path()}")

@@ -215,68 +215,73 @@ class Trainer:
         self.evals = state["evals"]
         return self
 
+    def fit(self, progress=True, log=print):
+        """Train up to ``cfg.steps``, validating and saving as the config says, then write
+        loss_curve.png and metrics.json into ``out_dir``; returns self.
+
+        Ctrl-C stops after the step in progress and saves a checkpoint from which
+        ``resume`` continues exactly as if there had been no interruption (then
+        KeyboardInterrupt is raised); a second Ctrl-C stops at once and saves nothing.
+        """
+        from tqdm.auto import tqdm
+
+        os.makedirs(self.out_dir, exist_ok=True)
+        cfg = self.cfg
+        val = shapes_split("val", cfg.val_images, image_size=cfg.image_size) if cfg.val_images else None
+        bar = tqdm(total=cfg.steps, initial=self.step, disable=not progress, desc="train", unit="step")
+        started = time.perf_counter()
+        images_seen = 0
+        try:
+            with _StopAfterStep() as stop:
+                while self.step < cfg.steps and not stop.requested:
+                    self.train_step()
+                    images_seen += cfg.batch_size
+                    bar.update(1)
+                    if self.step % 10 == 0 or self.step == cfg.steps:
+                        recent = {k: np.mean(self.history[k][-20:]) for k in LOSS_TERMS}
+                        bar.set_postfix({k: f"{v:.3f}" for k, v in recent.items()}, refresh=False)
+                    if val is not None and cfg.eval_every and (self.step % cfg.eval_every == 0
+                                                               or self.step == cfg.steps):
+                        ap = evaluate_model(self.model, val)[0]
+                        self.evals.append({"step": self.step, "AP": ap["AP"], "AP50": ap["AP50"]})
+                        bar.write(f"step {self.step}: val AP {ap['AP']:.3f}  AP50 {ap['AP50']:.3f}")
+                    if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+                        self.save()
+        except NonFiniteLoss as e:
+            bar.close()
+            detail = "; ".join(filter(None, [e.detail, f"training stopped, the last good checkpoint is "
+                                                       f"{self.checkpoint_path()}"]))
+            raise NonFiniteLoss(e.term, e.value, detail, step=e.step) from None
+        except KeyboardInterrupt:
+            bar.close()
+            log(f"interrupted after step {self.step}, nothing saved; the last checkpoint (if any) is "
+                f"{self.checkpoint_path()}")
+            raise
+        bar.close()
+        if stop.requested and self.step < cfg.steps:
+            path = self.save()
+            log(f"stopped after step {self.step}: checkpoint saved to {path} (continue with --resume {path})")
+            raise KeyboardInterrupt
+        if not images_seen:
+            log(f"the run is complete at step {self.step}; nothing to train (resume with more steps to go on)")
+            return self
+        elapsed = time.perf_counter() - started
+        self.save()
+        write_run_report(self, elapsed, images_seen)
+        return self
+
 
 def train(out_dir, model_config=None, train_config=None, resume=None, progress=True, log=print, steps=None):
     """Train (or resume) a detector, writing into ``out_dir``: checkpoint.npz,
     loss_curve.png and metrics.json. Returns the Trainer. On resume, ``steps`` sets a new
     total step count (None: the run's own) and ``train_config`` only chooses the device
-    (None: the run's own).
-
-    Ctrl-C stops after the step in progress and saves a checkpoint from which ``resume``
-    continues exactly as if there had been no interruption (then KeyboardInterrupt is
-    raised); a second Ctrl-C stops at once and saves nothing.
-    """
-    from tqdm.auto import tqdm
-
-    os.makedirs(out_dir, exist_ok=True)
+    (None: the run's own). See ``Trainer.fit`` for Ctrl-C."""
     if resume:
         trainer = Trainer.resume(resume, out_dir=out_dir, steps=steps,
                                  device=train_config.device if train_config else None)
     else:
         trainer = Trainer(model_config, train_config, out_dir)
-    cfg = trainer.cfg
-    val = shapes_split("val", cfg.val_images, image_size=cfg.image_size) if cfg.val_images else None
-    bar = tqdm(total=cfg.steps, initial=trainer.step, disable=not progress, desc="train", unit="step")
-    started = time.perf_counter()
-    images_seen = 0
-    try:
-        with _StopAfterStep() as stop:
-            while trainer.step < cfg.steps and not stop.requested:
-                trainer.train_step()
-                images_seen += cfg.batch_size
-                bar.update(1)
-                if trainer.step % 10 == 0 or trainer.step == cfg.steps:
-                    recent = {k: np.mean(trainer.history[k][-20:]) for k in LOSS_TERMS}
-                    bar.set_postfix({k: f"{v:.3f}" for k, v in recent.items()}, refresh=False)
-                if val is not None and cfg.eval_every and (trainer.step % cfg.eval_every == 0
-                                                           or trainer.step == cfg.steps):
-                    ap = evaluate_model(trainer.model, val)[0]
-                    trainer.evals.append({"step": trainer.step, "AP": ap["AP"], "AP50": ap["AP50"]})
-                    bar.write(f"step {trainer.step}: val AP {ap['AP']:.3f}  AP50 {ap['AP50']:.3f}")
-                if cfg.checkpoint_every and trainer.step % cfg.checkpoint_every == 0:
-                    trainer.save()
-    except NonFiniteLoss as e:
-        bar.close()
-        detail = "; ".join(filter(None, [e.detail, f"training stopped, the last good checkpoint is "
-                                                   f"{trainer.checkpoint_path()}"]))
-        raise NonFiniteLoss(e.term, e.value, detail, step=e.step) from None
-    except KeyboardInterrupt:
-        bar.close()
-        log(f"interrupted after step {trainer.step}, nothing saved; the last checkpoint (if any) is "
-            f"{trainer.checkpoint_path()}")
-        raise
-    bar.close()
-    if stop.requested and trainer.step < cfg.steps:
-        path = trainer.save()
-        log(f"stopped after step {trainer.step}: checkpoint saved to {path} (continue with --resume {path})")
-        raise KeyboardInterrupt
-    if not images_seen:
-        log(f"the run is complete at step {trainer.step}; nothing to train (resume with more steps to go on)")
-        return trainer
-    elapsed = time.perf_counter() - started
-    trainer.save()
-    write_run_report(trainer, elapsed, images_seen)
-    return trainer
+    return trainer.fit(progress=progress, log=log)
 
 
 def write_run_report(trainer, elapsed, images_seen):
