@@ -18,11 +18,10 @@ is a continuous (piecewise-linear) function of the features and of the RoI.
 
 RoI max pooling gives the same numbers as ``torchvision.ops.roi_pool`` on the same
 input (argmax here is a flat index into the whole feature array rather than into one
-channel plane). RoIAlign gives the same numbers as ``torchvision.ops.roi_align`` in
-float64; in float32 about half of the outputs and gradients differ from torchvision's
-in the last bits (by up to a few tens of ulps of the largest value, as
-``benchmarks/torch_parity.py`` measures), because the sample positions and bilinear
-weights are computed in float64 here and in float32 there.
+channel plane). RoIAlign gives the same numbers as ``torchvision.ops.roi_align`` on the
+CPU, forward and backward, in float32 and float64 (``benchmarks/torch_parity.py``
+checks both): sample positions, bilinear weights and sums are rounded to the features'
+dtype one step at a time, in torchvision's order.
 
 RoI coordinates times ``spatial_scale`` must lie within +-2**24 feature cells
 (``MAX_ROI_CELLS``), where float32 still holds every integer, and one RoI may take at
@@ -411,42 +410,70 @@ class RoIPool(Module):
 # --------------------------------------------------------------------------- RoIAlign
 
 
-def _roi_align_reference(features, rois, output_size, spatial_scale, sampling_ratio=-1, aligned=True):
-    """Plain loops over RoIs, bins and sample points; returns (R, C, ph, pw)."""
-    ph, pw = pair(output_size, "output_size")
-    N, C, H, W = features.shape
-    out = np.zeros((len(rois), C, ph, pw), dtype=features.dtype)
-    offset = 0.5 if aligned else 0.0
-
-    def bilinear(b, y, x):
-        if y < -1 or y > H or x < -1 or x > W:
-            return 0.0
-        y, x = min(max(y, 0.0), H - 1.0), min(max(x, 0.0), W - 1.0)
-        y0, x0 = int(y), int(x)
-        y1, x1 = min(y0 + 1, H - 1), min(x0 + 1, W - 1)
-        ly, lx = y - y0, x - x0
-        f = features[b]  # (C, H, W)
-        return ((1 - ly) * (1 - lx) * f[:, y0, x0] + (1 - ly) * lx * f[:, y0, x1]
-                + ly * (1 - lx) * f[:, y1, x0] + ly * lx * f[:, y1, x1])
-
+def _align_bins(rois, spatial_scale, ph, pw, sampling_ratio, aligned, H, W, T):
+    """Yield (r, b, i, j, count, samples) for every bin of every RoI; samples lists, for
+    each sample on the map, its four neighbours as (y, x, weight). Every step is rounded
+    to the scalar type ``T``, in torchvision's order."""
+    offset = T(0.5) if aligned else T(0)
     for r, (b, *box) in enumerate(rois.tolist()):
-        x1, y1, x2, y2 = (v * spatial_scale - offset for v in box)
+        x1, y1, x2, y2 = (T(v) * T(spatial_scale) - offset for v in box)
         rw, rh = x2 - x1, y2 - y1
         if not aligned:
-            rw, rh = max(rw, 1.0), max(rh, 1.0)
-        bh, bw = rh / ph, rw / pw
-        gh = sampling_ratio if sampling_ratio > 0 else math.ceil(rh / ph)
-        gw = sampling_ratio if sampling_ratio > 0 else math.ceil(rw / pw)
+            rw, rh = max(rw, T(1)), max(rh, T(1))
+        bh, bw = rh / T(ph), rw / T(pw)
+        gh = sampling_ratio if sampling_ratio > 0 else math.ceil(rh / T(ph))
+        gw = sampling_ratio if sampling_ratio > 0 else math.ceil(rw / T(pw))
         for i in range(ph):
             for j in range(pw):
-                total = 0.0
+                samples = []
                 for iy in range(gh):
                     for ix in range(gw):
-                        y = y1 + i * bh + (iy + 0.5) * bh / gh
-                        x = x1 + j * bw + (ix + 0.5) * bw / gw
-                        total = total + bilinear(int(b), y, x)
-                out[r, :, i, j] = total / max(gh * gw, 1)
+                        y = y1 + T(i) * bh + T(iy + 0.5) * bh / T(gh)
+                        x = x1 + T(j) * bw + T(ix + 0.5) * bw / T(gw)
+                        if -1 <= y <= H and -1 <= x <= W:  # samples further out count as 0
+                            (ya, yb, ly), (xa, xb, lx) = _neighbours(y, H, T), _neighbours(x, W, T)
+                            hy, hx = T(1) - ly, T(1) - lx
+                            samples.append([(ya, xa, hy * hx), (ya, xb, hy * lx),
+                                            (yb, xa, ly * hx), (yb, xb, ly * lx)])
+                yield r, int(b), i, j, max(gh * gw, 1), samples
+
+
+def _neighbours(t, size, T):
+    """(low, high, frac) of a coordinate t in [-1, size]: clamped into [0, size - 1]."""
+    if t <= 0:
+        t = T(0)
+    low = int(t)
+    if low >= size - 1:
+        return size - 1, size - 1, T(0)
+    return low, low + 1, t - T(low)
+
+
+def _roi_align_reference(features, rois, output_size, spatial_scale, sampling_ratio=-1, aligned=True):
+    """Plain loops over RoIs, bins and sample points in the features' dtype; returns (R, C, ph, pw)."""
+    ph, pw = pair(output_size, "output_size")
+    N, C, H, W = features.shape
+    T = features.dtype.type
+    out = np.zeros((len(rois), C, ph, pw), dtype=features.dtype)
+    for r, b, i, j, count, samples in _align_bins(rois, spatial_scale, ph, pw, sampling_ratio, aligned, H, W, T):
+        f = features[b]  # (C, H, W)
+        total = np.zeros(C, features.dtype)  # (C,)
+        for (y0, x0, w0), (y1, x1, w1), (y2, x2, w2), (y3, x3, w3) in samples:
+            total = total + (w0 * f[:, y0, x0] + w1 * f[:, y1, x1] + w2 * f[:, y2, x2] + w3 * f[:, y3, x3])
+        out[r, :, i, j] = total / T(count)
     return out
+
+
+def _roi_align_backward_reference(grad_out, rois, features_shape, spatial_scale, sampling_ratio=-1, aligned=True):
+    """Plain loops: each sample adds ``g * w / count`` to each of its four neighbours."""
+    ph, pw = grad_out.shape[2:]
+    H, W = features_shape[2:]
+    T = grad_out.dtype.type
+    grad = np.zeros(features_shape, dtype=grad_out.dtype)
+    for r, b, i, j, count, samples in _align_bins(rois, spatial_scale, ph, pw, sampling_ratio, aligned, H, W, T):
+        for corners in samples:
+            for y, x, w in corners:
+                grad[b, :, y, x] += grad_out[r, :, i, j] * w / T(count)
+    return grad
 
 
 def _align_geometry(rois, spatial_scale, pooled_h, pooled_w, sampling_ratio, aligned):
@@ -472,39 +499,33 @@ def _align_geometry(rois, spatial_scale, pooled_h, pooled_w, sampling_ratio, ali
     return y1, x1, bin_h, bin_w, grid_h, grid_w
 
 
-def _axis_sample(t, size):
-    """Bilinear neighbours of coordinate ``t`` on an axis of ``size`` cells.
-
-    Returns (low, high, frac, inside): samples beyond [-1, size] contribute nothing;
-    others are clamped into [0, size - 1].
-    """
-    if t < -1.0 or t > size:
-        return 0, 0, 0.0, False
-    if t <= 0.0:
-        t = 0.0
-    low = int(t)
-    if low >= size - 1:
-        return size - 1, size - 1, 0.0, True
-    return low, low + 1, t - low, True
-
-
-_axis_sample_cpu = njit(cache=True)(_axis_sample)
-
-
 @njit(cache=True)
-def _axis_table(start, bin_size, pooled, grid, size):
-    """Sample neighbours along one axis for every (bin, sample): arrays of length pooled * grid."""
+def _axis_table(start, bin_size, pooled, grid, size, frac):
+    """Sample neighbours along one axis for every (bin, sample) of one RoI, in torchvision's
+    order and in the dtype of ``frac`` (pooled * grid,), which receives the fractions:
+    ``t = start + p * bin + (g + 1/2) * bin / grid``. Samples beyond [-1, size] are not
+    inside; others are clamped into [0, size - 1]. Returns low, high (int64) and inside."""
+    T = frac.dtype.type
     n = pooled * grid
-    low = np.empty(n, np.int64)
-    high = np.empty(n, np.int64)
-    frac = np.empty(n, np.float64)
-    inside = np.empty(n, np.bool_)
+    low = np.zeros(n, np.int64)
+    high = np.zeros(n, np.int64)
+    inside = np.zeros(n, np.bool_)
+    frac[:] = 0
     for p in range(pooled):
         for g in range(grid):
-            t = start + p * bin_size + (g + 0.5) * bin_size / grid
-            low[p * grid + g], high[p * grid + g], frac[p * grid + g], inside[p * grid + g] = \
-                _axis_sample_cpu(t, size)
-    return low, high, frac, inside
+            k = p * grid + g
+            t = start + T(p) * bin_size + T(g + 0.5) * bin_size / T(grid)
+            if t < -1.0 or t > size:
+                continue
+            inside[k] = True
+            if t <= 0:
+                t = T(0)
+            lo = int(t)
+            if lo >= size - 1:
+                low[k], high[k] = size - 1, size - 1
+            else:
+                low[k], high[k], frac[k] = lo, lo + 1, t - T(lo)
+    return low, high, inside
 
 
 @njit(cache=True, parallel=True)
@@ -518,17 +539,20 @@ def _align_tables(y0, x0, bin_h, bin_w, grid_h, grid_w, offsets, PH, PW, H, W):
     """
     pos = np.zeros((offsets[-1], 4), np.uint32)
     weight = np.zeros((offsets[-1], 4), y0.dtype)
+    one = y0.dtype.type(1)
     for r in prange(len(y0)):
         gh, gw = grid_h[r], grid_w[r]
-        yl, yh, ly, yin = _axis_table(y0[r], bin_h[r], PH, gh, H)
-        xl, xh, lx, xin = _axis_table(x0[r], bin_w[r], PW, gw, W)
+        ly = np.empty(PH * gh, weight.dtype)  # (PH * gh,)
+        lx = np.empty(PW * gw, weight.dtype)  # (PW * gw,)
+        yl, yh, yin = _axis_table(y0[r], bin_h[r], PH, gh, H, ly)
+        xl, xh, xin = _axis_table(x0[r], bin_w[r], PW, gw, W, lx)
         k = np.int64(offsets[r])
         for i in range(PH):
             for j in range(PW):
                 for a in range(i * gh, (i + 1) * gh):
                     for b in range(j * gw, (j + 1) * gw):
                         if yin[a] and xin[b]:
-                            hy, hx = 1.0 - ly[a], 1.0 - lx[b]
+                            hy, hx = one - ly[a], one - lx[b]
                             pos[k, 0], weight[k, 0] = yl[a] * W + xl[b], hy * hx
                             pos[k, 1], weight[k, 1] = yl[a] * W + xh[b], hy * lx[b]
                             pos[k, 2], weight[k, 2] = yh[a] * W + xl[b], ly[a] * hx
@@ -573,7 +597,7 @@ def _roi_align_forward_cpu(planes, batch, offsets, pos, weight, out):
                     t2 += w0 * p2[a0] + w1 * p2[a1] + w2 * p2[a2] + w3 * p2[a3]
                     t3 += w0 * p3[a0] + w1 * p3[a1] + w2 * p3[a2] + w3 * p3[a3]
                     k += one
-                n = max(samples, 1)
+                n = weight.dtype.type(max(samples, 1))
                 out[r, c0, i, j], out[r, c1, i, j] = t0 / n, t1 / n
                 out[r, c2, i, j], out[r, c3, i, j] = t2 / n, t3 / n
 
@@ -585,6 +609,7 @@ def _roi_align_backward_cpu(grad_out, batch, offsets, pos, weight, grad_planes):
     # instead of each waiting for the last one's store. A repeated channel's lane adds
     # +0.0, which leaves every value as it was (gradients start at +0.0, never -0.0).
     R, C, PH, PW = grad_out.shape
+    T = grad_out.dtype.type
     one = offsets.dtype.type(1)
     blocks = (C + 3) // 4
     for block in prange(blocks):
@@ -595,21 +620,21 @@ def _roi_align_backward_cpu(grad_out, batch, offsets, pos, weight, grad_planes):
             p0, p1 = grad_planes[base + c0], grad_planes[base + c1]
             p2, p3 = grad_planes[base + c2], grad_planes[base + c3]
             samples = np.int64(offsets[r + 1] - offsets[r]) // (PH * PW)
+            n = T(max(samples, 1))
             k = offsets[r]
             for i in range(PH):
                 for j in range(PW):
-                    n = max(samples, 1)
-                    g0 = grad_out[r, c0, i, j] / n
-                    g1 = grad_out[r, c1, i, j] / n if first + 1 < C else 0.0
-                    g2 = grad_out[r, c2, i, j] / n if first + 2 < C else 0.0
-                    g3 = grad_out[r, c3, i, j] / n if first + 3 < C else 0.0
+                    g0 = grad_out[r, c0, i, j]
+                    g1 = grad_out[r, c1, i, j] if first + 1 < C else T(0)
+                    g2 = grad_out[r, c2, i, j] if first + 2 < C else T(0)
+                    g3 = grad_out[r, c3, i, j] if first + 3 < C else T(0)
                     for _ in range(samples):
                         for q in range(4):
                             a, w = pos[k, q], weight[k, q]
-                            p0[a] += g0 * w
-                            p1[a] += g1 * w
-                            p2[a] += g2 * w
-                            p3[a] += g3 * w
+                            p0[a] += g0 * w / n
+                            p1[a] += g1 * w / n
+                            p2[a] += g2 * w / n
+                            p3[a] += g3 * w / n
                         k += one
 
 
@@ -650,14 +675,13 @@ def _sample_tables(geometry, batch, pooled_h, pooled_w, height, width):
 def _make_roi_align_cuda(dtype):
     """Forward and backward kernels for features of ``dtype``; each thread does one bin.
 
-    The geometry (start, bin size, sampling grid) is worked out from the RoI inside the
-    kernel in ``dtype``, and the sample points in float64, step by step as on the CPU:
-    the ``rounded_ops`` keep the compiler from fusing a multiply and an add, so grids and
-    sample points are the CPU's to the bit. The forward sums in ``dtype`` like the CPU.
+    The geometry (start, bin size, sampling grid), the sample points and the bilinear
+    weights are worked out from the RoI inside the kernel in ``dtype``, step by step as on
+    the CPU: the ``rounded_ops`` keep the compiler from fusing a multiply and an add, so
+    they are the CPU's to the bit. The forward sums in ``dtype`` like the CPU.
     """
     T = _cuda_scalar(dtype)
     mul, add = rounded_ops(dtype)
-    mul64, add64 = rounded_ops(np.float64)
 
     @cuda.jit(device=True, inline="always")
     def geometry(rois, r, scale, sampling_ratio, aligned, PH, PW):
@@ -679,17 +703,16 @@ def _make_roi_align_cuda(dtype):
 
     @cuda.jit(device=True, inline="always")
     def axis_sample(start, p, bin_size, g, grid, size):
-        """Sample g of bin p along an axis: (low, high, frac, inside), as ``_axis_sample``."""
-        t = add64(add64(float64(start), mul64(float64(p), float64(bin_size))),
-                  mul64(g + 0.5, float64(bin_size)) / grid)
+        """Sample g of bin p along an axis: (low, high, frac, inside), as ``_axis_table``."""
+        t = add(add(start, mul(T(p), bin_size)), mul(T(g + 0.5), bin_size) / T(grid))
         if t < -1.0 or t > size:
-            return 0, 0, 0.0, False
-        if t <= 0.0:
-            t = 0.0
+            return 0, 0, T(0.0), False
+        if t <= 0:
+            t = T(0.0)
         low = int(t)
         if low >= size - 1:
-            return size - 1, size - 1, 0.0, True
-        return low, low + 1, t - low, True
+            return size - 1, size - 1, T(0.0), True
+        return low, low + 1, t - T(low), True
 
     @cuda.jit
     def forward(features, rois, scale, sampling_ratio, aligned, out):
@@ -706,11 +729,11 @@ def _make_roi_align_cuda(dtype):
             for ix in range(gw):
                 xl, xh, lx, xin = axis_sample(x0, j, bin_w, ix, gw, W)
                 if yin and xin:
-                    hy, hx = 1.0 - ly, 1.0 - lx
-                    s = add(add(mul(T(hy * hx), features[n, c, yl, xl]), mul(T(hy * lx), features[n, c, yl, xh])),
-                            mul(T(ly * hx), features[n, c, yh, xl]))
-                    total = add(total, add(s, mul(T(ly * lx), features[n, c, yh, xh])))
-        out[r, c, i, j] = total / max(gh * gw, 1)
+                    hy, hx = T(1.0) - ly, T(1.0) - lx
+                    s = add(add(mul(mul(hy, hx), features[n, c, yl, xl]), mul(mul(hy, lx), features[n, c, yl, xh])),
+                            mul(mul(ly, hx), features[n, c, yh, xl]))
+                    total = add(total, add(s, mul(mul(ly, lx), features[n, c, yh, xh])))
+        out[r, c, i, j] = total / T(max(gh * gw, 1))
 
     @cuda.jit
     def backward(grad_out, rois, scale, sampling_ratio, aligned, grad_in):
@@ -721,17 +744,17 @@ def _make_roi_align_cuda(dtype):
             return
         r, c, i, j = _output_index(t, C, PH, PW)
         n, y0, x0, bin_h, bin_w, gh, gw = geometry(rois, r, scale, sampling_ratio, aligned, PH, PW)
-        g = grad_out[r, c, i, j] / max(gh * gw, 1)
+        g, count = grad_out[r, c, i, j], T(max(gh * gw, 1))
         for iy in range(gh):
             yl, yh, ly, yin = axis_sample(y0, i, bin_h, iy, gh, H)
             for ix in range(gw):
                 xl, xh, lx, xin = axis_sample(x0, j, bin_w, ix, gw, W)
                 if yin and xin:
-                    hy, hx = 1.0 - ly, 1.0 - lx
-                    cuda.atomic.add(grad_in, (n, c, yl, xl), g * T(hy * hx))
-                    cuda.atomic.add(grad_in, (n, c, yl, xh), g * T(hy * lx))
-                    cuda.atomic.add(grad_in, (n, c, yh, xl), g * T(ly * hx))
-                    cuda.atomic.add(grad_in, (n, c, yh, xh), g * T(ly * lx))
+                    hy, hx = T(1.0) - ly, T(1.0) - lx
+                    cuda.atomic.add(grad_in, (n, c, yl, xl), mul(g, mul(hy, hx)) / count)
+                    cuda.atomic.add(grad_in, (n, c, yl, xh), mul(g, mul(hy, lx)) / count)
+                    cuda.atomic.add(grad_in, (n, c, yh, xl), mul(g, mul(ly, hx)) / count)
+                    cuda.atomic.add(grad_in, (n, c, yh, xh), mul(g, mul(ly, lx)) / count)
 
     return forward, backward
 
@@ -765,10 +788,8 @@ def roi_align(features, rois, output_size, spatial_scale, sampling_ratio=-1, ali
     |sampling_ratio| is at most ``MAX_SAMPLING_RATIO`` (1024) and |coordinate *
     spatial_scale| at most ``MAX_ROI_CELLS`` (2**24). Returns (R, C, ph, pw).
 
-    Same numbers as ``torchvision.ops.roi_align`` in float64. In float32 about half of
-    the outputs differ from torchvision's in the last bits (up to a few tens of ulps of
-    the largest output): the sample positions and bilinear weights are computed in
-    float64 here and in float32 by torchvision.
+    Same numbers as ``torchvision.ops.roi_align`` (on the CPU) in float32 and float64:
+    every step runs in the features' dtype, in torchvision's order.
     """
     where = "roi_align"
     sampling_ratio, aligned = _check_sampling(sampling_ratio, aligned, where)
@@ -793,9 +814,10 @@ def roi_align(features, rois, output_size, spatial_scale, sampling_ratio=-1, ali
 
 
 def roi_align_backward(grad_out, rois, features_shape, spatial_scale, sampling_ratio=-1, aligned=True):
-    """Gradient of RoIAlign w.r.t. the features: each sample hands ``g / (sy sx)`` to its
-    four neighbours in proportion to their bilinear weights. The RoIs and sampling obey
-    ``roi_align``'s limits. Returns ``features_shape``."""
+    """Gradient of RoIAlign w.r.t. the features: each sample hands ``g * w / (sy sx)`` to
+    each of its four neighbours, ``w`` being that neighbour's bilinear weight (computed in
+    this order, as torchvision does). The RoIs and sampling obey ``roi_align``'s limits.
+    Returns ``features_shape``."""
     where = "roi_align_backward"
     sampling_ratio, aligned = _check_sampling(sampling_ratio, aligned, where)
     grad_out = as_float_array(grad_out, "grad_out", ndim=4, where=where)
