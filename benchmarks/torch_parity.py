@@ -25,7 +25,8 @@ except ImportError:
     sys.exit("torch_parity.py needs torch and torchvision: pip install torch==2.14.1 torchvision==0.29.1 "
              "into a separate virtual environment that also has tinyfrcnn")
 
-from tinyfrcnn.boxes import box_iou, decode, encode
+from tinyfrcnn.boxes import box_iou, clip_boxes, decode, encode, remove_small_boxes
+from tinyfrcnn.head import postprocess_detections
 from tinyfrcnn.layers import Conv2d, Linear, MaxPool2d, ReLU
 from tinyfrcnn.losses import smooth_l1, softmax_cross_entropy
 from tinyfrcnn.nms import batched_nms, nms
@@ -128,6 +129,31 @@ def box_ops(rng, dtype):
     yield "decode (10, 10, 5, 5)", decode(ref, deltas, (10, 10, 5, 5)), \
         coder.decode_single(t(deltas), t(ref)).numpy(), close
 
+    spill = boxes(rng, 200, size=120.0, dtype=dtype) - dtype(10)  # (200, 4), some past each edge of 90 x 80
+    yield "clip_boxes", clip_boxes(spill, 80, 90), tvops.clip_boxes_to_image(t(spill), (80, 90)).numpy(), 0
+    xy = rng.uniform(0, 50, (200, 2))
+    thin = np.concatenate([xy, xy + rng.uniform(0, 4, (200, 2))], axis=1).astype(dtype)  # (200, 4), sides 0 to 4
+    yield "remove_small_boxes (min_size 2)", remove_small_boxes(thin, 2.0), \
+        tvops.remove_small_boxes(t(thin), 2.0).numpy(), 0
+
+
+def detections(rng, dtype):
+    from torchvision.models.detection.roi_heads import RoIHeads
+
+    proposals = boxes(rng, 200, size=110.0, dtype=dtype)  # (R, 4), some past the 100 x 120 image
+    logits = rng.normal(0, 2, (200, 4)).astype(dtype)  # (R, K + 1)
+    deltas = rng.normal(0, 0.5, (200, 16)).astype(dtype)  # (R, 4 (K + 1))
+    ours = postprocess_detections(proposals, logits, deltas, (100, 120), score_thresh=0.05, nms_thresh=0.3,
+                                  max_detections=100)
+    heads = RoIHeads(None, None, None, 0.5, 0.5, 512, 0.25, None, score_thresh=0.05, nms_thresh=0.3,
+                     detections_per_img=100)
+    (tb,), (ts,), (tl,) = heads.postprocess_detections(t(logits), t(deltas), [t(proposals)], [(100, 120)])
+    # the kept set and its order must agree; the scores are a softmax (torch multiplies by the
+    # reciprocal of the sum, with its own exp) and float32 boxes carry decode's exp
+    yield "postprocess_detections labels", ours["labels"], tl.numpy(), 0
+    yield "postprocess_detections scores", ours["scores"], ts.numpy(), 4
+    yield "postprocess_detections boxes", ours["boxes"], tb.numpy(), 0 if dtype == np.float64 else 4
+
 
 def roi_ops(rng, dtype):
     features = rng.standard_normal((2, 4, 12, 14)).astype(dtype)  # (N, C, H, W)
@@ -198,7 +224,7 @@ def main():
     failed = 0
     for dtype in DTYPES:
         rng = np.random.default_rng(args.seed)
-        for rows in (layers, box_ops, roi_ops, losses, sgd):
+        for rows in (layers, box_ops, roi_ops, detections, losses, sgd):
             for name, ours, theirs, allowed in rows(rng, dtype):
                 differ, worst = ulps(ours, theirs)
                 ok = worst <= allowed

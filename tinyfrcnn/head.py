@@ -191,6 +191,11 @@ def postprocess_detections(rois_boxes, cls_logits, box_deltas, image_size, score
     rois_boxes (R, 4), cls_logits (R, K + 1), box_deltas (R, 4 (K + 1)), image_size
     (height, width). Returns a dict: ``boxes`` (D, 4), ``scores`` (D,), ``labels`` (D,)
     int64 in 1..K, by decreasing score.
+
+    On the same input torchvision keeps the same detections in the same order; scores
+    agree to a few ulps (the softmax's exp and division are NumPy's, not torch's), boxes
+    exactly in float64 and to an ulp or so in float32 (``decode``), so only a score within
+    an ulp or two of ``score_thresh`` or of another score could be decided differently.
     """
     where = "postprocess_detections"
     rois_boxes = check_boxes(rois_boxes, "rois_boxes", where)
