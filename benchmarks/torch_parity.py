@@ -25,6 +25,7 @@ except ImportError:
     sys.exit("torch_parity.py needs torch and torchvision: pip install torch==2.14.1 torchvision==0.29.1 "
              "into a separate virtual environment that also has tinyfrcnn")
 
+from tinyfrcnn.anchors import base_anchors, grid_anchors
 from tinyfrcnn.boxes import box_iou, clip_boxes, decode, encode, remove_small_boxes
 from tinyfrcnn.head import postprocess_detections
 from tinyfrcnn.layers import Conv2d, Linear, MaxPool2d, ReLU
@@ -32,6 +33,7 @@ from tinyfrcnn.losses import smooth_l1, softmax_cross_entropy
 from tinyfrcnn.nms import batched_nms, nms
 from tinyfrcnn.optim import SGD
 from tinyfrcnn.roi import roi_align, roi_align_backward, roi_pool, roi_pool_backward
+from tinyfrcnn.targets import label_anchors
 
 DTYPES = (np.float32, np.float64)
 
@@ -137,6 +139,23 @@ def box_ops(rng, dtype):
         tvops.remove_small_boxes(t(thin), 2.0).numpy(), 0
 
 
+def anchor_labels(rng, dtype):
+    from torchvision.models.detection._utils import Matcher
+
+    # the model's anchors on a 128 x 128 image (stride 8, sides 16 to 64): a regular grid, so
+    # many anchors tie for a ground truth's best IoU
+    anchors = grid_anchors(base_anchors(1, (16, 32, 64), (0.5, 1, 2)), 16, 16, 8).astype(dtype)  # (2304, 4)
+    xy = rng.uniform(0, 80, (6, 2))
+    gt = np.concatenate([xy, xy + rng.uniform(12, 48, (6, 2))], axis=1).astype(dtype)  # (6, 4), as the shapes
+    labels, matched = label_anchors(anchors, gt, pos_iou=0.7, neg_iou=0.3)
+    # torchvision's RPN: Matcher(0.7, 0.3, allow_low_quality_matches=True), then
+    # matched >= 0 -> 1, below 0.3 -> 0, between -> -1
+    idx = Matcher(0.7, 0.3, allow_low_quality_matches=True)(tvops.box_iou(t(gt), t(anchors))).numpy()
+    theirs = np.where(idx >= 0, 1, np.where(idx == Matcher.BELOW_LOW_THRESHOLD, 0, -1))
+    yield "label_anchors vs Matcher (0.7, 0.3, low quality)", labels, theirs, 0
+    yield "label_anchors matched gt of positives", matched[labels == 1], idx[theirs == 1], 0
+
+
 def detections(rng, dtype):
     from torchvision.models.detection.roi_heads import RoIHeads
 
@@ -224,7 +243,7 @@ def main():
     failed = 0
     for dtype in DTYPES:
         rng = np.random.default_rng(args.seed)
-        for rows in (layers, box_ops, roi_ops, detections, losses, sgd):
+        for rows in (layers, box_ops, anchor_labels, roi_ops, detections, losses, sgd):
             for name, ours, theirs, allowed in rows(rng, dtype):
                 differ, worst = ulps(ours, theirs)
                 ok = worst <= allowed
