@@ -102,6 +102,12 @@ def test_checkpoint_round_trip_is_exact(tmp_path):
     a, b = model.detect(images)[0], loaded.detect(images)[0]
     np.testing.assert_array_equal(a["boxes"], b["boxes"])
     assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp")]
+    umask = os.umask(0o027)
+    try:
+        model.save(path)  # the mode a new file gets, as with open(): not mkstemp's 0o600
+        assert os.stat(path).st_mode & 0o777 == 0o640
+    finally:
+        os.umask(umask)
 
 
 def test_bad_checkpoints_are_clear_errors(tmp_path):

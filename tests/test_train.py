@@ -9,7 +9,8 @@ import pytest
 
 from test_model import TINY
 from tinyfrcnn.model import FasterRCNN
-from tinyfrcnn.train import NonFiniteLoss, Trainer, TrainConfig, train, train_alternating
+from tinyfrcnn.train import (AlternatingTrainer, NonFiniteLoss, Trainer, TrainConfig, resume_run, train,
+                             train_alternating)
 
 
 def tiny_train_config(**kw):
@@ -151,3 +152,52 @@ def test_alternating_training_runs_exactly_the_steps_asked_for(tmp_path):
     trainer = train_alternating(str(tmp_path / "b"), TINY, tiny_train_config(steps=5), progress=False)
     assert trainer.step == 5 and len(trainer.history["loss"]) == 5
     assert json.load(open(tmp_path / "b" / "metrics.json"))["steps"] == 5
+
+
+@pytest.fixture(scope="module")
+def alternating_run(tmp_path_factory):
+    """An uninterrupted 4-step run of 10 steps: stages of 3, 3, 2 and 2."""
+    return train_alternating(str(tmp_path_factory.mktemp("full")), TINY, tiny_train_config(steps=10), progress=False)
+
+
+# Stopped inside stage 1, at the start of stage 2 (fresh momentum), inside stage 2 (step 1's
+# network still in the checkpoint), at the start of stage 3 (its RPN handed over), inside 4.
+@pytest.mark.parametrize("stop_after", [2, 3, 5, 6, 9])
+def test_ctrl_c_in_the_4_step_schedule_saves_and_resuming_repeats_the_run(tmp_path, monkeypatch, alternating_run,
+                                                                         stop_after):
+    forward, calls = FasterRCNN.forward, []
+
+    def interrupted(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == stop_after:  # one forward per step, in every stage
+            signal.raise_signal(signal.SIGINT)
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(FasterRCNN, "forward", interrupted)
+    out, logged = str(tmp_path / "stopped"), []
+    with pytest.raises(KeyboardInterrupt):
+        train_alternating(out, TINY, tiny_train_config(steps=10), progress=False, log=logged.append)
+    monkeypatch.setattr(FasterRCNN, "forward", forward)
+    assert f"stopped after step {stop_after} (stage" in logged[-1]
+    path = os.path.join(out, "checkpoint.npz")
+    saved = resume_run(path)
+    assert isinstance(saved, AlternatingTrainer) and saved.step == stop_after
+    assert (saved.rpn_net is None) == (stop_after >= 6)
+
+    resumed = train(out, resume=path, progress=False)
+    assert resumed.history == alternating_run.history
+    for a, b in zip(_parameters(resumed.model), _parameters(alternating_run.model)):
+        np.testing.assert_array_equal(a, b)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_a_4_step_checkpoint_resumes_only_as_such(tmp_path, alternating_run):
+    path = alternating_run.checkpoint_path()
+    with pytest.raises(ValueError, match="divides 10 steps into its stages"):
+        resume_run(path, steps=12)
+    with pytest.raises(ValueError, match="alternating run; resume it with tinyfrcnn.train.resume_run"):
+        Trainer.resume(path)
+    logged = []
+    done = resume_run(path, out_dir=str(tmp_path)).fit(progress=False, log=logged.append)
+    assert done.step == 10 and "complete" in logged[-1]
+    assert isinstance(resume_run(Trainer(TINY, tiny_train_config(), out_dir=str(tmp_path)).save()), Trainer)

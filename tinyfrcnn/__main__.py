@@ -125,8 +125,8 @@ _RUN_SETTINGS = ("batch_size", "lr", "seed", "train_images", "eval_every")
 
 
 def _resumed_trainer(args):
-    """The Trainer that ``--resume`` continues, with the run's own settings."""
-    from .train import Trainer
+    """The Trainer (or AlternatingTrainer) that ``--resume`` continues, with the run's own settings."""
+    from .train import resume_run
 
     given = [f"--{name.replace('_', '-')}" for name in _RUN_SETTINGS + ("pooling",) if getattr(args, name) is not None]
     if args.schedule == "alternating":
@@ -136,7 +136,7 @@ def _resumed_trainer(args):
     if not os.path.exists(args.resume):
         raise SystemExit(f"error: checkpoint {args.resume!r} does not exist")
     try:
-        return Trainer.resume(args.resume, out_dir=args.out, steps=args.steps, device=_check_device(args.device))
+        return resume_run(args.resume, out_dir=args.out, steps=args.steps, device=_check_device(args.device))
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
 

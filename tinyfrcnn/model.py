@@ -382,8 +382,11 @@ def save_npz_atomically(path, arrays):
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=folder)
+    umask = os.umask(0)
+    os.umask(umask)
     try:
         with os.fdopen(fd, "wb") as f:
+            os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; give it a new file's usual mode
             np.savez(f, **arrays)
             f.flush()
             os.fsync(f.fileno())

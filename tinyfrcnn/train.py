@@ -4,7 +4,8 @@ alternating training, with SGD + momentum, warm-up and step decay.
 A run is a pure function of its seed: the same seed draws the same images in the same
 order, samples the same anchors and proposals and so gives the same losses. A
 checkpoint stores the weights, the momentum buffers, the step, the random generator's
-state and the loss history, so ``resume`` continues exactly where the run stopped.
+state and the loss history, so ``resume_run`` continues exactly where the run stopped,
+in either schedule.
 """
 
 import json
@@ -14,7 +15,8 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
+from typing import NamedTuple
 
 import numpy as np
 
@@ -112,6 +114,19 @@ def _rng_from_json(text):
     return rng
 
 
+def _training_state(path):
+    """(model, extra arrays, training state) of a checkpoint written by a trainer."""
+    model, extra = FasterRCNN.load(path)
+    if "train_state" not in extra:
+        raise ValueError(f"{path!r} holds weights only, not a training state to resume")
+    return model, extra, json.loads(str(extra["train_state"]))
+
+
+def _train_config_from_json(values):
+    """TrainConfig from its saved dict (JSON turned its tuples into lists)."""
+    return TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+
 class Trainer:
     """One training run: model, optimiser, data, generator and history."""
 
@@ -185,22 +200,22 @@ class Trainer:
     def resume(cls, path, out_dir=None, steps=None, device=None):
         """Continue a run from its checkpoint (optionally with a new total step count, or
         on another ``device``: None keeps the run's)."""
-        model, extra = FasterRCNN.load(path)
-        if "train_state" not in extra:
-            raise ValueError(f"{path!r} holds weights only, not a training state to resume")
-        state = json.loads(str(extra["train_state"]))
-        tc = dict(state["train_config"])
-        for key, value in tc.items():
-            if isinstance(value, list):
-                tc[key] = tuple(value)
+        return cls._from_checkpoint(path, *_training_state(path), out_dir, steps, device)
+
+    @classmethod
+    def _from_checkpoint(cls, path, model, extra, state, out_dir, steps, device):
+        cfg = _train_config_from_json(state["train_config"])
+        if cfg.schedule != "joint":
+            raise ValueError(f"{path!r} is a checkpoint of a {cfg.schedule} run; resume it with "
+                             "tinyfrcnn.train.resume_run")
         if steps is not None:
             if steps < state["step"]:
                 raise ValueError(f"resume: the run in {path!r} is at step {state['step']} already; steps must be "
                                  f"at least that, got {steps}")
-            tc["steps"] = steps
+            cfg = replace(cfg, steps=steps)
         if device is not None:
-            tc["device"] = check_device(device)
-        self = cls(model.config, TrainConfig(**tc), out_dir=out_dir or os.path.dirname(os.path.abspath(path)))
+            cfg = replace(cfg, device=check_device(device))
+        self = cls(model.config, cfg, out_dir=out_dir or os.path.dirname(os.path.abspath(path)))
         self.model = model.to(self.cfg.device)
         self.optim = SGD(model.parameters(), lr=self.cfg.lr, momentum=self.cfg.momentum,
                          weight_decay=self.cfg.weight_decay)
@@ -277,8 +292,8 @@ def train(out_dir, model_config=None, train_config=None, resume=None, progress=T
     total step count (None: the run's own) and ``train_config`` only chooses the device
     (None: the run's own). See ``Trainer.fit`` for Ctrl-C."""
     if resume:
-        trainer = Trainer.resume(resume, out_dir=out_dir, steps=steps,
-                                 device=train_config.device if train_config else None)
+        trainer = resume_run(resume, out_dir=out_dir, steps=steps,
+                             device=train_config.device if train_config else None)
     else:
         trainer = Trainer(model_config, train_config, out_dir)
     return trainer.fit(progress=progress, log=log)
@@ -315,75 +330,235 @@ def write_run_report(trainer, elapsed, images_seen):
         json.dump(metrics, f, indent=2)
 
 
-def train_alternating(out_dir, model_config=None, train_config=None, progress=True, log=print):
-    """The paper's 4-step alternating training (section 3.2), each step a quarter of
+class Stage(NamedTuple):
+    """One stage of the 4-step schedule: which network it trains ("rpn_net": step 1's, or
+    "model": the detector), which of its parts (``groups``, each "backbone", "rpn" or
+    "head") the optimiser updates, which losses it uses, whether gradients reach the
+    backbone, and whether the head's proposals come from step 1's network."""
+
+    name: str
+    network: str
+    groups: tuple
+    train_rpn: bool
+    train_head: bool
+    train_backbone: bool
+    proposals_from_rpn_net: bool = False
+
+
+STAGES = (
+    Stage("backbone+RPN", "rpn_net", ("backbone", "rpn"), True, False, True),
+    Stage("backbone+head", "model", ("backbone", "head"), False, True, True, proposals_from_rpn_net=True),
+    Stage("RPN on fixed backbone", "model", ("rpn",), True, False, False),
+    Stage("head on fixed backbone", "model", ("head",), False, True, False),
+)
+
+
+class AlternatingTrainer:
+    """The paper's 4-step alternating training (section 3.2), each stage a quarter of
     ``train_config.steps`` (at least 4; a remainder adds one step to each of the first):
 
-    1. train backbone + RPN;
-    2. train a second, freshly initialised backbone + the head on step 1's proposals;
-    3. keep step 2's backbone fixed, and fine-tune the RPN (from step 1) on it;
+    1. train backbone + RPN (``rpn_net``);
+    2. train a second, freshly initialised backbone + the head (``model``) on step 1's
+       proposals;
+    3. put step 1's RPN on step 2's backbone (``model``), keep the backbone fixed and
+       fine-tune the RPN;
     4. keep the backbone fixed, and fine-tune the head on step 3's proposals.
 
-    The two networks then share step 2's backbone. (The paper starts both backbones
-    from ImageNet weights; here both start from random ones.) No validation runs
-    during the stages (``eval_every`` is not used), and there is no resuming.
+    The two networks then share step 2's backbone. (The paper starts both backbones from
+    ImageNet weights; here both start from random ones.) Each stage has its own SGD, with
+    warm-up and step decay over the stage's steps. No validation runs during the stages
+    (``eval_every`` is not used). Checkpoints and Ctrl-C work as in ``Trainer``: a
+    checkpoint also holds step 1's network until stage 3 begins, and the momentum of the
+    stage in progress, so ``resume`` repeats the uninterrupted run exactly.
     """
-    from tqdm.auto import tqdm
 
-    cfg = train_config or TrainConfig()
-    mc = model_config or ModelConfig()
-    check_device(cfg.device)
-    _check_batch_size(cfg, "train_alternating")
-    if cfg.steps < 4:
-        raise ValueError(f"train_alternating: steps must be at least 4, one per stage, got {cfg.steps}")
-    os.makedirs(out_dir, exist_ok=True)
-    rng = np.random.default_rng(cfg.seed)
-    data = shapes_split("train", cfg.train_images, image_size=cfg.image_size)
-    rpn_net = FasterRCNN(mc, rng=np.random.default_rng(cfg.seed), device=cfg.device)
-    det_net = FasterRCNN(mc, rng=np.random.default_rng(cfg.seed + 1), device=cfg.device)
-    stage_steps = [cfg.steps // 4 + (i < cfg.steps % 4) for i in range(4)]
-    started = time.perf_counter()
-    history = {k: [] for k in LOSS_TERMS + ("loss", "lr")}
+    def __init__(self, model_config=None, train_config=None, out_dir=None):
+        cfg = replace(train_config or TrainConfig(), schedule="alternating")
+        mc = model_config or ModelConfig()
+        check_device(cfg.device)
+        _check_batch_size(cfg, "train_alternating")
+        if cfg.steps < 4:
+            raise ValueError(f"train_alternating: steps must be at least 4, one per stage, got {cfg.steps}")
+        self.cfg, self.out_dir = cfg, out_dir
+        self.rng = np.random.default_rng(cfg.seed)
+        self.data = shapes_split("train", cfg.train_images, image_size=cfg.image_size)
+        self.rpn_net = FasterRCNN(mc, rng=np.random.default_rng(cfg.seed), device=cfg.device)
+        self.model = FasterRCNN(mc, rng=np.random.default_rng(cfg.seed + 1), device=cfg.device)
+        self.stage_steps = [cfg.steps // 4 + (i < cfg.steps % 4) for i in range(4)]
+        self.step = 0
+        self.optim = None
+        self.history = {k: [] for k in LOSS_TERMS + ("loss", "lr")}
+        self.evals = []
 
-    def stage(number, name, model, params, train_rpn, train_head, train_backbone, proposer=None):
-        steps, label = stage_steps[number - 1], f"{number}/4 {name}"
-        optim = SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    def stage_at(self, step):
+        """(stage index 0..3, step within that stage) of overall ``step`` < cfg.steps."""
+        within = step
+        for index, steps in enumerate(self.stage_steps):
+            if within < steps:
+                return index, within
+            within -= steps
+        raise ValueError(f"step {step} is past the run's {self.cfg.steps} steps")
+
+    def _stage_parameters(self, stage):
+        net = getattr(self, stage.network)
+        return [p for group in stage.groups for p in getattr(net, group).parameters()]
+
+    def _new_optimizer(self, stage):
+        return SGD(self._stage_parameters(stage), lr=self.cfg.lr, momentum=self.cfg.momentum,
+                   weight_decay=self.cfg.weight_decay)
+
+    def train_step(self):
+        """One SGD step of the stage in progress; returns the loss terms."""
+        cfg = self.cfg
+        index, k = self.stage_at(self.step)
+        stage = STAGES[index]
+        if k == 0:
+            self.optim = self._new_optimizer(stage)
+        net = getattr(self, stage.network)
+        steps = self.stage_steps[index]
         milestones = tuple(int(round(f * steps)) for f in cfg.decay_at)
-        bar = tqdm(total=steps, disable=not progress, desc=label, unit="step")
-        for step in range(steps):
-            idx = rng.choice(len(data), size=cfg.batch_size, replace=False)
-            images, boxes, labels = data.batch(idx)
-            optim.lr = warmup_step_lr(step, cfg.lr, milestones, gamma=cfg.gamma, warmup_steps=cfg.warmup_steps)
-            optim.zero_grad()
-            props = [p for p, _ in proposer.propose(images)] if proposer is not None else None
-            losses = model.forward(images, boxes, labels, rng=rng, train_rpn=train_rpn, train_head=train_head,
-                                   proposals=props)
-            for term in LOSS_TERMS:
-                if not math.isfinite(losses[term]):
-                    raise NonFiniteLoss(term, losses[term], label, step=step)
-            model.backward(train_backbone=train_backbone)
-            optim.step()
-            for k in LOSS_TERMS + ("loss",):
-                history[k].append(losses[k])
-            history["lr"].append(optim.lr)
-            bar.update(1)
-        bar.close()
+        idx = self.rng.choice(len(self.data), size=cfg.batch_size, replace=False)
+        images, boxes, labels = self.data.batch(idx)
+        self.optim.lr = warmup_step_lr(k, cfg.lr, milestones, gamma=cfg.gamma, warmup_steps=cfg.warmup_steps)
+        self.optim.zero_grad()
+        props = [p for p, _ in self.rpn_net.propose(images)] if stage.proposals_from_rpn_net else None
+        losses = net.forward(images, boxes, labels, rng=self.rng, train_rpn=stage.train_rpn,
+                             train_head=stage.train_head, proposals=props)
+        for term in LOSS_TERMS:
+            if not math.isfinite(losses[term]):
+                raise NonFiniteLoss(term, losses[term], f"{index + 1}/4 {stage.name}", step=self.step)
+        net.backward(train_backbone=stage.train_backbone)
+        self.optim.step()
+        for key in LOSS_TERMS + ("loss",):
+            self.history[key].append(losses[key])
+        self.history["lr"].append(self.optim.lr)
+        self.step += 1
+        if self.step == sum(self.stage_steps[:2]):  # stages 1 and 2 done: the detector gets step 1's RPN
+            for mine, theirs in zip(self.model.rpn.parameters(), self.rpn_net.rpn.parameters()):
+                if is_device_array(mine.data):
+                    mine.data.copy_to_device(theirs.data)
+                else:
+                    mine.data[...] = theirs.data
+            self.rpn_net = None
+        return losses
 
-    stage(1, "backbone+RPN", rpn_net, rpn_net.backbone.parameters() + rpn_net.rpn.parameters(),
-          True, False, True)
-    stage(2, "backbone+head", det_net, det_net.backbone.parameters() + det_net.head.parameters(),
-          False, True, True, proposer=rpn_net)
-    for mine, theirs in zip(det_net.rpn.parameters(), rpn_net.rpn.parameters()):
-        if is_device_array(mine.data):
-            mine.data.copy_to_device(theirs.data)
+    # -- checkpoints
+    def checkpoint_path(self):
+        return os.path.join(self.out_dir, "checkpoint.npz")
+
+    def _in_stage(self):
+        """Whether the run stands inside a stage (not at a boundary), so its momentum counts."""
+        return self.step < self.cfg.steps and self.stage_at(self.step)[1] > 0
+
+    def save(self, path=None):
+        """The detector's weights, plus step 1's network while stages 1 and 2 run, the
+        stage's momentum buffers, the generator and the history."""
+        path = path or self.checkpoint_path()
+        extra = {}
+        if self.rpn_net is not None:
+            extra.update({f"rpn_net/{n}": v for n, v in self.rpn_net.state_dict().items()
+                          if not n.startswith("head.")})
+        if self._in_stage():
+            extra.update({f"momentum/{i}": b for i, b in enumerate(self.optim.state_dict()["buffers"])
+                          if b is not None})
+        extra["train_state"] = json.dumps({
+            "step": self.step, "rng": _rng_state_json(self.rng), "history": self.history,
+            "train_config": asdict(self.cfg),
+        })
+        self.model.save(path, extra=extra)
+        return path
+
+    @classmethod
+    def resume(cls, path, out_dir=None, steps=None, device=None):
+        """Continue a 4-step run from its checkpoint (on another ``device`` if given). The
+        stages' lengths are fixed when the run starts, so ``steps`` may only repeat them."""
+        return cls._from_checkpoint(path, *_training_state(path), out_dir, steps, device)
+
+    @classmethod
+    def _from_checkpoint(cls, path, model, extra, state, out_dir, steps, device):
+        cfg = _train_config_from_json(state["train_config"])
+        if steps is not None and steps != cfg.steps:
+            raise ValueError(f"resume: the 4-step run in {path!r} divides {cfg.steps} steps into its stages; "
+                             f"it cannot be resumed with steps={steps}")
+        if device is not None:
+            cfg = replace(cfg, device=check_device(device))
+        self = cls(model.config, cfg, out_dir=out_dir or os.path.dirname(os.path.abspath(path)))
+        self.step = state["step"]
+        self.model = model.to(cfg.device)
+        if self.step < sum(self.stage_steps[:2]):
+            weights = self.rpn_net.state_dict()  # its head is never used, nor saved
+            weights.update({k[len("rpn_net/"):]: v for k, v in extra.items() if k.startswith("rpn_net/")})
+            self.rpn_net.load_state_dict(weights)
         else:
-            mine.data[...] = theirs.data
-    stage(3, "RPN on fixed backbone", det_net, det_net.rpn.parameters(), True, False, False)
-    stage(4, "head on fixed backbone", det_net, det_net.head.parameters(), False, True, False)
+            self.rpn_net = None
+        if self._in_stage():
+            self.optim = self._new_optimizer(STAGES[self.stage_at(self.step)[0]])
+            buffers = [extra.get(f"momentum/{i}") for i in range(len(self.optim.params))]
+            self.optim.load_state_dict({"lr": cfg.lr, "momentum": cfg.momentum, "weight_decay": cfg.weight_decay,
+                                        "buffers": buffers})
+        self.rng = _rng_from_json(state["rng"])
+        self.history = state["history"]
+        return self
 
-    trainer = Trainer(mc, cfg, out_dir)
-    trainer.model, trainer.history, trainer.step = det_net, history, cfg.steps
-    trainer.optim = SGD(det_net.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    trainer.save()
-    write_run_report(trainer, time.perf_counter() - started, cfg.steps * cfg.batch_size)
-    return trainer
+    def fit(self, progress=True, log=print):
+        """Run the remaining stages, then write checkpoint.npz, loss_curve.png and
+        metrics.json into ``out_dir``; returns self. Ctrl-C as in ``Trainer.fit``."""
+        from tqdm.auto import tqdm
+
+        os.makedirs(self.out_dir, exist_ok=True)
+        cfg = self.cfg
+        started = time.perf_counter()
+        images_seen = 0
+        bar = None
+        try:
+            with _StopAfterStep() as stop:
+                while self.step < cfg.steps and not stop.requested:
+                    index, k = self.stage_at(self.step)
+                    if bar is None or k == 0:
+                        if bar is not None:
+                            bar.close()
+                        bar = tqdm(total=self.stage_steps[index], initial=k, disable=not progress,
+                                   desc=f"{index + 1}/4 {STAGES[index].name}", unit="step")
+                    self.train_step()
+                    images_seen += cfg.batch_size
+                    bar.update(1)
+                    if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+                        self.save()
+        except NonFiniteLoss as e:
+            bar.close()
+            detail = f"{e.detail}; training stopped, the last good checkpoint is {self.checkpoint_path()}"
+            raise NonFiniteLoss(e.term, e.value, detail, step=e.step) from None
+        except KeyboardInterrupt:
+            if bar is not None:
+                bar.close()
+            log(f"interrupted after step {self.step}, nothing saved; the last checkpoint (if any) is "
+                f"{self.checkpoint_path()}")
+            raise
+        if bar is not None:
+            bar.close()
+        if stop.requested and self.step < cfg.steps:
+            path = self.save()
+            index, k = self.stage_at(self.step)
+            log(f"stopped after step {self.step} (stage {index + 1}/4 has {k} of its {self.stage_steps[index]} steps "
+                f"done): checkpoint saved to {path} (continue with --resume {path})")
+            raise KeyboardInterrupt
+        if not images_seen:
+            log(f"the run is complete at step {self.step}; nothing to train")
+            return self
+        self.save()
+        write_run_report(self, time.perf_counter() - started, images_seen)
+        return self
+
+
+def train_alternating(out_dir, model_config=None, train_config=None, progress=True, log=print):
+    """Run the 4-step schedule (see ``AlternatingTrainer``) into ``out_dir``; returns the
+    AlternatingTrainer, whose ``model`` is the detector."""
+    return AlternatingTrainer(model_config, train_config, out_dir).fit(progress=progress, log=log)
+
+
+def resume_run(path, out_dir=None, steps=None, device=None):
+    """The Trainer or AlternatingTrainer (by the run's schedule) that continues the run
+    saved in ``path``; ``steps`` and ``device`` as in their ``resume``."""
+    model, extra, state = _training_state(path)
+    kind = AlternatingTrainer if state["train_config"].get("schedule") == "alternating" else Trainer
+    return kind._from_checkpoint(path, model, extra, state, out_dir, steps, device)
