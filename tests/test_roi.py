@@ -163,6 +163,19 @@ def test_roi_align_matches_reference_to_the_bit(dtype, sampling_ratio, aligned):
     assert grad.dtype == dtype and np.array_equal(grad, ref)
 
 
+def test_roi_align_backward_multiplies_by_1_over_n_only_where_that_rounds_as_dividing():
+    # torchvision divides g * w by the number of samples; for a power of two the CPU kernel
+    # multiplies by its reciprocal instead, which must give the same float32, subnormals too.
+    rng = np.random.default_rng(9)
+    g = (rng.standard_normal(3000) * 10.0 ** rng.uniform(-44, 3, 3000)).astype(np.float32)  # (3000,)
+    w = rng.uniform(0, 1, 3000).astype(np.float32)  # (3000,)
+    for samples in (1, 2, 4, 8, 64, 3, 6, 9):
+        n = np.float32(samples)
+        inv = np.float32(1) / n if samples & (samples - 1) == 0 else np.float32(0)
+        got = np.array([roi._share(a, b, n, inv) for a, b in zip(g, w)], np.float32)
+        assert np.array_equal(got, g * w / n), samples
+
+
 def test_roi_align_cpu_tables_in_chunks(monkeypatch):
     rng = np.random.default_rng(2)
     f = rng.standard_normal((2, 2, 7, 8))
