@@ -176,6 +176,18 @@ def test_roi_align_backward_multiplies_by_1_over_n_only_where_that_rounds_as_div
         assert np.array_equal(got, g * w / n), samples
 
 
+def test_roi_align_backward_of_non_finite_gradients_as_torchvision():
+    # Off-map samples hand out nothing, so an inf gradient leaves the map's cells alone
+    # (the CPU tables pad them as position 0, weight 0: inf * 0 would be NaN); on-map
+    # samples hand inf * w to all four neighbours, NaN where w = 0, as torchvision does.
+    f = plane_features(4, 4)
+    rois = np.array([[0, 20, 20, 30, 30], [0, 1, 1, 3, 2]], float)
+    g = np.full((2, 1, 2, 2), np.inf)
+    grad = roi_align_backward(g, rois, f.shape, 1.0, sampling_ratio=2)
+    np.testing.assert_array_equal(grad, _roi_align_backward_reference(g, rois, f.shape, 1.0, sampling_ratio=2))
+    assert np.isfinite(roi_align_backward(g[:1], rois[:1], f.shape, 1.0, sampling_ratio=2)).all()
+
+
 def test_roi_align_cpu_tables_in_chunks(monkeypatch):
     rng = np.random.default_rng(2)
     f = rng.standard_normal((2, 2, 7, 8))

@@ -195,7 +195,7 @@ def test_a_4_step_checkpoint_resumes_only_as_such(tmp_path, alternating_run):
     path = alternating_run.checkpoint_path()
     with pytest.raises(ValueError, match="divides 10 steps into its stages"):
         resume_run(path, steps=12)
-    with pytest.raises(ValueError, match="alternating run; resume it with tinyfrcnn.train.resume_run"):
+    with pytest.raises(ValueError, match="run of the alternating schedule; resume it with tinyfrcnn.train.resume_run"):
         Trainer.resume(path)
     logged = []
     done = resume_run(path, out_dir=str(tmp_path)).fit(progress=False, log=logged.append)

@@ -386,7 +386,10 @@ def save_npz_atomically(path, arrays):
     os.umask(umask)
     try:
         with os.fdopen(fd, "wb") as f:
-            os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; give it a new file's usual mode
+            try:
+                os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; give it a new file's usual mode
+            except PermissionError:  # file systems without modes (vfat) refuse; keep mkstemp's
+                pass
             np.savez(f, **arrays)
             f.flush()
             os.fsync(f.fileno())

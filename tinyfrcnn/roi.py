@@ -638,12 +638,15 @@ def _roi_align_backward_cpu(grad_out, batch, offsets, pos, weight, grad_planes):
                     g2 = grad_out[r, c2, i, j] if first + 2 < C else T(0)
                     g3 = grad_out[r, c3, i, j] if first + 3 < C else T(0)
                     for _ in range(samples):
-                        for q in range(4):
-                            a, w = pos[k, q], weight[k, q]
-                            p0[a] += _share(g0, w, n, inv)
-                            p1[a] += _share(g1, w, n, inv)
-                            p2[a] += _share(g2, w, n, inv)
-                            p3[a] += _share(g3, w, n, inv)
+                        # A sample off the map has four zero weights and adds nothing (not even
+                        # inf * 0); one on it has hy * hx > 0.
+                        if weight[k, 0] != 0:
+                            for q in range(4):
+                                a, w = pos[k, q], weight[k, q]
+                                p0[a] += _share(g0, w, n, inv)
+                                p1[a] += _share(g1, w, n, inv)
+                                p2[a] += _share(g2, w, n, inv)
+                                p3[a] += _share(g3, w, n, inv)
                         k += one
 
 

@@ -206,7 +206,7 @@ class Trainer:
     def _from_checkpoint(cls, path, model, extra, state, out_dir, steps, device):
         cfg = _train_config_from_json(state["train_config"])
         if cfg.schedule != "joint":
-            raise ValueError(f"{path!r} is a checkpoint of a {cfg.schedule} run; resume it with "
+            raise ValueError(f"{path!r} holds a run of the {cfg.schedule} schedule; resume it with "
                              "tinyfrcnn.train.resume_run")
         if steps is not None:
             if steps < state["step"]:
@@ -288,9 +288,10 @@ class Trainer:
 
 def train(out_dir, model_config=None, train_config=None, resume=None, progress=True, log=print, steps=None):
     """Train (or resume) a detector, writing into ``out_dir``: checkpoint.npz,
-    loss_curve.png and metrics.json. Returns the Trainer. On resume, ``steps`` sets a new
-    total step count (None: the run's own) and ``train_config`` only chooses the device
-    (None: the run's own). See ``Trainer.fit`` for Ctrl-C."""
+    loss_curve.png and metrics.json. Returns the Trainer (an AlternatingTrainer when it
+    resumes a 4-step run). On resume, ``steps`` sets a new total step count (None: the
+    run's own) and ``train_config`` only chooses the device (None: the run's own). See
+    ``Trainer.fit`` for Ctrl-C."""
     if resume:
         trainer = resume_run(resume, out_dir=out_dir, steps=steps,
                              device=train_config.device if train_config else None)
