@@ -127,8 +127,96 @@ def _train_config_from_json(values):
     return TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
 
 
-class Trainer:
+class _Run:
+    """What both schedules share: the loss history, the checkpoint's place and the
+    training loop with its Ctrl-C handling. A subclass gives ``train_step`` (which calls
+    ``_record``), ``save`` and, if it wants them, its own progress bars and position."""
+
+    validates = True  # evaluate on the validation split every ``eval_every`` steps
+    complete_hint = ""
+
+    def checkpoint_path(self):
+        return os.path.join(self.out_dir, "checkpoint.npz")
+
+    def _record(self, losses):
+        """Append a finished step's losses and learning rate to the history; count it."""
+        for k in LOSS_TERMS + ("loss",):
+            self.history[k].append(losses[k])
+        self.history["lr"].append(self.optim.lr)
+        self.step += 1
+
+    def _progress_bar(self, bar, progress):
+        """The bar for the next step: one for the whole run."""
+        from tqdm.auto import tqdm
+
+        return bar or tqdm(total=self.cfg.steps, initial=self.step, disable=not progress, desc="train", unit="step")
+
+    def _position(self):
+        """Where the run stands, for the message on stopping (beyond the step)."""
+        return ""
+
+    def fit(self, progress=True, log=print):
+        """Train up to ``cfg.steps``, validating and saving as the config says, then write
+        loss_curve.png and metrics.json into ``out_dir``; returns self.
+
+        Ctrl-C stops after the step in progress and saves a checkpoint from which
+        ``resume_run`` continues exactly as if there had been no interruption (then
+        KeyboardInterrupt is raised); a second Ctrl-C stops at once and saves nothing.
+        """
+        os.makedirs(self.out_dir, exist_ok=True)
+        cfg = self.cfg
+        validate = self.validates and cfg.val_images and cfg.eval_every
+        val = shapes_split("val", cfg.val_images, image_size=cfg.image_size) if validate else None
+        bar = None
+        started = time.perf_counter()
+        images_seen = 0
+        try:
+            with _StopAfterStep() as stop:
+                while self.step < cfg.steps and not stop.requested:
+                    bar = self._progress_bar(bar, progress)
+                    self.train_step()
+                    images_seen += cfg.batch_size
+                    bar.update(1)
+                    if self.step % 10 == 0 or self.step == cfg.steps:
+                        recent = {k: np.mean(self.history[k][-20:]) for k in LOSS_TERMS}
+                        bar.set_postfix({k: f"{v:.3f}" for k, v in recent.items()}, refresh=False)
+                    if val is not None and (self.step % cfg.eval_every == 0 or self.step == cfg.steps):
+                        ap = evaluate_model(self.model, val)[0]
+                        self.evals.append({"step": self.step, "AP": ap["AP"], "AP50": ap["AP50"]})
+                        bar.write(f"step {self.step}: val AP {ap['AP']:.3f}  AP50 {ap['AP50']:.3f}")
+                    if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+                        self.save()
+        except NonFiniteLoss as e:
+            bar.close()
+            detail = "; ".join(filter(None, [e.detail, f"training stopped, the last good checkpoint is "
+                                                       f"{self.checkpoint_path()}"]))
+            raise NonFiniteLoss(e.term, e.value, detail, step=e.step) from None
+        except KeyboardInterrupt:
+            if bar is not None:
+                bar.close()
+            log(f"interrupted after step {self.step}, nothing saved; the last checkpoint (if any) is "
+                f"{self.checkpoint_path()}")
+            raise
+        if bar is not None:
+            bar.close()
+        if stop.requested and self.step < cfg.steps:
+            path = self.save()
+            log(f"stopped after step {self.step}{self._position()}: checkpoint saved to {path} "
+                f"(continue with --resume {path})")
+            raise KeyboardInterrupt
+        if not images_seen:
+            log(f"the run is complete at step {self.step}; nothing to train{self.complete_hint}")
+            return self
+        elapsed = time.perf_counter() - started
+        self.save()
+        write_run_report(self, elapsed, images_seen)
+        return self
+
+
+class Trainer(_Run):
     """One training run: model, optimiser, data, generator and history."""
+
+    complete_hint = " (resume with more steps to go on)"
 
     def __init__(self, model_config=None, train_config=None, out_dir=None):
         self.cfg = train_config or TrainConfig()
@@ -175,16 +263,10 @@ class Trainer:
             raise NonFiniteLoss(e.term, e.value, e.detail, step=self.step) from None
         self.model.backward()
         self.optim.step()
-        for k in LOSS_TERMS + ("loss",):
-            self.history[k].append(losses[k])
-        self.history["lr"].append(self.optim.lr)
-        self.step += 1
+        self._record(losses)
         return losses
 
     # -- checkpoints
-    def checkpoint_path(self):
-        return os.path.join(self.out_dir, "checkpoint.npz")
-
     def save(self, path=None):
         path = path or self.checkpoint_path()
         names = [n for n, _ in self.model.named_parameters()]
@@ -228,61 +310,6 @@ class Trainer:
         self._order = np.asarray(state["order"], dtype=np.int64)
         self.history = state["history"]
         self.evals = state["evals"]
-        return self
-
-    def fit(self, progress=True, log=print):
-        """Train up to ``cfg.steps``, validating and saving as the config says, then write
-        loss_curve.png and metrics.json into ``out_dir``; returns self.
-
-        Ctrl-C stops after the step in progress and saves a checkpoint from which
-        ``resume`` continues exactly as if there had been no interruption (then
-        KeyboardInterrupt is raised); a second Ctrl-C stops at once and saves nothing.
-        """
-        from tqdm.auto import tqdm
-
-        os.makedirs(self.out_dir, exist_ok=True)
-        cfg = self.cfg
-        val = shapes_split("val", cfg.val_images, image_size=cfg.image_size) if cfg.val_images else None
-        bar = tqdm(total=cfg.steps, initial=self.step, disable=not progress, desc="train", unit="step")
-        started = time.perf_counter()
-        images_seen = 0
-        try:
-            with _StopAfterStep() as stop:
-                while self.step < cfg.steps and not stop.requested:
-                    self.train_step()
-                    images_seen += cfg.batch_size
-                    bar.update(1)
-                    if self.step % 10 == 0 or self.step == cfg.steps:
-                        recent = {k: np.mean(self.history[k][-20:]) for k in LOSS_TERMS}
-                        bar.set_postfix({k: f"{v:.3f}" for k, v in recent.items()}, refresh=False)
-                    if val is not None and cfg.eval_every and (self.step % cfg.eval_every == 0
-                                                               or self.step == cfg.steps):
-                        ap = evaluate_model(self.model, val)[0]
-                        self.evals.append({"step": self.step, "AP": ap["AP"], "AP50": ap["AP50"]})
-                        bar.write(f"step {self.step}: val AP {ap['AP']:.3f}  AP50 {ap['AP50']:.3f}")
-                    if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
-                        self.save()
-        except NonFiniteLoss as e:
-            bar.close()
-            detail = "; ".join(filter(None, [e.detail, f"training stopped, the last good checkpoint is "
-                                                       f"{self.checkpoint_path()}"]))
-            raise NonFiniteLoss(e.term, e.value, detail, step=e.step) from None
-        except KeyboardInterrupt:
-            bar.close()
-            log(f"interrupted after step {self.step}, nothing saved; the last checkpoint (if any) is "
-                f"{self.checkpoint_path()}")
-            raise
-        bar.close()
-        if stop.requested and self.step < cfg.steps:
-            path = self.save()
-            log(f"stopped after step {self.step}: checkpoint saved to {path} (continue with --resume {path})")
-            raise KeyboardInterrupt
-        if not images_seen:
-            log(f"the run is complete at step {self.step}; nothing to train (resume with more steps to go on)")
-            return self
-        elapsed = time.perf_counter() - started
-        self.save()
-        write_run_report(self, elapsed, images_seen)
         return self
 
 
@@ -354,7 +381,7 @@ STAGES = (
 )
 
 
-class AlternatingTrainer:
+class AlternatingTrainer(_Run):
     """The paper's 4-step alternating training (section 3.2), each stage a quarter of
     ``train_config.steps`` (at least 4; a remainder adds one step to each of the first):
 
@@ -372,6 +399,8 @@ class AlternatingTrainer:
     checkpoint also holds step 1's network until stage 3 begins, and the momentum of the
     stage in progress, so ``resume`` repeats the uninterrupted run exactly.
     """
+
+    validates = False
 
     def __init__(self, model_config=None, train_config=None, out_dir=None):
         cfg = replace(train_config or TrainConfig(), schedule="alternating")
@@ -430,10 +459,7 @@ class AlternatingTrainer:
                 raise NonFiniteLoss(term, losses[term], f"{index + 1}/4 {stage.name}", step=self.step)
         net.backward(train_backbone=stage.train_backbone)
         self.optim.step()
-        for key in LOSS_TERMS + ("loss",):
-            self.history[key].append(losses[key])
-        self.history["lr"].append(self.optim.lr)
-        self.step += 1
+        self._record(losses)
         if self.step == sum(self.stage_steps[:2]):  # stages 1 and 2 done: the detector gets step 1's RPN
             for mine, theirs in zip(self.model.rpn.parameters(), self.rpn_net.rpn.parameters()):
                 if is_device_array(mine.data):
@@ -443,10 +469,23 @@ class AlternatingTrainer:
             self.rpn_net = None
         return losses
 
-    # -- checkpoints
-    def checkpoint_path(self):
-        return os.path.join(self.out_dir, "checkpoint.npz")
+    def _progress_bar(self, bar, progress):
+        """A bar per stage."""
+        from tqdm.auto import tqdm
 
+        index, k = self.stage_at(self.step)
+        if bar is not None and k > 0:
+            return bar
+        if bar is not None:
+            bar.close()
+        return tqdm(total=self.stage_steps[index], initial=k, disable=not progress,
+                    desc=f"{index + 1}/4 {STAGES[index].name}", unit="step")
+
+    def _position(self):
+        index, k = self.stage_at(self.step)
+        return f" (stage {index + 1}/4 has {k} of its {self.stage_steps[index]} steps done)"
+
+    # -- checkpoints
     def _in_stage(self):
         """Whether the run stands inside a stage (not at a boundary), so its momentum counts."""
         return self.step < self.cfg.steps and self.stage_at(self.step)[1] > 0
@@ -499,55 +538,6 @@ class AlternatingTrainer:
                                         "buffers": buffers})
         self.rng = _rng_from_json(state["rng"])
         self.history = state["history"]
-        return self
-
-    def fit(self, progress=True, log=print):
-        """Run the remaining stages, then write checkpoint.npz, loss_curve.png and
-        metrics.json into ``out_dir``; returns self. Ctrl-C as in ``Trainer.fit``."""
-        from tqdm.auto import tqdm
-
-        os.makedirs(self.out_dir, exist_ok=True)
-        cfg = self.cfg
-        started = time.perf_counter()
-        images_seen = 0
-        bar = None
-        try:
-            with _StopAfterStep() as stop:
-                while self.step < cfg.steps and not stop.requested:
-                    index, k = self.stage_at(self.step)
-                    if bar is None or k == 0:
-                        if bar is not None:
-                            bar.close()
-                        bar = tqdm(total=self.stage_steps[index], initial=k, disable=not progress,
-                                   desc=f"{index + 1}/4 {STAGES[index].name}", unit="step")
-                    self.train_step()
-                    images_seen += cfg.batch_size
-                    bar.update(1)
-                    if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
-                        self.save()
-        except NonFiniteLoss as e:
-            bar.close()
-            detail = f"{e.detail}; training stopped, the last good checkpoint is {self.checkpoint_path()}"
-            raise NonFiniteLoss(e.term, e.value, detail, step=e.step) from None
-        except KeyboardInterrupt:
-            if bar is not None:
-                bar.close()
-            log(f"interrupted after step {self.step}, nothing saved; the last checkpoint (if any) is "
-                f"{self.checkpoint_path()}")
-            raise
-        if bar is not None:
-            bar.close()
-        if stop.requested and self.step < cfg.steps:
-            path = self.save()
-            index, k = self.stage_at(self.step)
-            log(f"stopped after step {self.step} (stage {index + 1}/4 has {k} of its {self.stage_steps[index]} steps "
-                f"done): checkpoint saved to {path} (continue with --resume {path})")
-            raise KeyboardInterrupt
-        if not images_seen:
-            log(f"the run is complete at step {self.step}; nothing to train")
-            return self
-        self.save()
-        write_run_report(self, time.perf_counter() - started, images_seen)
         return self
 
 
