@@ -92,6 +92,21 @@ def test_train_rejects_settings_that_cannot_work(tmp_path):
         main(["train", "--resume", str(tmp_path / "nope.npz")])
 
 
+def test_resume_writes_into_the_runs_own_folder(tmp_path, monkeypatch, capsys):
+    run = tmp_path / "run1"
+    trainer = Trainer(TINY, tiny_train_config(steps=2), out_dir=str(run))
+    trainer.train_step()
+    path = trainer.save()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert main(["train", "--resume", path, "--no-progress", "--test-images", "0"]) == 0
+    assert f"checkpoint: {path}" in capsys.readouterr().out
+    assert not (elsewhere / "runs").exists()
+    assert (run / "metrics.json").is_file()
+    assert Trainer.resume(path).step == 2
+
+
 def test_detect_pads_a_long_thin_image_and_rejects_a_tiny_size(checkpoint, tmp_path, capsys):
     src = tmp_path / "strip.png"
     Image.fromarray(np.full((20, 1000, 3), 200, dtype=np.uint8)).save(src)

@@ -418,6 +418,26 @@ def test_bad_forward_input(make, x, match):
         make()(x)
 
 
+@pytest.mark.parametrize("args,match", [
+    ((np.zeros((1, 1, 5, 5)), (0, 0), (1, 1)), r"maxpool2d_forward: kernel_size must be a positive integer, got 0"),
+    ((np.zeros((1, 1, 5, 5)), 2, (0, 1)), r"maxpool2d_forward: stride must be a positive integer, got 0"),
+    ((np.zeros((1, 1, 5, 5)), (6, 5), 1), r"maxpool2d_forward: kernel_size \(6, 5\) is larger than the input \(5, 5\)"),
+    ((np.zeros((1, 5, 5)), 2, 2), r"maxpool2d_forward: x must be 4-D"),
+    ((np.zeros((1, 1, 4, 4), np.int64), 2, 2), r"maxpool2d_forward: x must be float32 or float64"),
+    ((np.full((1, 1, 4, 4), np.nan), 2, 2), r"maxpool2d_forward: x holds NaN"),
+])
+def test_maxpool2d_forward_bad_input(args, match):
+    with pytest.raises(ValueError, match=match):
+        maxpool2d_forward(*args)
+
+
+def test_maxpool2d_forward_takes_int_kernel_and_stride():
+    x = np.arange(16.0).reshape(1, 1, 4, 4)  # (N, C, H, W)
+    out, argmax = maxpool2d_forward(x, 2, 2)
+    np.testing.assert_array_equal(out[0, 0], [[5, 7], [13, 15]])
+    np.testing.assert_array_equal(argmax[0, 0], [[5, 7], [13, 15]])
+
+
 @pytest.mark.parametrize("layer", [Conv2d(1, 1, 1), MaxPool2d(2), Linear(2, 2), ReLU(), Flatten()],
                          ids=lambda l: type(l).__name__)
 def test_backward_before_forward(layer):

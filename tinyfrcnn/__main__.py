@@ -47,9 +47,9 @@ def _float_in(low, high, low_open=False):
     return parse
 
 
-def _add_device(parser):
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
-                        help="where the network runs: cpu (default) or cuda (an NVIDIA GPU, via numba-cuda)")
+def _add_device(parser, default="cpu", help_default="cpu (default)"):
+    parser.add_argument("--device", choices=("cpu", "cuda"), default=default,
+                        help=f"where the network runs: {help_default} or cuda (an NVIDIA GPU, via numba-cuda)")
 
 
 def _check_device(name):
@@ -71,7 +71,7 @@ def build_parser():
     t = sub.add_parser("train", help="train a detector on the shapes dataset",
                        description="Train Faster R-CNN (approximate joint training) on the built-in shapes "
                                    "dataset; writes checkpoint.npz, loss_curve.png and metrics.json into --out.")
-    t.add_argument("--out", default=DEFAULT_OUT, help=f"output folder (default {DEFAULT_OUT})")
+    t.add_argument("--out", help=f"output folder (default {DEFAULT_OUT}; with --resume, the checkpoint's folder)")
     t.add_argument("--steps", type=_positive_int, help="SGD steps (default from TrainConfig)")
     t.add_argument("--batch-size", type=_positive_int, help="images per step")
     t.add_argument("--lr", type=_float_in(0, 10, low_open=True), help="base learning rate")
@@ -88,7 +88,7 @@ def build_parser():
     t.add_argument("--test-images", type=_non_negative_int, default=500,
                    help="evaluate on this many test images at the end (0: skip; default 500)")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
-    _add_device(t)
+    _add_device(t, default=None, help_default="cpu (default; with --resume, the run's device)")
 
     e = sub.add_parser("evaluate", help="AP of a checkpoint on the test split",
                        description="COCO-style AP (overall and per class) of a checkpoint on the shapes test split.")
@@ -136,7 +136,8 @@ def _resumed_trainer(args):
     if not os.path.exists(args.resume):
         raise SystemExit(f"error: checkpoint {args.resume!r} does not exist")
     try:
-        return resume_run(args.resume, out_dir=args.out, steps=args.steps, device=_check_device(args.device))
+        return resume_run(args.resume, out_dir=args.out, steps=args.steps,
+                          device=None if args.device is None else _check_device(args.device))
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
 
@@ -148,7 +149,7 @@ def _new_run(args):
     from .model import ModelConfig
     from .train import TrainConfig, train, train_alternating
 
-    tc = TrainConfig(device=_check_device(args.device))
+    tc = TrainConfig(device=_check_device(args.device or "cpu"))
     for name in ("steps",) + _RUN_SETTINGS:
         value = getattr(args, name)
         if value is not None:
@@ -161,7 +162,7 @@ def _new_run(args):
     mc = ModelConfig()
     if args.pooling:
         mc.pooling = args.pooling
-    return partial(train_alternating if args.schedule == "alternating" else train, args.out, mc, tc)
+    return partial(train_alternating if args.schedule == "alternating" else train, args.out or DEFAULT_OUT, mc, tc)
 
 
 def cmd_train(args):
@@ -179,7 +180,7 @@ def cmd_train(args):
         ap = evaluate_model(trainer.model, test)[0]
         print(f"test split ({len(test)} images):")
         print(_ap_table(ap, CLASS_NAMES))
-        path = os.path.join(args.out, "metrics.json")
+        path = os.path.join(trainer.out_dir, "metrics.json")
         if not os.path.exists(path):
             return 0
         with open(path) as f:

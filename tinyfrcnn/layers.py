@@ -798,8 +798,24 @@ def _maxpool2d_backward_cuda(grad_out, argmax, kh, kw, sh, sw, dx):
 def maxpool2d_forward(x, kernel, stride):
     """(out, argmax): window maxima and the flat index (y*W + x) of each window's first max.
 
-    NumPy ``x``: Numba CPU kernel; device ``x`` (C-contiguous): CUDA kernel, one thread
-    per output."""
+    ``kernel`` and ``stride`` are ints or (h, w) pairs. NumPy ``x``: Numba CPU kernel;
+    device ``x`` (C-contiguous): CUDA kernel, one thread per output."""
+    x, kernel, stride = _check_pool_forward(x, kernel, stride, "maxpool2d_forward")
+    return _maxpool2d_forward(x, kernel, stride)
+
+
+def _check_pool_forward(x, kernel, stride, where):
+    """``maxpool2d_forward``'s arguments, checked: (x, kernel, stride) with (h, w) pairs."""
+    x, _ = _check_input(x, where, 4, "(N, C, H, W)")
+    kernel, stride = pair(kernel, "kernel_size", where), pair(stride, "stride", where)
+    if kernel[0] > x.shape[2] or kernel[1] > x.shape[3]:
+        raise ValueError(f"{where}: kernel_size {kernel} is larger than the input "
+                         f"{tuple(x.shape[2:])} (x shape {tuple(x.shape)})")
+    return x, kernel, stride
+
+
+def _maxpool2d_forward(x, kernel, stride):
+    """``maxpool2d_forward`` without the checks."""
     (kh, kw), (sh, sw) = kernel, stride
     n, c, h, w = x.shape
     oh, ow = output_size(h, kh, sh, 0), output_size(w, kw, sw, 0)
@@ -909,16 +925,9 @@ class MaxPool2d(Module):
         return f"MaxPool2d(kernel_size={self.kernel_size}, stride={self.stride})"
 
     def forward(self, x):
-        where = "MaxPool2d"
-        x, gpu = _check_input(x, where, 4, "(N, C, H, W)")
-        kh, kw = self.kernel_size
-        if kh > x.shape[2] or kw > x.shape[3]:
-            raise ValueError(
-                f"{where}: kernel_size {self.kernel_size} is larger than the input "
-                f"{tuple(x.shape[2:])} (x shape {tuple(x.shape)})"
-            )
-        out, argmax = maxpool2d_forward(x, self.kernel_size, self.stride)
-        self._cache = (argmax, tuple(x.shape), x.dtype, gpu)
+        x, _, _ = _check_pool_forward(x, self.kernel_size, self.stride, "MaxPool2d")
+        out, argmax = _maxpool2d_forward(x, self.kernel_size, self.stride)
+        self._cache = (argmax, tuple(x.shape), x.dtype, is_device_array(x))
         return out
 
     def backward(self, grad_out):
