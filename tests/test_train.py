@@ -139,6 +139,20 @@ def test_resume_with_a_new_step_count(tmp_path):
     assert again.step == 4 and len(again.history["loss"]) == 4
 
 
+def test_a_resumed_run_keeps_the_decays_it_has_reached(tmp_path):
+    trainer = Trainer(TINY, tiny_train_config(steps=10, decay_at=(0.5, 0.8), warmup_steps=0), out_dir=str(tmp_path))
+    trainer.step = 6
+    path = trainer.save()
+    lr = trainer.cfg.lr
+    longer = Trainer.resume(path, steps=20)
+    assert longer.cfg.milestones == (5, 16)
+    assert [longer.lr_at(k) for k in (4, 5, 15, 16)] == pytest.approx([lr, lr * 0.1, lr * 0.1, lr * 0.01])
+    assert Trainer.resume(path, steps=6).cfg.milestones == (5, 6)
+    assert Trainer.resume(path).cfg.milestones == (5, 8)
+    trainer.step = 3
+    assert Trainer.resume(trainer.save(), steps=20).cfg.milestones == (10, 16)
+
+
 def test_batch_larger_than_the_training_split_is_rejected(tmp_path):
     with pytest.raises(ValueError, match=r"batch_size \(4\) is larger than the training split"):
         Trainer(TINY, tiny_train_config(batch_size=4, train_images=3))

@@ -281,7 +281,12 @@ class Trainer(_Run):
     @classmethod
     def resume(cls, path, out_dir=None, steps=None, device=None):
         """Continue a run from its checkpoint (optionally with a new total step count, or
-        on another ``device``: None keeps the run's)."""
+        on another ``device``: None keeps the run's).
+
+        With a new ``steps``, the learning-rate decays the run has reached stay where they
+        were and those still ahead move to their fractions (``decay_at``) of the new
+        length, so a finished run that is extended goes on at its last, decayed rate.
+        """
         return cls._from_checkpoint(path, *_training_state(path), out_dir, steps, device)
 
     @classmethod
@@ -294,7 +299,7 @@ class Trainer(_Run):
             if steps < state["step"]:
                 raise ValueError(f"resume: the run in {path!r} is at step {state['step']} already; steps must be "
                                  f"at least that, got {steps}")
-            cfg = replace(cfg, steps=steps)
+            cfg = _with_steps(cfg, steps, state["step"])
         if device is not None:
             cfg = replace(cfg, device=check_device(device))
         self = cls(model.config, cfg, out_dir=out_dir or os.path.dirname(os.path.abspath(path)))
@@ -311,6 +316,16 @@ class Trainer(_Run):
         self.history = state["history"]
         self.evals = state["evals"]
         return self
+
+
+def _with_steps(cfg, steps, step):
+    """``cfg`` stretched to ``steps`` at ``step``: milestones <= step stay, later ones
+    scale (but come no earlier than ``step``)."""
+    milestones, last = [], 0
+    for old, fraction in zip(cfg.milestones, cfg.decay_at):
+        last = max(last, old if old <= step else max(int(round(fraction * steps)), step))
+        milestones.append(last)
+    return replace(cfg, steps=steps, decay_at=tuple(m / steps for m in milestones))
 
 
 def train(out_dir, model_config=None, train_config=None, resume=None, progress=True, log=print, steps=None):
