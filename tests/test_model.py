@@ -129,6 +129,13 @@ def test_bad_checkpoints_are_clear_errors(tmp_path):
         FasterRCNN(ModelConfig()).load_state_dict(FasterRCNN.load(path)[0].state_dict())
 
 
+def test_detect_and_propose_on_an_empty_batch():
+    model = FasterRCNN(TINY, rng=np.random.default_rng(0))
+    empty = np.zeros((0, 3, 64, 64), np.float32)  # (N, 3, H, W)
+    assert model.detect(empty) == []
+    assert model.propose(empty) == []
+
+
 def test_forward_rejects_bad_input():
     model = FasterRCNN(TINY, rng=np.random.default_rng(0))
     images, boxes, labels = tiny_batch(2)
@@ -136,6 +143,17 @@ def test_forward_rejects_bad_input():
         model.forward(images[0], boxes, labels, rng=np.random.default_rng(0))
     with pytest.raises(ValueError, match="gt_boxes"):
         model.forward(images, boxes[:1], labels, rng=np.random.default_rng(0))
+    for bad_boxes, bad_labels, match in [
+        ([boxes[0][:, :3], boxes[1]], labels, r"gt_boxes\[0\] must have shape \(N, 4\)"),
+        (boxes, [labels[0].astype(np.float64) + 0.7, labels[1]], r"gt_labels\[0\] must be a 1-D array of integer"),
+        (boxes, [labels[0], np.full(len(labels[1]), 4)], r"gt_labels\[1\] holds 4, outside the classes 1..3"),
+        (boxes, [labels[0], labels[1] * 0], r"gt_labels\[1\] holds 0, outside"),
+        (boxes, [labels[0][:-1], labels[1]], r"gt_labels\[0\] has \d+ labels but gt_boxes\[0\] has \d+ boxes"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            model.forward(images, bad_boxes, bad_labels, rng=np.random.default_rng(0), train_head=False)
+    with pytest.raises(ValueError, match="images holds no images"):
+        model.forward(images[:0], [], [], rng=np.random.default_rng(0))
     with pytest.raises(ValueError, match="2 images but 1 proposals"):
         model.forward(images, boxes, labels, rng=np.random.default_rng(0), proposals=[boxes[0]])
     bad = images.copy()

@@ -108,6 +108,29 @@ class ModelConfig:
         return cls(**raw)
 
 
+def _ground_truth(gt_boxes, gt_labels, n, num_classes, where):
+    """Each image's boxes as (K_i, 4) float32 and labels as (K_i,) int64 in 1..num_classes."""
+    if len(gt_boxes) != n or len(gt_labels) != n:
+        raise ValueError(f"{where}: got {n} images but {len(gt_boxes)} gt_boxes and {len(gt_labels)} gt_labels")
+    boxes, labels = [], []
+    for i, (b, l) in enumerate(zip(gt_boxes, gt_labels)):
+        b = np.asarray(b, dtype=np.float32)
+        boxes.append(check_boxes(b.reshape(0, 4) if b.size == 0 else b, f"gt_boxes[{i}]", where))  # (K, 4)
+        l = np.asarray(l)
+        if l.size == 0:
+            l = np.zeros(0, np.int64)
+        if l.ndim != 1 or l.dtype.kind not in "iu":
+            raise ValueError(f"{where}: gt_labels[{i}] must be a 1-D array of integer class labels, "
+                             f"got {l.dtype.name} of shape {l.shape}")
+        if len(l) != len(boxes[-1]):
+            raise ValueError(f"{where}: gt_labels[{i}] has {len(l)} labels but gt_boxes[{i}] has {len(boxes[-1])} boxes")
+        bad = (l < 1) | (l > num_classes)
+        if bad.any():
+            raise ValueError(f"{where}: gt_labels[{i}] holds {l[bad][0]}, outside the classes 1..{num_classes}")
+        labels.append(l.astype(np.int64))  # (K,)
+    return boxes, labels
+
+
 class FasterRCNN(Module):
     """Backbone + RPN + Fast R-CNN head sharing the backbone's features.
 
@@ -210,17 +233,15 @@ class FasterRCNN(Module):
         images = self._upload(images, "FasterRCNN.forward")
         gpu = is_device_array(images)
         n, _, height, width = images.shape
-        if len(gt_boxes) != n or len(gt_labels) != n:
-            raise ValueError(
-                f"FasterRCNN.forward: got {n} images but {len(gt_boxes)} gt_boxes and {len(gt_labels)} gt_labels")
+        if n == 0:
+            raise ValueError("FasterRCNN.forward: images holds no images; a training step needs at least one")
+        boxes, gt_labels = _ground_truth(gt_boxes, gt_labels, n, cfg.num_classes, "FasterRCNN.forward")
         feats = self.backbone.forward(images)  # (N, C, h, w)
         fh, fw = feats.shape[2:]
         anchors = self.anchors_for(fh, fw)  # (A, 4)
         rpn_out = self.rpn.forward(feats)  # on "cuda": queued on the GPU
         # Anchor labels and targets depend only on the boxes, so the host works them out
         # while the GPU runs the network; to_host below waits for the RPN's outputs.
-        boxes = [check_boxes(np.asarray(b, dtype=np.float32).reshape(-1, 4), f"gt_boxes[{i}]", "FasterRCNN.forward")
-                 for i, b in enumerate(gt_boxes)]
         border = None if cfg.rpn_allowed_border < 0 else cfg.rpn_allowed_border
         targets = [anchor_targets(anchors, b, pos_iou=cfg.rpn_pos_iou, neg_iou=cfg.rpn_neg_iou,
                                   image_size=(height, width), allowed_border=border)
@@ -242,7 +263,7 @@ class FasterRCNN(Module):
         rpn_cls = rpn_reg = 0.0
         rois, roi_labels, roi_targets = [], [], []
         for i in range(n):
-            labels = np.asarray(gt_labels[i], dtype=np.int64).reshape(-1)
+            labels = gt_labels[i]
             if train_rpn:
                 labels_a, _, reg_targets = targets[i]
                 labels_a = sample_labels(labels_a, cfg.rpn_batch, cfg.rpn_pos_fraction, rng=rng)
@@ -323,6 +344,8 @@ class FasterRCNN(Module):
         images = self._upload(images, "FasterRCNN.detect")
         gpu = is_device_array(images)
         n, _, height, width = images.shape
+        if n == 0:
+            return []
         feats, proposals = self._propose(self.backbone.forward(images), height, width)
         rois = np.concatenate(
             [np.concatenate([np.full((len(p), 1), i, dtype=np.float32), p.astype(np.float32)], axis=1)
