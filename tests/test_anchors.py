@@ -87,6 +87,7 @@ def test_empty_feature_map_gives_no_anchors():
     (lambda: grid_anchors(base_anchors(), -1, 2, 16), "feat_height"),
     (lambda: grid_anchors(base_anchors(), 2, 2.5, 16), "feat_width"),
     (lambda: grid_anchors(base_anchors(), 2, 2, 0), "stride"),
+    (lambda: grid_anchors(base_anchors(), 2, 2, 3e38), r"x stride 3e\+38 overflows float32"),
 ])
 def test_bad_input_raises(call, message):
     with pytest.raises(ValueError, match=message):

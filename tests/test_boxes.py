@@ -61,8 +61,11 @@ def test_box_iou_degenerate_boxes_are_zero_not_nan():
     point = np.array([[3, 3, 3, 3]], np.float32)
     line = np.array([[0, 3, 10, 3]], np.float32)
     box = np.array([[0, 0, 10, 10]], np.float32)
-    for a, b in [(point, point), (line, line), (point, box), (line, box)]:
+    tiny = np.array([[0, 0, 1e-25, 1e-25]], np.float32)  # its area rounds to 0
+    for a, b in [(point, point), (line, line), (point, box), (line, box), (tiny, tiny)]:
         assert box_iou(a, b)[0, 0] == 0
+        assert box_iou(cuda.to_device(a), cuda.to_device(b)).copy_to_host()[0, 0] == 0
+        assert B._box_iou_reference(a, b)[0, 0] == 0
 
 
 def test_box_iou_promotes_mixed_dtypes():
@@ -106,6 +109,22 @@ def test_clip_boxes():
 def test_clip_boxes_class_specific_layout():
     boxes = np.array([[-1, -1, 5, 5, 2, 2, 99, 99]], np.float64)
     np.testing.assert_array_equal(clip_boxes(boxes, 10, 20), [[0, 0, 5, 5, 2, 2, 20, 10]])
+
+
+def test_clip_boxes_clamps_inf():
+    boxes = np.array([[-np.inf, 2, np.inf, 3], [np.inf, -np.inf, np.inf, np.inf]], np.float32)
+    np.testing.assert_array_equal(clip_boxes(boxes, 10, 20), [[0, 2, 20, 3], [20, 0, 20, 10]])
+    with pytest.raises(ValueError, match=r"clip_boxes: boxes\[0\] = \[inf, 0.0, -inf, 1.0\] has x2 < x1"):
+        clip_boxes(np.array([[np.inf, 0, -np.inf, 1]]), 10, 20)
+
+
+def test_decoded_boxes_that_overflow_are_clipped():
+    """torchvision decodes a huge t_x to inf and clamps it to the border; so do we."""
+    reference = np.array([[0, 0, 256, 256]], np.float32)
+    deltas = np.array([[1e37, -1e37, 0, 0]], np.float32)
+    decoded = decode(reference, deltas)
+    np.testing.assert_array_equal(decoded, [[np.inf, -np.inf, np.inf, -np.inf]])
+    np.testing.assert_array_equal(clip_boxes(decoded, 100, 100), [[100, 0, 100, 0]])
 
 
 def test_remove_small_boxes():
@@ -206,9 +225,11 @@ GOOD = np.array([[0, 0, 1, 1]], np.float32)
     (np.array([[0, 0, 1, 1]], np.int64), "float"),
 ])
 def test_bad_boxes_raise(bad, message):
-    for call in (lambda: box_iou(bad, GOOD), lambda: box_iou(GOOD, bad), lambda: box_area(bad),
-                 lambda: clip_boxes(bad, 4, 4), lambda: remove_small_boxes(bad, 1),
-                 lambda: encode(bad, GOOD), lambda: decode(bad, GOOD)):
+    calls = [lambda: box_iou(bad, GOOD), lambda: box_iou(GOOD, bad), lambda: box_area(bad),
+             lambda: remove_small_boxes(bad, 1), lambda: encode(bad, GOOD), lambda: decode(bad, GOOD)]
+    if message != "inf":  # clip_boxes clamps inf (test_clip_boxes_clamps_inf)
+        calls.append(lambda: clip_boxes(bad, 4, 4))
+    for call in calls:
         with pytest.raises(ValueError, match=message):
             call()
 

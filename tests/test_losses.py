@@ -111,6 +111,12 @@ def test_cross_entropy_bad_input(logits, labels, match):
         softmax_cross_entropy(logits, labels)
 
 
+@pytest.mark.parametrize("ignore_index", [2**64, -2**63 - 1, 1.0, True])
+def test_cross_entropy_bad_ignore_index(ignore_index):
+    with pytest.raises(ValueError, match="ignore_index must be an integer that fits int64"):
+        softmax_cross_entropy(np.zeros((2, 2)), np.array([0, 1]), ignore_index=ignore_index)
+
+
 # ---------------------------------------------------------------- smooth L1
 
 

@@ -257,8 +257,8 @@ def test_anchor_rows_hand_worked():
 
 
 @settings(max_examples=40, deadline=None)
-@given(n=st.integers(0, 2), k=st.integers(1, 3), d=st.sampled_from([2, 4]), h=st.integers(1, 3),
-       w=st.integers(1, 3))
+@given(n=st.integers(0, 2), k=st.integers(1, 3), d=st.sampled_from([2, 4]), h=st.integers(0, 3),
+       w=st.integers(0, 3))
 def test_anchor_rows_round_trip(n, k, d, h, w):
     maps = np.random.default_rng(n * 100 + k * 10 + h).standard_normal((n, k * d, h, w)).astype(np.float32)
     rows = to_anchor_rows(maps, k)
@@ -289,6 +289,8 @@ def test_anchor_rows_bad_input():
         from_anchor_rows(np.zeros((1, 7, 2), np.float32), 2, 2, 2)
     with pytest.raises(ValueError, match="from_anchor_rows: rows must be float32 or float64"):
         from_anchor_rows(np.zeros((1, 8, 2), np.int64), 2, 2, 2)
+    with pytest.raises(ValueError, match="from_anchor_rows: height must be a non-negative integer, got -1"):
+        from_anchor_rows(np.zeros((1, 0, 2), np.float32), 2, -1, 2)
 
 
 def test_anchor_row_kernels_compile_to_ptx():

@@ -211,6 +211,17 @@ def test_proposals_hand_worked():
     np.testing.assert_allclose(boxes, [[0, 0, 5, 5], [0, 0, 10, 10]])  # 0.99 removed as small first
 
 
+def test_proposals_from_deltas_that_overflow():
+    """A finite but huge t_x decodes to inf; like torchvision, the box is clipped to the
+    border (and then dropped by min_size) instead of failing."""
+    anchors = np.array([[0, 0, 256, 256], [10, 10, 20, 20]], np.float32)
+    deltas = np.array([[1e37, 0, 0, 0], [0, 0, 0, 0]], np.float32)
+    boxes, scores = generate_proposals(np.float32([0.9, 0.5]), deltas, anchors, (100, 100))
+    np.testing.assert_array_equal(boxes, [[10, 10, 20, 20]])
+    boxes, scores = generate_proposals(np.float32([0.9, 0.5]), deltas, anchors, (100, 100), min_size=0)
+    np.testing.assert_array_equal(boxes, [[100, 0, 100, 100], [10, 10, 20, 20]])
+
+
 @settings(max_examples=25, deadline=None)
 @given(st.integers(0, 2**31 - 1), st.floats(0.3, 0.9), st.integers(1, 80))
 def test_proposal_invariants(seed, thresh, post):

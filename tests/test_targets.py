@@ -99,6 +99,7 @@ def test_border_anchors_ignored_even_above_pos_iou():
         (B([-1, 0, 10, 10]), dict(image_size=(32, 32)), "inside"),
         (B([0, 0, 10, 10]), dict(allowed_border=0), "image_size"),
         (B([0, 0, 10, 10]), dict(pos_iou=0.2, neg_iou=0.3), "pos_iou"),
+        (B([0, 0, 10, 10]), dict(pos_iou=0.0, neg_iou=0.0), r"pos_iou must be > 0"),
         (np.zeros((2, 3)), {}, "shape"),
     ],
 )

@@ -15,19 +15,13 @@ there is no kernel; they take and return NumPy arrays.
 
 import numpy as np
 
-from .checks import check_boxes, check_number
+from .checks import check_boxes, check_non_negative_int, check_number
 
 
 def _positive_numbers(values, name, where):
     if np.ndim(values) == 0 or len(values) == 0:
         raise ValueError(f"{where}: {name} must be a non-empty sequence of positive numbers, got {values!r}")
     return np.array([check_number(v, name, low=0, low_open=True, where=where) for v in values])
-
-
-def _count(value, name, where):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
-        raise ValueError(f"{where}: {name} must be a non-negative integer, got {value!r}")
-    return int(value)
 
 
 def base_anchors(base_size=16, scales=(8, 16, 32), ratios=(0.5, 1, 2)):
@@ -61,11 +55,16 @@ def grid_anchors(base, feat_height, feat_width, stride):
     """
     where = "grid_anchors"
     base = check_boxes(base, "base", where)
-    feat_height = _count(feat_height, "feat_height", where)
-    feat_width = _count(feat_width, "feat_width", where)
+    feat_height = check_non_negative_int(feat_height, "feat_height", where)
+    feat_width = check_non_negative_int(feat_width, "feat_width", where)
     stride = check_number(stride, "stride", low=0, low_open=True, where=where)
     cx = (np.arange(feat_width) + 0.5) * stride  # (W,)
     cy = (np.arange(feat_height) + 0.5) * stride  # (H,)
     cy, cx = np.meshgrid(cy, cx, indexing="ij")  # (H, W) each
     shifts = np.stack([cx, cy, cx, cy], axis=-1).reshape(-1, 1, 4)  # (H * W, 1, 4)
-    return (shifts + base[None, :, :]).reshape(-1, 4).astype(base.dtype)  # (H * W * k, 4)
+    with np.errstate(over="ignore"):
+        anchors = (shifts + base[None, :, :]).reshape(-1, 4).astype(base.dtype)  # (H * W * k, 4)
+    if not np.isfinite(anchors).all():
+        raise ValueError(f"{where}: the grid (feat_height, feat_width) x stride {stride!r} overflows "
+                         f"{anchors.dtype.name}")
+    return anchors

@@ -42,7 +42,7 @@ def box_area(boxes):
 # ---------------------------------------------------------------- IoU
 
 def _box_iou_reference(a, b):
-    """IoU = |A ∩ B| / (|A| + |B| - |A ∩ B|), plain NumPy broadcasting; 0 where the union is 0."""
+    """IoU = |A ∩ B| / (|A| + |B| - |A ∩ B|), plain NumPy broadcasting; 0 where the intersection is 0."""
     area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])  # (N,)
     area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])  # (M,)
     lt = np.maximum(a[:, None, :2], b[None, :, :2])  # (N, M, 2)
@@ -64,13 +64,14 @@ def _box_iou_rows(a, b, out):
         area_a = (ax2 - ax1) * (ay2 - ay1)
         row = out[i]
         # Branch-free over contiguous columns, so LLVM vectorises it; pairs that share
-        # no area are masked to 0 whatever the division gave (0/0 included).
+        # no area (or so little that it rounds to 0) are masked to 0 whatever the
+        # division gave (0/0 included).
         for j in range(m):
             w = min(ax2, bx2[j]) - max(ax1, bx1[j])
             h = min(ay2, by2[j]) - max(ay1, by1[j])
             inter = w * h
             iou = inter / (area_a + area_b[j] - inter)
-            row[j] = iou if (w > 0) & (h > 0) else 0
+            row[j] = iou if (w > 0) & (h > 0) & (inter > 0) else 0
 
 
 # Threads pay off only on large tables: the detector's per-image calls (a few thousand
@@ -111,6 +112,9 @@ def _make_box_iou_cuda(dtype):
             out[i, j] = 0
             return
         inter = mul(w, h)
+        if inter == 0:
+            out[i, j] = 0
+            return
         union = add(add(mul(ax2 - ax1, ay2 - ay1), mul(bx2 - bx1, by2 - by1)), -inter)
         out[i, j] = inter / union
 
@@ -127,9 +131,10 @@ def box_iou(a, b):
 
     IoU(A, B) = |A ∩ B| / (|A| + |B| - |A ∩ B|). Same numbers as
     ``torchvision.ops.box_iou`` (same operation order, in the input dtype), except
-    where two zero-area boxes meet: torchvision returns 0/0 = NaN there, this returns 0
-    (boxes that share no area have IoU 0). NumPy in, CPU kernel; device arrays in,
-    CUDA kernel, device array out.
+    where the intersection is 0 and so is the union (two zero-area boxes, or boxes so
+    small that their areas round to 0): torchvision returns 0/0 = NaN there, this
+    returns 0, as for every pair that shares no area. NumPy in, CPU kernel; device
+    arrays in, CUDA kernel, device array out.
     """
     if on_device({"a": a, "b": b}):
         check_boxes(a.copy_to_host(), "a", "box_iou")  # one host copy each, for the value checks
@@ -159,13 +164,13 @@ def _box_iou_host(a, b):
 
 # ---------------------------------------------------------------- clip, filter
 
-def _check_box_groups(boxes, name, where):
+def _check_box_groups(boxes, name, where, allow_inf=False):
     """(N, 4*K) float boxes, each group of 4 a valid box."""
     _host_only(boxes, name, where)
     boxes = as_float_array(boxes, name, ndim=2, where=where)
     if boxes.shape[1] == 0 or boxes.shape[1] % 4:
         raise ValueError(f"{where}: {name} must have shape (N, 4) or (N, 4*K), got {boxes.shape}")
-    check_boxes(boxes.reshape(-1, 4), name, where)
+    check_boxes(boxes.reshape(-1, 4), name, where, allow_inf=allow_inf)
     return boxes
 
 
@@ -173,9 +178,10 @@ def clip_boxes(boxes, height, width):
     """Clamp x to [0, width] and y to [0, height] (torchvision's clip_boxes_to_image).
 
     ``boxes`` is (N, 4) or (N, 4*K) (one box per class); returns a new array of the
-    same shape and dtype.
+    same shape and dtype. Infinite coordinates are clamped like any other (a decoded
+    box can overflow when its deltas are huge), NaN is refused.
     """
-    boxes = _check_box_groups(boxes, "boxes", "clip_boxes")
+    boxes = _check_box_groups(boxes, "boxes", "clip_boxes", allow_inf=True)
     height = check_number(height, "height", low=0, where="clip_boxes")
     width = check_number(width, "width", low=0, where="clip_boxes")
     out = boxes.copy()
@@ -254,8 +260,9 @@ def decode(reference, deltas, weights=(1.0, 1.0, 1.0, 1.0)):
     x = t_x / wx * w_a + x_a,  w = exp(min(t_w / ww, log(1000/16))) * w_a  (same for y, h),
     then (x - w/2, y - h/2, x + w/2, y + h/2). The clamp keeps exp finite, as torchvision
     does. Same numbers as torchvision's ``BoxCoder(weights).decode_single`` (float64: identical;
-    float32: within the last-bit differences of exp between NumPy and torch). Output has
-    the shape and dtype of ``deltas``.
+    float32: within the last-bit differences of exp between NumPy and torch), also where
+    huge ``t_x``, ``t_y`` overflow to inf (``clip_boxes`` clamps those). Output has the
+    shape and dtype of ``deltas``.
     """
     where = "decode"
     _host_only(reference, "reference", where)
@@ -270,17 +277,18 @@ def decode(reference, deltas, weights=(1.0, 1.0, 1.0, 1.0)):
     dtype = deltas.dtype
     wx, wy, ww, wh = (dtype.type(w) for w in _check_weights(weights, where))
     xa, ya, wa, ha = (v[:, None] for v in _centre_size(reference.astype(dtype, copy=False)))  # (N, 1)
-    dx = deltas[:, 0::4] / wx  # (N, K)
-    dy = deltas[:, 1::4] / wy
-    dw = np.minimum(deltas[:, 2::4] / ww, dtype.type(BBOX_XFORM_CLIP))
-    dh = np.minimum(deltas[:, 3::4] / wh, dtype.type(BBOX_XFORM_CLIP))
-    x = dx * wa + xa
-    y = dy * ha + ya
-    half_w = dtype.type(0.5) * (np.exp(dw) * wa)
-    half_h = dtype.type(0.5) * (np.exp(dh) * ha)
     out = np.empty_like(deltas)  # (N, 4*K)
-    out[:, 0::4] = x - half_w
-    out[:, 1::4] = y - half_h
-    out[:, 2::4] = x + half_w
-    out[:, 3::4] = y + half_h
+    with np.errstate(over="ignore"):
+        dx = deltas[:, 0::4] / wx  # (N, K)
+        dy = deltas[:, 1::4] / wy
+        dw = np.minimum(deltas[:, 2::4] / ww, dtype.type(BBOX_XFORM_CLIP))
+        dh = np.minimum(deltas[:, 3::4] / wh, dtype.type(BBOX_XFORM_CLIP))
+        x = dx * wa + xa
+        y = dy * ha + ya
+        half_w = dtype.type(0.5) * (np.exp(dw) * wa)
+        half_h = dtype.type(0.5) * (np.exp(dh) * ha)
+        out[:, 0::4] = x - half_w
+        out[:, 1::4] = y - half_h
+        out[:, 2::4] = x + half_w
+        out[:, 3::4] = y + half_h
     return out

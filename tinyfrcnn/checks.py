@@ -54,14 +54,19 @@ def check_finite(x, name, where=""):
     return x
 
 
-def check_boxes(boxes, name="boxes", where=""):
-    """(N, 4) float boxes (x1, y1, x2, y2), finite, with x2 >= x1 and y2 >= y1."""
+def check_boxes(boxes, name="boxes", where="", allow_inf=False):
+    """(N, 4) float boxes (x1, y1, x2, y2), finite (or, with ``allow_inf``, not NaN),
+    with x2 >= x1 and y2 >= y1."""
     boxes = as_float_array(boxes, name, ndim=2, where=where)
     prefix = f"{where}: " if where else ""
     if boxes.shape[1] != 4:
         raise ValueError(f"{prefix}{name} must have shape (N, 4), got {tuple(boxes.shape)}")
-    check_finite(boxes, name, where)
     values = _host_values(boxes)
+    if not allow_inf:
+        check_finite(values, name, where)
+    elif np.isnan(values).any():
+        bad = np.argwhere(np.isnan(values))[0]
+        raise ValueError(f"{prefix}{name} holds NaN (first at index {tuple(int(i) for i in bad)})")
     bad = (values[:, 2] < values[:, 0]) | (values[:, 3] < values[:, 1])
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
@@ -95,6 +100,14 @@ def check_positive_int(value, name, where=""):
     prefix = f"{where}: " if where else ""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
         raise ValueError(f"{prefix}{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def check_non_negative_int(value, name, where=""):
+    """An integer >= 0 (bools rejected)."""
+    prefix = f"{where}: " if where else ""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+        raise ValueError(f"{prefix}{name} must be a non-negative integer, got {value!r}")
     return int(value)
 
 

@@ -112,8 +112,9 @@ def softmax_cross_entropy(logits, labels, ignore_index=-1):
         raise ValueError(f"{where}: labels has {labels.shape[0]} rows but logits has {n}")
     if k == 0:
         raise ValueError(f"{where}: logits must have at least one class column, got shape {(n, k)}")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, (int, np.integer)):
-        raise ValueError(f"{where}: ignore_index must be an integer, got {ignore_index!r}")
+    if (isinstance(ignore_index, bool) or not isinstance(ignore_index, (int, np.integer))
+            or not -2**63 <= ignore_index < 2**63):
+        raise ValueError(f"{where}: ignore_index must be an integer that fits int64, got {ignore_index!r}")
     gpu = on_device({"logits": logits, "labels": labels})
     check_finite(logits, "logits", where)
     host_labels = to_host(labels)

@@ -26,7 +26,7 @@ momentum buffers are then views of one flat buffer too), else one per parameter.
 import numpy as np
 from numba import cuda
 
-from .checks import check_finite, check_number, check_positive_int
+from .checks import check_finite, check_non_negative_int, check_number, check_positive_int
 from .device import grid_1d, is_device_array
 from .layers import DeviceStore, packed_runs
 
@@ -199,8 +199,7 @@ def warmup_step_lr(step, base_lr, milestones, gamma=0.1, warmup_steps=0, warmup_
     w = warmup_factor + (1 - warmup_factor) * step / warmup_steps (and 1 afterwards).
     """
     where = "warmup_step_lr"
-    if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
-        raise ValueError(f"{where}: step must be a non-negative integer, got {step!r}")
+    step = check_non_negative_int(step, "step", where)
     base_lr = check_number(base_lr, "base_lr", low=0, where=where)
     gamma = check_number(gamma, "gamma", low=0, where=where)
     warmup_factor = check_number(warmup_factor, "warmup_factor", low=0, high=1, where=where)

@@ -25,7 +25,8 @@ import numpy as np
 from numba import cuda
 
 from .boxes import box_iou, clip_boxes, decode, remove_small_boxes
-from .checks import as_array, as_float_array, check_boxes, check_finite, check_number, check_positive_int
+from .checks import (as_array, as_float_array, check_boxes, check_finite, check_non_negative_int, check_number,
+                     check_positive_int)
 from .device import empty_on_device, grid_1d, is_device_array
 from .layers import Conv2d, Module, Parameter, ReLU, _add_cuda, _flat
 from .losses import _smooth_l1_host, _softmax_cross_entropy_host
@@ -101,8 +102,8 @@ def from_anchor_rows(rows, num_anchors, height, width):
     where = "from_anchor_rows"
     rows = as_float_array(rows, "rows", ndim=3, where=where)
     k = check_positive_int(num_anchors, "num_anchors", where)
-    h = check_positive_int(height, "height", where)
-    w = check_positive_int(width, "width", where)
+    h = check_non_negative_int(height, "height", where)
+    w = check_non_negative_int(width, "width", where)
     n, num, d = rows.shape
     if num != h * w * k:
         raise ValueError(f"{where}: rows has {num} rows, but height*width*num_anchors = {h}*{w}*{k} = {h * w * k}")

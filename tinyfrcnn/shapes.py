@@ -41,7 +41,7 @@ import os
 
 import numpy as np
 
-from .checks import check_positive_int
+from .checks import check_non_negative_int, check_positive_int
 
 CLASS_NAMES = ("background", "circle", "square", "triangle")
 NUM_CLASSES = len(CLASS_NAMES) - 1
@@ -58,12 +58,6 @@ COLOR_TRIES = 16
 MIN_CONTRAST = 0.3
 NOISE = 0.05
 MIN_IMAGE_SIZE = 32
-
-
-def _check_nonnegative_int(value, name):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
-        raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
-    return int(value)
 
 
 def _check_image_size(value, name="image_size", low=MIN_IMAGE_SIZE):
@@ -229,9 +223,9 @@ class ShapesDataset:
     num_classes = NUM_CLASSES
 
     def __init__(self, num_images, image_size=128, seed=0):
-        self.num_images = _check_nonnegative_int(num_images, "num_images")
+        self.num_images = check_non_negative_int(num_images, "num_images")
         self.image_size = _check_image_size(image_size)
-        self.seed = _check_nonnegative_int(seed, "seed")
+        self.seed = check_non_negative_int(seed, "seed")
 
     def __len__(self):
         return self.num_images
@@ -281,9 +275,9 @@ def shape_crops(num_images, crop_size=32, seed=0):
     [0.35 S, 0.8 S], placed near the centre (within 3 px), on the same textured
     background with the same contrast rule and pixel noise as the detection images.
     """
-    n = _check_nonnegative_int(num_images, "num_images")
+    n = check_non_negative_int(num_images, "num_images")
     S = _check_image_size(crop_size, "crop_size", low=16)
-    seed = _check_nonnegative_int(seed, "seed")
+    seed = check_non_negative_int(seed, "seed")
     rng = np.random.default_rng([seed, S])
     images = np.empty((n, 3, S, S), dtype=np.float32)  # (N, 3, S, S)
     labels = rng.integers(0, NUM_CLASSES, size=n).astype(np.int64)  # (N,)

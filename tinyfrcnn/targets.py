@@ -115,7 +115,8 @@ def label_anchors(anchors, gt_boxes, pos_iou=0.7, neg_iou=0.3, image_size=None, 
     anchors = check_boxes(_host(anchors, "anchors", where), "anchors", where)
     gt_boxes = check_gt_boxes(gt_boxes, image_size, where)
     neg_iou = check_number(neg_iou, "neg_iou", low=0.0, high=1.0, where=where)
-    pos_iou = check_number(pos_iou, "pos_iou", low=neg_iou, high=1.0, where=where)
+    check_number(pos_iou, "pos_iou", low=0.0, high=1.0, low_open=True, where=where)
+    pos_iou = check_number(pos_iou, "pos_iou", low=neg_iou, where=where)
     num_anchors = anchors.shape[0]
     inside = np.ones(num_anchors, dtype=bool)
     if allowed_border is not None:
