@@ -90,6 +90,10 @@ def test_train_rejects_settings_that_cannot_work(tmp_path):
         main(["train", "--resume", path, "--steps", "1"])
     with pytest.raises(SystemExit, match="does not exist"):
         main(["train", "--resume", str(tmp_path / "nope.npz")])
+    with pytest.raises(SystemExit, match="is a folder; give the .npz file in it"):
+        main(["train", "--resume", str(tmp_path)])
+    with pytest.raises(SystemExit, match="is a folder; give the .npz file in it"):
+        main(["evaluate", "--checkpoint", str(tmp_path)])
 
 
 def test_resume_writes_into_the_runs_own_folder(tmp_path, monkeypatch, capsys):

@@ -384,6 +384,15 @@ def test_astype_and_parameter():
     assert p.grad.shape == (3,) and not p.grad.any()
 
 
+def test_relu_keeps_any_shape():
+    relu = ReLU()
+    for x in (np.array(-2.0), np.array(3.0), np.zeros((2, 0, 3)), np.arange(-3.0, 3.0).reshape(2, 3)[:, ::2]):
+        out = relu(x)
+        assert out.shape == x.shape
+        np.testing.assert_array_equal(out, np.maximum(x, 0))
+        assert relu.backward(np.ones_like(x)).shape == x.shape
+
+
 def test_empty_batch():
     conv, pool, lin = Conv2d(2, 3, 3, padding=1), MaxPool2d(2), Linear(4, 2)
     out = conv(np.zeros((0, 2, 6, 6), np.float32))

@@ -133,8 +133,6 @@ def _resumed_trainer(args):
         given.append("--schedule alternating")
     if given:
         raise SystemExit(f"error: --resume continues the run with its own settings; drop {', '.join(given)}")
-    if not os.path.exists(args.resume):
-        raise SystemExit(f"error: checkpoint {args.resume!r} does not exist")
     try:
         return resume_run(args.resume, out_dir=args.out, steps=args.steps,
                           device=None if args.device is None else _check_device(args.device))
@@ -196,8 +194,6 @@ def _load_model(path, device="cpu"):
     from .model import FasterRCNN
 
     device = _check_device(device)
-    if not os.path.exists(path):
-        raise SystemExit(f"error: checkpoint {path!r} does not exist")
     try:
         return FasterRCNN.load(path, device=device)[0]
     except ValueError as e:

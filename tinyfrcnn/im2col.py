@@ -187,10 +187,11 @@ def im2col(x, kernel, stride, padding, out=None):
     """Columns (C*kh*kw, N, OH*OW) of the windows of ``x`` (N, C, H, W), float32 or float64.
 
     ``kernel`` and ``stride`` are positive ints or (h, w) pairs, ``padding`` non-negative
-    ones; padding is zeros, and the kernel must fit in the padded input. ``out``, if
-    given, is a C-contiguous array of the right shape and dtype, on the same side as
-    ``x``, to write into (saves allocating a large buffer per call). NumPy ``x``: Numba
-    CPU kernel; device ``x``: CUDA kernel, device array out.
+    ones; padding is zeros, and the kernel must fit in the padded input. ``out`` is a
+    buffer to reuse (it saves allocating a large one per call): written into and
+    returned when it is a C-contiguous array of the right shape and dtype, on the same
+    side as ``x``; otherwise a new array is returned and ``out`` is left alone. NumPy
+    ``x``: Numba CPU kernel; device ``x``: CUDA kernel, device array out.
     """
     x = as_float_array(x, "x", ndim=4, where="im2col")
     (kh, kw), (sh, sw), (ph, pw) = _check_window(kernel, stride, padding, x.shape, "im2col")

@@ -363,7 +363,7 @@ def _check_grad(grad_out, expected_shape, dtype, layer, gpu=False):
         if not grad_out.is_c_contiguous():
             raise ValueError(f"{layer}: grad_out must be C-contiguous on the device")
         return grad_out
-    return np.ascontiguousarray(grad_out, dtype=dtype)
+    return np.require(grad_out, dtype=dtype, requirements="C")  # keeps 0-d arrays 0-d
 
 
 def _buffer(old, shape, dtype, gpu=False):
@@ -671,7 +671,7 @@ class ReLU(Module):
             if out.size:
                 _relu_forward_cuda[grid_1d(out.size)](_flat(x), _flat(out))
         else:
-            x = np.ascontiguousarray(x)
+            x = np.require(x, requirements="C")  # keeps 0-d arrays 0-d
             out = np.empty_like(x)
             _relu_forward_cpu(_flat(x), _flat(out))
         self._out, self._gpu = out, gpu

@@ -425,6 +425,9 @@ def save_npz_atomically(path, arrays):
 
 def read_checkpoint(path):
     """All arrays of a checkpoint file, after checking it is one."""
+    if os.path.isdir(path):
+        raise ValueError(f"checkpoint {path!r} is a folder; give the .npz file in it "
+                         f"(train writes {os.path.join(path, 'checkpoint.npz')!r})")
     if not os.path.isfile(path):
         raise ValueError(f"checkpoint {path!r} does not exist")
     try:
