@@ -335,6 +335,9 @@ def test_flatten_roundtrip():
     x = np.arange(24.0).reshape(2, 3, 4)
     assert f(x).shape == (2, 12)
     assert f.backward(np.ones((2, 12))).shape == (2, 3, 4)
+    assert f(np.zeros((3, 1))).shape == (3, 1)
+    with pytest.raises(ValueError, match=r"Flatten: x must be \(N, ...\) with at least 2 dimensions"):
+        f(np.zeros(5))
 
 
 def test_sequential_gradients_and_container():

@@ -1002,8 +1002,9 @@ class Flatten(Module):
 
     def forward(self, x):
         x = as_float_array(x, "x", where="Flatten")
-        if x.ndim < 1:
-            raise ValueError(f"Flatten: x must have a batch dimension, got shape {tuple(x.shape)}")
+        if x.ndim < 2:
+            raise ValueError(f"Flatten: x must be (N, ...) with at least 2 dimensions (as torch.nn.Flatten), "
+                             f"got shape {tuple(x.shape)}")
         self._gpu = is_device_array(x)
         if self._gpu and not x.is_c_contiguous():
             raise ValueError("Flatten: x must be C-contiguous on the device")
