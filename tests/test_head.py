@@ -7,13 +7,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from gradients import rel_err
 from tinyfrcnn.boxes import box_iou
 from tinyfrcnn.gradcheck import numerical_gradient
 from tinyfrcnn.head import FastRCNNHead, head_loss, postprocess_detections
-
-
-def rel_err(a, b):
-    return np.abs(a - b).max() / max(np.abs(a).max(), np.abs(b).max(), 1e-12)
 
 
 def distinct_features(rng, shape):

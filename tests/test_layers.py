@@ -618,6 +618,20 @@ def test_cuda_maxpool_ties_and_overlaps_match_cpu():
         dout = pool(cuda.to_device(x))
         np.testing.assert_array_equal(_host(dout), out)
         np.testing.assert_array_equal(_host(pool.backward(cuda.to_device(g))), dx)
+    # One input wins several windows: the device sums their gradients as the CPU does.
+    centre = np.zeros((1, 1, 3, 3), np.float32)
+    centre[0, 0, 1, 1] = 1.0  # the max of all four 2x2 windows
+    pool = MaxPool2d(2, 1)
+    pool(cuda.to_device(centre))
+    dx = _host(pool.backward(cuda.to_device(np.array([[[[1, 2], [3, 4]]]], np.float32))))
+    assert dx[0, 0, 1, 1] == 10 and dx.sum() == 10
+    rng = np.random.default_rng(27)
+    x = rng.integers(0, 3, size=(2, 3, 7, 6)).astype(np.float32)  # many ties and shared winners
+    pool = MaxPool2d(3, 1)
+    g = rng.standard_normal(pool(x).shape).astype(np.float32)
+    dx = pool.backward(g)
+    pool(cuda.to_device(x))
+    np.testing.assert_allclose(_host(pool.backward(cuda.to_device(g))), dx, rtol=1e-6, atol=1e-6)
 
 
 def test_cuda_maxpool2d_backward_checks_its_arguments():

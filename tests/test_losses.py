@@ -4,29 +4,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from numba import cuda
 
+from gradients import rel_err
 from ptx import assert_compiles_to_ptx
 from tinyfrcnn import losses
 from tinyfrcnn.device import is_device_array
+from tinyfrcnn.gradcheck import numerical_gradient
 from tinyfrcnn.losses import smooth_l1, softmax_cross_entropy
-
-
-def numeric_grad(f, x, eps=1e-6):
-    """Central differences of the scalar f at x (float64)."""
-    g = np.zeros_like(x)
-    flat, gflat = x.reshape(-1), g.reshape(-1)
-    for i in range(flat.size):
-        old = flat[i]
-        flat[i] = old + eps
-        up = f(x)
-        flat[i] = old - eps
-        down = f(x)
-        flat[i] = old
-        gflat[i] = (up - down) / (2 * eps)
-    return g
-
-
-def rel_err(a, b):
-    return np.abs(a - b).max() / max(np.abs(a).max(), np.abs(b).max(), 1e-12)
 
 
 # ---------------------------------------------------------------- cross-entropy
@@ -49,7 +32,7 @@ def test_cross_entropy_matches_reference_and_gradcheck():
     ref_loss, ref_grad = losses._softmax_cross_entropy_reference(logits, labels)
     assert loss == pytest.approx(ref_loss, rel=1e-12)
     np.testing.assert_allclose(grad, ref_grad, rtol=1e-12, atol=1e-15)
-    num = numeric_grad(lambda z: softmax_cross_entropy(z, labels)[0], logits.copy())
+    num = numerical_gradient(lambda z: softmax_cross_entropy(z, labels)[0], logits.copy())
     assert rel_err(grad, num) < 1e-6
 
 
@@ -158,7 +141,7 @@ def test_smooth_l1_gradcheck_including_near_the_kink(beta):
     pred = target + np.concatenate([offsets, near])
     weights = rng.uniform(0.5, 2, size=12)
     loss, grad = smooth_l1(pred, target, beta=beta, weights=weights)
-    num = numeric_grad(lambda p: smooth_l1(p, target, beta=beta, weights=weights)[0], pred.copy())
+    num = numerical_gradient(lambda p: smooth_l1(p, target, beta=beta, weights=weights)[0], pred.copy())
     assert rel_err(grad, num) < 1e-6
 
 

@@ -6,8 +6,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from numba import cuda
 
+from gradients import rel_err
 from ptx import assert_compiles_to_ptx
 from tinyfrcnn import roi
+from tinyfrcnn.gradcheck import numerical_gradient
 from tinyfrcnn.roi import (RoIAlign, RoIPool, _roi_align_backward_reference, _roi_align_reference, _roi_pool_reference,
                            roi_align, roi_align_backward, roi_pool, roi_pool_backward)
 
@@ -223,23 +225,6 @@ def test_properties_match_reference_and_backward_is_adjoint(seed, n, ph, pw, sca
 # --------------------------------------------------------------------------- gradients
 
 
-def numeric_grad(fn, x, eps):
-    grad = np.zeros_like(x)
-    for i in np.ndindex(x.shape):
-        keep = x[i]
-        x[i] = keep + eps
-        plus = fn()
-        x[i] = keep - eps
-        minus = fn()
-        x[i] = keep
-        grad[i] = (plus - minus) / (2 * eps)
-    return grad
-
-
-def rel_err(a, b):
-    return np.abs(a - b).max() / max(np.abs(a).max(), np.abs(b).max(), 1e-12)
-
-
 @pytest.mark.parametrize("sampling_ratio,aligned", [(-1, True), (2, False)])
 def test_roi_align_gradient_check(sampling_ratio, aligned):
     rng = np.random.default_rng(3)
@@ -247,7 +232,7 @@ def test_roi_align_gradient_check(sampling_ratio, aligned):
     rois = np.array([[0, -3, -2, 9, 7], [1, 2.3, 1.1, 4.4, 3.9], [1, 8, 6, 12, 11], [0, 1, 1, 1.2, 1.3]])
     g = rng.standard_normal((4, 2, 3, 2))
     analytic = roi_align_backward(g, rois, f.shape, 0.5, sampling_ratio, aligned)
-    numeric = numeric_grad(lambda: np.sum(roi_align(f, rois, (3, 2), 0.5, sampling_ratio, aligned) * g), f, 1e-6)
+    numeric = numerical_gradient(lambda _: np.sum(roi_align(f, rois, (3, 2), 0.5, sampling_ratio, aligned) * g), f)
     assert rel_err(analytic, numeric) < 1e-6
     assert np.abs(analytic).sum() > 0
 
@@ -260,7 +245,7 @@ def test_roi_pool_gradient_check():
     layer = RoIPool((3, 2), 0.5)
     layer.forward(f, rois)
     analytic = layer.backward(g)
-    numeric = numeric_grad(lambda: np.sum(roi_pool(f, rois, (3, 2), 0.5)[0] * g), f, 1e-6)
+    numeric = numerical_gradient(lambda _: np.sum(roi_pool(f, rois, (3, 2), 0.5)[0] * g), f)
     assert rel_err(analytic, numeric) < 1e-6
     assert np.count_nonzero(analytic) > 4
 

@@ -3,28 +3,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from gradients import rel_err
 from tinyfrcnn.boxes import box_iou, decode
+from tinyfrcnn.gradcheck import numerical_gradient
 from tinyfrcnn.nms import _nms_reference
 from tinyfrcnn.rpn import (TEST_PROPOSALS, TRAIN_PROPOSALS, RPNHead, generate_proposals,
                            generate_proposals_batch, objectness, rpn_loss)
-
-
-def numeric_grad(f, x, eps=1e-6):
-    g = np.zeros_like(x)
-    flat, gflat = x.reshape(-1), g.reshape(-1)
-    for i in range(flat.size):
-        old = flat[i]
-        flat[i] = old + eps
-        up = f()
-        flat[i] = old - eps
-        down = f()
-        flat[i] = old
-        gflat[i] = (up - down) / (2 * eps)
-    return g
-
-
-def rel_err(a, b):
-    return np.abs(a - b).max() / max(np.abs(a).max(), np.abs(b).max(), 1e-12)
 
 
 def simple_anchors(h, w, k, stride=8.0, sizes=(8.0, 16.0, 24.0)):
@@ -78,9 +62,9 @@ def test_head_gradient_check_float64():
     head.forward(x)
     grad_x = head.backward(r_logits, r_deltas)
     assert grad_x.shape == x.shape and grad_x.dtype == np.float64
-    assert rel_err(grad_x, numeric_grad(loss, x)) < 1e-6
+    assert rel_err(grad_x, numerical_gradient(lambda _: loss(), x)) < 1e-6
     for p in head.parameters():
-        assert rel_err(p.grad, numeric_grad(loss, p.data)) < 1e-6
+        assert rel_err(p.grad, numerical_gradient(lambda _: loss(), p.data)) < 1e-6
     # one of the two gradients alone
     head.forward(x)
     only = head.backward(r_logits, None)
@@ -122,21 +106,24 @@ def test_rpn_loss_hand_worked():
     out10 = rpn_loss(logits, deltas, labels, targets, sigma=3.0, lam=10.0)
     assert out10["loss_reg"] == pytest.approx(10 * out["loss_reg"])
     assert out10["loss_cls"] == pytest.approx(out["loss_cls"])
+    np.testing.assert_allclose(out10["grad_deltas"], 10 * out["grad_deltas"], rtol=1e-12)
+    np.testing.assert_array_equal(out10["grad_logits"], out["grad_logits"])
 
 
-def test_rpn_loss_gradient_check():
+@pytest.mark.parametrize("lam,sigma", [(1.0, 3.0), (10.0, 1.0)])
+def test_rpn_loss_gradient_check(lam, sigma):
     rng = np.random.default_rng(2)
     logits, deltas = rng.normal(size=(30, 2)), rng.normal(scale=0.5, size=(30, 4))
     targets = rng.normal(scale=0.5, size=(30, 4))
     labels = rng.integers(-1, 2, size=30)
-    out = rpn_loss(logits, deltas, labels, targets)
+    out = rpn_loss(logits, deltas, labels, targets, sigma=sigma, lam=lam)
 
     def total():
-        o = rpn_loss(logits, deltas, labels, targets)
+        o = rpn_loss(logits, deltas, labels, targets, sigma=sigma, lam=lam)
         return o["loss_cls"] + o["loss_reg"]
 
-    assert rel_err(out["grad_logits"], numeric_grad(total, logits)) < 1e-6
-    assert rel_err(out["grad_deltas"], numeric_grad(total, deltas)) < 1e-6
+    assert rel_err(out["grad_logits"], numerical_gradient(lambda _: total(), logits)) < 1e-6
+    assert rel_err(out["grad_deltas"], numerical_gradient(lambda _: total(), deltas)) < 1e-6
 
 
 def test_head_and_loss_end_to_end_gradient():
@@ -157,8 +144,8 @@ def test_head_and_loss_end_to_end_gradient():
     o = rpn_loss(logits[0], deltas[0], labels, targets)
     head.zero_grad()
     grad_x = head.backward(o["grad_logits"][None], o["grad_deltas"][None])
-    assert rel_err(grad_x, numeric_grad(total, x)) < 1e-6
-    assert rel_err(head.conv.weight.grad, numeric_grad(total, head.conv.weight.data)) < 1e-6
+    assert rel_err(grad_x, numerical_gradient(lambda _: total(), x)) < 1e-6
+    assert rel_err(head.conv.weight.grad, numerical_gradient(lambda _: total(), head.conv.weight.data)) < 1e-6
 
 
 def test_rpn_loss_nothing_sampled_and_float32():

@@ -27,6 +27,17 @@ def test_threshold_rules():
     np.testing.assert_array_equal(matched, [0, 0, 0, 0, 0])
 
 
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_thresholds_exactly(dtype):
+    """IoU exactly pos_iou is positive, exactly neg_iou is not negative (70/100 and 30/100
+    round to the thresholds, as 0.7 and 0.3 do)."""
+    gt = B([0, 0, 10, 10]).astype(dtype)
+    anchors = B([0, 0, 10, 10], [0, 0, 7, 10], [0, 0, 6.9, 10], [0, 0, 3, 10], [0, 0, 2.9, 10]).astype(dtype)
+    assert box_iou(anchors, gt)[1, 0] == dtype(0.7) and box_iou(anchors, gt)[3, 0] == dtype(0.3)
+    labels, _ = label_anchors(anchors, gt)
+    np.testing.assert_array_equal(labels, [1, 1, -1, -1, 0])
+
+
 def test_best_anchor_is_positive_even_below_neg_iou():
     # a 4x4 object: its best anchor has IoU 16/256 = 0.0625 < 0.3, still positive
     gt = B([0, 0, 4, 4])
@@ -268,6 +279,15 @@ def test_sample_proposals_few_background_and_no_ground_truth():
     assert len(out["rois"]) == 16 and np.all(out["labels"] == 0) and np.all(out["box_targets"] == 0)
     out = sample_proposals(np.zeros((0, 4)), np.zeros((0, 4)), np.zeros(0, np.int64), rng=np.random.default_rng(0))
     assert out["rois"].shape == (0, 4) and out["labels"].shape == (0,)
+
+
+def test_sample_proposals_thresholds_exactly():
+    """IoU exactly fg_iou is foreground; background is bg_iou[0] <= IoU < bg_iou[1]."""
+    gt = B([0, 0, 10, 10])
+    proposals = B([0, 0, 5, 10], [0, 0, 4.9, 10], [0, 0, 1, 10], [0, 0, 0.9, 10])  # IoU 0.5, 0.49, 0.1, 0.09
+    out = sample_proposals(proposals, gt, np.array([1]), bg_iou=(0.1, 0.5), rng=np.random.default_rng(0))
+    assert sorted(out["indices"][out["labels"] == 1].tolist()) == [0, 4]  # and the gt itself
+    assert sorted(out["indices"][out["labels"] == 0].tolist()) == [1, 2]
 
 
 def test_sample_proposals_bg_low_threshold():
