@@ -15,8 +15,9 @@ with TF32 off, so both sides do float32 arithmetic.
 ``--simulate`` runs the same code paths on tiny inputs in numba's CUDA simulator and
 checks them against tinyfrcnn's CPU path instead of torch (the times mean nothing
 there). Without a GPU and without ``--simulate`` the script says so and exits 0. Rows are
-printed as they are measured and ``--json`` is rewritten after each benchmark, so a run
-cut short keeps what it measured.
+printed as they are measured and ``--json`` is rewritten (whole, via a temporary file)
+after each row, so a run cut short keeps what it measured; a benchmark that raises adds
+an ERROR row and the others still run.
 numba-cuda 0.30 needs NumPy below 2.5 (it calls ``np.row_stack``): install
 ``numpy<2.5`` beside torch if importing numba.cuda fails with that error.
 """
@@ -54,6 +55,15 @@ def parse_args(argv=None):
     return args
 
 
+def _version(package):
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "not installed"
+
+
 def median_ms(fn, sync, warmup, repeats):
     """Median wall time of ``fn()`` in ms, with ``sync()`` before and after each run."""
     for _ in range(warmup):
@@ -73,13 +83,15 @@ def median_ms(fn, sync, warmup, repeats):
 class Bench:
     """Sizes, timers and the baseline (torch on CUDA, or tinyfrcnn's CPU path)."""
 
-    def __init__(self, simulate, repeats):
+    def __init__(self, simulate, repeats, json_path=None):
         import numpy as np
         from numba import cuda
 
         self.np = np
         self.cuda = cuda
         self.sim = simulate
+        self.json_path = json_path
+        self.header = ""
         self.warmup = 1 if simulate else 3
         self.repeats = repeats or (1 if simulate else 15)
         self.rows = []
@@ -120,11 +132,24 @@ class Bench:
         self.rows.append(dict(op=name, size=size, ours_ms=ours_ms, base_ms=base_ms, check=check,
                               target=target, met=None if self.sim else met, note=note))
         print(f"{name} ({size}): {fmt_ms(ours_ms)} ms vs {fmt_ms(base_ms)} ms, {check}", flush=True)
+        self.save()
 
     def fail(self, name, exc):
         self.rows.append(dict(op=name, size="", ours_ms=None, base_ms=None, check="ERROR",
                               target="", met=None, note=f"{type(exc).__name__}: {exc}"))
         traceback.print_exc()
+        self.save()
+
+    def save(self):
+        """Rewrite the JSON file (if any) with every row so far; a kill mid-write leaves the
+        previous version whole."""
+        if not self.json_path:
+            return
+        tmp = self.json_path + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(dict(header=self.header, baseline=self.baseline, repeats=self.repeats, rows=self.rows),
+                      f, indent=1)
+        os.replace(tmp, self.json_path)
 
 
 def max_abs_diff(np, a, b):
@@ -493,7 +518,7 @@ def bench_train_step(B):
         diff = max(abs(first_gpu[k] - first_cpu[k]) for k in first_cpu)
         check = f"losses {diff:.2e}" if diff <= 1e-4 * max(1.0, first_cpu["loss"]) else f"DIFFER: losses {diff:.2e}"
         B.add(name, f"{size}x{size}, batch {n}", ours, cpu, check, "<= 0.1x",
-              note="baseline column is tinyfrcnn on the CPU (2 Numba threads, 1 BLAS thread); "
+              note="baseline column is tinyfrcnn on this machine's CPU (2 Numba threads, 1 BLAS thread); "
                    "step = forward, backward, SGD; target: 10x faster",
               met=within(ours, cpu, 0.1))
         B.add(name + ": host part", f"{size}x{size}, batch {n}", host, ours, "-",
@@ -564,22 +589,25 @@ def main(argv=None):
 
     import numba
 
-    B = Bench(args.simulate, args.repeats)
+    B = Bench(args.simulate, args.repeats, args.json)
     if args.simulate:
-        header = "tinyfrcnn CUDA kernels in numba's simulator (tiny inputs, checked against the CPU path)"
+        B.header = "tinyfrcnn CUDA kernels in numba's simulator (tiny inputs, checked against the CPU path)"
     else:
         gpu = cuda.get_current_device().name
         gpu = gpu.decode() if isinstance(gpu, bytes) else gpu
-        header = (f"tinyfrcnn CUDA kernels vs torch {B.torch.__version__} / torchvision {B.tv.__version__} "
-                  f"on {gpu}; numba {numba.__version__}, numpy {np.__version__}, Python {platform.python_version()}")
+        B.header = (f"tinyfrcnn CUDA kernels vs torch {B.torch.__version__} / torchvision {B.tv.__version__} "
+                    f"on {gpu} ({os.cpu_count()} CPU cores); numba {numba.__version__}, "
+                    f"numba-cuda {_version('numba-cuda')}, numpy {np.__version__}, Python {platform.python_version()}")
+    print(B.header, flush=True)
+    B.save()
     t0 = time.perf_counter()
     for name in args.only:
-        BENCHMARKS[name](B)
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(dict(header=header, baseline=B.baseline, repeats=B.repeats, rows=B.rows), f, indent=1)
+        try:
+            BENCHMARKS[name](B)
+        except Exception as e:  # a failure outside a benchmark's own guard: record it, go on
+            B.fail(name, e)
     print()
-    print_table(B, header)
+    print_table(B, B.header)
     print(f"\n(total {time.perf_counter() - t0:.1f} s)")
     errors = [r for r in B.rows if r["check"] == "ERROR" or str(r["check"]).startswith("DIFFER")]
     return 1 if errors else 0

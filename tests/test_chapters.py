@@ -3,7 +3,6 @@
 import glob
 import os
 
-import nbformat
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -16,6 +15,8 @@ def test_there_are_chapters():
 
 @pytest.mark.parametrize("path", CHAPTERS, ids=[os.path.basename(p) for p in CHAPTERS])
 def test_committed_without_outputs(path):
+    import nbformat  # imported here, so that collecting the other tests does not need it
+
     nb = nbformat.read(path, as_version=4)
     for i, cell in enumerate(nb.cells):
         if cell.cell_type == "code":
@@ -25,6 +26,7 @@ def test_committed_without_outputs(path):
 
 @pytest.mark.parametrize("path", CHAPTERS, ids=[os.path.basename(p) for p in CHAPTERS])
 def test_chapter_runs(path, tmp_path):
+    import nbformat
     from nbclient import NotebookClient
 
     nb = nbformat.read(path, as_version=4)

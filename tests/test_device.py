@@ -1,6 +1,7 @@
 """The device pool: size classes, reuse only after every array of a buffer is dropped,
 per-context lists, the cache limit, and the pooled helpers in the simulator."""
 
+import gc
 import os
 import subprocess
 import sys
@@ -121,6 +122,7 @@ def test_pooled_helpers_on_cuda(dtype):
 
 @pytest.mark.skipif(config.ENABLE_CUDASIM or not cuda.is_available(), reason="needs a real GPU")
 def test_pool_reuses_real_cuda_memory():
+    gc.collect()  # no other buffer of this size class may be dropped between del a and zeros_on_device
     a = to_device(np.arange(1000, dtype=np.float32))
     first = a.device_ctypes_pointer.value
     del a

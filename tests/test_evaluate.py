@@ -7,8 +7,6 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from pycocotools.coco import COCO
-from pycocotools.cocoeval import COCOeval
 
 from tinyfrcnn.evaluate import (
     COCO_RECALL_THRESHOLDS,
@@ -29,6 +27,9 @@ def _xywh(box):
 
 def cocoeval(detections, ground_truths, class_ids, max_dets=100):
     """Run pycocotools' COCOeval (bbox) on the same dicts; returns the COCOeval object."""
+    from pycocotools.coco import COCO  # imported here, so that collecting the tests does not need it
+    from pycocotools.cocoeval import COCOeval
+
     images = [{"id": i + 1} for i in range(len(ground_truths))]
     categories = [{"id": int(c)} for c in class_ids]
     anns = []

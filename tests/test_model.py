@@ -222,3 +222,13 @@ def test_bench_gpu_runs_the_benchmarks_asked_for_and_writes_their_rows(tmp_path,
     assert "box_iou (20 x 10):" in capsys.readouterr().out  # printed when measured
     with pytest.raises(SystemExit):
         bench.main(["--simulate", "--only", "box_iou,nmz"])
+
+    def broken(B):
+        raise RuntimeError("no such device")
+
+    monkeypatch.setitem(bench.BENCHMARKS, "nms", broken)
+    assert bench.main(["--simulate", "--only", "nms,box_iou", "--json", str(out)]) == 1
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["op"], r["check"]) for r in rows] == [("nms", "ERROR"), ("box_iou", "0.00e+00")]
+    assert rows[0]["note"] == "RuntimeError: no such device"
+    assert not os.path.exists(str(out) + ".tmp")
