@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from numba import cuda
 
-from ptx import assert_compiles_to_ptx
+from ptx import SAME_ROUNDING_AS_CPU, assert_compiles_to_ptx
 from tinyfrcnn import boxes as B
 from tinyfrcnn.boxes import box_area, box_iou, clip_boxes, decode, encode, remove_small_boxes
 
@@ -287,6 +287,8 @@ def test_box_iou_cuda_bad_input():
 
 def test_kernels_compile_to_ptx():
     assert_compiles_to_ptx([
-        ("tinyfrcnn.boxes", "_box_iou_cuda_f32", "void(float32[:, :], float32[:, :], float32[:, :])"),
-        ("tinyfrcnn.boxes", "_box_iou_cuda_f64", "void(float64[:, :], float64[:, :], float64[:, :])"),
+        ("tinyfrcnn.boxes", "_box_iou_cuda_f32", "void(float32[:, :], float32[:, :], float32[:, :])",
+         SAME_ROUNDING_AS_CPU["float32"]),
+        ("tinyfrcnn.boxes", "_box_iou_cuda_f64", "void(float64[:, :], float64[:, :], float64[:, :])",
+         SAME_ROUNDING_AS_CPU["float64"]),
     ])

@@ -114,6 +114,16 @@ def test_bad_tiling_is_rejected():
         mm.tiled_kernel((8, 8, 4, 3, 2))
     with pytest.raises(ValueError, match="evenly"):
         mm.tiled_kernel((8, 8, 1, 2, 2))
+    with pytest.raises(ValueError, match="needs 4096 threads; a block holds at most 1024"):
+        mm.tiled_kernel((128, 128, 8, 2, 2))
+    with pytest.raises(ValueError, match="need 65536 bytes of shared memory in float64; a block has 49152"):
+        mm.tiled_kernel((256, 256, 16, 16, 16))
+
+
+def test_too_many_rows_for_the_cuda_grid_are_rejected():
+    a = cuda.to_device(np.zeros((16 * 65535 + 1, 1), np.float32))  # (M, K)
+    with pytest.raises(ValueError, match=r"op\(a\) has 1048561 rows; the CUDA kernels take at most 1048560"):
+        matmul(a, cuda.to_device(np.zeros((1, 1), np.float32)))
 
 
 # ------------------------------------------------------------------ CUDA (simulator)

@@ -155,7 +155,7 @@ def test_scheduler_sets_optimizer_lr():
 
 from numba import cuda  # noqa: E402
 
-from tests.ptx import assert_compiles_to_ptx  # noqa: E402
+from ptx import SAME_ROUNDING_AS_CPU, assert_compiles_to_ptx  # noqa: E402
 from tinyfrcnn.device import is_device_array  # noqa: E402
 
 
@@ -172,7 +172,7 @@ def test_cuda_step_matches_cpu(dtype, momentum, weight_decay):
             opt.zero_grad()
             p.accumulate(cuda.to_device(g) if p.device == "cuda" else g)
             opt.step()
-        np.testing.assert_allclose(dev.data.copy_to_host(), host.data, rtol=1e-6, atol=1e-7)
+        np.testing.assert_array_equal(dev.data.copy_to_host(), host.data)
     assert dev.data.dtype == dtype
     state = opts[1].state_dict()
     assert all(b is None or isinstance(b, np.ndarray) for b in state["buffers"])
@@ -205,7 +205,11 @@ def test_cuda_grad_must_live_with_data():
 def test_cuda_kernel_compiles_to_ptx():
     f1 = "float32[::1]"
     assert_compiles_to_ptx([
-        ("tinyfrcnn.optim", "_sgd_step_cuda", f"void({f1}, {f1}, {f1}, float32, float32, float32, boolean)"),
+        ("tinyfrcnn.optim", "_sgd_step_cuda_f32", f"void({f1}, {f1}, {f1}, float32, float32, float32, boolean)",
+         SAME_ROUNDING_AS_CPU["float32"]),
+        ("tinyfrcnn.optim", "_sgd_step_cuda_f64",
+         "void(float64[::1], float64[::1], float64[::1], float64, float64, float64, boolean)",
+         SAME_ROUNDING_AS_CPU["float64"]),
     ])
 
 
@@ -233,6 +237,14 @@ class CountLaunches:
         return self.kernel[config]
 
 
+class CountLaunchesByDtype(dict):
+    """Stands in for a dtype -> kernel table and counts the launches of all of them."""
+
+    @property
+    def launches(self):
+        return sum(k.launches for k in self.values())
+
+
 def _grads(model, step):
     for p in model.parameters():
         g = np.random.default_rng(step * 10 + p.data.size).standard_normal(p.shape).astype(p.data.dtype)
@@ -241,9 +253,9 @@ def _grads(model, step):
 
 def _count_launches(monkeypatch):
     """The SGD and fill kernels, swapped for counting stand-ins: (sgd, fill)."""
-    sgd_kernel = CountLaunches(optim_mod._sgd_step_cuda)
+    sgd_kernel = CountLaunchesByDtype({dt: CountLaunches(k) for dt, k in optim_mod._SGD_STEP_CUDA.items()})
     fill_kernel = CountLaunches(layers_mod._fill_cuda)
-    monkeypatch.setattr(optim_mod, "_sgd_step_cuda", sgd_kernel)
+    monkeypatch.setattr(optim_mod, "_SGD_STEP_CUDA", sgd_kernel)
     monkeypatch.setattr(layers_mod, "_fill_cuda", fill_kernel)
     return sgd_kernel, fill_kernel
 
@@ -264,7 +276,7 @@ def test_packed_sgd_is_one_launch_and_matches_cpu(monkeypatch, dtype):
     for step in range(3):
         _sgd_step(opts, (host, dev), step)
         for p, q in zip(host.parameters(), dev.parameters()):
-            np.testing.assert_allclose(q.data.copy_to_host(), p.data, rtol=1e-6, atol=1e-7)
+            np.testing.assert_array_equal(q.data.copy_to_host(), p.data)
     assert sgd_kernel.launches == 3 and fill_kernel.launches == 3  # one per step each, not one per parameter
     store = packed_store(dev.parameters())
     assert store.offsets == [0, 64, 128, 384]
@@ -288,7 +300,7 @@ def test_sgd_on_some_packed_parameters_is_one_launch_per_run(monkeypatch, which)
     assert sgd_kernel.launches == 3 * runs and fill_kernel.launches == 3 * runs
     for i, (p, q) in enumerate(zip(host.parameters(), dev.parameters())):
         if i in which:
-            np.testing.assert_allclose(q.data.copy_to_host(), p.data, rtol=1e-6, atol=1e-7)
+            np.testing.assert_array_equal(q.data.copy_to_host(), p.data)
         else:
             np.testing.assert_array_equal(q.data.copy_to_host(), before[i])  # not in the optimizer
     state = opts[1].state_dict()
@@ -322,7 +334,7 @@ def test_broken_packing_falls_back_to_one_launch_per_parameter(monkeypatch):
         opt.step()
     assert sgd_kernel.launches == 4  # one per parameter
     for p, q in zip(host.parameters(), dev.parameters()):
-        np.testing.assert_allclose(q.data.copy_to_host(), p.data, rtol=1e-6, atol=1e-7)
+        np.testing.assert_array_equal(q.data.copy_to_host(), p.data)
 
 
 @pytest.mark.parametrize("packed_target", [True, False])

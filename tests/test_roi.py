@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 from numba import cuda
 
 from gradients import rel_err
-from ptx import assert_compiles_to_ptx
+from ptx import SAME_ROUNDING_AS_CPU, assert_compiles_to_ptx
 from tinyfrcnn import roi
 from tinyfrcnn.gradcheck import numerical_gradient
 from tinyfrcnn.roi import (RoIAlign, RoIPool, _roi_align_backward_reference, _roi_align_reference, _roi_pool_reference,
@@ -345,16 +345,21 @@ def test_kernels_compile_to_ptx():
     for t, s in (("float32", "f32"), ("float64", "f64")):
         f4 = f"{t}[:, :, :, ::1]"
         jobs += [
-            ("tinyfrcnn.roi", f"_roi_pool_forward_cuda_{s}", f"void({f4}, {t}[:, ::1], {t}, {f4}, int64[:, :, :, ::1])"),
+            ("tinyfrcnn.roi", f"_roi_pool_forward_cuda_{s}", f"void({f4}, {t}[:, ::1], {t}, {f4}, int64[:, :, :, ::1])",
+             SAME_ROUNDING_AS_CPU[t]),
             ("tinyfrcnn.roi", "_roi_pool_backward_cuda", f"void({f4}, int64[:, :, :, ::1], {t}[::1], int32[::1])"),
-            ("tinyfrcnn.roi", f"_roi_align_forward_cuda_{s}", f"void({f4}, {t}[:, ::1], {t}, int64, boolean, {f4})"),
-            ("tinyfrcnn.roi", f"_roi_align_backward_cuda_{s}", f"void({f4}, {t}[:, ::1], {t}, int64, boolean, {f4})"),
+            ("tinyfrcnn.roi", f"_roi_align_forward_cuda_{s}", f"void({f4}, {t}[:, ::1], {t}, int64, boolean, {f4})",
+             SAME_ROUNDING_AS_CPU[t]),
+            ("tinyfrcnn.roi", f"_roi_align_backward_cuda_{s}", f"void({f4}, {t}[:, ::1], {t}, int64, boolean, {f4})",
+             SAME_ROUNDING_AS_CPU[t]),
         ]
     # RoIs in float64 with float32 features (the kernels cast them, as the CPU path does).
     jobs.append(("tinyfrcnn.roi", "_roi_pool_forward_cuda_f32",
-                 "void(float32[:, :, :, ::1], float64[:, :], float32, float32[:, :, :, ::1], int64[:, :, :, ::1])"))
+                 "void(float32[:, :, :, ::1], float64[:, :], float32, float32[:, :, :, ::1], int64[:, :, :, ::1])",
+                 SAME_ROUNDING_AS_CPU["float32"]))
     jobs.append(("tinyfrcnn.roi", "_roi_align_forward_cuda_f32",
-                 "void(float32[:, :, :, ::1], float64[:, :], float32, int64, boolean, float32[:, :, :, ::1])"))
+                 "void(float32[:, :, :, ::1], float64[:, :], float32, int64, boolean, float32[:, :, :, ::1])",
+                 SAME_ROUNDING_AS_CPU["float32"]))
     assert_compiles_to_ptx(jobs)
 
 

@@ -18,11 +18,10 @@ vectorised, so a kernel would buy nothing; they take NumPy arrays.
 import math
 
 import numpy as np
-from numba import config, cuda, njit, prange
-from numba.cuda import libdevice
+from numba import cuda, njit, prange
 
 from .checks import as_float_array, check_boxes, check_finite, check_number
-from .device import empty_on_device, grid_1d, is_device_array, on_device
+from .device import empty_on_device, grid_1d, is_device_array, on_device, rounded_ops
 
 BBOX_XFORM_CLIP = math.log(1000.0 / 16)
 
@@ -81,29 +80,19 @@ _box_iou_cpu_serial = njit(cache=True, error_model="numpy")(_box_iou_rows)
 PARALLEL_MIN_PAIRS = 1 << 18
 
 
-def rounded_ops(dtype):
-    """(mul, add) for CUDA kernels that round each step on its own, like the CPU.
-
-    The CUDA compiler fuses ``a * b + c`` into one fused multiply-add, which rounds
-    once instead of twice and so can differ from the CPU kernel in the last bit; the
-    libdevice ``_rn`` functions are never fused. The simulator runs kernels as Python,
-    where plain operators already round each step.
-    """
-    if config.ENABLE_CUDASIM:
-        return (lambda x, y: x * y), (lambda x, y: x + y)
-    if np.dtype(dtype) == np.float32:
-        return libdevice.fmul_rn, libdevice.fadd_rn
-    return libdevice.dmul_rn, libdevice.dadd_rn
-
-
 def _make_box_iou_cuda(dtype):
     mul, add = rounded_ops(dtype)
 
     @cuda.jit
     def kernel(a, b, out):
-        i, j = cuda.grid(2)
-        if i >= a.shape[0] or j >= b.shape[0]:
+        # One thread per pair, row-major: a warp's 32 threads write 32 neighbouring
+        # entries of a row of out (one memory transaction, not 32).
+        m = b.shape[0]
+        k = cuda.grid(1)
+        if k >= a.shape[0] * m:
             return
+        i = k // m
+        j = k - i * m
         ax1, ay1, ax2, ay2 = a[i, 0], a[i, 1], a[i, 2], a[i, 3]
         bx1, by1, bx2, by2 = b[j, 0], b[j, 1], b[j, 2], b[j, 3]
         w = min(ax2, bx2) - max(ax1, bx1)
@@ -143,9 +132,7 @@ def box_iou(a, b):
             raise ValueError(f"box_iou: a and b must share a dtype on the device, got {a.dtype} and {b.dtype}")
         out = empty_on_device((a.shape[0], b.shape[0]), dtype=a.dtype)  # (N, M)
         if a.shape[0] and b.shape[0]:
-            bx, tx = grid_1d(a.shape[0], 16)
-            by, ty = grid_1d(b.shape[0], 16)
-            _BOX_IOU_CUDA[np.dtype(a.dtype)][(bx, by), (tx, ty)](a, b, out)
+            _BOX_IOU_CUDA[np.dtype(a.dtype)][grid_1d(a.shape[0] * b.shape[0])](a, b, out)
         return out
     return _box_iou_host(check_boxes(a, "a", "box_iou"), check_boxes(b, "b", "box_iou"))
 

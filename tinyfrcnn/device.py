@@ -204,6 +204,24 @@ def to_host(x):
     return np.asarray(x)
 
 
+def rounded_ops(dtype):
+    """(mul, add) for CUDA kernels that round each step on its own, like the CPU.
+
+    The CUDA compiler fuses ``a * b + c`` into one fused multiply-add, which rounds
+    once instead of twice and so can differ from the CPU kernel in the last bit; the
+    libdevice ``_rn`` functions are never fused. The simulator runs kernels as Python,
+    where plain operators already round each step.
+    """
+    from numba import config
+    from numba.cuda import libdevice
+
+    if config.ENABLE_CUDASIM:
+        return (lambda x, y: x * y), (lambda x, y: x + y)
+    if np.dtype(dtype) == np.float32:
+        return libdevice.fmul_rn, libdevice.fadd_rn
+    return libdevice.dmul_rn, libdevice.dadd_rn
+
+
 def grid_1d(n, threads=256):
     """(blocks, threads) that cover ``n`` threads, at least one block."""
     return max(1, (int(n) + threads - 1) // threads), threads

@@ -11,7 +11,9 @@ code hands it straight to the layer's ``backward``.
 
 Both ops run the Numba CPU kernel on NumPy arrays and the CUDA kernel on numba device
 arrays (one thread per row or element); the per-row losses are summed on the host, in
-float64, so the scalar loss is a Python float either way.
+float64, so the scalar loss is a Python float either way. On a GPU, ``exp`` and ``log``
+are CUDA's libdevice functions, which may differ from the CPU's math library in the last
+bit or two: the two paths agree to rounding, not bit for bit.
 """
 
 import math

@@ -42,6 +42,10 @@ Tiling.__doc__ = """Block tile ``bm x bn`` of C, ``bk`` of K per step, ``tm x tn
 TILING = Tiling(bm=64, bn=64, bk=8, tm=4, tn=4)
 MIN_SPLIT_K = 128
 NAIVE_BLOCK = (16, 16)
+# CUDA's limits: threads in a block, static shared memory per block, gridDim.y and .z
+MAX_THREADS_PER_BLOCK = 1024
+MAX_SHARED_BYTES = 48 * 1024
+MAX_GRID_Y = 65535
 
 
 def _matmul_reference(a, b, trans_a=False, trans_b=False):
@@ -78,6 +82,12 @@ def _make_tiled_kernel(bm, bn, bk, tm, tn):
         raise ValueError(f"tile {bm}x{bn} must be a multiple of the per-thread block {tm}x{tn}")
     threads_m, threads_n = bm // tm, bn // tn
     threads = threads_m * threads_n
+    if threads > MAX_THREADS_PER_BLOCK:
+        raise ValueError(f"a {bm}x{bn} tile at {tm}x{tn} per thread needs {threads} threads; "
+                         f"a block holds at most {MAX_THREADS_PER_BLOCK}")
+    if 8 * bk * (bm + bn) > MAX_SHARED_BYTES:
+        raise ValueError(f"the {bk}x{bm} and {bk}x{bn} tiles need {8 * bk * (bm + bn)} bytes of shared memory "
+                         f"in float64; a block has {MAX_SHARED_BYTES}")
     if (bm * bk) % threads or (bk * bn) % threads:
         raise ValueError(f"the {threads} threads must load the {bm}x{bk} and {bk}x{bn} tiles evenly")
     a_loads, b_loads = bm * bk // threads, bk * bn // threads
@@ -217,6 +227,9 @@ def launch_tiled(a, b, out, trans_a, trans_b, accumulate, tiling=TILING, splits=
     splits = max(1, math.ceil(k / k_chunk))
     threads = (t.bm // t.tm) * (t.bn // t.tn)
     grid = (math.ceil(n / t.bn), math.ceil(m / t.bm), splits)
+    if max(grid[1:]) > MAX_GRID_Y:
+        raise ValueError(f"launch_tiled: {m} rows and {splits} slices of K need a grid of {grid}; "
+                         f"its y and z dimensions hold at most {MAX_GRID_Y} blocks")
     if splits == 1:
         kernel[grid, threads](a, b, out.reshape(1, m, n), trans_a, trans_b, accumulate, k_chunk)
         return
@@ -262,6 +275,9 @@ def _validate(a, b, trans_a, trans_b, out, accumulate, where):
     gpu = on_device(arrays)
     if gpu and out is not None and not out.is_c_contiguous():
         raise ValueError(f"{where}: out must be C-contiguous on the device")
+    if gpu and math.ceil(m / NAIVE_BLOCK[1]) > MAX_GRID_Y:
+        raise ValueError(f"{where}: op(a) has {m} rows; the CUDA kernels take at most "
+                         f"{MAX_GRID_Y * NAIVE_BLOCK[1]} (the grid's y dimension holds {MAX_GRID_Y} blocks)")
     return a, b, out, (m, k, n), gpu
 
 

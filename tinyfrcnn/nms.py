@@ -14,9 +14,8 @@ import threading
 import numpy as np
 from numba import cuda, float32, float64, int64, njit, prange, uint64
 
-from .boxes import rounded_ops
 from .checks import as_array, as_float_array, check_boxes, check_finite, check_number, check_positive_int
-from .device import empty_on_device, on_device, to_device, to_host, zeros_on_device
+from .device import empty_on_device, on_device, rounded_ops, to_device, to_host, zeros_on_device
 
 BLOCK = 64  # boxes per CUDA block: one bit each in a uint64 mask word
 MAX_WORDS = 4096  # the single-block pass keeps its "removed" bitset in 32 KiB of shared memory

@@ -17,34 +17,47 @@ fused multiply-add, rounding once, where NumPy rounds ``lr * buf`` (and
 ``lr * buf``.
 
 Parameters on the GPU are updated in place by a CUDA kernel, the same formula element
-by element, with the hyper-parameters cast to the parameter's dtype as NumPy does on
-the CPU: when they sit in the ``DeviceStore`` that ``model.to("cuda")`` packed them
-into, one launch per run of neighbouring segments (one for a whole model; the
-momentum buffers are then views of one flat buffer too), else one per parameter.
+by element, with the hyper-parameters cast to the parameter's dtype and every product
+and sum rounded on its own as NumPy does on the CPU (no fused multiply-add), so the two
+give the same bits. When the parameters sit in the ``DeviceStore`` that
+``model.to("cuda")`` packed them into, that is one launch per run of neighbouring
+segments (one for a whole model; the momentum buffers are then views of one flat
+buffer too), else one per parameter.
 """
 
 import numpy as np
 from numba import cuda
 
 from .checks import check_finite, check_non_negative_int, check_number, check_positive_int
-from .device import grid_1d, is_device_array
+from .device import grid_1d, is_device_array, rounded_ops
 from .layers import DeviceStore, packed_runs
 
 
-@cuda.jit
-def _sgd_step_cuda(p, g, buf, lr, momentum, weight_decay, first):
-    """One SGD step on flat arrays; ``buf`` is used only when ``momentum != 0``."""
-    i = cuda.grid(1)
-    if i >= p.size:
-        return
-    d = g[i]
-    if weight_decay != 0:
-        d = d + weight_decay * p[i]
-    if momentum != 0:
-        if not first:
-            d = momentum * buf[i] + d
-        buf[i] = d
-    p[i] -= lr * d
+def _make_sgd_step_cuda(dtype):
+    mul, add = rounded_ops(dtype)
+
+    @cuda.jit
+    def kernel(p, g, buf, lr, momentum, weight_decay, first):
+        """One SGD step on flat arrays; ``buf`` is used only when ``momentum != 0``.
+        Each product and sum rounded on its own, as NumPy does on the CPU."""
+        i = cuda.grid(1)
+        if i >= p.size:
+            return
+        d = g[i]
+        if weight_decay != 0:
+            d = add(d, mul(weight_decay, p[i]))
+        if momentum != 0:
+            if not first:
+                d = add(mul(momentum, buf[i]), d)
+            buf[i] = d
+        p[i] = add(p[i], -mul(lr, d))
+
+    return kernel
+
+
+_sgd_step_cuda_f32 = _make_sgd_step_cuda(np.float32)
+_sgd_step_cuda_f64 = _make_sgd_step_cuda(np.float64)
+_SGD_STEP_CUDA = {np.dtype(np.float32): _sgd_step_cuda_f32, np.dtype(np.float64): _sgd_step_cuda_f64}
 
 
 def _flat(a):
@@ -128,8 +141,9 @@ class SGD:
         buf = self._flat_buffer if self.momentum else store.data
         for a, b in runs:
             if b > a:
-                _sgd_step_cuda[grid_1d(b - a)](store.data[a:b], store.grad[a:b], buf[a:b], cast(lr),
-                                               cast(self.momentum), cast(self.weight_decay), first)
+                _SGD_STEP_CUDA[np.dtype(store.data.dtype)][grid_1d(b - a)](
+                    store.data[a:b], store.grad[a:b], buf[a:b], cast(lr), cast(self.momentum),
+                    cast(self.weight_decay), first)
         return True
 
     def _step_cuda(self, i, p, lr):
@@ -143,7 +157,7 @@ class SGD:
         if self.momentum and first:
             self._buffers[i] = cuda.device_array(p.data.shape, dtype=p.data.dtype)
         buf = self._buffers[i] if self.momentum else p.data
-        _sgd_step_cuda[grid_1d(p.data.size)](
+        _SGD_STEP_CUDA[np.dtype(p.data.dtype)][grid_1d(p.data.size)](
             _flat(p.data), _flat(p.grad), _flat(buf), cast(lr), cast(self.momentum),
             cast(self.weight_decay), first)
 

@@ -33,9 +33,8 @@ import math
 import numpy as np
 from numba import cuda, float32, float64, njit, prange
 
-from .boxes import rounded_ops
 from .checks import as_float_array, check_boxes, check_finite, check_number, check_shape, pair
-from .device import empty_on_device, grid_1d, is_device_array, on_device, zeros_on_device
+from .device import empty_on_device, grid_1d, is_device_array, on_device, rounded_ops, zeros_on_device
 from .layers import Module
 
 FLT_MAX = float(np.finfo(np.float32).max)
@@ -235,7 +234,7 @@ def _make_roi_pool_forward_cuda(dtype):
         s = mul(T(v), scale)
         a = abs(s)
         k = int(math.floor(a))
-        if a - k >= 0.5:
+        if a - T(k) >= T(0.5):
             k += 1
         return k if s >= 0 else -k
 
@@ -263,7 +262,7 @@ def _make_roi_pool_forward_cuda(dtype):
             argmax[r, c, i, j] = -1
             return
         base = (n * C + c) * H * W
-        best = -FLT_MAX
+        best = T(-FLT_MAX)
         best_at = -1
         for y in range(h0, h1):
             for x in range(w0, w1):
@@ -336,6 +335,8 @@ def roi_pool_backward(grad_out, argmax, features_shape):
     empty bins (argmax -1) send nothing. ``argmax`` is the one ``roi_pool`` returned:
     indices are range-checked, and the CPU kernel relies on channel c's entries pointing
     into channel-c planes (its threads split the channels). Returns ``features_shape``.
+    On the GPU the sums are atomic adds: where bins share an input, their order, and so
+    the last bits of the sum, can change from run to run.
     """
     where = "roi_pool_backward"
     grad_out = as_float_array(grad_out, "grad_out", ndim=4, where=where)
@@ -716,10 +717,10 @@ def _make_roi_align_cuda(dtype):
     @cuda.jit(device=True, inline="always")
     def axis_sample(start, p, bin_size, g, grid, size):
         """Sample g of bin p along an axis: (low, high, frac, inside), as ``_axis_table``."""
-        t = add(add(start, mul(T(p), bin_size)), mul(T(g + 0.5), bin_size) / T(grid))
-        if t < -1.0 or t > size:
+        t = add(add(start, mul(T(p), bin_size)), mul(T(g) + T(0.5), bin_size) / T(grid))
+        if t < T(-1.0) or t > T(size):
             return 0, 0, T(0.0), False
-        if t <= 0:
+        if t <= T(0.0):
             t = T(0.0)
         low = int(t)
         if low >= size - 1:
@@ -829,7 +830,8 @@ def roi_align_backward(grad_out, rois, features_shape, spatial_scale, sampling_r
     """Gradient of RoIAlign w.r.t. the features: each sample hands ``g * w / (sy sx)`` to
     each of its four neighbours, ``w`` being that neighbour's bilinear weight (computed in
     this order, as torchvision does). The RoIs and sampling obey ``roi_align``'s limits.
-    Returns ``features_shape``."""
+    Returns ``features_shape``. On the GPU the sums are atomic adds, in an order (and so
+    with last bits) that can change from run to run."""
     where = "roi_align_backward"
     sampling_ratio, aligned = _check_sampling(sampling_ratio, aligned, where)
     grad_out = as_float_array(grad_out, "grad_out", ndim=4, where=where)
