@@ -84,7 +84,7 @@ def _make_box_iou_cuda(dtype):
     mul, add = rounded_ops(dtype)
 
     @cuda.jit
-    def kernel(a, b, out):
+    def box_iou_pairs(a, b, out):
         # One thread per pair, row-major: a warp's 32 threads write 32 neighbouring
         # entries of a row of out (one memory transaction, not 32).
         m = b.shape[0]
@@ -107,7 +107,7 @@ def _make_box_iou_cuda(dtype):
         union = add(add(mul(ax2 - ax1, ay2 - ay1), mul(bx2 - bx1, by2 - by1)), -inter)
         out[i, j] = inter / union
 
-    return kernel
+    return box_iou_pairs
 
 
 _box_iou_cuda_f32 = _make_box_iou_cuda(np.float32)

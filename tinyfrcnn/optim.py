@@ -37,7 +37,7 @@ def _make_sgd_step_cuda(dtype):
     mul, add = rounded_ops(dtype)
 
     @cuda.jit
-    def kernel(p, g, buf, lr, momentum, weight_decay, first):
+    def sgd_step(p, g, buf, lr, momentum, weight_decay, first):
         """One SGD step on flat arrays; ``buf`` is used only when ``momentum != 0``.
         Each product and sum rounded on its own, as NumPy does on the CPU."""
         i = cuda.grid(1)
@@ -52,7 +52,7 @@ def _make_sgd_step_cuda(dtype):
             buf[i] = d
         p[i] = add(p[i], -mul(lr, d))
 
-    return kernel
+    return sgd_step
 
 
 _sgd_step_cuda_f32 = _make_sgd_step_cuda(np.float32)
