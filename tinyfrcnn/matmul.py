@@ -93,7 +93,7 @@ def _make_tiled_kernel(bm, bn, bk, tm, tn):
     a_loads, b_loads = bm * bk // threads, bk * bn // threads
 
     @cuda.jit
-    def kernel(a, b, out, trans_a, trans_b, accumulate, k_chunk):
+    def matmul_tiled(a, b, out, trans_a, trans_b, accumulate, k_chunk):
         # out is (splits, M, N): block z sums k in [z*k_chunk, (z+1)*k_chunk) into out[z]
         _, m, n = out.shape
         z = cuda.blockIdx.z
@@ -168,8 +168,8 @@ def _make_tiled_kernel(bm, bn, bk, tm, tn):
                         else:
                             out[z, gi, gj] = acc[i, j]
 
-    kernel.tiling = Tiling(bm, bn, bk, tm, tn)
-    return kernel
+    matmul_tiled.tiling = Tiling(bm, bn, bk, tm, tn)
+    return matmul_tiled
 
 
 _matmul_tiled_kernel = _make_tiled_kernel(*TILING)

@@ -133,7 +133,7 @@ def _make_nms_mask_cuda(dtype):
     numba_dtype = float32 if np.dtype(dtype) == np.float32 else float64
 
     @cuda.jit
-    def kernel(boxes, classes, iou_threshold, mask):
+    def nms_mask(boxes, classes, iou_threshold, mask):
         """Block (col, row): bit k of mask[i, col] says box i suppresses box 64*col + k."""
         n = boxes.shape[0]
         row_block = cuda.blockIdx.y
@@ -171,7 +171,7 @@ def _make_nms_mask_cuda(dtype):
                 bits |= uint64(1) << uint64(k)
         mask[i, col_block] = bits
 
-    return kernel
+    return nms_mask
 
 
 _nms_mask_cuda_f32 = _make_nms_mask_cuda(np.float32)

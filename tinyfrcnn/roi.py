@@ -247,7 +247,7 @@ def _make_roi_pool_forward_cuda(dtype):
         return min(max(lo, 0), limit), min(max(hi, 0), limit)
 
     @cuda.jit
-    def kernel(features, rois, scale, out, argmax):
+    def roi_pool_forward(features, rois, scale, out, argmax):
         R, C, PH, PW = out.shape
         H, W = features.shape[2], features.shape[3]
         t = cuda.grid(1)
@@ -273,7 +273,7 @@ def _make_roi_pool_forward_cuda(dtype):
         out[r, c, i, j] = best
         argmax[r, c, i, j] = best_at
 
-    return kernel
+    return roi_pool_forward
 
 
 _roi_pool_forward_cuda_f32 = _make_roi_pool_forward_cuda(np.float32)
