@@ -14,7 +14,8 @@ with TF32 off, so both sides do float32 arithmetic.
 
 ``--simulate`` runs the same code paths on tiny inputs in numba's CUDA simulator and
 checks them against tinyfrcnn's CPU path instead of torch (the times mean nothing
-there). Without a GPU and without ``--simulate`` the script says so and exits 0. Rows are
+there). Without a GPU and without ``--simulate`` the script says so and exits 0 (1 with
+``--json``: the results file asked for cannot be written). Rows are
 printed as they are measured and ``--json`` is rewritten (whole, via a temporary file)
 after each row, so a run cut short keeps what it measured; a benchmark that raises adds
 an ERROR row and the others still run.
@@ -570,11 +571,13 @@ def main(argv=None):
     sys.path.insert(0, ROOT)
     from numba import cuda
 
+    nothing_done = 1 if args.json else 0  # asked for a results file that cannot be written
+
     if not args.simulate and not cuda.is_available():
         print("bench_gpu: numba finds no CUDA GPU here, so there is nothing to time. "
               "Run it on a machine with an NVIDIA GPU, or use --simulate to exercise the "
               "code paths on tiny inputs in numba's simulator.")
-        return 0
+        return nothing_done
     if not args.simulate:
         try:
             import torch
@@ -582,10 +585,10 @@ def main(argv=None):
         except ImportError:
             print("bench_gpu: torch and torchvision are needed for the comparison "
                   "(pip install torch torchvision in a separate environment).")
-            return 0
+            return nothing_done
         if not torch.cuda.is_available():
             print("bench_gpu: numba sees a GPU but torch does not; nothing to compare with.")
-            return 0
+            return nothing_done
 
     import numba
 

@@ -111,6 +111,17 @@ def test_resume_writes_into_the_runs_own_folder(tmp_path, monkeypatch, capsys):
     assert Trainer.resume(path).step == 2
 
 
+def test_resuming_a_gpu_run_without_a_gpu_says_how_to_go_on(tmp_path, monkeypatch):
+    import tinyfrcnn.device as device_mod
+
+    trainer = Trainer(TINY, tiny_train_config(steps=2, device="cuda"), out_dir=str(tmp_path))
+    path = trainer.save()
+    monkeypatch.setattr(device_mod, "cuda_available", lambda: False)
+    with pytest.raises(SystemExit, match="asked for CUDA.*; to go on with the run on the CPU, add --device cpu"):
+        main(["train", "--resume", path, "--no-progress", "--test-images", "0"])
+    assert main(["train", "--resume", path, "--device", "cpu", "--no-progress", "--test-images", "0"]) == 0
+
+
 def test_detect_pads_a_long_thin_image_and_rejects_a_tiny_size(checkpoint, tmp_path, capsys):
     src = tmp_path / "strip.png"
     Image.fromarray(np.full((20, 1000, 3), 200, dtype=np.uint8)).save(src)

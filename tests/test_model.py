@@ -174,6 +174,7 @@ def test_forward_rejects_bad_input():
         (boxes, [labels[0], np.full(len(labels[1]), 4)], r"gt_labels\[1\] holds 4, outside the classes 1..3"),
         (boxes, [labels[0], labels[1] * 0], r"gt_labels\[1\] holds 0, outside"),
         (boxes, [labels[0][:-1], labels[1]], r"gt_labels\[0\] has \d+ labels but gt_boxes\[0\] has \d+ boxes"),
+        ([np.zeros((0, 5)), boxes[1]], [[], labels[1]], r"gt_boxes\[0\] must have shape \(N, 4\), got \(0, 5\)"),
     ]:
         with pytest.raises(ValueError, match=match):
             model.forward(images, bad_boxes, bad_labels, rng=np.random.default_rng(0), train_head=False)

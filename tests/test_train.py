@@ -133,6 +133,8 @@ def test_resume_with_a_new_step_count(tmp_path):
     path = os.path.join(out, "checkpoint.npz")
     with pytest.raises(ValueError, match="at step 2 already"):
         Trainer.resume(path, steps=1)
+    with pytest.raises(ValueError, match="resume: steps must be a positive integer, got 0"):
+        Trainer.resume(path, steps=0)
     longer = train(out, resume=path, steps=4, progress=False)
     assert longer.step == 4 and len(longer.history["loss"]) == 4 and longer.cfg.steps == 4
     again = train(out, resume=path, progress=False, log=lambda *a: None)

@@ -138,6 +138,8 @@ def _resumed_trainer(args):
                           device=None if args.device is None else _check_device(args.device))
     except ValueError as e:
         raise SystemExit(f"error: {e}") from None
+    except RuntimeError as e:  # the run was on "cuda" and there is no GPU here
+        raise SystemExit(f"error: {e}; to go on with the run on the CPU, add --device cpu") from None
 
 
 def _new_run(args):

@@ -115,7 +115,7 @@ def _ground_truth(gt_boxes, gt_labels, n, num_classes, where):
     boxes, labels = [], []
     for i, (b, l) in enumerate(zip(gt_boxes, gt_labels)):
         b = np.asarray(b, dtype=np.float32)
-        boxes.append(check_boxes(b.reshape(0, 4) if b.size == 0 else b, f"gt_boxes[{i}]", where))  # (K, 4)
+        boxes.append(check_boxes(b.reshape(0, 4) if b.shape == (0,) else b, f"gt_boxes[{i}]", where))  # (K, 4)
         l = np.asarray(l)
         if l.size == 0:
             l = np.zeros(0, np.int64)

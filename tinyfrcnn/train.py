@@ -20,6 +20,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from .checks import check_positive_int
 from .device import check_device, is_device_array
 from .evaluate import coco_ap
 from .model import FasterRCNN, ModelConfig, NonFiniteLoss
@@ -296,6 +297,7 @@ class Trainer(_Run):
             raise ValueError(f"{path!r} holds a run of the {cfg.schedule} schedule; resume it with "
                              "tinyfrcnn.train.resume_run")
         if steps is not None:
+            steps = check_positive_int(steps, "steps", "resume")
             if steps < state["step"]:
                 raise ValueError(f"resume: the run in {path!r} is at step {state['step']} already; steps must be "
                                  f"at least that, got {steps}")
