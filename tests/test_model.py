@@ -170,9 +170,9 @@ def test_forward_rejects_bad_input():
         model.forward(images, boxes[:1], labels, rng=np.random.default_rng(0))
     for bad_boxes, bad_labels, match in [
         ([boxes[0][:, :3], boxes[1]], labels, r"gt_boxes\[0\] must have shape \(N, 4\)"),
-        (boxes, [labels[0].astype(np.float64) + 0.7, labels[1]], r"gt_labels\[0\] must be a 1-D array of integer"),
-        (boxes, [labels[0], np.full(len(labels[1]), 4)], r"gt_labels\[1\] holds 4, outside the classes 1..3"),
-        (boxes, [labels[0], labels[1] * 0], r"gt_labels\[1\] holds 0, outside"),
+        (boxes, [labels[0].astype(np.float64) + 0.7, labels[1]], r"gt_labels\[0\] must have an integer dtype, got float64"),
+        (boxes, [labels[0], np.full(len(labels[1]), 4)], r"gt_labels\[1\] must hold only \[1, 2, 3\], found 4"),
+        (boxes, [labels[0], labels[1] * 0], r"gt_labels\[1\] must hold only \[1, 2, 3\], found 0"),
         (boxes, [labels[0][:-1], labels[1]], r"gt_labels\[0\] has \d+ labels but gt_boxes\[0\] has \d+ boxes"),
         ([np.zeros((0, 5)), boxes[1]], [[], labels[1]], r"gt_boxes\[0\] must have shape \(N, 4\), got \(0, 5\)"),
     ]:

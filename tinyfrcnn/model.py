@@ -28,7 +28,7 @@ from .device import check_device, is_device_array, to_device, to_host
 from .head import FastRCNNHead, head_loss, postprocess_detections
 from .layers import Module, add_
 from .rpn import RPNHead, generate_proposals_batch, rpn_loss
-from .targets import anchor_targets, sample_labels, sample_proposals
+from .targets import anchor_targets, check_labels, sample_labels, sample_proposals
 
 CHECKPOINT_FORMAT = "tinyfrcnn-checkpoint-1"
 
@@ -117,16 +117,10 @@ def _ground_truth(gt_boxes, gt_labels, n, num_classes, where):
         b = np.asarray(b, dtype=np.float32)
         boxes.append(check_boxes(b.reshape(0, 4) if b.shape == (0,) else b, f"gt_boxes[{i}]", where))  # (K, 4)
         l = np.asarray(l)
-        if l.size == 0:
-            l = np.zeros(0, np.int64)
-        if l.ndim != 1 or l.dtype.kind not in "iu":
-            raise ValueError(f"{where}: gt_labels[{i}] must be a 1-D array of integer class labels, "
-                             f"got {l.dtype.name} of shape {l.shape}")
+        l = check_labels(np.zeros(0, np.int64) if l.shape == (0,) else l, f"gt_labels[{i}]", where,
+                         low=1, high=num_classes)
         if len(l) != len(boxes[-1]):
             raise ValueError(f"{where}: gt_labels[{i}] has {len(l)} labels but gt_boxes[{i}] has {len(boxes[-1])} boxes")
-        bad = (l < 1) | (l > num_classes)
-        if bad.any():
-            raise ValueError(f"{where}: gt_labels[{i}] holds {l[bad][0]}, outside the classes 1..{num_classes}")
         labels.append(l.astype(np.int64))  # (K,)
     return boxes, labels
 

@@ -64,7 +64,7 @@ def check_gt_boxes(gt_boxes, image_size=None, where="", name="gt_boxes"):
     return gt_boxes
 
 
-def _check_labels(labels, name, where, low=None, high=None):
+def check_labels(labels, name, where, low=None, high=None):
     """(N,) integer labels, all in [low, high] when those are given."""
     labels = as_array(_host(labels, name, where), name, ndim=1, where=where)
     if not np.issubdtype(labels.dtype, np.integer):
@@ -158,7 +158,7 @@ def sample_labels(labels, num_samples=256, positive_fraction=0.5, rng=None):
     the same seed gives the same batch. Returns a new (A,) int64 array.
     """
     where = "sample_labels"
-    labels = _check_labels(labels, "labels", where, low=-1, high=1)
+    labels = check_labels(labels, "labels", where, low=-1, high=1)
     num_samples = check_positive_int(num_samples, "num_samples", where)
     positive_fraction = check_number(positive_fraction, "positive_fraction", low=0.0, high=1.0, where=where)
     rng = _check_rng(rng, where)
@@ -220,7 +220,7 @@ def sample_proposals(proposals, gt_boxes, gt_labels, num_samples=128, fg_fractio
     where = "sample_proposals"
     proposals = check_boxes(_host(proposals, "proposals", where), "proposals", where)
     gt_boxes = check_gt_boxes(gt_boxes, image_size, where)
-    gt_labels = _check_labels(gt_labels, "gt_labels", where)
+    gt_labels = check_labels(gt_labels, "gt_labels", where)
     if gt_labels.shape[0] != gt_boxes.shape[0]:
         raise ValueError(f"{where}: gt_labels has {gt_labels.shape[0]} entries but gt_boxes has {gt_boxes.shape[0]}")
     high = None if num_classes is None else check_positive_int(num_classes, "num_classes", where)
