@@ -209,6 +209,28 @@ def test_proposals_from_deltas_that_overflow():
     np.testing.assert_array_equal(boxes, [[100, 0, 100, 100], [10, 10, 20, 20]])
 
 
+def test_proposals_rank_by_the_logit_gap_where_probabilities_tie():
+    """In float32 the object probability of gaps 18, 25 and 30 all round to 1.0, and near
+    0.5 gaps a few 1e-8 apart round to the same probability; the ranking still follows the gap."""
+    anchors = np.array([[0, 0, 10, 10], [20, 0, 30, 10], [40, 0, 50, 10], [60, 0, 70, 10]], np.float32)
+    for gaps in ([18.0, 25.0, 30.0, 5.0], [0.0, 1e-8, 3e-8, -1.0]):
+        logits = np.stack([np.zeros(4), gaps], axis=1).astype(np.float32)  # (4, 2)
+        probs = objectness(logits)
+        assert probs[0] == probs[1] == probs[2]  # the ties this test is about
+        boxes, scores = generate_proposals(logits, np.zeros((4, 4), np.float32), anchors, (16, 80))
+        order = np.argsort(-logits[:, 1], kind="stable")
+        np.testing.assert_array_equal(boxes, anchors[order])
+        np.testing.assert_array_equal(scores, probs[order])
+    # finite float64 logits whose gap overflows: the last box still ranks above the small
+    # box 0 (dropped by min_size), so pre_nms_top_n=3 keeps all three large ones
+    tiny = np.array([[0, 0, 1, 1]], np.float32)
+    logits = np.array([[0, 5], [1e308, -1e308], [0, 1], [0, 2]], np.float64)  # (4, 2)
+    boxes, scores = generate_proposals(logits, np.zeros((4, 4)), np.concatenate([tiny, anchors[1:]]), (16, 80),
+                                       pre_nms_top_n=3, min_size=2.0)
+    np.testing.assert_array_equal(boxes, anchors[[3, 2, 1]])
+    np.testing.assert_array_equal(scores, objectness(logits[[3, 2, 1]]))
+
+
 @settings(max_examples=25, deadline=None)
 @given(st.integers(0, 2**31 - 1), st.floats(0.3, 0.9), st.integers(1, 80))
 def test_proposal_invariants(seed, thresh, post):
@@ -238,15 +260,17 @@ def test_proposal_invariants(seed, thresh, post):
     np.testing.assert_array_equal(same, boxes)
 
 
-def _proposals_reference(scores, deltas, anchors, image_size, pre, post, thresh, min_size):
-    """py-faster-rcnn's proposal layer step by step, for one image."""
+def _proposals_reference(scores, deltas, anchors, image_size, pre, post, thresh, min_size, rank_by=None):
+    """py-faster-rcnn's proposal layer step by step, for one image; ``rank_by`` (A,)
+    orders the boxes where given (default: the scores)."""
     h, w = image_size
+    rank_by = scores if rank_by is None else rank_by
     boxes = decode(anchors, deltas)  # (A, 4)
     boxes[:, [0, 2]] = np.clip(boxes[:, [0, 2]], 0, w)
     boxes[:, [1, 3]] = np.clip(boxes[:, [1, 3]], 0, h)
     big = np.flatnonzero((boxes[:, 2] - boxes[:, 0] >= min_size) & (boxes[:, 3] - boxes[:, 1] >= min_size))
-    boxes, scores = boxes[big], scores[big]
-    order = np.argsort(-scores, kind="stable")[:pre]
+    boxes, scores, rank_by = boxes[big], scores[big], rank_by[big]
+    order = np.argsort(-rank_by, kind="stable")[:pre]
     boxes, scores = boxes[order], scores[order]
     keep = _nms_reference(boxes, scores, thresh)[:post]
     return boxes[keep], scores[keep]
@@ -265,7 +289,8 @@ def test_proposals_batch_is_each_image_alone(seed, n, pre, post, thresh, dtype):
     assert len(batch) == n
     for i, (boxes, scores) in enumerate(batch):
         one = generate_proposals(logits[i], deltas[i], anchors, (48, 40), pre, post, thresh, min_size=3.0)
-        ref = _proposals_reference(objectness(logits[i]), deltas[i], anchors, (48, 40), pre, post, thresh, 3.0)
+        ref = _proposals_reference(objectness(logits[i]), deltas[i], anchors, (48, 40), pre, post, thresh, 3.0,
+                                   rank_by=np.float64(logits[i, :, 1]) - logits[i, :, 0])
         for got in (one, (boxes, scores)):
             np.testing.assert_array_equal(got[0], ref[0])
             np.testing.assert_array_equal(got[1], ref[1])

@@ -272,8 +272,10 @@ TEST_PROPOSALS = ProposalSettings(pre_nms_top_n=1000, post_nms_top_n=300)
 
 
 def objectness(logits):
-    """P(object) = softmax(logits)[:, 1] = 1 / (1 + exp(l0 - l1)), computed without overflow."""
-    z = logits[:, 1] - logits[:, 0]
+    """P(object) = softmax(logits)[:, 1] = 1 / (1 + exp(l0 - l1)), computed without overflow
+    (a gap l1 - l0 past the dtype's range gives exactly 1 or 0)."""
+    with np.errstate(over="ignore"):
+        z = logits[:, 1] - logits[:, 0]
     e = np.exp(-np.abs(z))
     return np.where(z >= 0, 1.0 / (1.0 + e), e / (1.0 + e)).astype(logits.dtype)
 
@@ -283,8 +285,9 @@ def generate_proposals(logits, deltas, anchors, image_size, pre_nms_top_n=TEST_P
                        min_size=TEST_PROPOSALS.min_size):
     """The proposal layer: boxes (P, 4) and their objectness (P,), highest score first.
 
-    ``logits`` (A, 2) are the head's (softmax object probability is the score) or
-    (A,) scores given directly. py-faster-rcnn's order: decode ``deltas`` (A, 4) on
+    ``logits`` (A, 2) are the head's (softmax object probability is the score, ranked by
+    the logit gap l1 - l0, which orders it without float32 ties) or (A,) scores given
+    directly. py-faster-rcnn's order: decode ``deltas`` (A, 4) on
     ``anchors`` (A, 4), clip to ``image_size`` (h, w), drop boxes narrower or shorter
     than ``min_size``, keep the ``pre_nms_top_n`` highest scores, NMS at ``nms_thresh``,
     keep the first ``post_nms_top_n``. Defaults: ``TEST_PROPOSALS``; training uses
@@ -337,7 +340,17 @@ def generate_proposals_batch(logits, deltas, anchors, image_size, pre_nms_top_n=
     min_size = check_number(min_size, "min_size", low=0.0, where=where)
 
     if scores is None:
-        scores = objectness(logits.reshape(n * num, 2)).reshape(n, num)  # (N, A)
+        # Rank by the logit gap l1 - l0: the probability is a monotone function of it, but
+        # rounds to 1.0 in float32 once the gap passes about 17, which would tie those anchors.
+        # In float64, and kept finite, so that no large box ranks with the dropped small ones.
+        flat_logits = logits.reshape(n * num, 2)  # (N * A, 2)
+        with np.errstate(over="ignore"):
+            gap = np.subtract(flat_logits[:, 1], flat_logits[:, 0], dtype=np.float64)  # (N * A,)
+        most = np.finfo(np.float64).max
+        rank_by = np.clip(gap, -most, most).reshape(n, num)  # (N, A)
+        scores = objectness(flat_logits).reshape(n, num)  # (N, A)
+    else:
+        rank_by = scores
     boxes = decode(np.tile(anchors, (n, 1)), deltas.reshape(n * num, 4))  # (N * A, 4)
     boxes = clip_boxes(boxes, height, width)  # (N * A, 4)
     big = np.zeros(n * num, bool)
@@ -345,7 +358,7 @@ def generate_proposals_batch(logits, deltas, anchors, image_size, pre_nms_top_n=
     big = big.reshape(n, num)  # (N, A)
     # Each image's boxes by decreasing score (ties: lower index first), small ones last
     # (scores are finite); then the first pre_nms_top_n, less the small ones.
-    ranked = np.where(big, scores, -np.inf)  # (N, A)
+    ranked = np.where(big, rank_by, -np.inf)  # (N, A)
     top = _descending_order(ranked)[:, :pre_nms_top_n]  # (N, T)
     take = np.take_along_axis(big, top, axis=1)  # (N, T)
     flat = (top + num * np.arange(n)[:, None])[take]  # (M,) candidates, image-major, by score
