@@ -6,11 +6,12 @@
 Inputs (float32): box_iou on 20000 x 2000 random boxes; nms at IoU 0.7 on 6000 random
 boxes in a 1000 x 1000 image and on 6000 clustered boxes (20 objects x 300 jittered
 copies); ``--cuda`` uses 12000 boxes for nms (py-faster-rcnn's pre-NMS count in
-training). Each cell is the fastest of ``--repeats`` runs after a warm-up (the machine
-is shared; the minimum is the least noisy estimate). The NumPy reference of box_iou
-runs on the first 2000 rows and is scaled by 10 (its (N, M, 2) temporaries are large).
-torchvision columns appear only when torch is importable; tinyfrcnn and torch get the
-same thread count. Every row also checks that the answers agree.
+training). Each cell is the fastest of ``--repeats`` runs (a third as many for the slow
+NumPy reference) after a warm-up (the machine is shared; the minimum is the least noisy
+estimate). The NumPy reference of box_iou runs on the first 2000 rows and is scaled by
+10 (its (N, M, 2) temporaries are large). torchvision columns appear only when torch is
+importable; tinyfrcnn and torch get the same thread count, and every row then checks
+that tinyfrcnn's answers equal torchvision's (tests/ compares them with the references).
 """
 
 import argparse

@@ -1,16 +1,19 @@
-"""Every CUDA kernel of tinyfrcnn against the matching torch/torchvision CUDA op.
+"""tinyfrcnn's CUDA kernels for the ops torch/torchvision also have (nms, RoI pooling,
+box_iou, the matrix multiply) against those CUDA ops, and a whole training step on the
+GPU against the same step on the CPU.
 
     python benchmarks/bench_gpu.py                # on a machine with an NVIDIA GPU
     python benchmarks/bench_gpu.py --simulate     # tiny inputs in numba's simulator
     python benchmarks/bench_gpu.py --json results.json
     python benchmarks/bench_gpu.py --only train,nms   # some of the benchmarks
 
-Each row runs tinyfrcnn's public function on device arrays and the torch op on the same
-numbers, times both (median of several runs after warm-up, synchronising the device
-around each run), and checks the answers against each other. tinyfrcnn's times include
-its host-side work (input validation, and for nms the score sort and the final pass
-over the masks), since that is what a caller waits for. torch's matrix products run
-with TF32 off, so both sides do float32 arithmetic.
+Each row runs tinyfrcnn's public function on device arrays (the matmul rows call the
+launchers, to compare tilings; the default tiling is checked against ``matmul``) and the
+torch op on the same numbers, times both (median of several runs after warm-up,
+synchronising the device around each run), and checks the answers against each other.
+tinyfrcnn's times include its host-side work (input validation, and for nms the score
+sort; the pass over the masks runs on the GPU), since that is what a caller waits for.
+torch's matrix products run with TF32 off, so both sides do float32 arithmetic.
 
 ``--simulate`` runs the same code paths on tiny inputs in numba's CUDA simulator and
 checks them against tinyfrcnn's CPU path instead of torch (the times mean nothing
@@ -451,9 +454,9 @@ def bench_train_step(B):
     on the GPU against the same step on the CPU with 2 Numba threads and one BLAS thread.
     On a GPU: the default ModelConfig at 128x128, batch 8; simulated: a tiny network on
     16x16 images. The check compares the first step's losses of the two devices (same
-    weights, seed). Two more rows give parts of the GPU step: the time spent on the host
-    in anchor targets, proposals, RoI sampling and the losses (``HOST_STEPS``), and the
-    time of ``zero_grad`` and the SGD update."""
+    weights, seed). Three more rows give parts of the GPU step: the time spent on the
+    host in anchor targets, proposals, RoI sampling and the losses (``HOST_STEPS``), the
+    step with the buffer pool off, and the time of ``zero_grad`` and the SGD update."""
     name = "train step"
     try:
         import numba

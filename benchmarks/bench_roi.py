@@ -3,7 +3,7 @@
 Features (1, 512, 38, 63) at spatial_scale 1/16 (a 600 x 1000 image through VGG16's
 conv5), 7 x 7 output, 128 and 300 random RoIs inside the image.
 
-    python benchmarks/bench_roi.py [--threads 2] [--repeat 5] [--cuda]
+    python benchmarks/bench_roi.py [--threads 2] [--repeat 7] [--cuda]
 
 ``--cuda`` times the numba-cuda kernels against torchvision's CUDA ops instead.
 """

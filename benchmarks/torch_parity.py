@@ -142,8 +142,9 @@ def box_ops(rng, dtype):
 def anchor_labels(rng, dtype):
     from torchvision.models.detection._utils import Matcher
 
-    # the model's anchors on a 128 x 128 image (stride 8, sides 16 to 64): a regular grid, so
-    # many anchors tie for a ground truth's best IoU
+    # the paper's 3 sizes x 3 ratios (16, 32, 64 px; 0.5, 1, 2) on the model's 16 x 16,
+    # stride-8 grid of a 128 x 128 image: a regular grid, so many anchors tie for a ground
+    # truth's best IoU
     anchors = grid_anchors(base_anchors(1, (16, 32, 64), (0.5, 1, 2)), 16, 16, 8).astype(dtype)  # (2304, 4)
     xy = rng.uniform(0, 80, (6, 2))
     gt = np.concatenate([xy, xy + rng.uniform(12, 48, (6, 2))], axis=1).astype(dtype)  # (6, 4), as the shapes

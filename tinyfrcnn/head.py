@@ -33,7 +33,8 @@ class FastRCNNHead(Module):
     k). ``backward(grad_cls, grad_box)`` accumulates the parameter gradients and returns
     dL/dfeatures. Init: hidden layers He normal; the class layer N(0, 0.01^2) and the box
     layer N(0, 0.001^2), biases 0, as py-faster-rcnn. ``pooling="roi_align"`` samples
-    2 x 2 points per bin (as torchvision's Faster R-CNN) with the half-pixel alignment.
+    2 x 2 points per bin, as torchvision's Faster R-CNN does, but with the half-pixel
+    alignment (``aligned=True``; torchvision's Faster R-CNN uses ``aligned=False``).
 
     On the device (``.to("cuda")``; features and rois both device arrays) the pooling,
     the fully connected layers and the ReLUs run as CUDA kernels and the outputs and
@@ -195,7 +196,10 @@ def postprocess_detections(rois_boxes, cls_logits, box_deltas, image_size, score
     On the same input torchvision keeps the same detections in the same order; scores
     agree to a few ulps (the softmax's exp and division are NumPy's, not torch's), boxes
     exactly in float64 and to an ulp or so in float32 (``decode``), so only a score within
-    an ulp or two of ``score_thresh`` or of another score could be decided differently.
+    an ulp or two of ``score_thresh`` or of another score could be decided differently, or
+    (rarely) an IoU that torchvision's ``batched_nms`` moves across ``nms_thresh`` by
+    shifting the coordinates, which it does for inputs of up to 1000 boxes on the CPU
+    (see ``tinyfrcnn.nms.batched_nms``).
     """
     where = "postprocess_detections"
     rois_boxes = check_boxes(rois_boxes, "rois_boxes", where)

@@ -7,8 +7,10 @@ instead of materialising ``X^T``, and ``accumulate=True`` adds into ``out`` beca
 parameter gradients accumulate over a batch.
 
 CPU: ``np.matmul`` is the kernel. It calls BLAS, which is already cache-blocked,
-vectorised and multi-threaded; a Numba triple loop would be both slower and no clearer
-than the CUDA kernels below, which are where the blocking is written out by hand.
+vectorised and multi-threaded (``import tinyfrcnn`` asks OpenBLAS for one thread, which
+leaves the cores to Numba's kernels; see ``tinyfrcnn/__init__.py``); a Numba triple loop
+would be both slower and no clearer than the CUDA kernels below, which are where the
+blocking is written out by hand.
 
 CUDA, two kernels:
 
@@ -21,10 +23,11 @@ CUDA, two kernels:
   each thread accumulates its own ``TM x TN`` outputs in registers. Each value read
   from shared memory is then used ``TN`` (or ``TM``) times.
 
-Split K: when ``C`` is small and ``K`` long (a weight gradient ``dW = dY X^T`` is
-64 x 576 summed over 8192 positions), too few blocks exist to fill the GPU. Then block
-``z`` of the grid sums only its slice of ``K`` into ``partial[z]``, and a second
-kernel adds the slices in a fixed order: ``C = sum_z partial[z]``, same every run.
+Split K: when ``C`` is small and ``K`` long (the weight gradient ``dW = dY X^T`` of the
+third backbone conv at batch 8 is 64 x 288 summed over 8192 positions), too few blocks
+exist to fill the GPU. Then block ``z`` of the grid sums only its slice of ``K`` into
+``partial[z]``, and a second kernel adds the slices in a fixed order:
+``C = sum_z partial[z]``, same every run.
 """
 
 import math

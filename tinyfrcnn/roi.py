@@ -13,8 +13,10 @@ input that won the max:
     dL/dx_i = sum_r sum_j [i = i*(r, j)] dL/dy_rj
 
 RoIAlign (He et al., "Mask R-CNN", 2017) drops the rounding: each bin is the average of
-``sx x sy`` bilinear samples taken at regularly spaced points inside it, so the output
-is a continuous (piecewise-linear) function of the features and of the RoI.
+``sx x sy`` bilinear samples taken at regularly spaced points inside it. The output is
+linear in the features and, with a fixed ``sampling_ratio`` and samples that stay inside
+the map, a continuous (piecewise bilinear) function of the RoI; the adaptive sample
+count (``ceil(roi_h / ph)``) and samples falling off the map's border jump.
 
 RoI max pooling gives the same numbers as ``torchvision.ops.roi_pool`` on the same
 input (argmax here is a flat index into the whole feature array rather than into one

@@ -21,8 +21,8 @@ How an image is made:
    covers more than ``MAX_CONTAINMENT`` of the smaller of the two boxes (no shape
    nested inside another), or drawing it would leave an earlier shape with less than
    ``MIN_VISIBLE`` of its own pixels visible.
-   After ``MAX_TRIES`` rejected placements the image keeps the objects placed so far
-   (the first object always fits, so every image has at least one).
+   After ``MAX_TRIES`` placement attempts (accepted ones included) the image keeps the
+   objects placed so far (the first object always fits, so every image has at least one).
 4. Colour: among ``COLOR_TRIES`` random colours, the first whose RGB distance to every
    pixel already drawn in the window (sampled every other row and column) is at least
    ``MIN_CONTRAST`` is used (else the one with the largest such distance), so each
@@ -31,9 +31,10 @@ How an image is made:
    object's VISIBLE pixels: ``x1 = min col, x2 = max col + 1`` (pixel ``(i, j)`` covers
    ``[j, j+1) x [i, i+1)``).
 6. Per-pixel noise, uniform on [-``NOISE``, ``NOISE``] for each channel, over the whole
-   image, clipped to [0, 1]. It is bounded, so an object pixel and a background pixel
-   next to it always differ by at least ``MIN_CONTRAST - 2 * sqrt(3) * NOISE`` in RGB
-   distance (when the colour search succeeded).
+   image, clipped to [0, 1]. It is bounded, so an object pixel and a background pixel the
+   colour search compared it with differ by at least ``MIN_CONTRAST - 2 * sqrt(3) * NOISE``
+   in RGB distance (when the search succeeded); the search samples every other row and
+   column, so a few neighbours it skipped come slightly closer.
 """
 
 import json

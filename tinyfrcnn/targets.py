@@ -206,8 +206,8 @@ def sample_proposals(proposals, gt_boxes, gt_labels, num_samples=128, fg_fractio
     chosen at random. Background: IoU in [bg_lo, bg_hi), chosen at random to fill the
     rest; when there are too few, all of them are taken and the batch is smaller than
     ``num_samples``, as in py-faster-rcnn and torchvision (tf-faster-rcnn samples with
-    replacement instead, repeating RoIs). No ground truth: every RoI is a background
-    candidate.
+    replacement instead, repeating RoIs). No ground truth: every RoI counts as IoU 0, a
+    background candidate when ``bg_iou`` starts at 0 (the default).
 
     ``box_targets`` are ``encode(roi, gt, weights)``; the default (10, 10, 5, 5) divides
     the deltas by py-faster-rcnn's target stds (0.1, 0.1, 0.2, 0.2). Background rows are 0.

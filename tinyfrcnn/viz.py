@@ -1,6 +1,7 @@
 """Drawing images, boxes and training curves with matplotlib.
 
-Every function draws on an ``ax`` it is given and returns the artists it made, so a
+Every function but ``save_detections`` (which makes its own figure and returns the
+file's path) draws on an ``ax`` it is given and returns the artists it made, so a
 caller can restyle or count them. Images are shown with ``extent=(0, W, H, 0)``, so
 pixel (row i, col j) covers [j, j+1) x [i, i+1) and a box (x1, y1, x2, y2) in
 continuous coordinates is the rectangle from (x1, y1) to (x2, y2) on screen, with no
