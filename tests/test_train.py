@@ -213,6 +213,9 @@ def test_a_4_step_checkpoint_resumes_only_as_such(tmp_path, alternating_run):
         resume_run(path, steps=12)
     with pytest.raises(ValueError, match="run of the alternating schedule; resume it with tinyfrcnn.train.resume_run"):
         Trainer.resume(path)
+    joint = Trainer(TINY, tiny_train_config(steps=10), out_dir=str(tmp_path)).save()
+    with pytest.raises(ValueError, match="run of the joint schedule; resume it with tinyfrcnn.train.resume_run"):
+        AlternatingTrainer.resume(joint)
     logged = []
     done = resume_run(path, out_dir=str(tmp_path)).fit(progress=False, log=logged.append)
     assert done.step == 10 and "complete" in logged[-1]

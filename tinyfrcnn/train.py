@@ -134,8 +134,18 @@ class _Run:
     training loop with its Ctrl-C handling. A subclass gives ``train_step`` (which calls
     ``_record``), ``save`` and, if it wants them, its own progress bars and position."""
 
+    schedule = "joint"  # the TrainConfig.schedule it runs
     validates = True  # evaluate on the validation split every ``eval_every`` steps
     complete_hint = ""
+
+    @classmethod
+    def _saved_config(cls, path, state):
+        """The TrainConfig of the run saved in ``path``, which must be of this schedule."""
+        cfg = _train_config_from_json(state["train_config"])
+        if cfg.schedule != cls.schedule:
+            raise ValueError(f"{path!r} holds a run of the {cfg.schedule} schedule; resume it with "
+                             "tinyfrcnn.train.resume_run")
+        return cfg
 
     def checkpoint_path(self):
         return os.path.join(self.out_dir, "checkpoint.npz")
@@ -222,7 +232,7 @@ class Trainer(_Run):
 
     def __init__(self, model_config=None, train_config=None, out_dir=None):
         self.cfg = train_config or TrainConfig()
-        if self.cfg.schedule not in ("joint",):
+        if self.cfg.schedule != self.schedule:
             raise ValueError(f"Trainer: schedule must be 'joint' (use train_alternating for 4-step), got {self.cfg.schedule!r}")
         check_device(self.cfg.device)
         _check_batch_size(self.cfg, "Trainer")
@@ -293,10 +303,7 @@ class Trainer(_Run):
 
     @classmethod
     def _from_checkpoint(cls, path, model, extra, state, out_dir, steps, device):
-        cfg = _train_config_from_json(state["train_config"])
-        if cfg.schedule != "joint":
-            raise ValueError(f"{path!r} holds a run of the {cfg.schedule} schedule; resume it with "
-                             "tinyfrcnn.train.resume_run")
+        cfg = cls._saved_config(path, state)
         if steps is not None:
             steps = check_positive_int(steps, "steps", "resume")
             if steps < state["step"]:
@@ -418,10 +425,11 @@ class AlternatingTrainer(_Run):
     stage in progress, so ``resume`` repeats the uninterrupted run exactly.
     """
 
+    schedule = "alternating"
     validates = False
 
     def __init__(self, model_config=None, train_config=None, out_dir=None):
-        cfg = replace(train_config or TrainConfig(), schedule="alternating")
+        cfg = replace(train_config or TrainConfig(), schedule=self.schedule)
         mc = model_config or ModelConfig()
         check_device(cfg.device)
         _check_batch_size(cfg, "train_alternating")
@@ -534,7 +542,7 @@ class AlternatingTrainer(_Run):
 
     @classmethod
     def _from_checkpoint(cls, path, model, extra, state, out_dir, steps, device):
-        cfg = _train_config_from_json(state["train_config"])
+        cfg = cls._saved_config(path, state)
         if steps is not None and steps != cfg.steps:
             raise ValueError(f"resume: the 4-step run in {path!r} divides {cfg.steps} steps into its stages; "
                              f"it cannot be resumed with steps={steps}")
