@@ -265,16 +265,16 @@ def test_coco_no_ground_truth_anywhere():
     assert out["AP"] == -1.0 and out["per_class"] == {1: -1.0}
 
 
-def test_coco_500_images_is_fast():
-    import time
+def test_bench_evaluate_checks_both_agree_and_prints_both_times(capsys, monkeypatch):
+    import os
+    import runpy
 
-    rng = np.random.default_rng(50)
-    detections, ground_truths = random_scene(rng, n_images=500, n_classes=5, gts_per_image=(5, 15),
-                                             extra=(80, 80))
-    coco_ap(detections[:2], ground_truths[:2])
-    start = time.perf_counter()
-    coco_ap(detections, ground_truths)
-    assert time.perf_counter() - start < 5.0
+    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "bench_evaluate.py")
+    monkeypatch.setattr("sys.argv", [path, "--images", "12", "--repeats", "1"])
+    runpy.run_path(path, run_name="__main__")
+    out = capsys.readouterr().out
+    assert "COCO AP on 12 images" in out and "from both" in out
+    assert "tinyfrcnn coco_ap" in out and "pycocotools COCOeval" in out
 
 
 # ------------------------------------------------------------------------- VOC

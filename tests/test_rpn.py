@@ -211,7 +211,7 @@ def test_proposals_from_deltas_that_overflow():
 
 def test_proposals_rank_by_the_logit_gap_where_probabilities_tie():
     """In float32 the object probability of gaps 18, 25 and 30 all round to 1.0, and near
-    0.5 gaps a few 1e-8 apart round to the same probability; the ranking still follows the gap."""
+    0.5 gaps a few 1e-8 apart round to the same probability; equal probabilities rank by the gap."""
     anchors = np.array([[0, 0, 10, 10], [20, 0, 30, 10], [40, 0, 50, 10], [60, 0, 70, 10]], np.float32)
     for gaps in ([18.0, 25.0, 30.0, 5.0], [0.0, 1e-8, 3e-8, -1.0]):
         logits = np.stack([np.zeros(4), gaps], axis=1).astype(np.float32)  # (4, 2)
@@ -221,6 +221,16 @@ def test_proposals_rank_by_the_logit_gap_where_probabilities_tie():
         order = np.argsort(-logits[:, 1], kind="stable")
         np.testing.assert_array_equal(boxes, anchors[order])
         np.testing.assert_array_equal(scores, probs[order])
+    # float32 rounding can go the other way: gap 1.0 - 0.3 is a few 1e-8 below 1.3 - 0.6,
+    # yet its probability can come out one ulp above; the list stays sorted by score
+    logits = np.float32([[1.3, 0.6], [1.0, 0.3]])  # (2, 2)
+    probs, gaps = objectness(logits), np.float64(logits[:, 1]) - logits[:, 0]
+    assert gaps[0] > gaps[1]
+    boxes, scores = generate_proposals(logits, np.zeros((2, 4), np.float32), anchors[:2], (16, 80))
+    order = np.lexsort((-gaps, -probs))
+    np.testing.assert_array_equal(boxes, anchors[order])
+    np.testing.assert_array_equal(scores, probs[order])
+    assert scores[0] >= scores[1]
     # finite float64 logits whose gap overflows: the last box still ranks above the small
     # box 0 (dropped by min_size), so pre_nms_top_n=3 keeps all three large ones
     tiny = np.array([[0, 0, 1, 1]], np.float32)
@@ -260,17 +270,17 @@ def test_proposal_invariants(seed, thresh, post):
     np.testing.assert_array_equal(same, boxes)
 
 
-def _proposals_reference(scores, deltas, anchors, image_size, pre, post, thresh, min_size, rank_by=None):
-    """py-faster-rcnn's proposal layer step by step, for one image; ``rank_by`` (A,)
-    orders the boxes where given (default: the scores)."""
+def _proposals_reference(scores, deltas, anchors, image_size, pre, post, thresh, min_size, gap=None):
+    """py-faster-rcnn's proposal layer step by step, for one image; equal ``scores`` rank
+    by ``gap`` (A,) where given, then by index."""
     h, w = image_size
-    rank_by = scores if rank_by is None else rank_by
+    gap = np.zeros(len(scores)) if gap is None else gap
     boxes = decode(anchors, deltas)  # (A, 4)
     boxes[:, [0, 2]] = np.clip(boxes[:, [0, 2]], 0, w)
     boxes[:, [1, 3]] = np.clip(boxes[:, [1, 3]], 0, h)
     big = np.flatnonzero((boxes[:, 2] - boxes[:, 0] >= min_size) & (boxes[:, 3] - boxes[:, 1] >= min_size))
-    boxes, scores, rank_by = boxes[big], scores[big], rank_by[big]
-    order = np.argsort(-rank_by, kind="stable")[:pre]
+    boxes, scores, gap = boxes[big], scores[big], gap[big]
+    order = np.lexsort((-gap, -scores))[:pre]
     boxes, scores = boxes[order], scores[order]
     keep = _nms_reference(boxes, scores, thresh)[:post]
     return boxes[keep], scores[keep]
@@ -290,10 +300,11 @@ def test_proposals_batch_is_each_image_alone(seed, n, pre, post, thresh, dtype):
     for i, (boxes, scores) in enumerate(batch):
         one = generate_proposals(logits[i], deltas[i], anchors, (48, 40), pre, post, thresh, min_size=3.0)
         ref = _proposals_reference(objectness(logits[i]), deltas[i], anchors, (48, 40), pre, post, thresh, 3.0,
-                                   rank_by=np.float64(logits[i, :, 1]) - logits[i, :, 0])
+                                   gap=np.float64(logits[i, :, 1]) - logits[i, :, 0])
         for got in (one, (boxes, scores)):
             np.testing.assert_array_equal(got[0], ref[0])
             np.testing.assert_array_equal(got[1], ref[1])
+            assert np.all(np.diff(got[1]) <= 0)
             assert got[0].dtype == dtype and got[1].dtype == dtype
 
 

@@ -285,8 +285,8 @@ def generate_proposals(logits, deltas, anchors, image_size, pre_nms_top_n=TEST_P
                        min_size=TEST_PROPOSALS.min_size):
     """The proposal layer: boxes (P, 4) and their objectness (P,), highest score first.
 
-    ``logits`` (A, 2) are the head's (softmax object probability is the score, ranked by
-    the logit gap l1 - l0, which orders it without float32 ties) or (A,) scores given
+    ``logits`` (A, 2) are the head's (the softmax object probability is the score; equal
+    scores, common in float32, rank by the logit gap l1 - l0) or (A,) scores given
     directly. py-faster-rcnn's order: decode ``deltas`` (A, 4) on
     ``anchors`` (A, 4), clip to ``image_size`` (h, w), drop boxes narrower or shorter
     than ``min_size``, keep the ``pre_nms_top_n`` highest scores, NMS at ``nms_thresh``,
@@ -339,27 +339,27 @@ def generate_proposals_batch(logits, deltas, anchors, image_size, pre_nms_top_n=
     nms_thresh = check_number(nms_thresh, "nms_thresh", low=0.0, high=1.0, where=where)
     min_size = check_number(min_size, "min_size", low=0.0, where=where)
 
-    if scores is None:
-        # Rank by the logit gap l1 - l0: the probability is a monotone function of it, but
-        # rounds to 1.0 in float32 once the gap passes about 17, which would tie those anchors.
-        # In float64, and kept finite, so that no large box ranks with the dropped small ones.
-        flat_logits = logits.reshape(n * num, 2)  # (N * A, 2)
-        with np.errstate(over="ignore"):
-            gap = np.subtract(flat_logits[:, 1], flat_logits[:, 0], dtype=np.float64)  # (N * A,)
-        most = np.finfo(np.float64).max
-        rank_by = np.clip(gap, -most, most).reshape(n, num)  # (N, A)
-        scores = objectness(flat_logits).reshape(n, num)  # (N, A)
-    else:
-        rank_by = scores
     boxes = decode(np.tile(anchors, (n, 1)), deltas.reshape(n * num, 4))  # (N * A, 4)
     boxes = clip_boxes(boxes, height, width)  # (N * A, 4)
     big = np.zeros(n * num, bool)
     big[remove_small_boxes(boxes, min_size)] = True
     big = big.reshape(n, num)  # (N, A)
-    # Each image's boxes by decreasing score (ties: lower index first), small ones last
-    # (scores are finite); then the first pre_nms_top_n, less the small ones.
-    ranked = np.where(big, rank_by, -np.inf)  # (N, A)
-    top = _descending_order(ranked)[:, :pre_nms_top_n]  # (N, T)
+    # Each image's boxes by decreasing score, small ones last (scores are finite); then
+    # the first pre_nms_top_n, less the small ones.
+    if scores is None:
+        # Equal scores rank by the logit gap l1 - l0 (ties left: lower index first). In
+        # float32 the probability rounds to 1.0 once the gap passes about 17, and near 0.5
+        # gaps a few 1e-8 apart share one value. The gap alone would not do: rounding can
+        # give the larger gap a probability one ulp smaller, and the scores come out sorted.
+        flat_logits = logits.reshape(n * num, 2)  # (N * A, 2)
+        with np.errstate(over="ignore"):
+            gap = np.subtract(flat_logits[:, 1], flat_logits[:, 0], dtype=np.float64)  # (N * A,)
+        scores = objectness(flat_logits).reshape(n, num)  # (N, A)
+        by_gap = _descending_order(gap.reshape(n, num))  # (N, A)
+        ranked = np.take_along_axis(np.where(big, scores, -np.inf), by_gap, axis=1)  # (N, A)
+        top = np.take_along_axis(by_gap, _descending_order(ranked)[:, :pre_nms_top_n], axis=1)  # (N, T)
+    else:
+        top = _descending_order(np.where(big, scores, -np.inf))[:, :pre_nms_top_n]  # (N, T)
     take = np.take_along_axis(big, top, axis=1)  # (N, T)
     flat = (top + num * np.arange(n)[:, None])[take]  # (M,) candidates, image-major, by score
     cand_boxes, cand_scores = boxes[flat], scores.reshape(n * num)[flat]  # (M, 4), (M,)

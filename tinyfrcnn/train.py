@@ -1,12 +1,14 @@
 """Training loops: approximate joint training (the default) and the paper's 4-step
 alternating training, with SGD + momentum, warm-up and step decay.
 
-On the CPU a run is a pure function of its seed: the same seed draws the same images in
-the same order, samples the same anchors and proposals and so gives the same losses. A
-checkpoint stores the weights, the momentum buffers, the step, the random generator's
-state and the loss history, so ``resume_run`` continues exactly where the run stopped,
-in either schedule. On CUDA the RoI backward adds with atomics in no fixed order, so the
-last bits of a gradient, and from there a run, can differ from one run to the next.
+On one CPU a run is a pure function of its seed: the same seed draws the same images in
+the same order, samples the same anchors and proposals and so gives the same losses (on
+another CPU model OpenBLAS may pick other matrix-multiply kernels, which round some sums
+differently; ``OPENBLAS_CORETYPE`` pins them). A checkpoint stores the weights, the
+momentum buffers, the step, the random generator's state and the loss history, so
+``resume_run`` continues exactly where the run stopped, in either schedule. On CUDA the
+RoI backward adds with atomics in no fixed order, so the last bits of a gradient, and
+from there a run, can differ from one run to the next.
 """
 
 import json
