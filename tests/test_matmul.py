@@ -55,6 +55,52 @@ def test_cpu_out_and_accumulate():
     assert_close(out, start + want, np.float64)
 
 
+@pytest.mark.parametrize("accumulate", [False, True])
+@pytest.mark.parametrize("trans_a,trans_b", TRANSPOSES)
+@pytest.mark.parametrize("m,k,n", [(300, 160, 90), (90, 160, 300), (131, 256, 127)])
+def test_cpu_large_product_is_two_halves_along_the_longer_side(m, k, n, trans_a, trans_b, accumulate):
+    assert m * n * k >= mm.HALVES_FROM
+    rng = np.random.default_rng(2)
+    a, b = operands(rng, m, k, n, trans_a, trans_b, np.float32)
+    start = rng.standard_normal((m, n)).astype(np.float32)
+    out = start.copy() if accumulate else np.full((m, n), np.nan, np.float32)
+    assert matmul(a, b, trans_a, trans_b, out=out, accumulate=accumulate) is out
+    want = mm._matmul_reference(a, b, trans_a, trans_b)
+    assert_close(out, want + start if accumulate else want, np.float32)
+    # bit for bit the two BLAS products of the halves, cut where the docstring says
+    a_, b_ = (a.T if trans_a else a), (b.T if trans_b else b)  # (M, K), (K, N)
+    if m >= n:
+        halves = np.concatenate([a_[:m // 2] @ b_, a_[m // 2:] @ b_], axis=0)  # (M, N)
+    else:
+        halves = np.concatenate([a_ @ b_[:, :n // 2], a_ @ b_[:, n // 2:]], axis=1)  # (M, N)
+    np.testing.assert_array_equal(out, start + halves if accumulate else halves)
+    np.testing.assert_array_equal(matmul(a, b, trans_a, trans_b), halves)
+
+
+def _large_product_in_child(queue):
+    a = np.ones((256, 128), np.float32)
+    queue.put(float(matmul(a, a, trans_b=True)[0, 0]))
+
+
+def test_cpu_large_product_in_a_forked_child():
+    """The helper thread does not survive a fork; a child must start its own, not wait
+    for the parent's."""
+    import multiprocessing
+
+    a = np.ones((256, 128), np.float32)
+    assert matmul(a, a, trans_b=True)[0, 0] == 128  # the parent's helper thread runs
+    ctx = multiprocessing.get_context("fork")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_large_product_in_child, args=(queue,))
+    child.start()
+    child.join(timeout=60)
+    if child.is_alive():
+        child.kill()
+        child.join()
+        pytest.fail("the forked child hung on a large product")
+    assert child.exitcode == 0 and queue.get(timeout=5) == 128
+
+
 def test_hand_worked():
     a = np.array([[1.0, 2.0], [3.0, 4.0]])
     b = np.array([[5.0, 6.0], [7.0, 8.0]])

@@ -47,6 +47,18 @@ def test_draw_boxes_positions_and_captions(ax):
     assert rects[0].get_edgecolor() != rects[1].get_edgecolor()
 
 
+def test_caption_goes_inside_a_box_at_the_top_edge(ax):
+    viz.show_image(ax, np.zeros((3, 128, 128), np.float32))
+    _, captions = viz.draw_boxes(ax, [[10, 0, 50, 40], [10, 1, 50, 40], [60, 30, 90, 60]], labels=[1, 2, 3])
+    assert [t.get_va() for t in captions] == ["top", "top", "bottom"]
+    fig = ax.figure
+    fig.canvas.draw()
+    axes_box = ax.get_window_extent()
+    for t in captions:  # every caption lies wholly inside the axes, none clipped away
+        box = t.get_window_extent()
+        assert box.y1 <= axes_box.y1 + 0.5 and box.y0 >= axes_box.y0 - 0.5
+
+
 def test_draw_boxes_options(ax):
     rects, captions = viz.draw_boxes(ax, [[0, 0, 5, 5]], color="k", linestyle="--", linewidth=3)
     assert captions == [] and rects[0].get_edgecolor() == to_rgba("k")

@@ -4,8 +4,11 @@ import os
 
 # Numba's parallel kernels and OpenBLAS's worker threads (which spin between matrix
 # products) compete for the same cores; on a small machine one BLAS thread makes a
-# training step about twice as fast. Takes effect only if NumPy is not imported yet;
-# set OPENBLAS_NUM_THREADS yourself to override.
+# training step about twice as fast (tinyfrcnn.matmul runs a large product as two halves
+# on two threads instead). Numba's OpenMP workers, idle during those products, sleep
+# rather than spin. Both take effect only if NumPy and Numba's thread pool have not
+# started yet; set either variable yourself to override.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+os.environ.setdefault("OMP_WAIT_POLICY", "passive")
 
 __version__ = "0.1.0"

@@ -971,11 +971,12 @@ class Linear(Module):
         w = _param(self.weight, x.dtype, gpu)
         b = _param(self.bias, x.dtype, gpu)
         self._cache = (x, w, gpu)
+        out = matmul(x, w, trans_b=True)  # (N, out_features)
         if gpu:
-            out = matmul(x, w, trans_b=True)  # (N, out_features)
             _add_bias(out.reshape(x.shape[0], self.out_features, 1), b, gpu)
-            return out
-        return x @ w.T + b  # (N, out_features)
+        else:
+            out += b
+        return out
 
     def backward(self, grad_out):
         x, w, gpu = self._cache if self._cache else (None, None, False)
@@ -986,9 +987,9 @@ class Linear(Module):
                 matmul(g, x, trans_a=True, out=self.weight.grad, accumulate=True)
                 _accumulate_bias_grad(self.bias, g.reshape(x.shape[0], self.out_features, 1), gpu)
             return matmul(g, w)  # (N, in_features)
-        self.weight.accumulate(g.T @ x)
+        self.weight.accumulate(matmul(g, x, trans_a=True))  # (out_features, in_features)
         self.bias.accumulate(g.sum(axis=0))
-        return g @ w  # (N, in_features)
+        return matmul(g, w)  # (N, in_features)
 
 
 # ----------------------------------------------------------------------------- Flatten

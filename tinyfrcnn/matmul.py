@@ -6,11 +6,15 @@ transposes come for free here: the kernels read the stored array with swapped in
 instead of materialising ``X^T``, and ``accumulate=True`` adds into ``out`` because
 parameter gradients accumulate over a batch.
 
-CPU: ``np.matmul`` is the kernel. It calls BLAS, which is already cache-blocked,
-vectorised and multi-threaded (``import tinyfrcnn`` asks OpenBLAS for one thread, which
-leaves the cores to Numba's kernels; see ``tinyfrcnn/__init__.py``); a Numba triple loop
-would be both slower and no clearer than the CUDA kernels below, which are where the
-blocking is written out by hand.
+CPU: ``np.matmul`` is the kernel. It calls BLAS, which is already cache-blocked and
+vectorised; a Numba triple loop would be both slower and no clearer than the CUDA
+kernels below, which are where the blocking is written out by hand. ``import tinyfrcnn``
+asks OpenBLAS for one thread, whose helpers would otherwise spin between products and
+take the cores from Numba's kernels (see ``tinyfrcnn/__init__.py``). A large product
+(``M N K >= 2^22``: every 3x3 convolution and the head's two hidden fc layers; the 1x1
+and output layers stay whole) is cut instead into two halves along the longer side of
+``C``, one per thread: the same two halves on any machine, so the numbers do not depend
+on the core count.
 
 CUDA, two kernels:
 
@@ -31,7 +35,9 @@ exist to fill the GPU. Then block ``z`` of the grid sums only its slice of ``K``
 """
 
 import math
+import os
 from collections import namedtuple
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from numba import cuda
@@ -284,13 +290,36 @@ def _validate(a, b, trans_a, trans_b, out, accumulate, where):
     return a, b, out, (m, k, n), gpu
 
 
+HALVES_FROM = 1 << 22  # M * N * K from which a host product runs as two halves
+_helper = (None, None)  # (process id, executor): a forked child starts its own thread
+
+
+def _blas_product(a, b, out, accumulate):
+    """``out = a @ b`` (``out += a @ b`` with ``accumulate``) by NumPy's BLAS."""
+    if accumulate:
+        out += np.matmul(a, b)
+    else:
+        np.matmul(a, b, out=out)
+
+
+def _helper_thread():
+    """The one worker thread that computes the second half of a large host product."""
+    global _helper
+    pid, executor = _helper
+    if pid != os.getpid():
+        executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tinyfrcnn-matmul")
+        _helper = (os.getpid(), executor)
+    return executor
+
+
 def matmul(a, b, trans_a=False, trans_b=False, out=None, accumulate=False):
     """``op(a) @ op(b)`` for 2-D float32/float64 arrays, ``op(x) = x.T`` where asked.
 
     ``C[i, j] = sum_k op(A)[i, k] op(B)[k, j]``. With ``out``, the result is written
     there (``accumulate=True``: added to it, ``out += op(a) @ op(b)``) and ``out`` is
-    returned; ``out`` must not overlap ``a`` or ``b``. NumPy in: ``np.matmul`` (BLAS);
-    numba device arrays in: the tiled shared-memory CUDA kernel, device array out.
+    returned; ``out`` must not overlap ``a`` or ``b``. NumPy in: ``np.matmul`` (BLAS; a
+    large product as two halves on two threads). Numba device arrays in: the tiled
+    shared-memory CUDA kernel, device array out.
     Same numbers as ``torch.matmul`` up to float rounding (summation order differs).
     """
     where = "matmul"
@@ -304,9 +333,18 @@ def matmul(a, b, trans_a=False, trans_b=False, out=None, accumulate=False):
     a = a.T if trans_a else a
     b = b.T if trans_b else b
     if out is None:
-        return np.matmul(a, b)  # (M, N)
-    if accumulate:
-        out += np.matmul(a, b)
+        out = np.empty((m, n), dtype=a.dtype)  # (M, N)
+        accumulate = False
+    if m * n * k < HALVES_FROM:
+        _blas_product(a, b, out, accumulate)
+        return out
+    # (M, K) @ (K, N) as two independent halves of C: rows if M >= N, else columns
+    if m >= n:
+        halves = [(a[:m // 2], b, out[:m // 2]), (a[m // 2:], b, out[m // 2:])]
     else:
-        np.matmul(a, b, out=out)
+        halves = [(a, b[:, :n // 2], out[:, :n // 2]), (a, b[:, n // 2:], out[:, n // 2:])]
+    second = _helper_thread().submit(_blas_product, *halves[1], accumulate)
+    _blas_product(*halves[0], accumulate)
+    second.result()
     return out
+

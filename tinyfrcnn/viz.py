@@ -53,12 +53,24 @@ def _caption(label, score, class_names):
     return " ".join(parts)
 
 
+CAPTION_POINTS = 11  # height of a caption (7 pt text and its padding), in points
+
+
+def _room_above(ax, y):
+    """Whether a caption fits between data height ``y`` and the top edge of ``ax``."""
+    top = ax.transAxes.transform((0.0, 1.0))[1]  # display pixels, upward
+    at = ax.transData.transform((0.0, y))[1]
+    return top - at >= CAPTION_POINTS * ax.figure.dpi / 72
+
+
 def draw_boxes(ax, boxes, labels=None, scores=None, class_names=None, color=None, linewidth=1.5,
                linestyle="-"):
     """Draw (N, 4) boxes (x1, y1, x2, y2) as rectangles, captioned with class and score.
 
-    Colours follow the class (``class_color``) unless ``color`` is given. Returns
-    ``(rectangles, captions)``: lists of the Rectangle patches and Text artists.
+    Colours follow the class (``class_color``) unless ``color`` is given. A caption sits
+    on the box's top edge, or just inside it where the axes end above the box (draw the
+    image first, so that the axes know where they end). Returns ``(rectangles,
+    captions)``: lists of the Rectangle patches and Text artists.
     """
     from matplotlib.patches import Rectangle
 
@@ -89,7 +101,8 @@ def draw_boxes(ax, boxes, labels=None, scores=None, class_names=None, color=None
         rects.append(rect)
         text = _caption(label, score, class_names)
         if text:
-            captions.append(ax.text(x1, y1, text, fontsize=7, color="white", va="bottom", ha="left",
+            va = "bottom" if _room_above(ax, y1) else "top"
+            captions.append(ax.text(x1, y1, text, fontsize=7, color="white", va=va, ha="left",
                                     bbox={"facecolor": c, "edgecolor": "none", "pad": 1, "alpha": 0.8},
                                     clip_on=True))
     return rects, captions
