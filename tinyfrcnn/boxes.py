@@ -207,8 +207,8 @@ def encode(reference, target, weights=(1.0, 1.0, 1.0, 1.0)):
     t_x = wx (x - x_a) / w_a,  t_y = wy (y - y_a) / h_a,
     t_w = ww log(w / w_a),     t_h = wh log(h / h_a),
     with centres x = x1 + w/2, w = x2 - x1. Same numbers as torchvision's
-    ``BoxCoder(weights).encode_single(target, reference)`` (float32: up to last-bit
-    differences of log between NumPy and torch). Both boxes need positive
+    ``BoxCoder(weights).encode_single(target, reference)`` up to the last-bit differences
+    between NumPy's log and torch's (which vary with the CPU). Both boxes need positive
     width and height (the logarithm). dtype: the common dtype of the inputs.
     """
     where = "encode"
@@ -246,8 +246,8 @@ def decode(reference, deltas, weights=(1.0, 1.0, 1.0, 1.0)):
 
     x = t_x / wx * w_a + x_a,  w = exp(min(t_w / ww, log(1000/16))) * w_a  (same for y, h),
     then (x - w/2, y - h/2, x + w/2, y + h/2). The clamp keeps exp finite, as torchvision
-    does. Same numbers as torchvision's ``BoxCoder(weights).decode_single`` (float64: identical;
-    float32: within the last-bit differences of exp between NumPy and torch), also where
+    does. Same numbers as torchvision's ``BoxCoder(weights).decode_single`` up to the
+    last-bit differences between NumPy's exp and torch's (which vary with the CPU), also where
     huge ``t_x``, ``t_y`` overflow to inf (``clip_boxes`` clamps those). Output has the
     shape and dtype of ``deltas``.
     """
