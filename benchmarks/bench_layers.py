@@ -7,9 +7,17 @@ and torch's input has ``requires_grad=False``.
 
     python benchmarks/bench_layers.py [--threads 2] [--blas-threads N] [--repeats 10] [--device cuda]
 
-``--blas-threads`` (default: ``--threads``) sets OpenBLAS's pool apart from Numba's and
-torch's: after each matrix product OpenBLAS's workers spin waiting for the next one,
-and on two cores they compete with Numba's kernel threads.
+``--blas-threads`` (default 1, as ``import tinyfrcnn`` sets it) sizes OpenBLAS's pool
+apart from Numba's and torch's: after each matrix product OpenBLAS's workers spin
+waiting for the next one, and on two cores they compete with every other thread
+(tinyfrcnn runs a large product as two halves on two threads of its own).
+
+tinyfrcnn and torch share one OpenMP runtime in this process, started with the
+``OMP_WAIT_POLICY=passive`` that ``import tinyfrcnn`` sets, so that Numba's idle
+workers sleep while those halves run. torch's convolutions do better with spinning
+workers: ``OMP_WAIT_POLICY=active python benchmarks/bench_layers.py`` shows torch at its
+best and tinyfrcnn at its worst (on a 2-core AMD EPYC, forward / forward+backward:
+torch 9.7 / 15.8 ms instead of 10.8 / 19.6, tinyfrcnn 18.3 / 41.0 instead of 14.4 / 31.3).
 
 ``--device cuda`` runs the layers' CUDA kernels on device arrays and torch on the GPU
 (each timed call ends with a device synchronisation).
@@ -27,7 +35,7 @@ import time
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--blas-threads", type=int, default=None)
+    p.add_argument("--blas-threads", type=int, default=1)
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--size", type=int, default=128)
@@ -38,7 +46,7 @@ def parse_args():
 args = parse_args()
 os.environ["NUMBA_NUM_THREADS"] = str(args.threads)
 os.environ["OMP_NUM_THREADS"] = str(args.threads)
-os.environ["OPENBLAS_NUM_THREADS"] = str(args.threads if args.blas_threads is None else args.blas_threads)
+os.environ["OPENBLAS_NUM_THREADS"] = str(args.blas_threads)
 
 import numpy as np  # noqa: E402
 
@@ -164,7 +172,7 @@ def main():
 
     import numba
 
-    blas = args.threads if args.blas_threads is None else args.blas_threads
+    blas = args.blas_threads
     where = "CUDA" if gpu else f"{args.threads} threads (numba {numba.get_num_threads()}, OpenBLAS {blas})"
     print(f"conv backbone 3->16->32->64->64, input ({args.batch}, 3, {args.size}, {args.size}) float32, "
           f"{where}, best of {args.repeats} (taking turns)")
