@@ -6,10 +6,10 @@ The scene is drawn by tests/test_evaluate.py's ``random_scene`` (seed 50): ``--i
 images of 5 classes with 5 to 15 ground-truth boxes each, 0 to 2 jittered detections per
 object (a tenth relabelled) and 80 spurious ones with random scores, about 90 detections
 per image, near the 100 a detector keeps (the AP is low; only the work counts here).
-COCOeval's column is its
-``evaluate`` + ``accumulate``, the part that computes AP (index building and the
-printout of ``summarize`` are left out); each time is the fastest of ``--repeats`` runs
-after a warm-up. The script first checks that both give the same AP.
+COCOeval's column is its ``evaluate`` + ``accumulate``, the part that computes AP (index
+building and the printout of ``summarize`` are left out). Each time is the fastest of
+``--repeats`` runs (half as many for the slower COCOeval) after a warm-up. The script
+first checks that both give the same AP.
 """
 
 import argparse

@@ -55,26 +55,78 @@ def test_cpu_out_and_accumulate():
     assert_close(out, start + want, np.float64)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("accumulate", [False, True])
 @pytest.mark.parametrize("trans_a,trans_b", TRANSPOSES)
-@pytest.mark.parametrize("m,k,n", [(300, 160, 90), (90, 160, 300), (131, 256, 127)])
-def test_cpu_large_product_is_two_halves_along_the_longer_side(m, k, n, trans_a, trans_b, accumulate):
+@pytest.mark.parametrize("m,k,n", [(300, 160, 90), (90, 160, 300), (131, 256, 127), (1, 1 << 22, 1)])
+def test_cpu_large_product_is_two_halves_along_the_longer_side(m, k, n, trans_a, trans_b, accumulate, dtype,
+                                                               monkeypatch):
+    import threading
+
     assert m * n * k >= mm.HALVES_FROM
+    calls = []
+
+    def recording(a, b, out, accumulate):
+        calls.append((out.ctypes.data, a.shape, b.shape, out.shape, threading.get_ident()))
+        blas_product(a, b, out, accumulate)
+
+    blas_product = mm._blas_product
+    monkeypatch.setattr(mm, "_blas_product", recording)
     rng = np.random.default_rng(2)
-    a, b = operands(rng, m, k, n, trans_a, trans_b, np.float32)
-    start = rng.standard_normal((m, n)).astype(np.float32)
-    out = start.copy() if accumulate else np.full((m, n), np.nan, np.float32)
+    a, b = operands(rng, m, k, n, trans_a, trans_b, dtype)
+    start = rng.standard_normal((m, n)).astype(dtype)
+    out = start.copy() if accumulate else np.full((m, n), np.nan, dtype)
     assert matmul(a, b, trans_a, trans_b, out=out, accumulate=accumulate) is out
     want = mm._matmul_reference(a, b, trans_a, trans_b)
-    assert_close(out, want + start if accumulate else want, np.float32)
-    # bit for bit the two BLAS products of the halves, cut where the docstring says
-    a_, b_ = (a.T if trans_a else a), (b.T if trans_b else b)  # (M, K), (K, N)
+    assert_close(out, want + start if accumulate else want, dtype)
+    # two halves of C, cut where the docstring says: the first on this thread, the second
+    # (starting that many rows or columns into out) on another
     if m >= n:
-        halves = np.concatenate([a_[:m // 2] @ b_, a_[m // 2:] @ b_], axis=0)  # (M, N)
+        halves = [(0, (m // 2, k), (k, n), (m // 2, n)),
+                  (m // 2 * out.strides[0], (m - m // 2, k), (k, n), (m - m // 2, n))]
     else:
-        halves = np.concatenate([a_ @ b_[:, :n // 2], a_ @ b_[:, n // 2:]], axis=1)  # (M, N)
-    np.testing.assert_array_equal(out, start + halves if accumulate else halves)
-    np.testing.assert_array_equal(matmul(a, b, trans_a, trans_b), halves)
+        halves = [(0, (m, k), (k, n // 2), (m, n // 2)),
+                  (n // 2 * out.strides[1], (m, k), (k, n - n // 2), (m, n - n // 2))]
+    calls.sort()
+    assert [(c[0] - out.ctypes.data,) + c[1:4] for c in calls] == halves
+    assert calls[0][4] == threading.get_ident() != calls[1][4]
+
+
+def test_cpu_large_product_into_a_strided_out():
+    rng = np.random.default_rng(3)
+    a, b = operands(rng, 96, 300, 200, False, True, np.float32)
+    big = np.zeros((96, 400), np.float32)
+    out = big[:, ::2]  # (96, 200), every other column
+    matmul(a, b, trans_b=True, out=out)
+    assert_close(out, mm._matmul_reference(a, b, False, True), np.float32)
+    assert not big[:, 1::2].any()
+
+
+def test_cpu_out_overlapping_an_input_is_rejected():
+    a = np.ones((256, 256), np.float32)
+    b = np.ones((256, 256), np.float32)
+    for out in (a, b, b.T):
+        with pytest.raises(ValueError, match="overlap"):
+            matmul(a, b, out=out)
+
+
+def test_cpu_large_product_waits_for_its_second_half_even_when_the_first_fails(monkeypatch):
+    import threading
+    import time
+
+    finished = []
+
+    def failing_first_half(a, b, out, accumulate):
+        if threading.current_thread() is threading.main_thread():
+            raise MemoryError("first half")
+        time.sleep(0.2)
+        finished.append(True)
+
+    monkeypatch.setattr(mm, "_blas_product", failing_first_half)
+    a = np.ones((256, 256), np.float32)
+    with pytest.raises(MemoryError):
+        matmul(a, a)
+    assert finished == [True]
 
 
 def _large_product_in_child(queue):
@@ -82,6 +134,7 @@ def _large_product_in_child(queue):
     queue.put(float(matmul(a, a, trans_b=True)[0, 0]))
 
 
+@pytest.mark.filterwarnings("ignore:This process .* is multi-threaded, use of fork:DeprecationWarning")
 def test_cpu_large_product_in_a_forked_child():
     """The helper thread does not survive a fork; a child must start its own, not wait
     for the parent's."""

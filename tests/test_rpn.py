@@ -221,7 +221,7 @@ def test_proposals_rank_by_the_logit_gap_where_probabilities_tie():
         order = np.argsort(-logits[:, 1], kind="stable")
         np.testing.assert_array_equal(boxes, anchors[order])
         np.testing.assert_array_equal(scores, probs[order])
-    # float32 rounding can go the other way: gap 1.0 - 0.3 is a few 1e-8 below 1.3 - 0.6,
+    # float32 rounding can go the other way: the gap 0.3 - 1.0 is a few 1e-8 below 0.6 - 1.3,
     # yet its probability can come out one ulp above; the list stays sorted by score
     logits = np.float32([[1.3, 0.6], [1.0, 0.3]])  # (2, 2)
     probs, gaps = objectness(logits), np.float64(logits[:, 1]) - logits[:, 0]

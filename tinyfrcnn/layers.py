@@ -946,8 +946,8 @@ class Linear(Module):
 
     Backward: dL/dx = g w, dL/dw = g^T x, dL/db = sum_n g. Init: He normal,
     ``w ~ N(0, 2 / in_features)``, ``b = 0``, from ``rng`` (``np.random.default_rng(0)``
-    when None). Weight (out, in), bias (out,). On the device the three products run
-    through ``tinyfrcnn.matmul`` (dL/dw accumulating straight into ``.grad``).
+    when None). Weight (out, in), bias (out,). The three products run through
+    ``tinyfrcnn.matmul`` (on the device, dL/dw accumulates straight into ``.grad``).
     """
 
     def __init__(self, in_features, out_features, rng=None):

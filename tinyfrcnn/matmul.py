@@ -9,8 +9,8 @@ parameter gradients accumulate over a batch.
 CPU: ``np.matmul`` is the kernel. It calls BLAS, which is already cache-blocked and
 vectorised; a Numba triple loop would be both slower and no clearer than the CUDA
 kernels below, which are where the blocking is written out by hand. ``import tinyfrcnn``
-asks OpenBLAS for one thread, whose helpers would otherwise spin between products and
-take the cores from Numba's kernels (see ``tinyfrcnn/__init__.py``). A large product
+keeps OpenBLAS to one thread: its worker threads would spin between products and take
+the cores from Numba's kernels (see ``tinyfrcnn/__init__.py``). A large product
 (``M N K >= 2^22``: every 3x3 convolution and the head's two hidden fc layers; the 1x1
 and output layers stay whole) is cut instead into two halves along the longer side of
 ``C``, one per thread: the same two halves on any machine, so the numbers do not depend
@@ -282,6 +282,8 @@ def _validate(a, b, trans_a, trans_b, out, accumulate, where):
             raise ValueError(f"{where}: out must have dtype {a.dtype}, got {out.dtype}")
         arrays["out"] = out
     gpu = on_device(arrays)
+    if out is not None and not gpu and (np.may_share_memory(out, a) or np.may_share_memory(out, b)):
+        raise ValueError(f"{where}: out must not overlap a or b (it is written while they are read)")
     if gpu and out is not None and not out.is_c_contiguous():
         raise ValueError(f"{where}: out must be C-contiguous on the device")
     if gpu and math.ceil(m / NAIVE_BLOCK[1]) > MAX_GRID_Y:
@@ -344,7 +346,9 @@ def matmul(a, b, trans_a=False, trans_b=False, out=None, accumulate=False):
     else:
         halves = [(a, b[:, :n // 2], out[:, :n // 2]), (a, b[:, n // 2:], out[:, n // 2:])]
     second = _helper_thread().submit(_blas_product, *halves[1], accumulate)
-    _blas_product(*halves[0], accumulate)
-    second.result()
+    try:
+        _blas_product(*halves[0], accumulate)
+    finally:
+        second.result()  # never return (or raise) while the helper still writes into out
     return out
 

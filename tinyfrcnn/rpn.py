@@ -350,7 +350,7 @@ def generate_proposals_batch(logits, deltas, anchors, image_size, pre_nms_top_n=
         # Equal scores rank by the logit gap l1 - l0 (ties left: lower index first). In
         # float32 the probability rounds to 1.0 once the gap passes about 17, and near 0.5
         # gaps a few 1e-8 apart share one value. The gap alone would not do: rounding can
-        # give the larger gap a probability one ulp smaller, and the scores come out sorted.
+        # give the larger gap a probability one ulp smaller, and the scores must come out sorted.
         flat_logits = logits.reshape(n * num, 2)  # (N * A, 2)
         with np.errstate(over="ignore"):
             gap = np.subtract(flat_logits[:, 1], flat_logits[:, 0], dtype=np.float64)  # (N * A,)
