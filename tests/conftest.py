@@ -5,8 +5,9 @@ the kernels on the real device. The variable must be set before numba is importe
 which is why it is set here, at collection time.
 
 The property tests draw the same examples on every run, so that the suite passes or
-fails the same way on every machine, and none has a time limit; ``python -m pytest --hypothesis-profile=explore``
-draws fresh random ones each time, to hunt for new failing cases.
+fails the same way on every machine, and none has a time limit;
+``python -m pytest --hypothesis-profile=explore`` draws fresh random ones each time, to
+hunt for new failing cases.
 """
 
 import os

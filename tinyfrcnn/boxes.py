@@ -247,9 +247,9 @@ def decode(reference, deltas, weights=(1.0, 1.0, 1.0, 1.0)):
     x = t_x / wx * w_a + x_a,  w = exp(min(t_w / ww, log(1000/16))) * w_a  (same for y, h),
     then (x - w/2, y - h/2, x + w/2, y + h/2). The clamp keeps exp finite, as torchvision
     does. Same numbers as torchvision's ``BoxCoder(weights).decode_single`` up to the
-    last-bit differences between NumPy's exp and torch's (which vary with the CPU), also where
-    huge ``t_x``, ``t_y`` overflow to inf (``clip_boxes`` clamps those). Output has the
-    shape and dtype of ``deltas``.
+    last-bit differences between NumPy's exp and torch's (which vary with the CPU), also
+    where huge ``t_x``, ``t_y`` overflow to inf (``clip_boxes`` clamps those). Output has
+    the shape and dtype of ``deltas``.
     """
     where = "decode"
     _host_only(reference, "reference", where)

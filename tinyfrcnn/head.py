@@ -195,8 +195,8 @@ def postprocess_detections(rois_boxes, cls_logits, box_deltas, image_size, score
 
     On the same input torchvision keeps the same detections in the same order; scores
     agree to a few ulps (the softmax's exp and division are NumPy's, not torch's), boxes
-    to an ulp or so (``decode``'s exp), so only a score within
-    an ulp or two of ``score_thresh`` or of another score could be decided differently, or
+    to an ulp or so (``decode``'s exp), so only a score within an ulp or two of
+    ``score_thresh`` or of another score could be decided differently, or
     (rarely) an IoU that torchvision's ``batched_nms`` moves across ``nms_thresh`` by
     shifting the coordinates, which it does for inputs of up to 1000 boxes on the CPU
     (see ``tinyfrcnn.nms.batched_nms``).

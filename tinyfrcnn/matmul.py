@@ -351,4 +351,3 @@ def matmul(a, b, trans_a=False, trans_b=False, out=None, accumulate=False):
     finally:
         second.result()  # never return (or raise) while the helper still writes into out
     return out
-

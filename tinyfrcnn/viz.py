@@ -53,7 +53,8 @@ def _caption(label, score, class_names):
     return " ".join(parts)
 
 
-CAPTION_POINTS = 11  # height of a caption (7 pt text and its padding), in points
+CAPTION_FONTSIZE = 7  # points
+CAPTION_POINTS = CAPTION_FONTSIZE + 4  # a caption's height: its line of text and its padding
 
 
 def _room_above(ax, y):
@@ -102,7 +103,7 @@ def draw_boxes(ax, boxes, labels=None, scores=None, class_names=None, color=None
         text = _caption(label, score, class_names)
         if text:
             va = "bottom" if _room_above(ax, y1) else "top"
-            captions.append(ax.text(x1, y1, text, fontsize=7, color="white", va=va, ha="left",
+            captions.append(ax.text(x1, y1, text, fontsize=CAPTION_FONTSIZE, color="white", va=va, ha="left",
                                     bbox={"facecolor": c, "edgecolor": "none", "pad": 1, "alpha": 0.8},
                                     clip_on=True))
     return rects, captions
