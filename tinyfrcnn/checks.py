@@ -96,20 +96,21 @@ def check_number(value, name, low=None, high=None, low_open=False, high_open=Fal
     return v
 
 
+def _int_at_least(value, name, low, kind, where):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+        prefix = f"{where}: " if where else ""
+        raise ValueError(f"{prefix}{name} must be a {kind} integer, got {value!r}")
+    return int(value)
+
+
 def check_positive_int(value, name, where=""):
     """An integer > 0 (bools rejected)."""
-    prefix = f"{where}: " if where else ""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
-        raise ValueError(f"{prefix}{name} must be a positive integer, got {value!r}")
-    return int(value)
+    return _int_at_least(value, name, 1, "positive", where)
 
 
 def check_non_negative_int(value, name, where=""):
     """An integer >= 0 (bools rejected)."""
-    prefix = f"{where}: " if where else ""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
-        raise ValueError(f"{prefix}{name} must be a non-negative integer, got {value!r}")
-    return int(value)
+    return _int_at_least(value, name, 0, "non-negative", where)
 
 
 def pair(value, name, where=""):
