@@ -90,6 +90,35 @@ def test_im2col_where_whole_windows_lie_in_the_padding(shape, kernel, stride, pa
                                   _col2im_reference(cols, shape, kernel, stride, padding))
 
 
+def test_im2col_reuses_out_only_when_it_can_write_there_safely():
+    x = np.arange(16.0).reshape(1, 1, 4, 4)
+    expected = _im2col_reference(x, (1, 1), (1, 1), (0, 0))  # (1, 1, 16)
+    out = np.empty((1, 1, 16))
+    assert im2col(x, 1, 1, 0, out=out) is out
+    np.testing.assert_array_equal(out, expected)
+    read_only = np.zeros((1, 1, 16))
+    read_only.flags.writeable = False
+    buf = np.arange(40.0)
+    overlapping, x_in_buf = buf[1:17].reshape(1, 1, 16), buf[:16].reshape(1, 1, 4, 4)
+    for bad, src in [(read_only, x), (overlapping, x_in_buf), (np.zeros((1, 16, 1)), x), (np.zeros((16,)), x)]:
+        before = bad.copy()
+        cols = im2col(src, 1, 1, 0, out=bad)
+        assert cols is not bad
+        np.testing.assert_array_equal(cols, expected)
+        np.testing.assert_array_equal(bad, before)
+
+
+def test_output_size_checks_its_arguments():
+    assert output_size(5, 3, 2, 1) == 3
+    assert output_size(0, 3, 1, 2) == 2
+    for args, match in [((5, 3, 0, 0), "stride must be a positive integer"),
+                        ((2, 5, 1, 0), r"kernel 5 is larger than the padded size 2"),
+                        ((5.0, 3, 1, 0), "size must be a non-negative integer"),
+                        ((5, 3, 1, -1), "padding must be a non-negative integer")]:
+        with pytest.raises(ValueError, match=f"output_size: {match}"):
+            output_size(*args)
+
+
 def test_im2col_and_col2im_empty_batch():
     cols = im2col(np.zeros((0, 2, 5, 5)), 3, 1, 1)
     assert cols.shape == (18, 0, 25)
@@ -294,6 +323,8 @@ _A = np.array([[[[0, 2], [8, 10]]]], np.int32)  # each 2x2 window's top-left in 
     (_G, np.zeros((1, 1, 2, 2), np.int32), (1, 1, 4, 4), {"kernel": 2, "stride": 2},
      r"maxpool2d_backward: argmax\[0, 0, 0, 1\] = 0 is not in its 2x2 window at row 0, column 2"),
     (_G.astype(np.int32), _A, (1, 1, 4, 4), {}, r"maxpool2d_backward: grad_out must be float32 or float64"),
+    (_G, _A.astype(">i4"), (1, 1, 4, 4), {}, r"maxpool2d_backward: argmax must be in this machine's byte order"),
+    (_G.astype(">f4"), _A, (1, 1, 4, 4), {}, r"maxpool2d_backward: grad_out must be in this machine's byte order"),
 ])
 def test_maxpool2d_backward_rejects_bad_arguments(grad_out, argmax, x_shape, kw, match):
     with pytest.raises(ValueError, match=match):
@@ -385,6 +416,19 @@ def test_astype_and_parameter():
     p.grad += 1
     p.zero_grad()
     assert p.grad.shape == (3,) and not p.grad.any()
+
+
+def test_relu_keeps_negative_zero_as_torch():
+    x = np.array([-0.0, 0.0, -1.0, 2.0], np.float32)
+    np.testing.assert_array_equal(np.signbit(ReLU()(x)), [True, False, False, False])
+    relu = ReLU()
+    out = _host(relu(cuda.to_device(x)))
+    np.testing.assert_array_equal(np.signbit(out), [True, False, False, False])
+    # device input is not scanned for NaN: it passes forward and backward, as in torch
+    out = _host(relu(cuda.to_device(np.array([np.nan, -1.0], np.float32))))
+    grad = _host(relu.backward(cuda.to_device(np.array([3.0, 3.0], np.float32))))
+    np.testing.assert_array_equal(out, [np.nan, 0.0])
+    np.testing.assert_array_equal(grad, [3.0, 0.0])
 
 
 def test_relu_keeps_any_shape():

@@ -110,6 +110,13 @@ def test_cpu_out_overlapping_an_input_is_rejected():
             matmul(a, b, out=out)
 
 
+def test_cpu_read_only_out_is_rejected():
+    out = np.zeros((3, 3), np.float32)
+    out.flags.writeable = False
+    with pytest.raises(ValueError, match="matmul: out is read-only"):
+        matmul(np.ones((3, 2), np.float32), np.ones((2, 3), np.float32), out=out)
+
+
 def test_cpu_large_product_waits_for_its_second_half_even_when_the_first_fails(monkeypatch):
     import threading
     import time

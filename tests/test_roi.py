@@ -264,6 +264,39 @@ def test_layers_match_functions():
     grad = pool.backward(g)
     assert grad.dtype == np.float32 and np.array_equal(grad, roi_pool_backward(g, argmax, f.shape))
     assert pool.parameters() == [] and align.parameters() == []
+    assert np.array_equal(RoIPool(2, 0.5)(f, rois), out)  # called like any module
+
+
+def test_roi_align_layer_keeps_its_own_rois_and_checks_the_gradient_shape():
+    rng = np.random.default_rng(6)
+    f = rng.standard_normal((1, 2, 6, 6))
+    rois = random_rois(rng, 3, 1, 12, 12)
+    g = rng.standard_normal((3, 2, 2, 2))
+    expected = roi_align_backward(g, rois, f.shape, 0.5)
+    align = RoIAlign(2, 0.5)
+    align(f, rois)
+    rois[:, 1:] += 1.5  # the caller reuses its array before the backward
+    assert np.array_equal(align.backward(g), expected)
+    for shape in [(3, 2, 3, 3), (3, 2, 1, 4), (2, 2, 2, 2)]:
+        with pytest.raises(ValueError, match=r"RoIAlign.backward: grad_out must have the forward output's shape "
+                                             r"\(3, 2, 2, 2\)"):
+            align.backward(np.zeros(shape))
+
+
+def test_roi_pool_backward_rejects_argmax_in_another_channel():
+    # The CPU kernel gives each channel to one thread; an argmax of channel 1 pointing
+    # into channel 0 would race with channel 0's thread on the same input.
+    g = np.ones((4, 2, 1, 1))
+    argmax = np.zeros((4, 2, 1, 1), np.int64)  # every entry -> index 0, a channel-0 cell
+    with pytest.raises(ValueError, match=r"roi_pool_backward: argmax\[:, 1\] holds indices outside the channel-1"):
+        roi_pool_backward(g, argmax, (1, 2, 4, 4))
+    argmax[:, 1] = 16  # channel 1's first cell
+    assert roi_pool_backward(g, argmax, (1, 2, 4, 4)).ravel()[[0, 16]].tolist() == [4, 4]
+    argmax[:, 1] = 16 + 32  # channel 1's first cell in image 1: also channel 1
+    assert roi_pool_backward(g, argmax, (2, 2, 4, 4)).ravel()[[0, 48]].tolist() == [4, 4]
+    big_endian = np.zeros((4, 2, 1, 1), ">i8")
+    with pytest.raises(ValueError, match="roi_pool_backward: argmax must be in this machine's byte order"):
+        roi_pool_backward(g, big_endian, (1, 2, 4, 4))
 
 
 # --------------------------------------------------------------------------- CUDA (simulator) and PTX

@@ -28,6 +28,9 @@ def as_array(x, name, ndim=None, dtypes=None, where=""):
             x = np.asarray(x)
         if not isinstance(x, np.ndarray):
             raise ValueError(f"{prefix}{name} must be a NumPy or CUDA device array, got {type(x).__name__}")
+        if not x.dtype.isnative:
+            raise ValueError(f"{prefix}{name} must be in this machine's byte order, got dtype {x.dtype.str!r} "
+                             f"(x.astype(x.dtype.newbyteorder('=')) converts it)")
     if ndim is not None and x.ndim != ndim:
         raise ValueError(f"{prefix}{name} must be {ndim}-D, got shape {tuple(x.shape)}")
     if dtypes is not None and np.dtype(x.dtype) not in [np.dtype(d) for d in dtypes]:

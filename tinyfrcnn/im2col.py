@@ -22,12 +22,20 @@ write the same address (no atomics, and the same result every run).
 import numpy as np
 from numba import cuda, njit, prange
 
-from .checks import as_float_array, check_shape, padding_pair, pair
+from .checks import as_float_array, check_non_negative_int, check_positive_int, check_shape, padding_pair, pair
 from .device import empty_on_device, grid_1d, is_device_array
 
 
 def output_size(size, kernel, stride, padding):
-    """Floor output size of a window sliding over a padded axis: (H + 2p - k) // s + 1."""
+    """Floor output size of a window sliding over a padded axis: (H + 2p - k) // s + 1.
+
+    ``size`` and ``padding`` are integers >= 0, ``kernel`` and ``stride`` > 0, and the
+    kernel must fit in the padded axis (so at least one window)."""
+    where = "output_size"
+    size, padding = check_non_negative_int(size, "size", where), check_non_negative_int(padding, "padding", where)
+    kernel, stride = check_positive_int(kernel, "kernel", where), check_positive_int(stride, "stride", where)
+    if kernel > size + 2 * padding:
+        raise ValueError(f"{where}: kernel {kernel} is larger than the padded size {size + 2 * padding}")
     return (size + 2 * padding - kernel) // stride + 1
 
 
@@ -183,6 +191,10 @@ def _check_window(kernel, stride, padding, x_shape, where):
     return (kh, kw), stride, (ph, pw)
 
 
+def _writable_apart(out, x):
+    return out.flags.c_contiguous and out.flags.writeable and not np.may_share_memory(out, x)
+
+
 def im2col(x, kernel, stride, padding, out=None):
     """Columns (C*kh*kw, N, OH*OW) of the windows of ``x`` (N, C, H, W), float32 or float64.
 
@@ -190,7 +202,8 @@ def im2col(x, kernel, stride, padding, out=None):
     ones; padding is zeros, and the kernel must fit in the padded input. ``out`` is a
     buffer to reuse (it saves allocating a large one per call): written into and
     returned when it is a C-contiguous array of the right shape and dtype, on the same
-    side as ``x``; otherwise a new array is returned and ``out`` is left alone. NumPy
+    side as ``x`` (and, on the host, writable and apart from ``x``); otherwise a new
+    array is returned and ``out`` is left alone. NumPy
     ``x``: Numba CPU kernel; device ``x``: CUDA kernel, device array out.
     """
     x = as_float_array(x, "x", ndim=4, where="im2col")
@@ -200,8 +213,8 @@ def im2col(x, kernel, stride, padding, out=None):
     shape = (c * kh * kw, n, oh * ow)
     gpu = is_device_array(x)
     x = _contiguous(x, "x", "im2col")
-    if (out is not None and is_device_array(out) == gpu and tuple(out.shape) == shape
-            and out.dtype == x.dtype and (out.is_c_contiguous() if gpu else out.flags.c_contiguous)):
+    if (out is not None and is_device_array(out) == gpu and tuple(out.shape) == shape and out.dtype == x.dtype
+            and (out.is_c_contiguous() if gpu else _writable_apart(out, x))):
         cols = out
     elif gpu:
         cols = empty_on_device(shape, dtype=x.dtype)  # (C*kh*kw, N, OH*OW)

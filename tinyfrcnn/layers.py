@@ -235,6 +235,10 @@ class Module:
     ``parameters()`` collects, in attribute order, every ``Parameter`` attribute and the
     parameters of every ``Module`` attribute (or list/tuple of them), so a model built
     from layers needs no bookkeeping of its own.
+
+    ``backward`` differentiates the last ``forward``. A layer may keep its input by
+    reference rather than copy it (``Linear`` does), so an input changed in place
+    between the two gives a wrong gradient, and nothing detects it.
     """
 
     def forward(self, x):
@@ -243,8 +247,8 @@ class Module:
     def backward(self, grad_out):
         raise NotImplementedError
 
-    def __call__(self, x):
-        return self.forward(x)
+    def __call__(self, *inputs):
+        return self.forward(*inputs)
 
     def named_parameters(self, prefix=""):
         """(name, Parameter) pairs, e.g. ``("weight", p)`` or ``("layers.0.bias", p)``."""
@@ -631,13 +635,13 @@ class Conv2d(Module):
 def _relu_forward_cpu(x, out):
     for i in prange(x.size):
         v = x[i]
-        out[i] = v if v > 0 else 0
+        out[i] = 0 if v < 0 else v
 
 
 @njit(cache=True, parallel=True)
 def _relu_backward_cpu(grad_out, out, dx):
     for i in prange(grad_out.size):
-        dx[i] = grad_out[i] if out[i] > 0 else 0
+        dx[i] = 0 if out[i] <= 0 else grad_out[i]
 
 
 @cuda.jit
@@ -645,18 +649,19 @@ def _relu_forward_cuda(x, out):
     i = cuda.grid(1)
     if i < x.size:
         v = x[i]
-        out[i] = v if v > 0 else 0
+        out[i] = 0 if v < 0 else v
 
 
 @cuda.jit
 def _relu_backward_cuda(grad_out, out, dx):
     i = cuda.grid(1)
     if i < grad_out.size:
-        dx[i] = grad_out[i] if out[i] > 0 else 0
+        dx[i] = 0 if out[i] <= 0 else grad_out[i]
 
 
 class ReLU(Module):
-    """max(x, 0); the gradient passes where x > 0 (and is 0 at x = 0, as in torch).
+    """max(x, 0); the gradient passes where x > 0 (and is 0 at x = 0). As in torch,
+    -0.0 stays -0.0.
 
     Backward reads the saved output (out > 0 exactly where x > 0), one fused pass.
     """

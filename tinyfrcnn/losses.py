@@ -221,8 +221,8 @@ def smooth_l1(pred, target, beta=1.0, weights=None):
     ``(weights * torch.nn.functional.smooth_l1_loss(pred, target, reduction="none",
     beta=beta)).sum()`` up to the order of the sum (the loss agrees to about one ulp,
     and is summed in float64 here for float32 input; the gradient is identical in
-    float64, and a few float32 entries differ by one ulp). ``beta = 0`` is the L1 loss,
-    as in torch. The paper and py-faster-rcnn write the loss with sigma:
+    float64, while in float32 up to about a fifth of its entries differ by one ulp).
+    ``beta = 0`` is the L1 loss, as in torch. The paper and py-faster-rcnn write the loss with sigma:
     ``beta = 1 / sigma**2`` (sigma = 3 for the RPN, 1 for the Fast R-CNN head).
 
     pred, target, weights: float arrays of one shape and dtype.

@@ -284,6 +284,8 @@ def _validate(a, b, trans_a, trans_b, out, accumulate, where):
     gpu = on_device(arrays)
     if out is not None and not gpu and (np.may_share_memory(out, a) or np.may_share_memory(out, b)):
         raise ValueError(f"{where}: out must not overlap a or b (it is written while they are read)")
+    if out is not None and not gpu and not out.flags.writeable:
+        raise ValueError(f"{where}: out is read-only")
     if gpu and out is not None and not out.is_c_contiguous():
         raise ValueError(f"{where}: out must be C-contiguous on the device")
     if gpu and math.ceil(m / NAIVE_BLOCK[1]) > MAX_GRID_Y:

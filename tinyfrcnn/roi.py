@@ -35,7 +35,7 @@ import math
 import numpy as np
 from numba import cuda, float32, float64, njit, prange
 
-from .checks import as_float_array, check_boxes, check_finite, check_number, check_shape, pair
+from .checks import as_array, as_float_array, check_boxes, check_finite, check_number, check_shape, pair
 from .device import empty_on_device, grid_1d, is_device_array, on_device, rounded_ops, zeros_on_device
 from .layers import Module
 
@@ -198,17 +198,23 @@ def _roi_pool_forward_cpu(planes, batch, hstart, hend, wstart, wend, out, argmax
 
 
 @njit(cache=True, parallel=True)
-def _roi_pool_backward_cpu(grad_out, argmax, grad_in):
-    # grad_in is flat; every argmax of channel c lies in a channel-c plane, so the
-    # channels never share an input and can run in parallel without races.
+def _roi_pool_backward_cpu(grad_out, argmax, grad_in, plane_size, bad):
+    # grad_in is flat; the channels run in parallel, which is race-free only while every
+    # argmax of channel c lies in a channel-c plane: entries that do not are skipped and
+    # flagged in bad[c] (1: outside grad_in, 2: in another channel's plane).
     R, C, PH, PW = grad_out.shape
     for c in prange(C):
         for r in range(R):
             for i in range(PH):
                 for j in range(PW):
                     a = argmax[r, c, i, j]
-                    if a >= 0:
-                        grad_in[a] += grad_out[r, c, i, j]
+                    if a < -1 or a >= grad_in.size:
+                        bad[c] = 1
+                    elif a >= 0:
+                        if (a // plane_size) % C != c:
+                            bad[c] = 2
+                        else:
+                            grad_in[a] += grad_out[r, c, i, j]
 
 
 @cuda.jit(device=True, inline="always")
@@ -334,15 +340,16 @@ def roi_pool_backward(grad_out, argmax, features_shape):
     """Gradient of RoI max pooling: each output gradient goes to its argmax input.
 
     ``dL/dx[a] = sum of dL/dy[r, c, i, j] over all (r, c, i, j) with argmax = a``;
-    empty bins (argmax -1) send nothing. ``argmax`` is the one ``roi_pool`` returned:
-    indices are range-checked, and the CPU kernel relies on channel c's entries pointing
-    into channel-c planes (its threads split the channels). Returns ``features_shape``.
+    empty bins (argmax -1) send nothing. ``argmax`` is the one ``roi_pool`` returned: an
+    index outside ``features_shape`` is a ``ValueError``, and so, on the CPU (whose
+    threads split the channels), is an entry of channel c outside the channel-c planes.
+    Returns ``features_shape``.
     On the GPU the sums are atomic adds: where bins share an input, their order, and so
     the last bits of the sum, can change from run to run.
     """
     where = "roi_pool_backward"
     grad_out = as_float_array(grad_out, "grad_out", ndim=4, where=where)
-    argmax = _check_argmax(argmax, grad_out, features_shape, where)
+    argmax, features_shape = _check_argmax(argmax, grad_out, features_shape, where)
     gpu = on_device({"grad_out": grad_out, "argmax": argmax})
     size = math.prod(features_shape)
     if gpu:
@@ -357,7 +364,16 @@ def roi_pool_backward(grad_out, argmax, features_shape):
     else:
         grad_in = np.zeros(size, dtype=grad_out.dtype)
         if grad_out.size:
-            _roi_pool_backward_cpu(np.ascontiguousarray(grad_out), np.ascontiguousarray(argmax), grad_in)
+            bad = np.zeros(grad_out.shape[1], np.int8)  # (C,)
+            plane_size = features_shape[2] * features_shape[3]
+            _roi_pool_backward_cpu(np.ascontiguousarray(grad_out), np.ascontiguousarray(argmax), grad_in,
+                                   plane_size, bad)
+            if bad.any():
+                c = int(np.flatnonzero(bad)[0])
+                if bad[c] == 1:
+                    _raise_argmax_outside(features_shape, where)
+                raise ValueError(f"{where}: argmax[:, {c}] holds indices outside the channel-{c} planes of "
+                                 f"features_shape {tuple(features_shape)}; roi_pool's argmax never does")
     return grad_in.reshape(tuple(features_shape))
 
 
@@ -368,8 +384,7 @@ def _raise_argmax_outside(features_shape, where):
 
 def _check_argmax(argmax, grad_out, features_shape, where):
     shape = check_shape(features_shape, "features_shape", 4, where)
-    if not is_device_array(argmax):
-        argmax = np.asarray(argmax)
+    argmax = as_array(argmax, "argmax", where=where)
     if tuple(argmax.shape) != tuple(grad_out.shape):
         raise ValueError(f"{where}: argmax has shape {tuple(argmax.shape)} but grad_out has "
                          f"{tuple(grad_out.shape)}; they must match")
@@ -378,10 +393,7 @@ def _check_argmax(argmax, grad_out, features_shape, where):
     if grad_out.shape[1] != shape[1]:
         raise ValueError(f"{where}: grad_out has {grad_out.shape[1]} channels but features_shape "
                          f"{shape} has {shape[1]}")
-    size = math.prod(shape)
-    if not is_device_array(argmax) and argmax.size and (argmax.min() < -1 or argmax.max() >= size):
-        _raise_argmax_outside(shape, where)  # device argmax: checked by the CUDA kernel
-    return argmax
+    return argmax, shape  # the values are checked by the kernels
 
 
 class RoIPool(Module):
@@ -878,12 +890,17 @@ class RoIAlign(Module):
 
     def forward(self, features, rois):
         out = roi_align(features, rois, self.output_size, self.spatial_scale, self.sampling_ratio, self.aligned)
-        self._rois, self._shape = rois, tuple(features.shape)
+        self._rois = rois if is_device_array(rois) else np.array(rois)  # a copy: backward needs forward's boxes
+        self._shape = tuple(features.shape)
         return out
 
     def backward(self, grad_out):
         if self._rois is None:
             raise ValueError("RoIAlign.backward: call forward first")
+        expected = (self._rois.shape[0], self._shape[1], *self.output_size)
+        if tuple(np.shape(grad_out)) != expected:
+            raise ValueError(f"RoIAlign.backward: grad_out must have the forward output's shape {expected}, "
+                             f"got {tuple(np.shape(grad_out))}")
         return roi_align_backward(grad_out, self._rois, self._shape, self.spatial_scale,
                                   self.sampling_ratio, self.aligned)
 
