@@ -88,6 +88,8 @@ def test_empty_feature_map_gives_no_anchors():
     (lambda: grid_anchors(base_anchors(), 2, 2.5, 16), "feat_width"),
     (lambda: grid_anchors(base_anchors(), 2, 2, 0), "stride"),
     (lambda: grid_anchors(base_anchors(), 2, 2, 3e38), r"x stride 3e\+38 overflows float32"),
+    (lambda: grid_anchors(base_anchors(), 2**63 - 1, 1, 16), "is more than MAX_ANCHORS"),
+    (lambda: grid_anchors(base_anchors(), 2, 2, 10**400), "stride must be finite"),
 ])
 def test_bad_input_raises(call, message):
     with pytest.raises(ValueError, match=message):

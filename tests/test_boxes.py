@@ -73,6 +73,14 @@ def test_box_iou_promotes_mixed_dtypes():
     b = np.array([[1, 1, 3, 3]], np.float64)
     out = box_iou(a, b)
     assert out.dtype == np.float64 and out[0, 0] == pytest.approx(1 / 7)
+    # torchvision's order: each area in its own box's dtype, then promoted
+    a = np.array([[0.1, 0.2, 1.7, 2.9]], np.float32)
+    b = np.array([[0.3, 0.1, 2.0, 3.1]], np.float64)
+    area_a = np.float64((a[0, 2] - a[0, 0]) * (a[0, 3] - a[0, 1]))  # rounded to float32 first
+    inter = (np.float64(a[0, 2]) - 0.3) * (np.float64(a[0, 3]) - np.float64(a[0, 1]))
+    expected = inter / (area_a + (2.0 - 0.3) * (3.1 - 0.1) - inter)
+    assert box_iou(a, b)[0, 0] == expected == B._box_iou_reference(a, b)[0, 0]
+    assert box_iou(b, a)[0, 0] == expected
 
 
 @settings(max_examples=60, deadline=None)
@@ -252,8 +260,24 @@ def test_bad_arguments_raise():
         encode(GOOD, GOOD, weights=(1, 1, 1))
     with pytest.raises(ValueError, match="weights"):
         decode(GOOD, np.zeros((1, 4), np.float32), weights=(1, 0, 1, 1))
+    with pytest.raises(ValueError, match=r"encode: weights\[0\] = 1e\+39 is out of float32's range"):
+        encode(GOOD, GOOD, weights=(1e39, 1, 1, 1))
+    with pytest.raises(ValueError, match=r"decode: weights\[1\] = 1e-46 is out of float32's range"):
+        decode(GOOD, np.zeros((1, 4), np.float32), weights=(1, 1e-46, 1, 1))
+    with pytest.raises(ValueError, match=r"decode: reference in float32 \(the dtype of deltas\) holds NaN or inf"):
+        decode(np.array([[0, 0, 1e39, 1]]), np.zeros((1, 4), np.float32))
+    with pytest.raises(ValueError, match=r"encode: weights\[2\] must be finite"):
+        encode(GOOD, GOOD, weights=(1, 1, 10**400, 1))
     with pytest.raises(ValueError, match="height"):
         clip_boxes(GOOD, -1, 4)
+    with pytest.raises(ValueError, match="height must be finite"):
+        clip_boxes(GOOD, 10**400, 4)
+    per_class = np.tile(GOOD, (3, 2))  # (3, 8)
+    per_class[1, 4] = np.nan
+    with pytest.raises(ValueError, match=r"clip_boxes: boxes\[:, 4:8\] holds NaN \(first at index \(1, 0\)\)"):
+        clip_boxes(per_class, 4, 4)
+    with pytest.raises(ValueError, match="box_iou: a must be a plain NumPy array, got a masked array"):
+        box_iou(np.ma.masked_invalid(np.array([[0, 0, np.nan, 10.0]])), GOOD)
     with pytest.raises(ValueError, match="min_size"):
         remove_small_boxes(GOOD, float("nan"))
 

@@ -142,6 +142,14 @@ def test_max_keep_is_the_first_of_the_full_result(seed, n, limit):
     np.testing.assert_array_equal(nms(boxes, scores, 0.5, max_keep=limit), nms(boxes, scores, 0.5)[:limit])
 
 
+def test_limits_beyond_any_box_count_keep_everything():
+    rng = np.random.default_rng(3)
+    boxes, scores, idxs = random_boxes(rng, 50), rng.random(50).astype(np.float32), rng.integers(0, 3, 50)
+    np.testing.assert_array_equal(nms(boxes, scores, 0.5, max_keep=2**64), nms(boxes, scores, 0.5))
+    np.testing.assert_array_equal(batched_nms(boxes, scores, idxs, 0.5, max_per_category=10**30),
+                                  batched_nms(boxes, scores, idxs, 0.5))
+
+
 # ---------------------------------------------------------------- batched
 
 def _per_class(boxes, scores, idxs, threshold):
@@ -251,6 +259,13 @@ BOXES = np.array([[0, 0, 1, 1], [0, 0, 2, 2]], np.float32)
 SCORES = np.array([0.5, 0.4], np.float32)
 
 
+class _RefusesArray:
+    """Like a torch tensor that requires grad: converting it raises."""
+
+    def __array__(self, *args, **kwargs):
+        raise RuntimeError("no conversion")
+
+
 @pytest.mark.parametrize("call, message", [
     (lambda: nms(np.zeros((2, 5), np.float32), SCORES, 0.5), "shape"),
     (lambda: nms(np.array([[1, 0, 0, 1], [0, 0, 1, 1]], np.float32), SCORES, 0.5), "x2 < x1"),
@@ -261,6 +276,10 @@ SCORES = np.array([0.5, 0.4], np.float32)
     (lambda: nms(BOXES, SCORES, -0.1), "iou_threshold"),
     (lambda: nms(BOXES, SCORES, 1.5), "iou_threshold"),
     (lambda: nms(BOXES, SCORES, float("nan")), "iou_threshold"),
+    (lambda: nms(BOXES, SCORES, 10**400), "nms: iou_threshold must be finite"),
+    (lambda: nms([[0, 0, 1, 1], [0, 0, 2]], SCORES, 0.5), "nms: boxes is not an array"),
+    (lambda: nms(BOXES, np.ma.masked_array(SCORES), 0.5), "nms: scores must be a plain NumPy array"),
+    (lambda: nms(BOXES, _RefusesArray(), 0.5), "nms: scores must be a NumPy or CUDA device array, got _RefusesArray"),
     (lambda: batched_nms(BOXES, SCORES, np.array([0, 1, 2]), 0.5), "idxs has 3"),
     (lambda: batched_nms(BOXES, SCORES, np.array([0.0, 1.0]), 0.5), "integers"),
     (lambda: nms(BOXES, SCORES, 0.5, max_keep=0), "max_keep"),

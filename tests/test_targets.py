@@ -306,6 +306,8 @@ def test_sample_proposals_bg_low_threshold():
         (B([0, 0, 10, 10]), [4], dict(num_classes=3), "outside 1..3"),
         (B([0, 0, 10, 10]), [1, 2], {}, "entries"),
         (B([0, 0, 10, 10]), [1.0], {}, "integer"),
+        (B([0, 0, 10, 10]), np.array([2**64 - 1], np.uint64), {}, "gt_labels holds 18446744073709551615, beyond int64"),
+        (B([0, 0, 10, 10]), [1], dict(weights=(10, 10, 5, 10**400)), r"weights\[3\] must be finite"),
         (B([0, 0, 100, 10]), [1], dict(image_size=(64, 64)), "inside"),
         (B([0, 0, 10, 10]), [1], dict(rng=None), "rng"),
         (B([0, 0, 10, 10]), [1], dict(bg_iou=(0.0, 0.6)), "bg_iou"),

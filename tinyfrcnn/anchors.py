@@ -17,6 +17,8 @@ import numpy as np
 
 from .checks import check_boxes, check_non_negative_int, check_number
 
+MAX_ANCHORS = 2**40  # rows of grid_anchors' output (32 TiB in float64): beyond any real map
+
 
 def _positive_numbers(values, name, where):
     if np.ndim(values) == 0 or len(values) == 0:
@@ -58,6 +60,9 @@ def grid_anchors(base, feat_height, feat_width, stride):
     feat_height = check_non_negative_int(feat_height, "feat_height", where)
     feat_width = check_non_negative_int(feat_width, "feat_width", where)
     stride = check_number(stride, "stride", low=0, low_open=True, where=where)
+    if feat_height * feat_width * base.shape[0] > MAX_ANCHORS:
+        raise ValueError(f"{where}: a {feat_height} x {feat_width} grid of {base.shape[0]} anchors is more than "
+                         f"MAX_ANCHORS = {MAX_ANCHORS}")
     cx = (np.arange(feat_width) + 0.5) * stride  # (W,)
     cy = (np.arange(feat_height) + 0.5) * stride  # (H,)
     cy, cx = np.meshgrid(cy, cx, indexing="ij")  # (H, W) each

@@ -54,13 +54,11 @@ def _box_iou_reference(a, b):
     return np.where(inter > 0, iou, 0).astype(inter.dtype)
 
 
-def _box_iou_rows(a, b, out):
+def _box_iou_rows(a, b, area_a, area_b, out):
     n, m = a.shape[0], b.shape[0]
     bx1, by1, bx2, by2 = b[:, 0].copy(), b[:, 1].copy(), b[:, 2].copy(), b[:, 3].copy()  # (M,) each
-    area_b = (bx2 - bx1) * (by2 - by1)  # (M,)
     for i in prange(n):
         ax1, ay1, ax2, ay2 = a[i, 0], a[i, 1], a[i, 2], a[i, 3]
-        area_a = (ax2 - ax1) * (ay2 - ay1)
         row = out[i]
         # Branch-free over contiguous columns, so LLVM vectorises it; pairs that share
         # no area (or so little that it rounds to 0) are masked to 0 whatever the
@@ -69,7 +67,7 @@ def _box_iou_rows(a, b, out):
             w = min(ax2, bx2[j]) - max(ax1, bx1[j])
             h = min(ay2, by2[j]) - max(ay1, by1[j])
             inter = w * h
-            iou = inter / (area_a + area_b[j] - inter)
+            iou = inter / (area_a[i] + area_b[j] - inter)
             row[j] = iou if (w > 0) & (h > 0) & (inter > 0) else 0
 
 
@@ -140,12 +138,14 @@ def box_iou(a, b):
 def _box_iou_host(a, b):
     """``box_iou`` of two NumPy box arrays that have already been checked."""
     dtype = np.result_type(a.dtype, b.dtype)
-    a = np.ascontiguousarray(a, dtype=dtype)
-    b = np.ascontiguousarray(b, dtype=dtype)
     out = np.empty((a.shape[0], b.shape[0]), dtype=dtype)  # (N, M)
     if a.shape[0] and b.shape[0]:
+        # each area in its own box's dtype, then promoted, as torchvision does for mixed inputs
+        area_a, area_b = (((x[:, 2] - x[:, 0]) * (x[:, 3] - x[:, 1])).astype(dtype) for x in (a, b))  # (N,), (M,)
+        a = np.ascontiguousarray(a, dtype=dtype)
+        b = np.ascontiguousarray(b, dtype=dtype)
         kernel = _box_iou_cpu if a.shape[0] * b.shape[0] >= PARALLEL_MIN_PAIRS else _box_iou_cpu_serial
-        kernel(a, b, out)
+        kernel(a, b, area_a, area_b, out)
     return out
 
 
@@ -157,7 +157,10 @@ def _check_box_groups(boxes, name, where, allow_inf=False):
     boxes = as_float_array(boxes, name, ndim=2, where=where)
     if boxes.shape[1] == 0 or boxes.shape[1] % 4:
         raise ValueError(f"{where}: {name} must have shape (N, 4) or (N, 4*K), got {boxes.shape}")
-    check_boxes(boxes.reshape(-1, 4), name, where, allow_inf=allow_inf)
+    if boxes.shape[1] == 4:
+        return check_boxes(boxes, name, where, allow_inf=allow_inf)
+    for k in range(0, boxes.shape[1], 4):  # one check per group, so errors name the right entry
+        check_boxes(boxes[:, k:k + 4], f"{name}[:, {k}:{k + 4}]", where, allow_inf=allow_inf)
     return boxes
 
 
@@ -189,10 +192,19 @@ def remove_small_boxes(boxes, min_size):
 
 # ---------------------------------------------------------------- encode / decode
 
-def _check_weights(weights, where):
+def _check_weights(weights, where, dtype=np.dtype(np.float64)):
+    """The four weights as scalars of ``dtype``, each positive and finite in it."""
     if not isinstance(weights, (tuple, list, np.ndarray)) or len(weights) != 4:
         raise ValueError(f"{where}: weights must be 4 numbers (wx, wy, ww, wh), got {weights!r}")
-    return tuple(check_number(w, "weights", low=0, low_open=True, where=where) for w in weights)
+    out = []
+    for i, w in enumerate(weights):
+        v = check_number(w, f"weights[{i}]", low=0, low_open=True, where=where)
+        with np.errstate(over="ignore", under="ignore"):
+            t = dtype.type(v)
+        if not np.isfinite(t) or t == 0:
+            raise ValueError(f"{where}: weights[{i}] = {w!r} is out of {dtype.name}'s range")
+        out.append(t)
+    return tuple(out)
 
 
 def _centre_size(boxes):
@@ -223,11 +235,13 @@ def encode(reference, target, weights=(1.0, 1.0, 1.0, 1.0)):
         if empty.any():
             i = int(np.flatnonzero(empty)[0])
             raise ValueError(f"{where}: {name}[{i}] has zero width or height (log(w / w_a) is undefined)")
-    return _encode(reference, target, _check_weights(weights, where))
+    weights = _check_weights(weights, where, np.result_type(reference.dtype, target.dtype))
+    return _encode(reference, target, weights)
 
 
 def _encode(reference, target, weights):
-    """``encode`` of checked boxes with positive sizes; ``weights`` four floats."""
+    """``encode`` of checked boxes with positive sizes; ``weights`` as ``_check_weights``
+    returns them for the boxes' common dtype."""
     dtype = np.result_type(reference.dtype, target.dtype)
     reference, target = reference.astype(dtype, copy=False), target.astype(dtype, copy=False)
     wx, wy, ww, wh = (dtype.type(w) for w in weights)
@@ -262,8 +276,11 @@ def decode(reference, deltas, weights=(1.0, 1.0, 1.0, 1.0)):
         raise ValueError(f"{where}: reference has {reference.shape[0]} boxes but deltas has {deltas.shape[0]} rows")
     check_finite(deltas, "deltas", where)
     dtype = deltas.dtype
-    wx, wy, ww, wh = (dtype.type(w) for w in _check_weights(weights, where))
-    xa, ya, wa, ha = (v[:, None] for v in _centre_size(reference.astype(dtype, copy=False)))  # (N, 1)
+    wx, wy, ww, wh = _check_weights(weights, where, dtype)
+    with np.errstate(over="ignore"):
+        reference = reference.astype(dtype, copy=False)
+    check_finite(reference, f"reference in {dtype.name} (the dtype of deltas)", where)
+    xa, ya, wa, ha = (v[:, None] for v in _centre_size(reference))  # (N, 1)
     out = np.empty_like(deltas)  # (N, 4*K)
     with np.errstate(over="ignore"):
         dx = deltas[:, 0::4] / wx  # (N, K)

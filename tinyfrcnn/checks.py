@@ -7,6 +7,7 @@ the op reads them as indices or coordinates (small arrays such as boxes and RoIs
 reduces or sorts them on the host (the losses' inputs, NMS scores).
 """
 
+import math
 import numbers
 
 import numpy as np
@@ -25,7 +26,13 @@ def as_array(x, name, ndim=None, dtypes=None, where=""):
     prefix = f"{where}: " if where else ""
     if not is_device_array(x):
         if isinstance(x, (list, tuple)) or np.isscalar(x):
-            x = np.asarray(x)
+            try:
+                x = np.asarray(x)
+            except ValueError as err:  # ragged nested lists
+                raise ValueError(f"{prefix}{name} is not an array: {err}") from None
+        if isinstance(x, np.ma.MaskedArray):
+            raise ValueError(f"{prefix}{name} must be a plain NumPy array, got a masked array "
+                             "(its masked values would be used: pass x.filled(value))")
         if not isinstance(x, np.ndarray):
             raise ValueError(f"{prefix}{name} must be a NumPy or CUDA device array, got {type(x).__name__}")
         if not x.dtype.isnative:
@@ -89,7 +96,10 @@ def check_number(value, name, low=None, high=None, low_open=False, high_open=Fal
         isinstance(value, np.ndarray) and value.ndim == 0 and value.dtype.kind in "iuf")
     if not real or isinstance(value, bool):
         raise ValueError(f"{prefix}{name} must be a number, got {value!r}")
-    v = float(value)
+    try:
+        v = float(value)
+    except OverflowError:  # an int or Fraction beyond float64
+        v = math.inf
     if not np.isfinite(v):
         raise ValueError(f"{prefix}{name} must be finite, got {value!r}")
     if low is not None and (v < low or (low_open and v == low)):

@@ -279,7 +279,7 @@ def _validate(boxes, scores, iou_threshold, where, idxs=None):
     if idxs is not None:
         given["idxs"] = idxs
     device = on_device(given)
-    host = {k: to_host(v) for k, v in given.items()}
+    host = {k: v.copy_to_host() if device else as_array(v, k, where=where) for k, v in given.items()}
     host["boxes"] = check_boxes(host["boxes"], "boxes", where)
     host["scores"] = as_float_array(host["scores"], "scores", ndim=1, where=where)
     if idxs is not None:
@@ -306,7 +306,7 @@ def _run(host, iou_threshold, device, max_per_category=None):
     if device:
         keep = _nms_cuda(sorted_boxes, classes, order, iou_threshold)
         return keep if max_per_category is None else _first_per_category(keep, host.get("idxs"), max_per_category)
-    max_keep = len(boxes) if max_per_category is None else max_per_category
+    max_keep = len(boxes) if max_per_category is None else min(max_per_category, len(boxes))
     if classes is None:
         return order[_nms_cpu(sorted_boxes, _threshold_in(boxes.dtype, iou_threshold), max_keep)].astype(np.int64)
     # One category after another, each still in score order: boxes of different

@@ -69,6 +69,8 @@ def check_labels(labels, name, where, low=None, high=None):
     labels = as_array(_host(labels, name, where), name, ndim=1, where=where)
     if not np.issubdtype(labels.dtype, np.integer):
         raise ValueError(f"{where}: {name} must have an integer dtype, got {labels.dtype.name}")
+    if labels.dtype == np.uint64 and labels.size and labels.max() > np.iinfo(np.int64).max:
+        raise ValueError(f"{where}: {name} holds {int(labels.max())}, beyond int64")
     if low is not None and labels.size and (labels.min() < low or labels.max() > high):
         bad = labels[(labels < low) | (labels > high)][0]
         raise ValueError(f"{where}: {name} must hold only {list(range(low, high + 1))}, found {int(bad)}")
@@ -181,10 +183,10 @@ def anchor_targets(anchors, gt_boxes, pos_iou=0.7, neg_iou=0.3, image_size=None,
     weights)`` on positive anchors, zeros elsewhere (the paper's p*_i makes the
     regression loss zero there anyway). The RPN uses unit weights, as the paper.
     """
-    weights = _check_weights(weights, "anchor_targets")
     labels, matched_gt = label_anchors(anchors, gt_boxes, pos_iou, neg_iou, image_size, allowed_border)
     anchors, gt_boxes = np.asarray(anchors), np.asarray(gt_boxes)  # checked by label_anchors
     dtype = np.result_type(anchors.dtype, gt_boxes.dtype)
+    weights = _check_weights(weights, "anchor_targets", dtype)
     reg_targets = np.zeros((labels.shape[0], 4), dtype=dtype)  # (A, 4)
     pos = np.flatnonzero(labels == 1)  # positives overlap their gt, so both have positive sizes
     if pos.size:
@@ -237,9 +239,8 @@ def sample_proposals(proposals, gt_boxes, gt_labels, num_samples=128, fg_fractio
     bg_lo = check_number(bg_iou[0], "bg_iou", low=0.0, high=1.0, where=where)
     bg_hi = check_number(bg_iou[1], "bg_iou", low=bg_lo, high=fg_iou, low_open=True, where=where)
     rng = _check_rng(rng, where)
-    weights = _check_weights(weights, where)
-
     dtype = np.result_type(proposals.dtype, gt_boxes.dtype)
+    weights = _check_weights(weights, where, dtype)
     rois = np.concatenate([proposals.astype(dtype), gt_boxes.astype(dtype)])  # (P + G, 4)
     if gt_boxes.shape[0]:
         best_iou, matched = _best_match(_box_iou_host(rois, gt_boxes))  # (P + G,), (P + G,)
