@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -94,6 +95,62 @@ def test_train_rejects_settings_that_cannot_work(tmp_path):
         main(["train", "--resume", str(tmp_path)])
     with pytest.raises(SystemExit, match="is a folder; give the .npz file in it"):
         main(["evaluate", "--checkpoint", str(tmp_path)])
+
+
+def test_train_does_not_replace_a_run_unless_asked(tmp_path, capsys):
+    quick = ["--steps", "1", "--train-images", "2", "--batch-size", "1", "--eval-every", "0", "--test-images", "0",
+             "--no-progress"]
+    other = tmp_path / "other"
+    trainer = Trainer(TINY, tiny_train_config(steps=2), out_dir=str(other))
+    trainer.train_step()
+    other_run = trainer.save()
+    before = open(other_run, "rb").read()
+    with pytest.raises(SystemExit, match=f"{other} already holds a run .*--resume .*--overwrite to replace it"):
+        main(["train", "--out", str(other)] + quick)
+    resumable = Trainer(TINY, tiny_train_config(steps=2), out_dir=str(tmp_path / "mine")).save()
+    with pytest.raises(SystemExit, match="already holds a run"):
+        main(["train", "--resume", resumable, "--out", str(other)] + quick[-3:])
+    assert open(other_run, "rb").read() == before
+    assert main(["train", "--out", str(other), "--overwrite"] + quick) == 0
+    assert open(other_run, "rb").read() != before
+    assert main(["train", "--resume", resumable, "--no-progress", "--test-images", "0"]) == 0  # its own folder
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered")
+def test_train_says_when_it_diverged_and_cannot_write_out(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(SystemExit, match="error: .*file"):
+        main(["train", "--out", str(blocker / "run"), "--steps", "1", "--train-images", "1", "--batch-size", "1",
+              "--eval-every", "0", "--test-images", "0", "--no-progress"])
+    with pytest.raises(SystemExit, match="error: training diverged: step .*: the loss is"):
+        main(["train", "--out", str(tmp_path / "run"), "--lr", "10", "--steps", "40", "--train-images", "16",
+              "--batch-size", "2", "--eval-every", "0", "--test-images", "0", "--no-progress"])
+
+
+def test_detect_refuses_images_that_would_write_one_file_and_reads_other_class_counts(tmp_path, capsys, monkeypatch):
+    import PIL.Image
+
+    a, b = tmp_path / "img.png", tmp_path / "sub" / "img.jpg"
+    b.parent.mkdir()
+    for path in (a, b):
+        Image.fromarray(np.full((40, 40, 3), 100, np.uint8)).save(path)
+    five = str(tmp_path / "five.npz")
+    FasterRCNN(replace(TINY, num_classes=5), rng=np.random.default_rng(0)).save(five)
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit, match=r"images would write the same file: .*img.png, .*img.jpg -> .*img_detections"):
+        main(["detect", "--checkpoint", five, "--out", str(out), str(a), str(b)])
+    assert not out.exists()
+    assert main(["detect", "--checkpoint", five, "--out", str(out), "--score-thresh", "0", str(a)]) == 0
+    assert (out / "img_detections.png").is_file()
+    with pytest.raises(SystemExit, match="detects 5 classes; the shapes test split has 3"):
+        main(["evaluate", "--checkpoint", five, "--images", "2"])
+    with pytest.raises(SystemExit) as stop:
+        main(["detect", "--checkpoint", five, "--size", "100000", str(a)])
+    assert stop.value.code == 2 and "an integer from 16 to 1024" in capsys.readouterr().err
+    monkeypatch.setattr(PIL.Image, "MAX_IMAGE_PIXELS", 100)  # 40 x 40 is then a "decompression bomb"
+    with pytest.raises(SystemExit, match="cannot read .* as an image"):
+        main(["detect", "--checkpoint", five, "--out", str(out), str(a)])
 
 
 def test_resume_writes_into_the_runs_own_folder(tmp_path, monkeypatch, capsys):

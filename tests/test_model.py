@@ -154,6 +154,59 @@ def test_bad_checkpoints_are_clear_errors(tmp_path):
         FasterRCNN(ModelConfig()).load_state_dict(FasterRCNN.load(path)[0].state_dict())
 
 
+def test_damaged_checkpoints_and_unreadable_extras_are_clear_errors(tmp_path):
+    model = FasterRCNN(TINY, rng=np.random.default_rng(0))
+    path = str(tmp_path / "m.npz")
+    model.save(path)
+    good = open(path, "rb").read()
+    with pytest.raises(ValueError, match=r"FasterRCNN.save: extra\['o'\] must be numbers or a string, got dict"):
+        model.save(path, extra={"o": {"a": 1}})
+    assert open(path, "rb").read() == good  # nothing was written over it
+    arrays = read_checkpoint(path)
+    name = "param/head.fc6.weight"
+    for value, match in [(np.full_like(arrays[name], np.nan), "holds NaN or inf"),
+                         (np.full(arrays[name].shape, 1e39), r"holds NaN or inf \(in float32\)"),
+                         (arrays[name].astype(np.complex64), "has dtype complex64, not a real number type")]:
+        np.savez(str(tmp_path / "bad.npz"), **{**arrays, name: value})
+        with pytest.raises(ValueError, match=f"checkpoint parameter 'head.fc6.weight' {match}"):
+            FasterRCNN.load(str(tmp_path / "bad.npz"))
+    for config, match in [("null", "must be a JSON object"), ("{oops", "is not JSON"),
+                          ('{"backbone_channels": 64}', "backbone_channels must be a non-empty tuple"),
+                          ('{"score_thresh": 2.0}', "score_thresh must be <= 1")]:
+        np.savez(str(tmp_path / "bad.npz"), **{**arrays, "config": np.array(config)})
+        with pytest.raises(ValueError, match=f"checkpoint config.*{match}"):
+            FasterRCNN.load(str(tmp_path / "bad.npz"))
+    with pytest.raises(ValueError, match="checkpoint path must be a string or path, got NoneType"):
+        FasterRCNN.load(None)
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("score_thresh", 2.0, "score_thresh must be <= 1"), ("max_detections", 0, "max_detections must be a positive"),
+    ("nms_thresh", float("nan"), "nms_thresh must be finite"), ("rpn_pre_nms_test", 0, "rpn_pre_nms_test must be"),
+    ("backbone_channels", (8, 8, 8), "backbone_channels needs at least 4 entries"),
+    ("anchor_sizes", (16, -1), r"anchor_sizes\[1\] must be > 0"), ("rpn_neg_iou", 0.8, "rpn_neg_iou must be <= 0.7"),
+    ("bg_iou", (0.0, 0.6), r"bg_iou\[1\] must be <= 0.5"), ("pooling", "max", "pooling must be 'roi_pool' or"),
+    ("num_classes", True, "num_classes must be a positive integer"),
+])
+def test_model_config_checks_its_fields(field, value, match):
+    with pytest.raises(ValueError, match=f"ModelConfig: {match}"):
+        ModelConfig(**{field: value})
+    config = ModelConfig()
+    setattr(config, field, value)  # set after construction: caught when a model is built
+    with pytest.raises(ValueError, match=f"ModelConfig: {match}"):
+        FasterRCNN(config)
+    with pytest.raises(ValueError, match="FasterRCNN: config must be a ModelConfig, got dict"):
+        FasterRCNN({"num_classes": 3})
+
+
+def test_propose_takes_a_nested_list_as_detect_does():
+    model = FasterRCNN(TINY, rng=np.random.default_rng(0))
+    images = tiny_batch(n=1)[0].tolist()
+    expected = model.propose(np.array(images))
+    got = model.propose(images)
+    assert len(got) == 1 and np.array_equal(got[0][0], expected[0][0]) and np.array_equal(got[0][1], expected[0][1])
+
+
 def test_detect_and_propose_on_an_empty_batch():
     model = FasterRCNN(TINY, rng=np.random.default_rng(0))
     empty = np.zeros((0, 3, 64, 64), np.float32)  # (N, 3, H, W)

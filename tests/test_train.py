@@ -77,6 +77,71 @@ def test_non_finite_loss_stops_with_a_message_naming_step_and_term(tmp_path):
     assert open(t.checkpoint_path(), "rb").read() == good
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered")
+def test_weights_that_blow_up_stop_the_run_as_a_non_finite_loss(tmp_path):
+    t = Trainer(TINY, tiny_train_config(steps=3), out_dir=str(tmp_path))
+    t.train_step()
+    t.model.head.fc6.weight.data[...] = 1e38  # what a far too large learning rate does: finite, but it overflows
+    with pytest.raises(NonFiniteLoss, match=r"step 1: the loss is nan or inf \(ReLU: x holds NaN or inf .*a lower lr"):
+        t.train_step()
+    with pytest.raises(NonFiniteLoss, match="training stopped, no checkpoint was written"):
+        t.fit(progress=False)
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("batch_size", 0, "batch_size must be a positive integer"), ("batch_size", 2.0, "batch_size must be a positive"),
+    ("steps", -1, "steps must be a positive integer"), ("seed", -1, "seed must be a non-negative integer"),
+    ("seed", 1.5, "seed must be a non-negative"), ("eval_every", -1, "eval_every must be a non-negative"),
+    ("checkpoint_every", -1, "checkpoint_every must be"), ("lr", 0.0, "lr must be > 0"),
+    ("momentum", 1.0, "momentum must be < 1"), ("decay_at", (0.5, 1.5), r"decay_at\[1\] must be <= 1"),
+    ("schedule", "sideways", "schedule must be 'joint' or 'alternating'"), ("device", "gpu", "device must be one of"),
+])
+def test_train_config_checks_its_fields(field, value, match):
+    with pytest.raises(ValueError, match=f"TrainConfig: {match}"):
+        TrainConfig(**{field: value})
+    cfg = TrainConfig()
+    setattr(cfg, field, value)  # set after construction: caught when the run starts
+    with pytest.raises(ValueError, match=f"TrainConfig: {match}"):
+        Trainer(TINY, cfg)
+
+
+def test_evaluate_model_checks_batch_size():
+    from tinyfrcnn.shapes import shapes_split
+    from tinyfrcnn.train import evaluate_model
+
+    for bad in (0, -1, 1.5):
+        with pytest.raises(ValueError, match="evaluate_model: batch_size must be a positive integer"):
+            evaluate_model(FasterRCNN(TINY), shapes_split("test", 2, image_size=64), batch_size=bad)
+
+
+def test_resume_refuses_other_configs_and_damaged_states(tmp_path):
+    from dataclasses import replace
+
+    from tinyfrcnn.model import ModelConfig
+
+    cfg = tiny_train_config(steps=2)
+    path = train(str(tmp_path / "run"), TINY, cfg, progress=False).checkpoint_path()
+    with pytest.raises(ValueError, match="train: model_config differs from the config of the run"):
+        train(str(tmp_path / "run"), replace(TINY, num_classes=7), resume=path, progress=False)
+    with pytest.raises(ValueError, match="train: train_config differs from the run"):
+        train(str(tmp_path / "run"), train_config=replace(cfg, lr=0.5), resume=path, progress=False)
+    again = train(str(tmp_path / "run"), TINY, replace(cfg, steps=3), resume=path, steps=3, progress=False)
+    assert again.step == 3  # the run's own configs (and a new length) are fine
+    model, extra = FasterRCNN.load(path)
+    state = json.loads(str(extra["train_state"]))
+    for damage, match in [(lambda s: s.pop("rng"), "damaged training state \\(missing rng\\)"),
+                          (lambda s: s.update(order=[0, 99]), "data order leaves the 16 training images"),
+                          (lambda s: s["train_config"].update(colour="red"), "train_config is damaged"),
+                          (lambda s: s["train_config"].update(lr=-1), "TrainConfig: lr must be > 0")]:
+        broken = json.loads(json.dumps(state))
+        damage(broken)
+        bad = str(tmp_path / "bad.npz")
+        model.save(bad, extra={**extra, "train_state": json.dumps(broken)})
+        with pytest.raises(ValueError, match=match):
+            resume_run(bad)
+    assert ModelConfig() == ModelConfig()
+
+
 def test_bad_schedule_is_rejected():
     with pytest.raises(ValueError, match="schedule"):
         Trainer(TINY, tiny_train_config(schedule="sideways"))

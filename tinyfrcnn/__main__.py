@@ -9,26 +9,28 @@ import numpy as np
 
 DEFAULT_OUT = os.path.join("runs", "shapes")
 MIN_SIDE = 16  # detect pads shorter sides to this: the backbone's stride is 8
+MAX_SIDE = 1024  # detect's --size: a 3x3 conv's columns at 2048 px would need gigabytes
 
 
-def _int_at_least(low):
-    """An argparse type: an integer >= low."""
-    what = "a positive integer" if low == 1 else "a non-negative integer" if low == 0 else f"an integer >= {low}"
+def _int_in(low, high=None):
+    """An argparse type: an integer >= low (and <= high)."""
+    what = ("a positive integer" if low == 1 else "a non-negative integer" if low == 0 else f"an integer >= {low}"
+            ) if high is None else f"an integer from {low} to {high}"
 
     def parse(text):
         try:
             v = int(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
-        if v < low:
+        if v < low or (high is not None and v > high):
             raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
         return v
 
     return parse
 
 
-_positive_int = _int_at_least(1)
-_non_negative_int = _int_at_least(0)
+_positive_int = _int_in(1)
+_non_negative_int = _int_in(0)
 
 
 def _float_in(low, high, low_open=False):
@@ -85,6 +87,8 @@ def build_parser():
     t.add_argument("--resume", metavar="CHECKPOINT",
                    help="continue a run from its checkpoint, with the run's own settings (only --steps, "
                         "--out and --device may be given)")
+    t.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in --out (without it, train refuses to)")
     t.add_argument("--test-images", type=_non_negative_int, default=500,
                    help="evaluate on this many test images at the end (0: skip; default 500)")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -105,8 +109,8 @@ def build_parser():
     d.add_argument("--checkpoint", required=True, help="a .npz checkpoint written by train")
     d.add_argument("images", nargs="+", metavar="IMAGE", help="PNG or JPEG files")
     d.add_argument("--out", default=".", help="folder for the drawn images (default: current folder)")
-    d.add_argument("--size", type=_int_at_least(MIN_SIDE), default=128,
-                   help=f"longer side after resizing (default 128, at least {MIN_SIDE})")
+    d.add_argument("--size", type=_int_in(MIN_SIDE, MAX_SIDE), default=128,
+                   help=f"longer side after resizing (default 128, {MIN_SIDE} to {MAX_SIDE})")
     d.add_argument("--score-thresh", type=_float_in(0, 1), default=0.5,
                    help="draw detections with at least this score (default 0.5)")
     _add_device(d)
@@ -133,6 +137,8 @@ def _resumed_trainer(args):
         given.append("--schedule alternating")
     if given:
         raise SystemExit(f"error: --resume continues the run with its own settings; drop {', '.join(given)}")
+    if args.out and not args.overwrite:
+        _refuse_to_replace(args.out, keep=os.path.dirname(os.path.abspath(args.resume)))
     try:
         return resume_run(args.resume, out_dir=args.out, steps=args.steps,
                           device=None if args.device is None else _check_device(args.device))
@@ -140,6 +146,14 @@ def _resumed_trainer(args):
         raise SystemExit(f"error: {e}") from None
     except RuntimeError as e:  # the run was on "cuda" and there is no GPU here
         raise SystemExit(f"error: {e}; to go on with the run on the CPU, add --device cpu") from None
+
+
+def _refuse_to_replace(out, keep=None):
+    """Exit with an error if ``out`` holds a run's checkpoint (other than in folder ``keep``)."""
+    path = os.path.join(out, "checkpoint.npz")
+    if os.path.exists(path) and os.path.abspath(out) != keep:
+        raise SystemExit(f"error: {out} already holds a run ({path}); continue it with --resume {path}, "
+                         "choose another --out, or add --overwrite to replace it")
 
 
 def _new_run(args):
@@ -162,6 +176,8 @@ def _new_run(args):
     mc = ModelConfig()
     if args.pooling:
         mc.pooling = args.pooling
+    if not args.overwrite:
+        _refuse_to_replace(args.out or DEFAULT_OUT)
     return partial(train_alternating if args.schedule == "alternating" else train, args.out or DEFAULT_OUT, mc, tc)
 
 
@@ -169,11 +185,15 @@ def cmd_train(args):
     from .shapes import CLASS_NAMES, shapes_split
     from .train import evaluate_model
 
+    from .model import NonFiniteLoss
+
     run = _resumed_trainer(args).fit if args.resume else _new_run(args)
     try:
         trainer = run(progress=not args.no_progress)
     except KeyboardInterrupt:
         return 130
+    except NonFiniteLoss as e:
+        raise SystemExit(f"error: training diverged: {e}") from None
     print(f"checkpoint: {trainer.checkpoint_path()}")
     if args.test_images:
         test = shapes_split("test", args.test_images)
@@ -202,11 +222,22 @@ def _load_model(path, device="cpu"):
         raise SystemExit(f"error: {e}") from None
 
 
+def _class_names(model):
+    """The shapes dataset's class names for a model with its 3 classes; "class k" otherwise."""
+    from .shapes import CLASS_NAMES, NUM_CLASSES
+
+    n = model.config.num_classes
+    return CLASS_NAMES if n == NUM_CLASSES else ("background",) + tuple(f"class {k}" for k in range(1, n + 1))
+
+
 def cmd_evaluate(args):
-    from .shapes import CLASS_NAMES, shapes_split
+    from .shapes import CLASS_NAMES, NUM_CLASSES, shapes_split
     from .train import evaluate_model
 
     model = _load_model(args.checkpoint, args.device)
+    if model.config.num_classes != NUM_CLASSES:
+        raise SystemExit(f"error: {args.checkpoint} detects {model.config.num_classes} classes; the shapes "
+                         f"test split has {NUM_CLASSES}")
     test = shapes_split("test", args.images)
     ap = evaluate_model(model, test)[0]
     if args.json:
@@ -246,7 +277,7 @@ def load_image(path, size):
             nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
             im = im.resize((nw, nh), Image.BILINEAR)
             arr = np.asarray(im, dtype=np.float32) / 255.0  # (h, w, 3)
-    except (UnidentifiedImageError, OSError) as e:
+    except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
         raise SystemExit(f"error: cannot read {path!r} as an image: {e}") from None
     return np.ascontiguousarray(arr.transpose(2, 0, 1)), (nw / w, nh / h)
 
@@ -258,11 +289,22 @@ def pad_to_min_side(image, min_side=MIN_SIDE):
     return np.pad(image, ((0, 0), (0, max(0, min_side - h)), (0, max(0, min_side - w))), mode="edge")
 
 
+def _detections_path(out, image_path):
+    return os.path.join(out, os.path.splitext(os.path.basename(image_path))[0] + "_detections.png")
+
+
 def cmd_detect(args):
-    from .shapes import CLASS_NAMES
     from .viz import save_detections
 
+    targets = {}
+    for path in args.images:
+        targets.setdefault(_detections_path(args.out, path), []).append(path)
+    clashes = [f"{', '.join(paths)} -> {out}" for out, paths in targets.items() if len(paths) > 1]
+    if clashes:
+        raise SystemExit(f"error: images would write the same file: {'; '.join(clashes)}; run them in separate calls "
+                         "with different --out folders")
     model = _load_model(args.checkpoint, args.device)
+    class_names = _class_names(model)
     os.makedirs(args.out, exist_ok=True)
     for path in args.images:
         image, (sx, sy) = load_image(path, args.size)
@@ -272,16 +314,18 @@ def cmd_detect(args):
         keep = (det["scores"] >= args.score_thresh) & (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
         boxes = boxes[keep] / np.array([sx, sy, sx, sy], dtype=np.float32)
         original, _ = load_image(path, max(round(w / sx), round(h / sy)))
-        name = os.path.splitext(os.path.basename(path))[0]
-        out = os.path.join(args.out, f"{name}_detections.png")
-        save_detections(out, original, boxes, det["labels"][keep], det["scores"][keep], CLASS_NAMES)
+        out = _detections_path(args.out, path)
+        save_detections(out, original, boxes, det["labels"][keep], det["scores"][keep], class_names)
         print(f"{path}: {int(keep.sum())} detections -> {out}")
     return 0
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    return {"train": cmd_train, "evaluate": cmd_evaluate, "detect": cmd_detect}[args.command](args)
+    try:
+        return {"train": cmd_train, "evaluate": cmd_evaluate, "detect": cmd_detect}[args.command](args)
+    except OSError as e:  # an output folder that cannot be made or written, a full disk
+        raise SystemExit(f"error: {e}") from None
 
 
 if __name__ == "__main__":

@@ -55,13 +55,17 @@ def as_float_array(x, name, ndim=None, where=""):
     return x
 
 
+class NonFiniteValues(ValueError):
+    """An array argument holds NaN or inf (raised by ``check_finite``)."""
+
+
 def check_finite(x, name, where=""):
-    """Raise if ``x`` holds NaN or inf (device arrays are checked on a host copy)."""
+    """Raise NonFiniteValues if ``x`` holds NaN or inf (device arrays are checked on a host copy)."""
     values = _host_values(x)
     if values.size and not np.isfinite(values).all():
         prefix = f"{where}: " if where else ""
         bad = np.argwhere(~np.isfinite(values))[0]
-        raise ValueError(f"{prefix}{name} holds NaN or inf (first at index {tuple(int(i) for i in bad)})")
+        raise NonFiniteValues(f"{prefix}{name} holds NaN or inf (first at index {tuple(int(i) for i in bad)})")
     return x
 
 

@@ -23,7 +23,7 @@ import numpy as np
 
 from . import anchors as anchors_mod
 from .backbone import BACKBONE_STRIDE, make_backbone
-from .checks import as_float_array, check_boxes, check_finite
+from .checks import as_float_array, check_boxes, check_finite, check_number, check_positive_int
 from .device import check_device, is_device_array, to_device, to_host
 from .head import FastRCNNHead, head_loss, postprocess_detections
 from .layers import Module, add_
@@ -34,11 +34,13 @@ CHECKPOINT_FORMAT = "tinyfrcnn-checkpoint-1"
 
 
 class NonFiniteLoss(FloatingPointError):
-    """A loss term (or the network output it is computed from) became NaN or inf."""
+    """A loss term (or the network output it is computed from), or the whole loss
+    (``term`` "loss"), became NaN or inf."""
 
     def __init__(self, term, value, detail="", step=None):
         self.term, self.value, self.detail, self.step = term, value, detail, step
-        super().__init__((f"step {step}: " if step is not None else "") + f"loss term {term} is {value}"
+        what = "the loss" if term == "loss" else f"loss term {term}"
+        super().__init__((f"step {step}: " if step is not None else "") + f"{what} is {value}"
                          + (f" ({detail})" if detail else ""))
 
 
@@ -92,12 +94,51 @@ class ModelConfig:
     nms_thresh: float = 0.3
     max_detections: int = 100
 
+    def __post_init__(self):
+        self.check()
+
+    def check(self):
+        """Raise ValueError naming the first field out of range; returns self. Runs on
+        construction and again when a model is built (fields may be set in between)."""
+        where = "ModelConfig"
+        for name in ("num_classes", "rpn_mid_channels", "rpn_batch", "rpn_pre_nms_train", "rpn_post_nms_train",
+                     "rpn_pre_nms_test", "rpn_post_nms_test", "roi_batch", "pool_size", "head_hidden",
+                     "max_detections"):
+            check_positive_int(getattr(self, name), name, where)
+        _sequence(self.backbone_channels, "backbone_channels", where, lambda v, n: check_positive_int(v, n, where))
+        if len(self.backbone_channels) < 4:
+            raise ValueError(f"{where}: backbone_channels needs at least 4 entries (three pools), "
+                             f"got {self.backbone_channels!r}")
+        positive = lambda v, n: check_number(v, n, low=0, low_open=True, where=where)  # noqa: E731
+        _sequence(self.anchor_sizes, "anchor_sizes", where, positive)
+        _sequence(self.anchor_ratios, "anchor_ratios", where, positive)
+        check_number(self.rpn_pos_iou, "rpn_pos_iou", low=0, high=1, low_open=True, where=where)
+        check_number(self.rpn_neg_iou, "rpn_neg_iou", low=0, high=self.rpn_pos_iou, where=where)
+        check_number(self.rpn_allowed_border, "rpn_allowed_border", where=where)
+        check_number(self.fg_iou, "fg_iou", low=0, high=1, low_open=True, where=where)
+        _sequence(self.bg_iou, "bg_iou", where, lambda v, n: check_number(v, n, low=0, high=self.fg_iou, where=where))
+        if len(self.bg_iou) != 2 or not self.bg_iou[0] < self.bg_iou[1]:
+            raise ValueError(f"{where}: bg_iou must be a (low, high) pair with low < high, got {self.bg_iou!r}")
+        for name in ("rpn_pos_fraction", "fg_fraction", "rpn_nms", "nms_thresh", "score_thresh"):
+            check_number(getattr(self, name), name, low=0, high=1, where=where)
+        for name in ("rpn_sigma", "head_sigma"):
+            check_number(getattr(self, name), name, low=0, low_open=True, where=where)
+        check_number(self.rpn_min_size, "rpn_min_size", low=0, where=where)
+        if self.pooling not in ("roi_pool", "roi_align"):
+            raise ValueError(f"{where}: pooling must be 'roi_pool' or 'roi_align', got {self.pooling!r}")
+        return self
+
     def to_json(self):
         return json.dumps(asdict(self), sort_keys=True)
 
     @classmethod
     def from_json(cls, text):
-        raw = json.loads(text)
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"checkpoint config is not JSON ({e})") from None
+        if not isinstance(raw, dict):
+            raise ValueError(f"checkpoint config must be a JSON object, got {text[:80]!r}")
         known = {f.name for f in fields(cls)}
         unknown = set(raw) - known
         if unknown:
@@ -105,7 +146,18 @@ class ModelConfig:
         for key, value in raw.items():
             if isinstance(value, list):
                 raw[key] = tuple(value)
-        return cls(**raw)
+        try:
+            return cls(**raw)
+        except ValueError as e:
+            raise ValueError(f"checkpoint config: {e}") from None
+
+
+def _sequence(values, name, where, check_item):
+    """A non-empty tuple or list, each item passing ``check_item(item, f"{name}[i]")``."""
+    if not isinstance(values, (tuple, list)) or not values:
+        raise ValueError(f"{where}: {name} must be a non-empty tuple, got {values!r}")
+    for i, v in enumerate(values):
+        check_item(v, f"{name}[{i}]")
 
 
 def _ground_truth(gt_boxes, gt_labels, n, num_classes, where):
@@ -160,7 +212,9 @@ class FasterRCNN(Module):
 
     def __init__(self, config=None, rng=None, device="cpu"):
         check_device(device)
-        self.config = config = config or ModelConfig()
+        if config is not None and not isinstance(config, ModelConfig):
+            raise ValueError(f"FasterRCNN: config must be a ModelConfig, got {type(config).__name__}")
+        self.config = config = (config or ModelConfig()).check()
         rng = rng if rng is not None else np.random.default_rng(0)
         self.stride = BACKBONE_STRIDE
         self.backbone = make_backbone(config.backbone_channels, rng=rng)
@@ -320,8 +374,8 @@ class FasterRCNN(Module):
     # ----------------------------------------------------------------- inference
     def propose(self, images):
         """RPN proposals for each image at test settings: list of ((P, 4), (P,)) NumPy arrays."""
-        feats = self.backbone.forward(self._upload(images, "FasterRCNN.propose"))
-        return self._propose(feats, images.shape[2], images.shape[3])[1]
+        images = self._upload(images, "FasterRCNN.propose")
+        return self._propose(self.backbone.forward(images), images.shape[2], images.shape[3])[1]
 
     def _propose(self, feats, height, width):
         cfg = self.config
@@ -367,6 +421,12 @@ class FasterRCNN(Module):
             if value.shape != p.data.shape:
                 raise ValueError(
                     f"checkpoint parameter {name!r} has shape {value.shape}, the model expects {p.data.shape}")
+            if value.dtype.kind not in "iuf":
+                raise ValueError(f"checkpoint parameter {name!r} has dtype {value.dtype.name}, not a real number type")
+            with np.errstate(over="ignore", invalid="ignore"):
+                value = value.astype(p.data.dtype)
+            if not np.isfinite(value).all():
+                raise ValueError(f"checkpoint parameter {name!r} holds NaN or inf (in {value.dtype.name})")
             if is_device_array(p.data):
                 p.data.copy_to_device(np.ascontiguousarray(value, dtype=p.data.dtype))
             else:
@@ -381,6 +441,8 @@ class FasterRCNN(Module):
         arrays["config"] = np.array(self.config.to_json())
         for k, v in (extra or {}).items():
             arrays[f"extra/{k}"] = np.asarray(v)
+            if arrays[f"extra/{k}"].dtype.kind == "O":  # np.load(allow_pickle=False) could not read it back
+                raise ValueError(f"FasterRCNN.save: extra[{k!r}] must be numbers or a string, got {type(v).__name__}")
         save_npz_atomically(path, arrays)
 
     @classmethod
@@ -419,6 +481,8 @@ def save_npz_atomically(path, arrays):
 
 def read_checkpoint(path):
     """All arrays of a checkpoint file, after checking it is one."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise ValueError(f"checkpoint path must be a string or path, got {type(path).__name__}")
     if os.path.isdir(path):
         raise ValueError(f"checkpoint {path!r} is a folder; give the .npz file in it "
                          f"(train writes {os.path.join(path, 'checkpoint.npz')!r})")

@@ -18,13 +18,14 @@ import signal
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from typing import NamedTuple
 
 import numpy as np
 
-from .checks import check_positive_int
-from .device import check_device, is_device_array
+from .checks import NonFiniteValues, check_non_negative_int, check_number, check_positive_int
+from .device import DEVICES, check_device, is_device_array
 from .evaluate import coco_ap
 from .model import FasterRCNN, ModelConfig, NonFiniteLoss
 from .optim import SGD, warmup_step_lr
@@ -58,6 +59,32 @@ class TrainConfig:
     schedule: str = "joint"
     device: str = "cpu"
 
+    def __post_init__(self):
+        self.check()
+
+    def check(self):
+        """Raise ValueError naming the first field out of range; returns self. Runs on
+        construction and again when a run starts (fields may be set in between). Whether
+        a "cuda" device is usable is checked when the run starts."""
+        where = "TrainConfig"
+        for name in ("steps", "batch_size", "train_images", "image_size"):
+            check_positive_int(getattr(self, name), name, where)
+        for name in ("warmup_steps", "seed", "val_images", "eval_every", "checkpoint_every"):
+            check_non_negative_int(getattr(self, name), name, where)
+        check_number(self.lr, "lr", low=0, low_open=True, where=where)
+        check_number(self.momentum, "momentum", low=0, high=1, high_open=True, where=where)
+        check_number(self.weight_decay, "weight_decay", low=0, where=where)
+        check_number(self.gamma, "gamma", low=0, low_open=True, where=where)
+        if not isinstance(self.decay_at, (tuple, list)):
+            raise ValueError(f"{where}: decay_at must be a tuple of fractions of the run, got {self.decay_at!r}")
+        for i, f in enumerate(self.decay_at):
+            check_number(f, f"decay_at[{i}]", low=0, high=1, where=where)
+        if self.schedule not in ("joint", "alternating"):
+            raise ValueError(f"{where}: schedule must be 'joint' or 'alternating', got {self.schedule!r}")
+        if self.device not in DEVICES:
+            raise ValueError(f"{where}: device must be one of {DEVICES}, got {self.device!r}")
+        return self
+
     @property
     def milestones(self):
         return tuple(int(round(f * self.steps)) for f in self.decay_at)
@@ -65,6 +92,7 @@ class TrainConfig:
 
 def evaluate_model(model, dataset, batch_size=16, progress=None):
     """COCO-style AP of ``model`` on every image of ``dataset`` (see evaluate.coco_ap)."""
+    batch_size = check_positive_int(batch_size, "batch_size", "evaluate_model")
     detections, truths = [], []
     for start in range(0, len(dataset), batch_size):
         idx = list(range(start, min(start + batch_size, len(dataset))))
@@ -123,12 +151,24 @@ def _training_state(path):
     model, extra = FasterRCNN.load(path)
     if "train_state" not in extra:
         raise ValueError(f"{path!r} holds weights only, not a training state to resume")
-    return model, extra, json.loads(str(extra["train_state"]))
+    damaged = f"{path!r} has a damaged training state"
+    try:
+        state = json.loads(str(extra["train_state"]))
+        joint = state["train_config"].get("schedule") != "alternating"
+    except (json.JSONDecodeError, TypeError, KeyError, AttributeError):
+        raise ValueError(f"{damaged} (no readable train_config)") from None
+    missing = [k for k in ("step", "rng", "history") + (("order", "evals") if joint else ()) if k not in state]
+    if missing:
+        raise ValueError(f"{damaged} (missing {', '.join(missing)})")
+    return model, extra, state
 
 
 def _train_config_from_json(values):
     """TrainConfig from its saved dict (JSON turned its tuples into lists)."""
-    return TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+    try:
+        return TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+    except (TypeError, AttributeError) as e:  # unknown keys, or not a dict
+        raise ValueError(f"the checkpoint's train_config is damaged ({e})") from None
 
 
 class _Run:
@@ -143,7 +183,10 @@ class _Run:
     @classmethod
     def _saved_config(cls, path, state):
         """The TrainConfig of the run saved in ``path``, which must be of this schedule."""
-        cfg = _train_config_from_json(state["train_config"])
+        try:
+            cfg = _train_config_from_json(state["train_config"])
+        except ValueError as e:
+            raise ValueError(f"{path!r}: {e}") from None
         if cfg.schedule != cls.schedule:
             raise ValueError(f"{path!r} holds a run of the {cfg.schedule} schedule; resume it with "
                              "tinyfrcnn.train.resume_run")
@@ -202,8 +245,9 @@ class _Run:
                         self.save()
         except NonFiniteLoss as e:
             bar.close()
-            detail = "; ".join(filter(None, [e.detail, f"training stopped, the last good checkpoint is "
-                                                       f"{self.checkpoint_path()}"]))
+            saved = (f"the last good checkpoint is {self.checkpoint_path()}" if os.path.exists(self.checkpoint_path())
+                     else "no checkpoint was written")
+            detail = "; ".join(filter(None, [e.detail, f"training stopped, {saved}"]))
             raise NonFiniteLoss(e.term, e.value, detail, step=e.step) from None
         except KeyboardInterrupt:
             if bar is not None:
@@ -233,7 +277,7 @@ class Trainer(_Run):
     complete_hint = " (resume with more steps to go on)"
 
     def __init__(self, model_config=None, train_config=None, out_dir=None):
-        self.cfg = train_config or TrainConfig()
+        self.cfg = (train_config or TrainConfig()).check()
         if self.cfg.schedule != self.schedule:
             raise ValueError(f"Trainer: schedule must be 'joint' (use train_alternating for 4-step), got {self.cfg.schedule!r}")
         check_device(self.cfg.device)
@@ -269,7 +313,8 @@ class Trainer(_Run):
         self.optim.lr = self.lr_at(self.step)
         self.optim.zero_grad()
         try:
-            losses = self.model.forward(images, boxes, labels, rng=self.rng)
+            with _divergence_is_non_finite_loss(self.step):
+                losses = self.model.forward(images, boxes, labels, rng=self.rng)
             for term in LOSS_TERMS:
                 if not math.isfinite(losses[term]):
                     raise NonFiniteLoss(term, losses[term])
@@ -325,9 +370,24 @@ class Trainer(_Run):
         self.step = state["step"]
         self.rng = _rng_from_json(state["rng"])
         self._order = np.asarray(state["order"], dtype=np.int64)
+        if self._order.size and (self._order.min() < 0 or self._order.max() >= len(self.data)):
+            raise ValueError(f"{path!r} has a damaged training state (its data order leaves the "
+                             f"{len(self.data)} training images)")
         self.history = state["history"]
         self.evals = state["evals"]
         return self
+
+
+@contextmanager
+def _divergence_is_non_finite_loss(step):
+    """Around the forward pass of a training batch, whose images are finite: a layer
+    that refuses NaN or inf means the weights or activations have blown up (the last
+    update diverged), which is raised as NonFiniteLoss."""
+    try:
+        yield
+    except NonFiniteValues as e:
+        raise NonFiniteLoss("loss", "nan or inf", f"{e}: the weights or activations overflowed after the "
+                            "last update; a lower lr may help", step=step) from None
 
 
 def _with_steps(cfg, steps, step):
@@ -349,6 +409,14 @@ def train(out_dir, model_config=None, train_config=None, resume=None, progress=T
     if resume:
         trainer = resume_run(resume, out_dir=out_dir, steps=steps,
                              device=train_config.device if train_config else None)
+        if model_config is not None and model_config != trainer.model.config:
+            raise ValueError(f"train: model_config differs from the config of the run in {resume!r}; "
+                             "a resumed run keeps its own (pass None)")
+        free = ("device", "steps", "decay_at")  # decay_at moves with a new length
+        if train_config is not None and ({k: v for k, v in asdict(train_config).items() if k not in free}
+                                         != {k: v for k, v in asdict(trainer.cfg).items() if k not in free}):
+            raise ValueError(f"train: train_config differs from the run in {resume!r} in more than its device; "
+                             "a resumed run keeps its own settings (use steps= for a new length)")
     else:
         trainer = Trainer(model_config, train_config, out_dir)
     return trainer.fit(progress=progress, log=log)
@@ -431,7 +499,7 @@ class AlternatingTrainer(_Run):
     validates = False
 
     def __init__(self, model_config=None, train_config=None, out_dir=None):
-        cfg = replace(train_config or TrainConfig(), schedule=self.schedule)
+        cfg = replace(train_config or TrainConfig(), schedule=self.schedule)  # replace runs check()
         mc = model_config or ModelConfig()
         check_device(cfg.device)
         _check_batch_size(cfg, "train_alternating")
@@ -479,9 +547,10 @@ class AlternatingTrainer(_Run):
         images, boxes, labels = self.data.batch(idx)
         self.optim.lr = warmup_step_lr(k, cfg.lr, milestones, gamma=cfg.gamma, warmup_steps=cfg.warmup_steps)
         self.optim.zero_grad()
-        props = [p for p, _ in self.rpn_net.propose(images)] if stage.proposals_from_rpn_net else None
-        losses = net.forward(images, boxes, labels, rng=self.rng, train_rpn=stage.train_rpn,
-                             train_head=stage.train_head, proposals=props)
+        with _divergence_is_non_finite_loss(self.step):
+            props = [p for p, _ in self.rpn_net.propose(images)] if stage.proposals_from_rpn_net else None
+            losses = net.forward(images, boxes, labels, rng=self.rng, train_rpn=stage.train_rpn,
+                                 train_head=stage.train_head, proposals=props)
         for term in LOSS_TERMS:
             if not math.isfinite(losses[term]):
                 raise NonFiniteLoss(term, losses[term], f"{index + 1}/4 {stage.name}", step=self.step)
