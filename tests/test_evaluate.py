@@ -389,6 +389,10 @@ def test_validation_of_parameters():
         coco_ap(d, g, max_detections=0)
     with pytest.raises(ValueError, match="iou_threshold"):
         voc_ap(d, g, iou_threshold=float("nan"))
+    for metric in ("no", 1, None):
+        with pytest.raises(ValueError, match="voc_ap: use_07_metric must be True or False"):
+            voc_ap(d, g, use_07_metric=metric)
+    assert voc_ap(d, g, use_07_metric=np.bool_(True))["mAP"] == pytest.approx(1.0)
     with pytest.raises(ValueError, match="label"):
         precision_recall(d, g, 1.5)
     # integer boxes and plain lists are accepted

@@ -80,6 +80,8 @@ def test_head_bad_input():
         FastRCNNHead(4, 2, pooling="max")
     with pytest.raises(ValueError, match="num_classes"):
         FastRCNNHead(4, 0)
+    with pytest.raises(ValueError, match="FastRCNNHead: rng must be a numpy.random.Generator"):
+        FastRCNNHead(4, 2, rng=5)
     head = FastRCNNHead(4, 2, pool_size=2, hidden=4)
     with pytest.raises(ValueError, match="call forward first"):
         head.backward(np.zeros((1, 3)), np.zeros((1, 12)))
@@ -152,6 +154,26 @@ def test_head_loss_nothing_sampled_and_bad_input():
     # a background row's target is never read, whatever it holds
     out = head_loss(np.zeros((2, 3)), np.zeros((2, 12)), np.array([0, 1]), np.array([[np.nan] * 4, [0, 0, 0, 0]]))
     assert np.isfinite(out["loss_box"]) and np.isfinite(out["grad_box"]).all()
+
+
+@pytest.mark.parametrize("cls_logits, box_deltas, labels, sigma, match", [
+    (np.zeros((2, 3)), np.zeros((2, 12)), np.array([0, 1]), 1e-200,  # sigma**2 underflows to 0
+     r"head_loss: sigma must give a finite beta = 1/sigma\*\*2 > 0, got 1e-200"),
+    (np.zeros((2, 3)), np.zeros((2, 12)), np.array([0, 1]), 1e200,  # sigma**2 overflows
+     r"head_loss: sigma must give a finite beta = 1/sigma\*\*2 > 0, got 1e\+200"),
+    (np.zeros((2, 0)), np.zeros((2, 0)), np.array([-1, -1]), 1.0,
+     r"head_loss: cls_logits must have at least one \(background\) class column, got shape \(2, 0\)"),
+])
+def test_head_loss_bad_sigma_and_no_class_column(cls_logits, box_deltas, labels, sigma, match):
+    with pytest.raises(ValueError, match=match):
+        head_loss(cls_logits, box_deltas, labels, np.zeros((len(labels), 4)), sigma=sigma)
+
+
+def test_head_loss_empty_list_labels():
+    out = head_loss(np.zeros((0, 3)), np.zeros((0, 12)), [], np.zeros((0, 4)))  # an empty list has no dtype
+    assert out["loss_cls"] == 0 and out["grad_cls"].shape == (0, 3) and out["grad_box"].shape == (0, 12)
+    with pytest.raises(ValueError, match="labels must have an integer dtype, got float64"):
+        head_loss(np.zeros((0, 3)), np.zeros((0, 12)), np.zeros(0), np.zeros((0, 4)))
 
 
 # --------------------------------------------------------------------------- postprocess_detections

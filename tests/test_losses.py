@@ -60,6 +60,8 @@ def test_cross_entropy_all_ignored_and_empty():
     assert loss == 0.0 and np.all(grad == 0) and grad.shape == (3, 2)
     loss, grad = softmax_cross_entropy(np.zeros((0, 2)), np.zeros(0, np.int64))
     assert loss == 0.0 and grad.shape == (0, 2)
+    loss, grad = softmax_cross_entropy(np.zeros((0, 2)), [])  # an empty list has no dtype
+    assert loss == 0.0 and grad.shape == (0, 2)
 
 
 @settings(max_examples=40, deadline=None)

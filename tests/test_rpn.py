@@ -86,6 +86,8 @@ def test_head_bad_input():
         head.forward(np.zeros((1, 4, 2, 2), np.float32))
     with pytest.raises(ValueError, match="num_anchors"):
         RPNHead(3, 4, 0)
+    with pytest.raises(ValueError, match="RPNHead: rng must be a numpy.random.Generator"):
+        RPNHead(3, 4, 2, rng=5)
 
 
 # ---------------------------------------------------------------- loss
@@ -169,11 +171,22 @@ def test_rpn_loss_nothing_sampled_and_float32():
         ((np.zeros((3, 2)), np.full((3, 4), np.nan), np.array([-1, -1, -1]), np.zeros((3, 4))), "rpn_loss: deltas"),
         ((np.zeros((3, 2), np.float32), np.zeros((3, 4), np.float32), np.array([0, 1, 0]), np.full((3, 4), 1e300)),
          "reg_targets"),  # finite in float64, inf in the deltas' float32
+        ((np.zeros((3, 2)), np.zeros((3, 4)), np.array([0, 1, 0]), np.zeros((3, 4)), 1e-200),
+         r"rpn_loss: sigma must give a finite beta = 1/sigma\*\*2 > 0, got 1e-200"),  # sigma**2 underflows to 0
+        ((np.zeros((3, 2)), np.zeros((3, 4)), np.array([0, 1, 0]), np.zeros((3, 4)), 1e200),
+         r"rpn_loss: sigma must give a finite beta"),  # sigma**2 overflows
+        ((np.zeros((0, 2)), np.zeros((0, 4)), np.zeros(0), np.zeros((0, 4))), "labels must be integers"),
     ],
 )
 def test_rpn_loss_bad_input(args, match):
     with pytest.raises(ValueError, match=match):
         rpn_loss(*args)
+
+
+def test_rpn_loss_empty_list_labels():
+    out = rpn_loss(np.zeros((0, 2)), np.zeros((0, 4)), [], np.zeros((0, 4)))
+    assert out["loss_cls"] == 0 and out["loss_reg"] == 0
+    assert out["grad_logits"].shape == (0, 2) and out["grad_deltas"].shape == (0, 4)
 
 
 # ---------------------------------------------------------------- proposals
@@ -182,6 +195,22 @@ def test_rpn_loss_bad_input(args, match):
 def test_objectness_is_the_softmax_and_stable():
     logits = np.array([[0.0, 0.0], [0.0, np.log(3)], [1000.0, -1000.0], [-1000.0, 1000.0]])
     np.testing.assert_allclose(objectness(logits), [0.5, 0.75, 0.0, 1.0])
+    np.testing.assert_allclose(objectness([[1.0, 2.0]]), [1 / (1 + np.exp(-1))])
+    assert objectness(np.zeros((0, 2), np.float32)).shape == (0,)
+
+
+@pytest.mark.parametrize(
+    "logits, match",
+    [
+        (np.array([[1, 2]]), "objectness: logits must be float32 or float64, got int64"),
+        (np.array([[np.nan, 2.0]]), r"objectness: logits holds NaN or inf \(first at index \(0, 0\)\)"),
+        (np.zeros((2, 3)), r"objectness: logits must have shape \(A, 2\), got \(2, 3\)"),
+        (np.zeros(2), r"objectness: logits must be 2-D, got shape \(2,\)"),
+    ],
+)
+def test_objectness_bad_input(logits, match):
+    with pytest.raises(ValueError, match=match):
+        objectness(logits)
 
 
 def test_proposals_hand_worked():
@@ -412,6 +441,8 @@ def test_proposal_recall_matches_reference_and_is_monotone(seed, thresh):
         (dict(props=[np.array([[0, 0, 1.0]])]), r"proposals_per_image\[0\] must have shape"),
         (dict(gts=[np.array([[5, 0, 1, 1.0]])]), r"gt_boxes_per_image\[0\]"),
         (dict(gts=[np.zeros((0, 4))]), "no boxes"),
+        (dict(props=5), "proposal_recall: proposals_per_image must be a list with one entry per image, got int"),
+        (dict(gts=None), "proposal_recall: gt_boxes_per_image must be a list with one entry per image"),
     ],
 )
 def test_proposal_recall_bad_input(kwargs, match):

@@ -232,6 +232,70 @@ def test_coco_round_trip(tmp_path):
         assert np.abs(item["image"] - ref["image"]).max() <= 0.5 / 255 + 1e-6
 
 
+class OneItem:
+    """A one-image dataset with the shapes classes, holding ``item``."""
+
+    class_names = CLASS_NAMES
+
+    def __init__(self, **item):
+        self.item = {"image": np.full((3, 8, 8), 0.5, np.float32), "boxes": np.array([[1, 1, 4, 4]], np.float32),
+                     "labels": np.array([1]), **item}
+
+    def __len__(self):
+        return 1
+
+    def __getitem__(self, i):
+        return self.item
+
+
+@pytest.mark.parametrize("item, match", [
+    ({"image": np.full((3, 8, 8), 2.0, np.float32)}, r"image values must lie in \[0, 1\], got min 2.0 and max 2.0"),
+    ({"image": np.full((3, 8, 8), -0.5, np.float32)}, r"image values must lie in \[0, 1\]"),
+    ({"image": np.full((3, 8, 8), np.nan, np.float32)}, "image holds NaN or inf"),
+    ({"image": np.full((8, 8, 3), 0.5, np.float32)},
+     r"image must be \(3, H, W\) RGB, channels first, got shape \(8, 8, 3\)"),
+    ({"image": np.full((3, 8, 8), 128, np.uint8)}, "image must be float32 or float64, got uint8"),
+    ({"labels": np.array([4])}, r"labels\[0\] = 4 is not one of the dataset's classes 1..3"),
+    ({"labels": np.array([0])}, r"labels\[0\] = 0 is not one of the dataset's classes 1..3"),
+    ({"labels": np.array([1.0])}, "labels must be integers, got dtype float64"),
+    ({"labels": np.array([1, 2])}, "labels has 2 entries but boxes has 1"),
+    ({"boxes": np.array([[4, 1, 1, 4]], np.float32)}, r"boxes\[0\] = \[4.0, 1.0, 1.0, 4.0\] has x2 < x1"),
+])
+def test_export_coco_rejects_bad_items(tmp_path, item, match):
+    with pytest.raises(ValueError, match=r"export_coco: dataset\[0\]: " + match):
+        export_coco(OneItem(**item), str(tmp_path))
+    assert not (tmp_path / "annotations.json").exists()
+
+
+def test_export_coco_empty_item_and_integer_boxes(tmp_path):
+    items = load_coco(export_coco(OneItem(boxes=np.zeros((0, 4), np.float32), labels=np.zeros(0, np.int64)),
+                                  str(tmp_path / "empty")))
+    assert items[0]["boxes"].shape == (0, 4) and items[0]["labels"].shape == (0,)
+    items = load_coco(export_coco(OneItem(boxes=np.array([[1, 2, 4, 6]])), str(tmp_path / "ints")))
+    assert items[0]["boxes"].tolist() == [[1, 2, 4, 6]]
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"image_id": 7}, "image_id 7 is not the id of an image in the file"),
+    ({"bbox": [1, 1, -3, 3]}, r"bbox must be \[x, y, width, height\], finite in float32 with width, height >= 0, "
+                              r"got \[1, 1, -3, 3\]"),
+    ({"bbox": [1, 1, 3, -0.5]}, "bbox must be"),
+    ({"bbox": [1, 1, 3]}, "bbox must be"),
+    ({"bbox": [1, 1, 1e300, 3]}, "bbox must be"),
+    ({"bbox": [1, 1, "3", 3]}, "bbox must be"),
+])
+def test_load_coco_rejects_bad_annotations(tmp_path, change, match):
+    path = export_coco(OneItem(boxes=np.array([[1, 1, 4, 4], [2, 2, 5, 5]], np.float32), labels=np.array([1, 2])),
+                       str(tmp_path))
+    with open(path) as f:
+        coco = json.load(f)
+    coco["annotations"][1].update(change)
+    with open(path, "w") as f:
+        json.dump(coco, f)
+    with pytest.raises(ValueError, match=r"load_coco: .*annotations.json: annotations\[1\] \(id 2\): " + match):
+        load_coco(path)
+
+
 def test_shape_crops():
     images, labels = shape_crops(60, crop_size=32, seed=4)
     assert images.shape == (60, 3, 32, 32) and images.dtype == np.float32

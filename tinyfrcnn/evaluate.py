@@ -395,6 +395,8 @@ def voc_ap(detections, ground_truths, iou_threshold=0.5, use_07_metric=False, cl
     get -1 and are left out of the mean (-1 if no class has any).
     """
     iou_threshold = _check_iou_threshold(iou_threshold)
+    if not isinstance(use_07_metric, (bool, np.bool_)):
+        raise ValueError(f"voc_ap: use_07_metric must be True or False, got {use_07_metric!r}")
     dt, gt = _prepare(detections, ground_truths)
     classes = _class_ids(dt, gt, class_ids)
     per_class = {}

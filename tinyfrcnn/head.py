@@ -14,12 +14,13 @@ with L_cls = -log p_u and L_loc = sum_{i in x,y,w,h} smooth_L1(t^u_i - v_i).
 import numpy as np
 
 from .boxes import clip_boxes, decode, remove_small_boxes
-from .checks import as_array, as_float_array, check_boxes, check_finite, check_number, check_positive_int
+from .checks import as_float_array, check_boxes, check_finite, check_number, check_positive_int
 from .device import empty_on_device, grid_1d, is_device_array, zeros_on_device
 from .layers import Flatten, Linear, Module, Parameter, ReLU, _add_cuda, _flat
-from .losses import _smooth_l1_host, _softmax_cross_entropy_host
+from .losses import _as_labels, _smooth_l1_beta, _smooth_l1_host, _softmax_cross_entropy_host
 from .nms import batched_nms
 from .roi import RoIAlign, RoIPool
+from .targets import _check_rng
 
 POOLINGS = ("roi_pool", "roi_align")
 
@@ -49,7 +50,7 @@ class FastRCNNHead(Module):
         hidden = check_positive_int(hidden, "hidden", where)
         if pooling not in POOLINGS:
             raise ValueError(f"{where}: pooling must be one of {POOLINGS}, got {pooling!r}")
-        rng = np.random.default_rng(0) if rng is None else rng
+        rng = np.random.default_rng(0) if rng is None else _check_rng(rng, where)
         self.pooling = pooling
         self.pool = (RoIPool(pool_size, spatial_scale) if pooling == "roi_pool"
                      else RoIAlign(pool_size, spatial_scale, sampling_ratio=2, aligned=True))
@@ -136,10 +137,13 @@ def head_loss(cls_logits, box_deltas, labels, box_targets, sigma=1.0):
     cls_logits = as_float_array(cls_logits, "cls_logits", ndim=2, where=where)
     box_deltas = as_float_array(box_deltas, "box_deltas", ndim=2, where=where)
     box_targets = as_float_array(box_targets, "box_targets", ndim=2, where=where)
-    labels = as_array(labels, "labels", ndim=1, where=where)
+    labels = _as_labels(labels, where)
     if any(is_device_array(a) for a in (cls_logits, box_deltas, box_targets, labels)):
         raise NotImplementedError(f"{where}: pass NumPy arrays")
     r, k1 = cls_logits.shape
+    if k1 == 0:
+        raise ValueError(f"{where}: cls_logits must have at least one (background) class column, "
+                         f"got shape {cls_logits.shape}")
     if box_deltas.shape != (r, 4 * k1):
         raise ValueError(f"{where}: box_deltas must have shape {(r, 4 * k1)} to match cls_logits {cls_logits.shape}, "
                          f"got {box_deltas.shape}")
@@ -152,7 +156,7 @@ def head_loss(cls_logits, box_deltas, labels, box_targets, sigma=1.0):
     if labels.size and (labels.min() < -1 or labels.max() >= k1):
         i = int(np.flatnonzero((labels < -1) | (labels >= k1))[0])
         raise ValueError(f"{where}: labels[{i}] = {int(labels[i])} is outside [-1, {k1 - 1}]")
-    sigma = check_number(sigma, "sigma", low=0, low_open=True, where=where)
+    beta = _smooth_l1_beta(sigma, where)
     check_finite(cls_logits, "cls_logits", where)
     check_finite(box_deltas, "box_deltas", where)
     fg = labels > 0
@@ -165,7 +169,7 @@ def head_loss(cls_logits, box_deltas, labels, box_targets, sigma=1.0):
     rows = np.arange(r)
     cols = 4 * np.maximum(labels, 0)[:, None] + np.arange(4)  # (R, 4): the own class's columns
     own = box_deltas[rows[:, None], cols]  # (R, 4)
-    loss_box, grad_own = _smooth_l1_host(own, targets, 1.0 / sigma**2,
+    loss_box, grad_own = _smooth_l1_host(own, targets, beta,
                                          weights=np.repeat(fg[:, None], 4, axis=1).astype(box_deltas.dtype))
     scale = 1.0 / sampled if sampled else 0.0
     grad_box = np.zeros_like(box_deltas)  # (R, 4 (K + 1))

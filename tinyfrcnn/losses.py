@@ -25,6 +25,28 @@ from .checks import as_array, as_float_array, check_finite, check_number
 from .device import empty_on_device, grid_1d, on_device, to_device, to_host
 
 
+# ---------------------------------------------------------------- checks
+
+
+def _as_labels(labels, where):
+    """``labels`` as a 1-D array; an empty list or tuple (which has no dtype) is empty int64."""
+    if isinstance(labels, (list, tuple)) and len(labels) == 0:
+        return np.zeros(0, np.int64)  # (0,)
+    return as_array(labels, "labels", ndim=1, where=where)
+
+
+def _smooth_l1_beta(sigma, where):
+    """The smooth-L1 ``beta = 1 / sigma**2`` of a loss's ``sigma``, checked to be finite and > 0."""
+    value = check_number(sigma, "sigma", low=0.0, low_open=True, where=where)
+    try:
+        beta = 1.0 / value**2
+    except (OverflowError, ZeroDivisionError):  # value**2 overflows or underflows to 0
+        beta = math.nan
+    if not 0.0 < beta < math.inf:
+        raise ValueError(f"{where}: sigma must give a finite beta = 1/sigma**2 > 0, got {sigma!r}")
+    return beta
+
+
 # ---------------------------------------------------------------- cross-entropy
 
 
@@ -106,7 +128,7 @@ def softmax_cross_entropy(logits, labels, ignore_index=-1):
     """
     where = "softmax_cross_entropy"
     logits = as_float_array(logits, "logits", ndim=2, where=where)
-    labels = as_array(labels, "labels", ndim=1, where=where)
+    labels = _as_labels(labels, where)
     if not np.issubdtype(np.dtype(labels.dtype), np.integer):
         raise ValueError(f"{where}: labels must have an integer dtype, got {np.dtype(labels.dtype).name}")
     n, k = logits.shape

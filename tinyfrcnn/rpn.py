@@ -25,12 +25,13 @@ import numpy as np
 from numba import cuda
 
 from .boxes import box_iou, clip_boxes, decode, remove_small_boxes
-from .checks import (as_array, as_float_array, check_boxes, check_finite, check_non_negative_int, check_number,
+from .checks import (as_float_array, check_boxes, check_finite, check_non_negative_int, check_number,
                      check_positive_int)
 from .device import empty_on_device, grid_1d, is_device_array
 from .layers import Conv2d, Module, Parameter, ReLU, _add_cuda, _flat
-from .losses import _smooth_l1_host, _softmax_cross_entropy_host
+from .losses import _as_labels, _smooth_l1_beta, _smooth_l1_host, _softmax_cross_entropy_host
 from .nms import _descending_order, _nms_sorted_segments
+from .targets import _check_rng
 
 
 def _host(x, name, where):
@@ -143,7 +144,7 @@ class RPNHead(Module):
         in_channels = check_positive_int(in_channels, "in_channels", where)
         mid_channels = check_positive_int(mid_channels, "mid_channels", where)
         self.num_anchors = k = check_positive_int(num_anchors, "num_anchors", where)
-        rng = np.random.default_rng(0) if rng is None else rng
+        rng = np.random.default_rng(0) if rng is None else _check_rng(rng, where)
         self.conv = Conv2d(in_channels, mid_channels, 3, padding=1, rng=rng)
         self.relu = ReLU()
         self.cls = Conv2d(mid_channels, 2 * k, 1, rng=rng)
@@ -217,7 +218,7 @@ def rpn_loss(logits, deltas, labels, reg_targets, sigma=3.0, lam=1.0):
     logits = as_float_array(_host(logits, "logits", where), "logits", ndim=2, where=where)
     deltas = as_float_array(_host(deltas, "deltas", where), "deltas", ndim=2, where=where)
     reg_targets = as_float_array(_host(reg_targets, "reg_targets", where), "reg_targets", ndim=2, where=where)
-    labels = as_array(_host(labels, "labels", where), "labels", ndim=1, where=where)
+    labels = _as_labels(_host(labels, "labels", where), where)
     num = logits.shape[0]
     for name, a, width in (("logits", logits, 2), ("deltas", deltas, 4), ("reg_targets", reg_targets, 4)):
         if a.shape != (num, width):
@@ -227,7 +228,7 @@ def rpn_loss(logits, deltas, labels, reg_targets, sigma=3.0, lam=1.0):
     if not np.issubdtype(labels.dtype, np.integer) or (labels.size and (labels.min() < -1 or labels.max() > 1)):
         raise ValueError(f"{where}: labels must be integers in {{-1, 0, 1}}, got dtype {labels.dtype.name}, "
                          f"values {np.unique(labels)[:5].tolist()}")
-    sigma = check_number(sigma, "sigma", low=0.0, low_open=True, where=where)
+    beta = _smooth_l1_beta(sigma, where)
     lam = check_number(lam, "lam", low=0.0, where=where)
     with np.errstate(over="ignore"):  # an overflow to inf is reported just below
         reg_targets = reg_targets.astype(deltas.dtype, copy=False)
@@ -239,7 +240,7 @@ def rpn_loss(logits, deltas, labels, reg_targets, sigma=3.0, lam=1.0):
     num_sampled = int((labels >= 0).sum())
     scale = lam / num_sampled if num_sampled else 0.0
     p_star = np.repeat((labels == 1)[:, None], 4, axis=1).astype(deltas.dtype)  # (A, 4)
-    loss_reg, grad_deltas = _smooth_l1_host(deltas, reg_targets, 1.0 / sigma**2, weights=p_star)
+    loss_reg, grad_deltas = _smooth_l1_host(deltas, reg_targets, beta, weights=p_star)
     return {"loss_cls": loss_cls, "loss_reg": loss_reg * scale,
             "grad_logits": grad_logits, "grad_deltas": (grad_deltas * scale).astype(deltas.dtype)}
 
@@ -273,7 +274,19 @@ TEST_PROPOSALS = ProposalSettings(pre_nms_top_n=1000, post_nms_top_n=300)
 
 def objectness(logits):
     """P(object) = softmax(logits)[:, 1] = 1 / (1 + exp(l0 - l1)), computed without overflow
-    (a gap l1 - l0 past the dtype's range gives exactly 1 or 0)."""
+    (a gap l1 - l0 past the dtype's range gives exactly 1 or 0).
+
+    logits: (A, 2) float32/float64 NumPy array, finite. Returns (A,) of its dtype.
+    """
+    where = "objectness"
+    logits = as_float_array(_host(logits, "logits", where), "logits", ndim=2, where=where)
+    if logits.shape[1] != 2:
+        raise ValueError(f"{where}: logits must have shape (A, 2), got {logits.shape}")
+    return _objectness(check_finite(logits, "logits", where))
+
+
+def _objectness(logits):
+    """``objectness`` of checked logits (A, 2)."""
     with np.errstate(over="ignore"):
         z = logits[:, 1] - logits[:, 0]
     e = np.exp(-np.abs(z))
@@ -355,7 +368,7 @@ def generate_proposals_batch(logits, deltas, anchors, image_size, pre_nms_top_n=
         flat_logits = logits.reshape(n * num, 2)  # (N * A, 2)
         with np.errstate(over="ignore"):
             gap = np.subtract(flat_logits[:, 1], flat_logits[:, 0], dtype=np.float64)  # (N * A,)
-        scores = objectness(flat_logits).reshape(n, num)  # (N, A)
+        scores = _objectness(flat_logits).reshape(n, num)  # (N, A)
         ranked = np.where(big, scores, -np.inf)  # (N, A)
         top = np.lexsort((-gap.reshape(n, num), -ranked), axis=1)[:, :pre_nms_top_n]  # (N, T)
     else:
@@ -374,6 +387,16 @@ def generate_proposals_batch(logits, deltas, anchors, image_size, pre_nms_top_n=
 # ---------------------------------------------------------------- evaluation
 
 
+def _per_image(values, name, where):
+    """``values`` as a list with one entry per image."""
+    try:
+        values = iter(values)
+    except TypeError:
+        raise ValueError(f"{where}: {name} must be a list with one entry per image, "
+                         f"got {type(values).__name__}") from None
+    return list(values)
+
+
 def proposal_recall(proposals_per_image, gt_boxes_per_image, iou_threshold=0.5, top_n=None):
     """Fraction of ground-truth boxes covered by a proposal, over a set of images.
 
@@ -387,8 +410,8 @@ def proposal_recall(proposals_per_image, gt_boxes_per_image, iou_threshold=0.5, 
     proposals covers none of its boxes. Returns a float in [0, 1].
     """
     where = "proposal_recall"
-    proposals_per_image = list(proposals_per_image)
-    gt_boxes_per_image = list(gt_boxes_per_image)
+    proposals_per_image = _per_image(proposals_per_image, "proposals_per_image", where)
+    gt_boxes_per_image = _per_image(gt_boxes_per_image, "gt_boxes_per_image", where)
     if len(proposals_per_image) != len(gt_boxes_per_image):
         raise ValueError(f"{where}: proposals_per_image has {len(proposals_per_image)} images but "
                          f"gt_boxes_per_image has {len(gt_boxes_per_image)}")

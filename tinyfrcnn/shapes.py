@@ -42,7 +42,7 @@ import os
 
 import numpy as np
 
-from .checks import check_non_negative_int, check_positive_int
+from .checks import as_array, as_float_array, check_boxes, check_finite, check_non_negative_int, check_positive_int
 
 CLASS_NAMES = ("background", "circle", "square", "triangle")
 NUM_CLASSES = len(CLASS_NAMES) - 1
@@ -295,32 +295,61 @@ def shape_crops(num_images, crop_size=32, seed=0):
     return images, labels
 
 
+def _check_export_item(item, i, num_classes):
+    """The image (3, H, W) in [0, 1], boxes (K, 4) and labels (K,) in 1..num_classes of ``dataset[i]``."""
+    where = f"export_coco: dataset[{i}]"
+    image = as_float_array(item["image"], "image", ndim=3, where=where)
+    if image.shape[0] != 3:
+        raise ValueError(f"{where}: image must be (3, H, W) RGB, channels first, got shape {image.shape}")
+    check_finite(image, "image", where)
+    if image.size and (image.min() < 0 or image.max() > 1):
+        raise ValueError(f"{where}: image values must lie in [0, 1], got min {image.min()} and max {image.max()}")
+    boxes = as_array(item["boxes"], "boxes", where=where)
+    if boxes.size == 0:
+        boxes = np.zeros((0, 4))  # (0, 4)
+    elif np.issubdtype(boxes.dtype, np.integer):
+        boxes = boxes.astype(np.float64)
+    boxes = check_boxes(boxes, "boxes", where)
+    labels = as_array(item["labels"], "labels", ndim=1, where=where)
+    if labels.size and not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"{where}: labels must be integers, got dtype {labels.dtype.name}")
+    if labels.shape[0] != boxes.shape[0]:
+        raise ValueError(f"{where}: labels has {labels.shape[0]} entries but boxes has {boxes.shape[0]}")
+    bad = (labels < 1) | (labels > num_classes)
+    if bad.any():
+        j = int(np.flatnonzero(bad)[0])
+        raise ValueError(f"{where}: labels[{j}] = {int(labels[j])} is not one of the dataset's classes "
+                         f"1..{num_classes}")
+    return image, boxes, labels
+
+
 def export_coco(dataset, out_dir):
     """Write ``out_dir/images/NNNNNN.png`` and ``out_dir/annotations.json`` (COCO format).
 
     Image ids are dataset indices; annotation ids start at 1. ``bbox`` is
-    ``[x1, y1, x2 - x1, y2 - y1]``: COCO boxes are continuous, like ours. Returns the
-    path of the json file.
+    ``[x1, y1, x2 - x1, y2 - y1]``: COCO boxes are continuous, like ours. Items are
+    checked as they are written: image (3, H, W) float in [0, 1], boxes (K, 4), labels
+    (K,) in 1..len(class_names) - 1; the json file is written last. Returns its path.
     """
     from PIL import Image
 
+    names = getattr(dataset, "class_names", CLASS_NAMES)
     image_dir = os.path.join(out_dir, "images")
     os.makedirs(image_dir, exist_ok=True)
     images, annotations = [], []
     for i in range(len(dataset)):
-        item = dataset[i]
-        _, H, W = item["image"].shape
+        image, boxes, labels = _check_export_item(dataset[i], i, len(names) - 1)
+        _, H, W = image.shape
         file_name = f"{i:06d}.png"
-        pixels = np.round(item["image"].transpose(1, 2, 0) * 255).astype(np.uint8)  # (H, W, 3)
+        pixels = np.round(image.transpose(1, 2, 0) * 255).astype(np.uint8)  # (H, W, 3)
         Image.fromarray(pixels).save(os.path.join(image_dir, file_name))
         images.append({"id": i, "file_name": file_name, "width": int(W), "height": int(H)})
-        for box, label in zip(item["boxes"].tolist(), item["labels"].tolist()):
+        for box, label in zip(boxes.tolist(), labels.tolist()):
             w, h = box[2] - box[0], box[3] - box[1]
             annotations.append({
                 "id": len(annotations) + 1, "image_id": i, "category_id": int(label),
                 "bbox": [box[0], box[1], w, h], "area": w * h, "iscrowd": 0,
             })
-    names = getattr(dataset, "class_names", CLASS_NAMES)
     coco = {
         "info": {"description": "tinyfrcnn toy shapes", "version": "1.0"},
         "images": images,
@@ -333,6 +362,24 @@ def export_coco(dataset, out_dir):
     return path
 
 
+def _check_annotation(ann, where, image_ids):
+    """An annotation's image_id is one of ``image_ids`` and its bbox [x, y, w, h] is finite with w, h >= 0."""
+    if ann.get("image_id") not in image_ids:
+        raise ValueError(f"{where}: image_id {ann.get('image_id')!r} is not the id of an image in the file")
+    bbox = ann.get("bbox")
+    xywh = None
+    if (isinstance(bbox, list) and len(bbox) == 4
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in bbox)):
+        try:
+            with np.errstate(over="ignore"):
+                xywh = np.array(bbox, dtype=np.float32)  # (4,)
+        except OverflowError:  # an int beyond float64
+            pass
+    if xywh is None or not np.isfinite(xywh).all() or xywh[2] < 0 or xywh[3] < 0:
+        raise ValueError(f"{where}: bbox must be [x, y, width, height], finite in float32 with "
+                         f"width, height >= 0, got {bbox!r}")
+
+
 def load_coco(json_path):
     """Read an ``export_coco`` folder back: a list of {"image", "boxes", "labels"} by image id."""
     from PIL import Image
@@ -341,7 +388,8 @@ def load_coco(json_path):
         coco = json.load(f)
     root = os.path.join(os.path.dirname(json_path), "images")
     by_image = {img["id"]: [] for img in coco["images"]}
-    for ann in coco["annotations"]:
+    for k, ann in enumerate(coco["annotations"]):
+        _check_annotation(ann, f"load_coco: {json_path}: annotations[{k}] (id {ann.get('id')!r})", by_image)
         by_image[ann["image_id"]].append(ann)
     items = []
     for img in sorted(coco["images"], key=lambda d: d["id"]):
