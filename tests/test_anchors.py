@@ -80,6 +80,7 @@ def test_empty_feature_map_gives_no_anchors():
     (lambda: base_anchors(16, scales=8), "scales"),
     (lambda: base_anchors(16, scales=np.array(8)), "scales must be a non-empty sequence"),
     (lambda: base_anchors(1e30, scales=(1e10,)), "overflows float32"),
+    (lambda: base_anchors(1e-300), "underflows float32"),
     (lambda: grid_anchors(np.zeros((9, 3), np.float32), 2, 2, 16), "base"),
     (lambda: grid_anchors(np.zeros((9, 4), np.int64), 2, 2, 16), "base"),
     (lambda: grid_anchors(np.full((9, 4), np.nan, np.float32), 2, 2, 16), "base"),

@@ -118,6 +118,9 @@ def test_train_does_not_replace_a_run_unless_asked(tmp_path, capsys):
 
 @pytest.mark.filterwarnings("ignore:overflow encountered")
 def test_train_says_when_it_diverged_and_cannot_write_out(tmp_path):
+    for command in (["train"], ["detect", "--checkpoint", "x.npz", "img.png"]):
+        with pytest.raises(SystemExit, match="--out must name a folder, got an empty string"):
+            main(command + ["--out", ""])
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
     with pytest.raises(SystemExit, match="error: .*file"):

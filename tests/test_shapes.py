@@ -296,6 +296,22 @@ def test_load_coco_rejects_bad_annotations(tmp_path, change, match):
         load_coco(path)
 
 
+@pytest.mark.parametrize("damage, match", [
+    (lambda c: c.pop("annotations"), r"annotations must be a list of objects with keys \['id', 'image_id', 'bbox'"),
+    (lambda c: c["annotations"][0].pop("category_id"), "annotations must be a list of objects"),
+    (lambda c: c["images"][0].pop("file_name"), r"images must be a list of objects with keys \['id', 'file_name'\]"),
+])
+def test_load_coco_rejects_missing_keys(tmp_path, damage, match):
+    path = export_coco(OneItem(), str(tmp_path))
+    with open(path) as f:
+        coco = json.load(f)
+    damage(coco)
+    with open(path, "w") as f:
+        json.dump(coco, f)
+    with pytest.raises(ValueError, match=r"load_coco: .*annotations.json: " + match):
+        load_coco(path)
+
+
 def test_shape_crops():
     images, labels = shape_crops(60, crop_size=32, seed=4)
     assert images.shape == (60, 3, 32, 32) and images.dtype == np.float32

@@ -137,6 +137,7 @@ def _resumed_trainer(args):
         given.append("--schedule alternating")
     if given:
         raise SystemExit(f"error: --resume continues the run with its own settings; drop {', '.join(given)}")
+    _check_out(args.out)
     if args.out and not args.overwrite:
         _refuse_to_replace(args.out, keep=os.path.dirname(os.path.abspath(args.resume)))
     try:
@@ -146,6 +147,11 @@ def _resumed_trainer(args):
         raise SystemExit(f"error: {e}") from None
     except RuntimeError as e:  # the run was on "cuda" and there is no GPU here
         raise SystemExit(f"error: {e}; to go on with the run on the CPU, add --device cpu") from None
+
+
+def _check_out(out):
+    if out is not None and not out.strip():
+        raise SystemExit("error: --out must name a folder, got an empty string")
 
 
 def _refuse_to_replace(out, keep=None):
@@ -176,6 +182,7 @@ def _new_run(args):
     mc = ModelConfig()
     if args.pooling:
         mc.pooling = args.pooling
+    _check_out(args.out)
     if not args.overwrite:
         _refuse_to_replace(args.out or DEFAULT_OUT)
     return partial(train_alternating if args.schedule == "alternating" else train, args.out or DEFAULT_OUT, mc, tc)
@@ -296,6 +303,7 @@ def _detections_path(out, image_path):
 def cmd_detect(args):
     from .viz import save_detections
 
+    _check_out(args.out)
     targets = {}
     for path in args.images:
         targets.setdefault(_detections_path(args.out, path), []).append(path)

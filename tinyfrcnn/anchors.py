@@ -42,10 +42,13 @@ def base_anchors(base_size=16, scales=(8, 16, 32), ratios=(0.5, 1, 2)):
     sizes = base_size * scales  # (S,)
     w = (sizes[None, :] / np.sqrt(ratios)[:, None]).reshape(-1)  # (R * S,)
     h = (sizes[None, :] * np.sqrt(ratios)[:, None]).reshape(-1)  # (R * S,)
-    with np.errstate(over="ignore"):
+    with np.errstate(over="ignore", under="ignore"):
         anchors = (np.stack([-w, -h, w, h], axis=1) / 2).astype(np.float32)  # (k, 4)
     if not np.isfinite(anchors).all():
         raise ValueError(f"{where}: base_size {base_size!r} x scales x sqrt(ratios) overflows float32")
+    if (anchors[:, 2] <= anchors[:, 0]).any() or (anchors[:, 3] <= anchors[:, 1]).any():
+        raise ValueError(f"{where}: base_size {base_size!r} x scales x sqrt(ratios) underflows float32 "
+                         "(an anchor of zero size)")
     return anchors
 
 

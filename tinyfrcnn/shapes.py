@@ -386,10 +386,16 @@ def load_coco(json_path):
 
     with open(json_path) as f:
         coco = json.load(f)
+    where = f"load_coco: {json_path}"
+    for key, needs in (("images", ("id", "file_name")), ("annotations", ("id", "image_id", "bbox", "category_id"))):
+        entries = coco.get(key) if isinstance(coco, dict) else None
+        if not isinstance(entries, list) or not all(isinstance(e, dict) and all(k in e for k in needs)
+                                                    for e in entries):
+            raise ValueError(f"{where}: {key} must be a list of objects with keys {list(needs)}")
     root = os.path.join(os.path.dirname(json_path), "images")
     by_image = {img["id"]: [] for img in coco["images"]}
     for k, ann in enumerate(coco["annotations"]):
-        _check_annotation(ann, f"load_coco: {json_path}: annotations[{k}] (id {ann.get('id')!r})", by_image)
+        _check_annotation(ann, f"{where}: annotations[{k}] (id {ann['id']!r})", by_image)
         by_image[ann["image_id"]].append(ann)
     items = []
     for img in sorted(coco["images"], key=lambda d: d["id"]):
