@@ -395,6 +395,33 @@ def test_validation_of_parameters():
     assert voc_ap(d, g, use_07_metric=np.bool_(True))["mAP"] == pytest.approx(1.0)
     with pytest.raises(ValueError, match="label"):
         precision_recall(d, g, 1.5)
+    with pytest.raises(ValueError, match="precision_recall: label must be an object class id, an integer >= 1"):
+        precision_recall(d, g, 0)
+    for thresholds in ("0.5", [True], []):
+        with pytest.raises(ValueError, match="coco_ap: iou_thresholds must be a non-empty 1-D list of numbers"):
+            coco_ap(d, g, iou_thresholds=thresholds)
+
+
+@pytest.mark.parametrize("metric", [coco_ap, voc_ap])
+def test_labels_are_object_classes_and_areas_stay_within_cocos_limit(metric):
+    name = metric.__name__
+    d, g = [det([[0, 0, 5, 5]], [0.5], [1])], [gt([[0, 0, 5, 5]], [1])]
+    for labels, match in [([0], "must be object classes >= 1 \\(0 is the background\\), found 0"),
+                          ([-1], "found -1"),
+                          (np.array([2**64 - 1], np.uint64), "found 18446744073709551615")]:
+        with pytest.raises(ValueError, match=rf"{name}: detections\[0\]: labels .*{match}"):
+            metric([{**d[0], "labels": np.asarray(labels)}], g)
+        with pytest.raises(ValueError, match=rf"{name}: ground_truths\[0\]: labels .*{match}"):
+            metric(d, [{**g[0], "labels": np.asarray(labels)}])
+    with pytest.raises(ValueError, match=f"{name}: class_ids must be object classes >= 1"):
+        metric(d, g, class_ids=[0, 1])
+    huge = [[0, 0, 1e160, 1e160]]  # its IoU with itself would overflow to NaN
+    with pytest.raises(ValueError, match=rf"{name}: ground_truths\[0\]: boxes\[0\] has area 1e\+320|area inf"):
+        metric([det(huge, [0.5], [1])], [gt(huge, [1])])
+    edge = [[0, 0, 1e5, 1e5]]  # exactly COCO's limit: still evaluated
+    assert metric([det(edge, [0.5], [1])], [gt(edge, [1])])["per_class"][1] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match=rf"{name}: detections\[0\] has no 'scores'"):
+        metric([{"boxes": np.zeros((0, 4)), "labels": np.zeros(0, np.int64)}], g)
     # integer boxes and plain lists are accepted
     assert coco_ap([{"boxes": [[0, 0, 5, 5]], "scores": [0.5], "labels": [1]}],
                    [{"boxes": [[0, 0, 5, 5]], "labels": [1]}])["AP"] == pytest.approx(1.0)

@@ -241,3 +241,16 @@ def test_postprocess_bad_input():
         postprocess_detections(rois, logits, deltas, (10, 10), max_detections=0)
     with pytest.raises(ValueError, match="rois_boxes has 2 rows"):
         postprocess_detections(np.zeros((2, 4)), logits, deltas, (10, 10))
+    with pytest.raises(ValueError, match="postprocess_detections: box_deltas holds NaN"):
+        postprocess_detections(rois, logits, np.full((1, 12), np.nan), (10, 10))
+    with pytest.raises(ValueError, match=r"postprocess_detections: rois_boxes in float32 \(the dtype of box_deltas\)"):
+        postprocess_detections(np.array([[0, 0, 1e39, 1]]), logits, deltas.astype(np.float32), (10, 10))
+
+
+def test_postprocess_scores_in_the_logits_dtype():
+    # torchvision takes the softmax in the logits' dtype: a float64 logit beyond float32's
+    # range still gives a score of 1 (cast first, it became inf and the score NaN)
+    rois = np.array([[0, 0, 10, 10]], np.float32)
+    out = postprocess_detections(rois, np.array([[0.0, 1e39]]), np.zeros((1, 8), np.float32), (20, 20))
+    assert out["scores"].tolist() == [1.0] and out["scores"].dtype == np.float64
+    assert out["boxes"].dtype == np.float32 and out["boxes"].tolist() == [[0, 0, 10, 10]]

@@ -354,6 +354,13 @@ def test_proposal_settings():
     assert TEST_PROPOSALS.nms_thresh == 0.7
 
 
+def test_proposals_post_nms_top_n_beyond_any_count_keeps_everything():
+    args = (np.random.default_rng(0).standard_normal((4, 2)), np.zeros((4, 4)), simple_anchors(2, 2, 1), (16, 16))
+    for n in (2**63, 10**30):
+        kept = generate_proposals(*args, post_nms_top_n=n)
+        assert all(np.array_equal(a, b) for a, b in zip(kept, generate_proposals(*args, post_nms_top_n=4)))
+
+
 def test_proposals_empty():
     boxes, scores = generate_proposals(np.zeros((0, 2)), np.zeros((0, 4)), np.zeros((0, 4)), (32, 32))
     assert boxes.shape == (0, 4) and scores.shape == (0,)
@@ -373,6 +380,10 @@ def test_proposals_empty():
         (dict(pre_nms_top_n=0), "pre_nms_top_n"),
         (dict(nms_thresh=1.5), "nms_thresh"),
         (dict(min_size=-1), "min_size"),
+        (dict(deltas=np.full((4, 4), np.inf)), "generate_proposals: deltas holds NaN or inf"),
+        (dict(anchors=np.array([[2, 0, 1, 1.0]] * 4)), r"generate_proposals: anchors\[0\] .* x2 < x1"),
+        (dict(anchors=np.array([[0, 0, 1e39, 1.0]] * 4), deltas=np.zeros((4, 4), np.float32)),
+         r"generate_proposals: anchors in float32 \(the dtype of deltas\) holds NaN or inf"),
     ],
 )
 def test_proposals_bad_input(kwargs, match):

@@ -11,7 +11,9 @@ is turned into one number (see ``coco_ap`` and ``voc_ap``).
 
 Inputs are one dict per image. ``detections[i]`` has ``boxes`` (D, 4) (x1, y1, x2, y2),
 ``scores`` (D,) and ``labels`` (D,); ``ground_truths[i]`` has ``boxes`` (G, 4) and
-``labels`` (G,). There are no crowd regions and no "difficult" flags.
+``labels`` (G,). Labels are object classes, integers >= 1 (0 is the background). Box
+areas must stay within COCO's limit of 1e10 (the "all" area range, 1e5 squared). There
+are no crowd regions and no "difficult" flags.
 
 The matching runs for all images of a class at once: boxes are padded to
 (images, D, G) and the greedy loop walks down the detection ranks, each step a few
@@ -23,6 +25,7 @@ import numpy as np
 from .checks import as_array, check_boxes, check_finite, check_number, check_positive_int
 
 COCO_IOU_THRESHOLDS = np.linspace(0.5, 0.95, 10)
+MAX_AREA = 1e10  # COCOeval's "all" area range ends at 1e5 ** 2
 COCO_RECALL_THRESHOLDS = np.linspace(0.0, 1.0, 101)
 VOC07_RECALL_THRESHOLDS = np.arange(11) / 10  # i/10 rounded once, so a recall of 7/10 reaches 0.7
 
@@ -38,14 +41,18 @@ def _image_arrays(entry, where, with_scores):
     for key in keys:
         if key not in entry:
             raise ValueError(f"{where} has no '{key}'")
-    boxes = entry["boxes"]
-    boxes = as_array(np.asarray(boxes) if isinstance(boxes, (list, tuple)) else boxes, "boxes", where=where)
+    boxes = as_array(entry["boxes"], "boxes", where=where)
     if boxes.size == 0:
         boxes = np.zeros((0, 4))
     elif np.issubdtype(boxes.dtype, np.integer):
         boxes = boxes.astype(np.float64)
     boxes = check_boxes(boxes, "boxes", where=where).astype(np.float64)
     n = boxes.shape[0]
+    with np.errstate(over="ignore"):
+        area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])  # (n,)
+    if (area > MAX_AREA).any():
+        i = int(np.flatnonzero(area > MAX_AREA)[0])
+        raise ValueError(f"{where}: boxes[{i}] has area {area[i]:.3g}, beyond COCO's limit of {MAX_AREA:g}")
 
     labels = as_array(entry["labels"], "labels", ndim=1, where=where)
     if labels.size == 0:
@@ -54,6 +61,7 @@ def _image_arrays(entry, where, with_scores):
         raise ValueError(f"{where}: labels must be integers, got dtype {labels.dtype}")
     if labels.shape[0] != n:
         raise ValueError(f"{where}: labels has {labels.shape[0]} entries but boxes has {n}")
+    _check_class_ids(labels, "labels", where)
     labels = labels.astype(np.int64)
     if not with_scores:
         return boxes, labels
@@ -81,27 +89,35 @@ class _Flat:
             self.scores = np.concatenate([im[1] for im in images] + [np.zeros(0)])  # (N,)
 
 
-def _prepare(detections, ground_truths):
+def _check_class_ids(ids, name, where):
+    """Integer class ids, each an object class: 1 <= id < 2**63."""
+    if ids.size and (ids.min() < 1 or ids.max() > np.iinfo(np.int64).max):
+        bad = ids[(ids < 1) | (ids > np.iinfo(np.int64).max)][0]
+        raise ValueError(f"{where}: {name} must be object classes >= 1 (0 is the background), found {int(bad)}")
+
+
+def _prepare(detections, ground_truths, where):
     """Validate both lists and return them flattened (detections, ground truths)."""
     for name, value in (("detections", detections), ("ground_truths", ground_truths)):
         if not isinstance(value, (list, tuple)):
-            raise ValueError(f"{name} must be a list with one dict per image, got {type(value).__name__}")
+            raise ValueError(f"{where}: {name} must be a list with one dict per image, got {type(value).__name__}")
     if len(detections) != len(ground_truths):
-        raise ValueError(f"detections and ground_truths must have one entry per image, "
+        raise ValueError(f"{where}: detections and ground_truths must have one entry per image, "
                          f"got {len(detections)} and {len(ground_truths)}")
-    dts = [_image_arrays(d, f"detections[{i}]", True) for i, d in enumerate(detections)]
-    gts = [_image_arrays(g, f"ground_truths[{i}]", False) for i, g in enumerate(ground_truths)]
+    dts = [_image_arrays(d, f"{where}: detections[{i}]", True) for i, d in enumerate(detections)]
+    gts = [_image_arrays(g, f"{where}: ground_truths[{i}]", False) for i, g in enumerate(ground_truths)]
     return _Flat(dts, True), _Flat(gts, False)
 
 
-def _class_ids(dt, gt, class_ids):
+def _class_ids(dt, gt, class_ids, where):
     if class_ids is None:
         return np.union1d(dt.labels, gt.labels)
-    ids = as_array(class_ids, "class_ids", ndim=1).ravel()
+    ids = as_array(class_ids, "class_ids", ndim=1, where=where).ravel()
     if ids.size and not np.issubdtype(ids.dtype, np.integer):
-        raise ValueError(f"class_ids must be integers, got dtype {ids.dtype}")
+        raise ValueError(f"{where}: class_ids must be integers, got dtype {ids.dtype}")
+    _check_class_ids(ids, "class_ids", where)
     if np.unique(ids).size != ids.size:
-        raise ValueError(f"class_ids must not repeat a class, got {ids.tolist()}")
+        raise ValueError(f"{where}: class_ids must not repeat a class, got {ids.tolist()}")
     return ids.astype(np.int64)
 
 
@@ -280,26 +296,28 @@ def coco_ap(detections, ground_truths, iou_thresholds=None, max_detections=100, 
     ``AP`` averages over thresholds and classes; classes with no ground truth get -1
     and are left out of every mean. ``AP50``/``AP75`` use t = 0.5/0.75 only (-1 if that
     threshold is not evaluated). ``AR100`` is the recall after all kept detections,
-    averaged the same way. IoU is computed from continuous boxes, no +1. Boxes are
-    assumed below COCO's 1e10 area limit for the "all" range.
+    averaged the same way. IoU is computed from continuous boxes, no +1. A box with an
+    area beyond COCO's 1e10 limit for the "all" range is a ValueError.
 
     Returns a dict with ``AP``, ``AP50``, ``AP75``, ``AR100``, ``per_class`` {label: AP},
     ``precision`` (T, 101, K), ``recall`` (T, K), ``iou_thresholds`` (T,),
     ``recall_thresholds`` (101,) and ``class_ids`` (K,).
     """
+    where = "coco_ap"
     if iou_thresholds is None:
         iou_thresholds = COCO_IOU_THRESHOLDS
     try:
-        iou_thresholds = np.atleast_1d(np.asarray(iou_thresholds, dtype=float))
+        values = np.atleast_1d(np.asarray(iou_thresholds))
     except (TypeError, ValueError):
-        raise ValueError(f"iou_thresholds must be a 1-D list of numbers, got {iou_thresholds!r}") from None
-    if iou_thresholds.ndim != 1 or iou_thresholds.size == 0:
-        raise ValueError(f"iou_thresholds must be a non-empty 1-D list of numbers, got {iou_thresholds!r}")
+        values = None
+    if values is None or values.ndim != 1 or values.size == 0 or values.dtype.kind not in "iuf":
+        raise ValueError(f"{where}: iou_thresholds must be a non-empty 1-D list of numbers, got {iou_thresholds!r}")
+    iou_thresholds = values.astype(float)
     for t in iou_thresholds:
-        check_number(t, "iou_thresholds", low=0.0, high=1.0)
-    max_detections = check_positive_int(max_detections, "max_detections")
-    dt, gt = _prepare(detections, ground_truths)
-    classes = _class_ids(dt, gt, class_ids)
+        check_number(t, "iou_thresholds", low=0.0, high=1.0, where=where)
+    max_detections = check_positive_int(max_detections, "max_detections", where)
+    dt, gt = _prepare(detections, ground_truths, where)
+    classes = _class_ids(dt, gt, class_ids, where)
 
     T, R, K = iou_thresholds.size, COCO_RECALL_THRESHOLDS.size, classes.size
     precision = -np.ones((T, R, K))
@@ -342,8 +360,8 @@ def _voc_curve(dt, gt, label, iou_threshold):
     return precision, recall, scores
 
 
-def _check_iou_threshold(iou_threshold):
-    return check_number(iou_threshold, "iou_threshold", low=0.0, high=1.0)
+def _check_iou_threshold(iou_threshold, where):
+    return check_number(iou_threshold, "iou_threshold", low=0.0, high=1.0, where=where)
 
 
 def precision_recall(detections, ground_truths, label, iou_threshold=0.5):
@@ -354,10 +372,11 @@ def precision_recall(detections, ground_truths, label, iou_threshold=0.5):
     ``recall = TP / #gt`` (NaN when the class has no ground truth), with the VOC
     devkit's matching (see ``voc_ap``).
     """
-    iou_threshold = _check_iou_threshold(iou_threshold)
-    if isinstance(label, bool) or not isinstance(label, (int, np.integer)):
-        raise ValueError(f"label must be an integer class id, got {label!r}")
-    dt, gt = _prepare(detections, ground_truths)
+    where = "precision_recall"
+    iou_threshold = _check_iou_threshold(iou_threshold, where)
+    if isinstance(label, bool) or not isinstance(label, (int, np.integer)) or not 1 <= label < 2**63:
+        raise ValueError(f"{where}: label must be an object class id, an integer >= 1, got {label!r}")
+    dt, gt = _prepare(detections, ground_truths, where)
     return _voc_curve(dt, gt, int(label), iou_threshold)
 
 
@@ -394,11 +413,12 @@ def voc_ap(detections, ground_truths, iou_threshold=0.5, use_07_metric=False, cl
     Returns ``{"mAP": float, "per_class": {label: AP}}``; classes without ground truth
     get -1 and are left out of the mean (-1 if no class has any).
     """
-    iou_threshold = _check_iou_threshold(iou_threshold)
+    where = "voc_ap"
+    iou_threshold = _check_iou_threshold(iou_threshold, where)
     if not isinstance(use_07_metric, (bool, np.bool_)):
-        raise ValueError(f"voc_ap: use_07_metric must be True or False, got {use_07_metric!r}")
-    dt, gt = _prepare(detections, ground_truths)
-    classes = _class_ids(dt, gt, class_ids)
+        raise ValueError(f"{where}: use_07_metric must be True or False, got {use_07_metric!r}")
+    dt, gt = _prepare(detections, ground_truths, where)
+    classes = _class_ids(dt, gt, class_ids, where)
     per_class = {}
     for label in classes:
         precision, recall, _ = _voc_curve(dt, gt, label, iou_threshold)

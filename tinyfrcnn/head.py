@@ -217,6 +217,7 @@ def postprocess_detections(rois_boxes, cls_logits, box_deltas, image_size, score
     if k1 < 2:
         raise ValueError(f"{where}: cls_logits needs a background and at least one object column, got {k1}")
     check_finite(cls_logits, "cls_logits", where)
+    check_finite(box_deltas, "box_deltas", where)
     if not isinstance(image_size, (tuple, list)) or len(image_size) != 2:
         raise ValueError(f"{where}: image_size must be (height, width), got {image_size!r}")
     height = check_number(image_size[0], "image_size", low=0, low_open=True, where=where)
@@ -226,8 +227,11 @@ def postprocess_detections(rois_boxes, cls_logits, box_deltas, image_size, score
     max_detections = check_positive_int(max_detections, "max_detections", where)
 
     dtype = box_deltas.dtype
-    scores = _softmax(cls_logits.astype(dtype))[:, 1:].reshape(-1)  # (R K,)
-    boxes = clip_boxes(decode(rois_boxes.astype(dtype), box_deltas, weights), height, width)  # (R, 4 (K + 1))
+    with np.errstate(over="ignore"):
+        rois_boxes = rois_boxes.astype(dtype, copy=False)
+    check_finite(rois_boxes, f"rois_boxes in {dtype.name} (the dtype of box_deltas)", where)
+    scores = _softmax(cls_logits)[:, 1:].reshape(-1)  # (R K,) in the dtype of cls_logits, as torchvision
+    boxes = clip_boxes(decode(rois_boxes, box_deltas, weights), height, width)  # (R, 4 (K + 1))
     boxes = boxes[:, 4:].reshape(-1, 4)  # (R K, 4)
     labels = np.tile(np.arange(1, k1, dtype=np.int64), r)  # (R K,)
     keep = np.flatnonzero(scores > score_thresh)

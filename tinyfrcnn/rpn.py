@@ -351,6 +351,11 @@ def generate_proposals_batch(logits, deltas, anchors, image_size, pre_nms_top_n=
     post_nms_top_n = check_positive_int(post_nms_top_n, "post_nms_top_n", where)
     nms_thresh = check_number(nms_thresh, "nms_thresh", low=0.0, high=1.0, where=where)
     min_size = check_number(min_size, "min_size", low=0.0, where=where)
+    check_boxes(anchors, "anchors", where)
+    check_finite(deltas, "deltas", where)
+    with np.errstate(over="ignore"):
+        anchors = anchors.astype(deltas.dtype, copy=False)
+    check_finite(anchors, f"anchors in {deltas.dtype.name} (the dtype of deltas)", where)
 
     boxes = decode(np.tile(anchors, (n, 1)), deltas.reshape(n * num, 4))  # (N * A, 4)
     boxes = clip_boxes(boxes, height, width)  # (N * A, 4)
@@ -379,7 +384,7 @@ def generate_proposals_batch(logits, deltas, anchors, image_size, pre_nms_top_n=
     # NMS with each image as a category, as batched_nms would do it; the candidates
     # already lie in its order (image by image, by decreasing score), so no sort is needed.
     starts = np.concatenate([[0], np.cumsum(take.sum(axis=1))])  # (N + 1,)
-    keep = _nms_sorted_segments(cand_boxes, starts, nms_thresh, post_nms_top_n)  # (K,) image-major
+    keep = _nms_sorted_segments(cand_boxes, starts, nms_thresh, min(post_nms_top_n, num))  # (K,) image-major
     bounds = np.searchsorted(keep, starts)  # (N + 1,): image i kept keep[bounds[i]:bounds[i + 1]]
     return [(cand_boxes[keep[a:b]], cand_scores[keep[a:b]]) for a, b in zip(bounds[:-1], bounds[1:])]
 
