@@ -115,7 +115,7 @@ class BufferPool:
         self.max_cached_bytes = max_cached_bytes
         self._allocate = allocate or (lambda nbytes: cuda.device_array(nbytes, dtype=np.uint8))
         self._context = context or cuda.current_context
-        self._free = {}  # (context, size class) -> [raw uint8 device arrays]
+        self._free = {}  # (id of the CUDA context, size class) -> [raw uint8 device arrays]
         self._live = {}  # ticket -> the AutoFreePointer behind a handed-out array
         self._tickets = 0
         self.cached_bytes = 0  # held in dropped buffers, ready for reuse
@@ -134,7 +134,7 @@ class BufferPool:
         from numba.cuda.cudadrv.devicearray import DeviceNDArray
         from numba.cuda.cudadrv.driver import AutoFreePointer
 
-        key = (self._context(), size_class(nbytes))
+        key = (id(self._context()), size_class(nbytes))  # numba's Context defines == but no hash
         with self._lock:
             free = self._free.get(key)
             if free:
