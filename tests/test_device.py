@@ -12,6 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from numba import config, cuda
 
+from tinyfrcnn import device
 from tinyfrcnn.device import empty_on_device, is_device_array, size_class, to_device, to_host, zeros_on_device
 
 
@@ -137,3 +138,19 @@ def test_pool_reuses_real_cuda_memory():
     b[:] = 3.0
     c = to_device(np.ones(1000, np.float32))
     assert c.device_ctypes_pointer.value != first and (b.copy_to_host() == 3).all()
+
+
+def test_bad_arrays_and_shapes_are_refused():
+    for bad, match in [(None, "got NoneType"), ([1.0, 2.0], "got list"), (np.array(["a"]), "got ndarray of <U1"),
+                       (np.ma.masked_array([1.0]), "got MaskedArray")]:
+        with pytest.raises(ValueError, match=f"to_device: x must be a NumPy array of numbers, {match}"):
+            to_device(bad)
+    with pytest.raises(ValueError, match="to_host: x must be a NumPy or CUDA device array, got NoneType"):
+        to_host(None)
+    pool = device.BufferPool()
+    for shape in [(-1,), (2, -3), (2.5,)]:
+        with pytest.raises(ValueError, match="BufferPool.empty: shape must be non-negative integers"):
+            pool.empty(shape, np.float32)
+    for dtype in [object, "U5", ">f4"]:
+        with pytest.raises(ValueError, match="BufferPool.empty: dtype must be a native numeric dtype"):
+            pool.empty((3,), dtype)

@@ -47,6 +47,24 @@ def test_numerical_gradient_subset_leaves_nan():
     assert np.isnan(g[0]) and np.isclose(g[1], 4.0) and np.isnan(g[2])
 
 
+def test_numerical_gradient_checks_indices_and_f_and_restores_x_when_f_raises():
+    f = lambda z: float(np.sum(z ** 2))  # noqa: E731
+    x = np.arange(6.0)
+    for bad in ([True], [6], [-1], [0.5], [[1]]):
+        with pytest.raises(ValueError, match="numerical_gradient: indices must"):
+            numerical_gradient(f, x, indices=bad)
+    with pytest.raises(ValueError, match="numerical_gradient: f must return a real scalar, got ndarray \\(6,\\)"):
+        numerical_gradient(lambda z: z ** 2, x)
+
+    def fails(z):
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        numerical_gradient(fails, x)
+    np.testing.assert_array_equal(x, np.arange(6.0))  # the perturbed entry was put back
+    assert numerical_gradient(f, np.zeros((0, 3))).shape == (0, 3)
+
+
 def test_relative_error_values_and_floor():
     np.testing.assert_allclose(relative_error([1.0, 0.0, 1.0, -1.0], [1.0, 0.0, 0.0, 1.0]), [0, 0, 1, 1])
     assert relative_error(0.0, 1e-20) < 1e-11   # both below the floor: absolute, not 1

@@ -79,10 +79,41 @@ def test_bad_arguments():
         warmup_step_lr(-1, 0.1, [10])
     with pytest.raises(ValueError, match="warmup_step_lr: milestones must be increasing"):
         warmup_step_lr(0, 0.1, [10, 5])
-    with pytest.raises(ValueError, match=r"warmup_step_lr: milestones\[1\] must be finite"):
+    with pytest.raises(ValueError, match=r"warmup_step_lr: milestones\[1\] must be a non-negative integer"):
         warmup_step_lr(20, 0.1, [10, float("nan")])
-    with pytest.raises(ValueError, match=r"warmup_step_lr: milestones\[0\] must be >= 0"):
+    with pytest.raises(ValueError, match=r"warmup_step_lr: milestones\[0\] must be a non-negative integer"):
         warmup_step_lr(20, 0.1, [-3])
+
+
+def test_parameters_that_sgd_would_step_wrongly_are_refused():
+    p = _param([1.0, 2.0, 3.0])
+    with pytest.raises(ValueError, match=r"SGD: params\[1\] is params\[0\] again \(it would be stepped twice\)"):
+        SGD([p, p], lr=0.1)
+    with pytest.raises(ValueError, match="SGD: params must be a list of Parameters, got Parameter"):
+        SGD(p, lr=0.1)
+    with pytest.raises(ValueError, match=r"SGD: params\[0\] must be float32 or float64, got int64"):
+        SGD([Parameter(np.ones(3, np.int64))], lr=0.5)  # lr * grad would round to 0: never updated
+    opt = SGD([p], lr=0.1)
+    p.grad = np.ones(1)  # would broadcast over the three entries
+    with pytest.raises(ValueError, match=r"SGD.step: params\[0\].grad has shape \(1,\), its data \(3,\)"):
+        opt.step()
+    p.grad = np.ones(3)
+    opt.momentum = float("nan")
+    with pytest.raises(ValueError, match="SGD.step: momentum must be finite"):
+        opt.step()
+    assert p.data.tolist() == [1.0, 2.0, 3.0]
+
+
+def test_milestones_are_whole_steps():
+    # torch's MultiStepLR compares whole steps: a milestone of 2.5 would never be reached there
+    with pytest.raises(ValueError, match=r"warmup_step_lr: milestones\[0\] must be a non-negative integer, got 2.5"):
+        warmup_step_lr(3, 0.1, [2.5])
+    with pytest.raises(ValueError, match="warmup_step_lr: milestones must be a list of steps, got 5"):
+        warmup_step_lr(3, 0.1, 5)
+    for bad in (False, 0.0, 2.5):
+        with pytest.raises(ValueError, match="warmup_step_lr: warmup_steps must be a non-negative integer"):
+            warmup_step_lr(3, 0.1, [], warmup_steps=bad)
+    assert warmup_step_lr(3, 0.1, range(2, 10, 4)) == pytest.approx(0.01)
 
 
 def test_numbers_must_be_real_numbers_not_bools_or_strings():

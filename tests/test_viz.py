@@ -87,6 +87,11 @@ def test_running_mean():
     assert np.allclose(viz.running_mean([1, 2, 3, 4], 2), [1, 1.5, 2.5, 3.5])
     assert np.allclose(viz.running_mean([4, 0, 2], 1), [4, 0, 2])
     assert np.allclose(viz.running_mean([3, 1, 2], 10), [3, 2, 2])
+    for window in (0, -1, 1.5):
+        with pytest.raises(ValueError, match="running_mean: window must be a positive integer"):
+            viz.running_mean([1, 2], window)
+    with pytest.raises(ValueError, match="running_mean: values must be a 1-D sequence"):
+        viz.running_mean([[1, 2], [3, 4]], 2)
 
 
 def test_plot_curves(ax):
@@ -117,3 +122,8 @@ def test_save_detections_writes_png_and_closes(tmp_path):
     assert plt.get_fignums() == before
     with Image.open(path) as png:
         assert png.format == "PNG" and png.size[0] > 64
+    nested = tmp_path / "new" / "folder" / "det.png"
+    assert viz.save_detections(str(nested), item["image"], item["boxes"]) == str(nested) and nested.is_file()
+    for bad in (str(tmp_path / "noext"), str(tmp_path), None):
+        with pytest.raises(ValueError, match="save_detections: path must be a .png file name"):
+            viz.save_detections(bad, item["image"], item["boxes"])

@@ -127,7 +127,12 @@ class BufferPool:
         from numba import config, cuda
 
         dtype = np.dtype(dtype)
-        shape = tuple(int(s) for s in np.atleast_1d(shape))
+        if dtype.kind not in "biuf" or not dtype.isnative:
+            raise ValueError(f"BufferPool.empty: dtype must be a native numeric dtype, got {dtype!r}")
+        dims = np.atleast_1d(shape)
+        if dims.ndim != 1 or dims.dtype.kind not in "iu" or (dims.size and dims.min() < 0):
+            raise ValueError(f"BufferPool.empty: shape must be non-negative integers, got {shape!r}")
+        shape = tuple(int(s) for s in dims)
         nbytes = math.prod(shape) * dtype.itemsize
         if nbytes == 0 or config.ENABLE_CUDASIM or not self.enabled:
             return cuda.device_array(shape, dtype=dtype)
@@ -189,6 +194,9 @@ def to_device(x):
     """Copy a NumPy array to the GPU, into a pooled buffer (device arrays pass through)."""
     if is_device_array(x):
         return x
+    if type(x) is not np.ndarray or x.dtype.kind not in "biuf":
+        raise ValueError(f"to_device: x must be a NumPy array of numbers, got {type(x).__name__}"
+                         + (f" of {x.dtype}" if isinstance(x, np.ndarray) else ""))
     require_cuda("to_device")
     x = np.ascontiguousarray(x)
     out = empty_on_device(x.shape, x.dtype)
@@ -201,7 +209,9 @@ def to_host(x):
     """Copy a device array back to a NumPy array (NumPy arrays pass through)."""
     if is_device_array(x):
         return x.copy_to_host()
-    return np.asarray(x)
+    if not isinstance(x, np.ndarray):
+        raise ValueError(f"to_host: x must be a NumPy or CUDA device array, got {type(x).__name__}")
+    return x
 
 
 def rounded_ops(dtype):

@@ -46,22 +46,40 @@ def numerical_gradient(f, x, eps=1e-6, indices=None):
     Every entry is restored after use. ``indices`` (flat indices) limits the work to
     those entries; the others are left as NaN in the result.
     """
-    x = _as_float64(x, "x", "numerical_gradient")
-    eps = check_number(eps, "eps", low=0, low_open=True, where="numerical_gradient")
+    where = "numerical_gradient"
+    x = _as_float64(x, "x", where)
+    eps = check_number(eps, "eps", low=0, low_open=True, where=where)
+    if indices is not None:
+        indices = np.asarray(indices)
+        if indices.ndim != 1 or (indices.size and indices.dtype.kind not in "iu"):
+            raise ValueError(f"{where}: indices must be a 1-D list of integer flat indices, got {indices!r}")
+        if indices.size and (indices.min() < 0 or indices.max() >= x.size):
+            raise ValueError(f"{where}: indices must lie in [0, {x.size}) (flat indices into x), "
+                             f"got {indices.min()}..{indices.max()}")
     grad = np.full(x.shape, np.nan) if indices is not None else np.zeros(x.shape)
+    if x.size == 0:
+        return grad
     flat_x = x.reshape(-1)
     if not np.shares_memory(flat_x, x):
-        raise ValueError("numerical_gradient: x must be contiguous, since it is perturbed in place")
+        raise ValueError(f"{where}: x must be contiguous, since it is perturbed in place")
     flat_g = grad.reshape(-1)
-    for i in (range(x.size) if indices is None else indices):
+    for i in (range(x.size) if indices is None else indices.tolist()):
         old = flat_x[i]
-        flat_x[i] = old + eps
-        plus = float(f(x))
-        flat_x[i] = old - eps
-        minus = float(f(x))
-        flat_x[i] = old
+        try:
+            flat_x[i] = old + eps
+            plus = _scalar(f(x), where)
+            flat_x[i] = old - eps
+            minus = _scalar(f(x), where)
+        finally:
+            flat_x[i] = old
         flat_g[i] = (plus - minus) / (2 * eps)
     return grad
+
+
+def _scalar(value, where):
+    if np.ndim(value) != 0 or not isinstance(np.asarray(value).item(), (int, float)):
+        raise ValueError(f"{where}: f must return a real scalar, got {type(value).__name__} {np.shape(value)}")
+    return float(value)
 
 
 class GradCheckResult:

@@ -28,7 +28,7 @@ buffer too), else one per parameter.
 import numpy as np
 from numba import cuda
 
-from .checks import check_finite, check_non_negative_int, check_number, check_positive_int
+from .checks import check_finite, check_non_negative_int, check_number
 from .device import grid_1d, is_device_array, rounded_ops
 from .layers import DeviceStore, packed_runs
 
@@ -73,13 +73,21 @@ class SGD:
 
     def __init__(self, params, lr, momentum=0.0, weight_decay=0.0):
         where = "SGD"
+        if hasattr(params, "data") or not hasattr(params, "__iter__"):
+            raise ValueError(f"{where}: params must be a list of Parameters, got {type(params).__name__}")
         self.params = list(params)
         if not self.params:
             raise ValueError(f"{where}: params is empty")
+        seen = {}
         for i, p in enumerate(self.params):
             if not (hasattr(p, "data") and hasattr(p, "grad")):
                 raise ValueError(f"{where}: params[{i}] must be a Parameter (with .data and .grad), "
                                  f"got {type(p).__name__}")
+            if id(p) in seen:
+                raise ValueError(f"{where}: params[{i}] is params[{seen[id(p)]}] again (it would be stepped twice)")
+            seen[id(p)] = i
+            if np.dtype(p.data.dtype) not in (np.dtype(np.float32), np.dtype(np.float64)):
+                raise ValueError(f"{where}: params[{i}] must be float32 or float64, got {np.dtype(p.data.dtype).name}")
         self.lr = check_number(lr, "lr", low=0, where=where)
         self.momentum = check_number(momentum, "momentum", low=0, where=where)
         self.weight_decay = check_number(weight_decay, "weight_decay", low=0, where=where)
@@ -108,7 +116,10 @@ class SGD:
                 p.grad[...] = 0
 
     def step(self):
-        lr = check_number(self.lr, "lr", low=0, where="SGD.step")
+        where = "SGD.step"
+        lr = check_number(self.lr, "lr", low=0, where=where)
+        check_number(self.momentum, "momentum", low=0, where=where)
+        check_number(self.weight_decay, "weight_decay", low=0, where=where)
         packed = packed_runs(self.params)
         if packed is not None and self._step_packed(*packed, lr):
             return
@@ -117,6 +128,8 @@ class SGD:
                 self._step_cuda(i, p, lr)
                 continue
             d = p.grad
+            if np.shape(d) != p.data.shape:
+                raise ValueError(f"{where}: params[{i}].grad has shape {np.shape(d)}, its data {p.data.shape}")
             if self.weight_decay:
                 d = d + self.weight_decay * p.data
             if self.momentum:
@@ -217,10 +230,12 @@ def warmup_step_lr(step, base_lr, milestones, gamma=0.1, warmup_steps=0, warmup_
     base_lr = check_number(base_lr, "base_lr", low=0, where=where)
     gamma = check_number(gamma, "gamma", low=0, where=where)
     warmup_factor = check_number(warmup_factor, "warmup_factor", low=0, high=1, where=where)
-    milestones = [check_number(m, f"milestones[{i}]", low=0, where=where) for i, m in enumerate(milestones)]
+    if not isinstance(milestones, (tuple, list, range, np.ndarray)):
+        raise ValueError(f"{where}: milestones must be a list of steps, got {milestones!r}")
+    milestones = [check_non_negative_int(m, f"milestones[{i}]", where) for i, m in enumerate(milestones)]
     if milestones != sorted(milestones):
         raise ValueError(f"{where}: milestones must be increasing, got {milestones}")
-    warmup_steps = 0 if warmup_steps == 0 else check_positive_int(warmup_steps, "warmup_steps", where)
+    warmup_steps = check_non_negative_int(warmup_steps, "warmup_steps", where)
     w = 1.0
     if step < warmup_steps:
         w = warmup_factor + (1.0 - warmup_factor) * step / warmup_steps

@@ -8,8 +8,11 @@ continuous coordinates is the rectangle from (x1, y1) to (x2, y2) on screen, wit
 half-pixel shift.
 """
 
+import os
+
 import numpy as np
 
+from .checks import check_positive_int
 from .device import is_device_array, to_host
 
 PALETTE = ("#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6",
@@ -111,7 +114,10 @@ def draw_boxes(ax, boxes, labels=None, scores=None, class_names=None, color=None
 
 def running_mean(values, window):
     """Mean of the last ``window`` values at each step (fewer at the start)."""
+    window = check_positive_int(window, "window", "running_mean")
     values = np.asarray(values, dtype=np.float64)
+    if values.ndim != 1:
+        raise ValueError(f"running_mean: values must be a 1-D sequence, got shape {values.shape}")
     cumsum = np.concatenate([[0.0], np.cumsum(values)])  # (T + 1,)
     t = np.arange(1, len(values) + 1)
     start = np.maximum(t - window, 0)
@@ -153,10 +159,14 @@ def plot_curves(ax, curves, smooth=0, xlabel="step", ylabel=None, logy=False):
 
 
 def save_detections(path, image, boxes, labels=None, scores=None, class_names=None, title=None, dpi=100):
-    """Write a PNG of ``image`` with its detections drawn; returns ``path``.
+    """Write a PNG of ``image`` with its detections drawn to ``path`` (which must end in
+    .png; its folder is made if missing); returns ``path``.
 
     The figure is made without pyplot, so nothing stays open afterwards.
     """
+    if not isinstance(path, (str, os.PathLike)) or not os.fspath(path).lower().endswith(".png"):
+        raise ValueError(f"save_detections: path must be a .png file name, got {path!r}")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
