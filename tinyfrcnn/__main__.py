@@ -189,10 +189,9 @@ def _new_run(args):
 
 
 def cmd_train(args):
+    from .model import NonFiniteLoss
     from .shapes import CLASS_NAMES, shapes_split
     from .train import evaluate_model
-
-    from .model import NonFiniteLoss
 
     run = _resumed_trainer(args).fit if args.resume else _new_run(args)
     try:
