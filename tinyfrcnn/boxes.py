@@ -20,7 +20,7 @@ import math
 import numpy as np
 from numba import cuda, njit, prange
 
-from .checks import as_float_array, check_boxes, check_finite, check_number
+from .checks import as_float_array, cast_finite, check_boxes, check_finite, check_number
 from .device import empty_on_device, grid_1d, is_device_array, on_device, rounded_ops
 
 BBOX_XFORM_CLIP = math.log(1000.0 / 16)
@@ -275,11 +275,15 @@ def decode(reference, deltas, weights=(1.0, 1.0, 1.0, 1.0)):
     if deltas.shape[0] != reference.shape[0]:
         raise ValueError(f"{where}: reference has {reference.shape[0]} boxes but deltas has {deltas.shape[0]} rows")
     check_finite(deltas, "deltas", where)
+    weights = _check_weights(weights, where, deltas.dtype)
+    return _decode(cast_finite(reference, deltas.dtype, "reference", "deltas", where), deltas, weights)
+
+
+def _decode(reference, deltas, weights):
+    """``decode`` of checked, finite arguments: ``reference`` already in the dtype of
+    ``deltas``, ``weights`` as ``_check_weights`` returns them for it."""
     dtype = deltas.dtype
-    wx, wy, ww, wh = _check_weights(weights, where, dtype)
-    with np.errstate(over="ignore"):
-        reference = reference.astype(dtype, copy=False)
-    check_finite(reference, f"reference in {dtype.name} (the dtype of deltas)", where)
+    wx, wy, ww, wh = weights
     xa, ya, wa, ha = (v[:, None] for v in _centre_size(reference))  # (N, 1)
     out = np.empty_like(deltas)  # (N, 4*K)
     with np.errstate(over="ignore"):

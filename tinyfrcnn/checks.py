@@ -69,6 +69,23 @@ def check_finite(x, name, where=""):
     return x
 
 
+def cast_finite(x, dtype, name, dtype_of, where=""):
+    """``x`` cast to ``dtype``, the dtype of the array ``dtype_of`` it is combined with,
+    raising NonFiniteValues if the cast overflows (a float64 value beyond float32)."""
+    dtype = np.dtype(dtype)
+    with np.errstate(over="ignore"):
+        x = x.astype(dtype, copy=False)
+    return check_finite(x, f"{name} in {dtype.name} (the dtype of {dtype_of})", where)
+
+
+def check_rng(rng, where=""):
+    """A ``numpy.random.Generator``."""
+    if not isinstance(rng, np.random.Generator):
+        prefix = f"{where}: " if where else ""
+        raise ValueError(f"{prefix}rng must be a numpy.random.Generator (np.random.default_rng(seed)), got {rng!r}")
+    return rng
+
+
 def check_boxes(boxes, name="boxes", where="", allow_inf=False):
     """(N, 4) float boxes (x1, y1, x2, y2), finite (or, with ``allow_inf``, not NaN),
     with x2 >= x1 and y2 >= y1."""
@@ -87,6 +104,17 @@ def check_boxes(boxes, name="boxes", where="", allow_inf=False):
         i = int(np.flatnonzero(bad)[0])
         raise ValueError(f"{prefix}{name}[{i}] = {values[i].tolist()} has x2 < x1 or y2 < y1")
     return boxes
+
+
+def as_boxes(boxes, name, where=""):
+    """Boxes given in any real dtype (ints, lists) as a checked (K, 4) float array; an empty
+    input, whatever its shape, is (0, 4)."""
+    boxes = as_array(boxes, name, where=where)
+    if boxes.size == 0:
+        boxes = np.zeros((0, 4))  # (0, 4)
+    elif np.issubdtype(boxes.dtype, np.integer):
+        boxes = boxes.astype(np.float64)
+    return check_boxes(boxes, name, where)
 
 
 def check_number(value, name, low=None, high=None, low_open=False, high_open=False, where=""):

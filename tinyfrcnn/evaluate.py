@@ -22,7 +22,7 @@ NumPy operations over every image and IoU threshold together.
 
 import numpy as np
 
-from .checks import as_array, check_boxes, check_finite, check_number, check_positive_int
+from .checks import as_array, as_boxes, check_finite, check_number, check_positive_int
 
 COCO_IOU_THRESHOLDS = np.linspace(0.5, 0.95, 10)
 MAX_AREA = 1e10  # COCOeval's "all" area range ends at 1e5 ** 2
@@ -41,12 +41,7 @@ def _image_arrays(entry, where, with_scores):
     for key in keys:
         if key not in entry:
             raise ValueError(f"{where} has no '{key}'")
-    boxes = as_array(entry["boxes"], "boxes", where=where)
-    if boxes.size == 0:
-        boxes = np.zeros((0, 4))
-    elif np.issubdtype(boxes.dtype, np.integer):
-        boxes = boxes.astype(np.float64)
-    boxes = check_boxes(boxes, "boxes", where=where).astype(np.float64)
+    boxes = as_boxes(entry["boxes"], "boxes", where).astype(np.float64)
     n = boxes.shape[0]
     with np.errstate(over="ignore"):
         area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])  # (n,)

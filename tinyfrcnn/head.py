@@ -13,14 +13,13 @@ with L_cls = -log p_u and L_loc = sum_{i in x,y,w,h} smooth_L1(t^u_i - v_i).
 
 import numpy as np
 
-from .boxes import clip_boxes, decode, remove_small_boxes
-from .checks import as_float_array, check_boxes, check_finite, check_number, check_positive_int
+from .boxes import _check_weights, _decode, clip_boxes, remove_small_boxes
+from .checks import as_float_array, cast_finite, check_boxes, check_finite, check_number, check_positive_int, check_rng
 from .device import empty_on_device, grid_1d, is_device_array, zeros_on_device
 from .layers import Flatten, Linear, Module, Parameter, ReLU, _add_cuda, _flat
 from .losses import _as_labels, _smooth_l1_beta, _smooth_l1_host, _softmax_cross_entropy_host
 from .nms import batched_nms
 from .roi import RoIAlign, RoIPool
-from .targets import _check_rng
 
 POOLINGS = ("roi_pool", "roi_align")
 
@@ -50,7 +49,7 @@ class FastRCNNHead(Module):
         hidden = check_positive_int(hidden, "hidden", where)
         if pooling not in POOLINGS:
             raise ValueError(f"{where}: pooling must be one of {POOLINGS}, got {pooling!r}")
-        rng = np.random.default_rng(0) if rng is None else _check_rng(rng, where)
+        rng = np.random.default_rng(0) if rng is None else check_rng(rng, where)
         self.pooling = pooling
         self.pool = (RoIPool(pool_size, spatial_scale) if pooling == "roi_pool"
                      else RoIAlign(pool_size, spatial_scale, sampling_ratio=2, aligned=True))
@@ -226,12 +225,10 @@ def postprocess_detections(rois_boxes, cls_logits, box_deltas, image_size, score
     nms_thresh = check_number(nms_thresh, "nms_thresh", low=0, high=1, where=where)
     max_detections = check_positive_int(max_detections, "max_detections", where)
 
-    dtype = box_deltas.dtype
-    with np.errstate(over="ignore"):
-        rois_boxes = rois_boxes.astype(dtype, copy=False)
-    check_finite(rois_boxes, f"rois_boxes in {dtype.name} (the dtype of box_deltas)", where)
+    weights = _check_weights(weights, where, box_deltas.dtype)
+    rois_boxes = cast_finite(rois_boxes, box_deltas.dtype, "rois_boxes", "box_deltas", where)
     scores = _softmax(cls_logits)[:, 1:].reshape(-1)  # (R K,) in the dtype of cls_logits, as torchvision
-    boxes = clip_boxes(decode(rois_boxes, box_deltas, weights), height, width)  # (R, 4 (K + 1))
+    boxes = clip_boxes(_decode(rois_boxes, box_deltas, weights), height, width)  # (R, 4 (K + 1))
     boxes = boxes[:, 4:].reshape(-1, 4)  # (R K, 4)
     labels = np.tile(np.arange(1, k1, dtype=np.int64), r)  # (R K,)
     keep = np.flatnonzero(scores > score_thresh)

@@ -25,7 +25,7 @@ from . import anchors as anchors_mod
 from .backbone import BACKBONE_STRIDE, make_backbone
 from .checks import as_float_array, check_boxes, check_finite, check_number, check_positive_int
 from .device import check_device, is_device_array, to_device, to_host
-from .head import FastRCNNHead, head_loss, postprocess_detections
+from .head import POOLINGS, FastRCNNHead, head_loss, postprocess_detections
 from .layers import Module, add_
 from .rpn import RPNHead, generate_proposals_batch, rpn_loss
 from .targets import anchor_targets, check_labels, sample_labels, sample_proposals
@@ -124,8 +124,8 @@ class ModelConfig:
         for name in ("rpn_sigma", "head_sigma"):
             check_number(getattr(self, name), name, low=0, low_open=True, where=where)
         check_number(self.rpn_min_size, "rpn_min_size", low=0, where=where)
-        if self.pooling not in ("roi_pool", "roi_align"):
-            raise ValueError(f"{where}: pooling must be 'roi_pool' or 'roi_align', got {self.pooling!r}")
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"{where}: pooling must be {' or '.join(map(repr, POOLINGS))}, got {self.pooling!r}")
         return self
 
     def to_json(self):
@@ -428,7 +428,7 @@ class FasterRCNN(Module):
             if not np.isfinite(value).all():
                 raise ValueError(f"checkpoint parameter {name!r} holds NaN or inf (in {value.dtype.name})")
             if is_device_array(p.data):
-                p.data.copy_to_device(np.ascontiguousarray(value, dtype=p.data.dtype))
+                p.data.copy_to_device(np.ascontiguousarray(value))
             else:
                 p.data[...] = value
 

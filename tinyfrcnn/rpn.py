@@ -24,14 +24,13 @@ from dataclasses import dataclass
 import numpy as np
 from numba import cuda
 
-from .boxes import box_iou, clip_boxes, decode, remove_small_boxes
-from .checks import (as_float_array, check_boxes, check_finite, check_non_negative_int, check_number,
-                     check_positive_int)
+from .boxes import _decode, box_iou, clip_boxes, remove_small_boxes
+from .checks import (as_float_array, cast_finite, check_boxes, check_finite, check_non_negative_int, check_number,
+                     check_positive_int, check_rng)
 from .device import empty_on_device, grid_1d, is_device_array
 from .layers import Conv2d, Module, Parameter, ReLU, _add_cuda, _flat
 from .losses import _as_labels, _smooth_l1_beta, _smooth_l1_host, _softmax_cross_entropy_host
 from .nms import _descending_order, _nms_sorted_segments
-from .targets import _check_rng
 
 
 def _host(x, name, where):
@@ -144,7 +143,7 @@ class RPNHead(Module):
         in_channels = check_positive_int(in_channels, "in_channels", where)
         mid_channels = check_positive_int(mid_channels, "mid_channels", where)
         self.num_anchors = k = check_positive_int(num_anchors, "num_anchors", where)
-        rng = np.random.default_rng(0) if rng is None else _check_rng(rng, where)
+        rng = np.random.default_rng(0) if rng is None else check_rng(rng, where)
         self.conv = Conv2d(in_channels, mid_channels, 3, padding=1, rng=rng)
         self.relu = ReLU()
         self.cls = Conv2d(mid_channels, 2 * k, 1, rng=rng)
@@ -353,11 +352,10 @@ def generate_proposals_batch(logits, deltas, anchors, image_size, pre_nms_top_n=
     min_size = check_number(min_size, "min_size", low=0.0, where=where)
     check_boxes(anchors, "anchors", where)
     check_finite(deltas, "deltas", where)
-    with np.errstate(over="ignore"):
-        anchors = anchors.astype(deltas.dtype, copy=False)
-    check_finite(anchors, f"anchors in {deltas.dtype.name} (the dtype of deltas)", where)
+    anchors = cast_finite(anchors, deltas.dtype, "anchors", "deltas", where)
 
-    boxes = decode(np.tile(anchors, (n, 1)), deltas.reshape(n * num, 4))  # (N * A, 4)
+    unit = (deltas.dtype.type(1),) * 4  # the RPN's box weights
+    boxes = _decode(np.tile(anchors, (n, 1)), deltas.reshape(n * num, 4), unit)  # (N * A, 4)
     boxes = clip_boxes(boxes, height, width)  # (N * A, 4)
     big = np.zeros(n * num, bool)
     big[remove_small_boxes(boxes, min_size)] = True

@@ -42,7 +42,7 @@ import os
 
 import numpy as np
 
-from .checks import as_array, as_float_array, check_boxes, check_finite, check_non_negative_int, check_positive_int
+from .checks import as_array, as_boxes, as_float_array, check_finite, check_non_negative_int, check_positive_int
 
 CLASS_NAMES = ("background", "circle", "square", "triangle")
 NUM_CLASSES = len(CLASS_NAMES) - 1
@@ -304,12 +304,7 @@ def _check_export_item(item, i, num_classes):
     check_finite(image, "image", where)
     if image.size and (image.min() < 0 or image.max() > 1):
         raise ValueError(f"{where}: image values must lie in [0, 1], got min {image.min()} and max {image.max()}")
-    boxes = as_array(item["boxes"], "boxes", where=where)
-    if boxes.size == 0:
-        boxes = np.zeros((0, 4))  # (0, 4)
-    elif np.issubdtype(boxes.dtype, np.integer):
-        boxes = boxes.astype(np.float64)
-    boxes = check_boxes(boxes, "boxes", where)
+    boxes = as_boxes(item["boxes"], "boxes", where)
     labels = as_array(item["labels"], "labels", ndim=1, where=where)
     if labels.size and not np.issubdtype(labels.dtype, np.integer):
         raise ValueError(f"{where}: labels must be integers, got dtype {labels.dtype.name}")

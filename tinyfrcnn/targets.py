@@ -19,7 +19,7 @@ data-dependent bookkeeping, and the one hot loop, the IoU matrix, is
 import numpy as np
 
 from .boxes import _box_iou_host, _check_weights, _encode
-from .checks import as_array, check_boxes, check_number, check_positive_int
+from .checks import as_array, check_boxes, check_number, check_positive_int, check_rng
 from .device import is_device_array
 
 
@@ -28,12 +28,6 @@ def _host(x, name, where):
         raise ValueError(f"{where}: {name} is a CUDA device array; targets are computed on the host, "
                          "pass a NumPy array (tinyfrcnn.device.to_host)")
     return x
-
-
-def _check_rng(rng, where):
-    if not isinstance(rng, np.random.Generator):
-        raise ValueError(f"{where}: rng must be a numpy.random.Generator (np.random.default_rng(seed)), got {rng!r}")
-    return rng
 
 
 def _check_image_size(image_size, where):
@@ -163,7 +157,7 @@ def sample_labels(labels, num_samples=256, positive_fraction=0.5, rng=None):
     labels = check_labels(labels, "labels", where, low=-1, high=1)
     num_samples = check_positive_int(num_samples, "num_samples", where)
     positive_fraction = check_number(positive_fraction, "positive_fraction", low=0.0, high=1.0, where=where)
-    rng = _check_rng(rng, where)
+    rng = check_rng(rng, where)
     positive = np.flatnonzero(labels == 1)
     negative = np.flatnonzero(labels == 0)
     num_pos = min(positive.size, int(num_samples * positive_fraction))
@@ -238,7 +232,7 @@ def sample_proposals(proposals, gt_boxes, gt_labels, num_samples=128, fg_fractio
         raise ValueError(f"{where}: bg_iou must be a (low, high) pair, got {bg_iou!r}")
     bg_lo = check_number(bg_iou[0], "bg_iou", low=0.0, high=1.0, where=where)
     bg_hi = check_number(bg_iou[1], "bg_iou", low=bg_lo, high=fg_iou, low_open=True, where=where)
-    rng = _check_rng(rng, where)
+    rng = check_rng(rng, where)
     dtype = np.result_type(proposals.dtype, gt_boxes.dtype)
     weights = _check_weights(weights, where, dtype)
     rois = np.concatenate([proposals.astype(dtype), gt_boxes.astype(dtype)])  # (P + G, 4)
