@@ -461,7 +461,7 @@ def bench_train_step(B):
     try:
         import numba
 
-        from tinyfrcnn.device import POOL
+        from tinyfrcnn.device import POOL, launch
         from tinyfrcnn.layers import packed_runs
         from tinyfrcnn.model import FasterRCNN, ModelConfig
         from tinyfrcnn.optim import SGD
@@ -513,6 +513,16 @@ def bench_train_step(B):
                 unpooled = B.time_ours(lambda: step(gpu_model, gpu_optim), repeats=repeats)
             finally:
                 POOL.enabled = True
+            # the same GPU step with numba's own launches instead of tinyfrcnn.device.launch's
+            ours_third = B.time_ours(lambda: step(gpu_model, gpu_optim), repeats=repeats)
+            fast = launch.fast_launches
+            step(gpu_model, gpu_optim)
+            launches_per_step = launch.fast_launches - fast
+            launch.enabled = False
+            try:
+                numba_launches = B.time_ours(lambda: step(gpu_model, gpu_optim), repeats=repeats)
+            finally:
+                launch.enabled = True
             # after the timed steps: this applies extra updates to the GPU model
             update = B.time_ours(lambda: (gpu_optim.zero_grad(), gpu_optim.step()), repeats=repeats)
             packed = packed_runs(gpu_optim.params)
@@ -531,6 +541,9 @@ def bench_train_step(B):
         B.add(name + ": no buffer pool", f"{size}x{size}, batch {n}", unpooled, ours_again, "-",
               note="ours: the GPU step with the pool off (numba's cuMemAlloc/cuMemFree per array); "
                    f"baseline column: the pooled step ({per_step:.1f} driver allocations per pooled step)")
+        B.add(name + ": numba's launches", f"{size}x{size}, batch {n}", numba_launches, ours_third, "-",
+              note="ours: the GPU step with every kernel started by numba's kernel[grid, block](...); "
+                   f"baseline column: by tinyfrcnn.device.launch ({launches_per_step} launches per step)")
         B.add(name + ": zero_grad + SGD", f"{size}x{size}, batch {n}", update, ours, "-",
               note=f"ours: ms of the GPU step in zero_grad and the SGD update ({launches} launches for "
                    f"{len(gpu_optim.params)} parameters); baseline column: the whole GPU step")

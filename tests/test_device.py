@@ -154,3 +154,66 @@ def test_bad_arrays_and_shapes_are_refused():
     for dtype in [object, "U5", ">f4"]:
         with pytest.raises(ValueError, match="BufferPool.empty: dtype must be a native numeric dtype"):
             pool.empty((3,), dtype)
+
+
+@cuda.jit
+def _mixed_arguments_kernel(c_order, f_order, strided, scale32, scale64, offset, positive, out):
+    i = cuda.grid(1)
+    if i < out.shape[0]:
+        rows = f_order.shape[0]
+        v = c_order[i] * scale32 + f_order[i % rows, i // rows] * scale64 + strided[i] + offset
+        out[i] = v if positive else -v
+
+
+def test_launch_packs_arrays_of_every_layout_and_scalars_as_numba_does():
+    # On a GPU the launcher packs the arguments itself (fast_launches counts it); numba's
+    # own launch (enabled=False) and NumPy give the expected values. In the simulator
+    # both are numba's launch.
+    rng = np.random.default_rng(0)
+    c_order = rng.standard_normal(12)
+    f_order = np.asfortranarray(rng.standard_normal((3, 4)))
+    wide = rng.standard_normal(24)
+    gpu = not config.ENABLE_CUDASIM
+    args = [to_device(c_order), cuda.to_device(f_order), to_device(wide)[::2]]
+    for positive, offset in [(True, 7), (False, -(1 << 40))]:
+        expected = c_order * np.float32(0.5) + f_order.ravel(order="F") * 2.0 + wide[::2] + offset
+        expected = expected if positive else -expected
+        for fast in (True, False):
+            out = empty_on_device(12, np.float64)
+            before = device.launch.fast_launches
+            device.launch.enabled = fast
+            try:
+                device.launch(_mixed_arguments_kernel, 1, 32, *args, np.float32(0.5), 2.0, offset, positive, out)
+            finally:
+                device.launch.enabled = True
+            assert device.launch.fast_launches - before == int(fast and gpu)
+            np.testing.assert_allclose(out.copy_to_host(), expected, rtol=1e-6)
+
+
+def test_to_device_stages_through_one_pinned_buffer(monkeypatch):
+    rng = np.random.default_rng(3)
+    monkeypatch.setitem(device._STAGING, "buffer", None)
+    arrays = [rng.standard_normal((5, 7)).astype(np.float32), np.arange(12, dtype=np.int64).reshape(3, 4)[:, ::2],
+              rng.standard_normal(300_000), np.array([True, False]), rng.integers(0, 255, (2, 3, 4), np.uint8)]
+    for x in arrays:
+        d = to_device(x)
+        assert d.shape == x.shape and d.dtype == x.dtype
+        assert np.array_equal(d.copy_to_host(), x)
+    buffer = device._STAGING["buffer"]
+    assert buffer.nbytes == 300_000 * 8  # grown once, for the largest; the first 1 MiB sufficed before
+    to_device(arrays[0])
+    assert device._STAGING["buffer"] is buffer  # a smaller upload reuses it
+    monkeypatch.setattr(device, "STAGING_MAX_BYTES", 100)
+    big = rng.standard_normal(50)  # 400 bytes: copied directly
+    assert np.array_equal(to_device(big).copy_to_host(), big) and device._STAGING["buffer"] is buffer
+
+
+def test_empty_takes_int_and_numpy_shapes():
+    pool = device.BufferPool()
+    for shape, expected in [(3, (3,)), ((2, 4), (2, 4)), (np.int64(5), (5,)), ((np.int32(2), 3), (2, 3)),
+                            ([1, 2], (1, 2)), ((), ())]:
+        a = pool.empty(shape, np.float32)
+        assert a.shape == expected and all(type(s) is int for s in a.shape)
+    for bad in [(2, -1), -3, (2.5,)]:
+        with pytest.raises(ValueError, match="BufferPool.empty: shape must be non-negative integers"):
+            pool.empty(bad, np.float32)

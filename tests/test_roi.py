@@ -325,6 +325,33 @@ def test_cuda_kernels_match_cpu():
         assert np.allclose(d_grad.copy_to_host(), cpu, atol=1e-12)
 
 
+def test_roi_blocks_cover_every_bin_without_dividing():
+    assert roi._roi_blocks(300, 512, 7, 7) == ((300, 103), (7, 7, 5))  # 245 threads, 5 channels each
+    assert roi._roi_blocks(4, 3, 2, 3) == ((4, 1), (3, 2, 3))
+    assert roi._roi_blocks(1, 2, 40, 50) == ((1, 2), (50, 20, 1))  # 2000 bins: rows in strides
+    assert roi._roi_blocks(1, 10**7, 1, 1) == ((1, roi.MAX_GRID_Y), (1, 1, 64))  # channel groups in strides
+
+
+def test_cuda_kernels_take_bins_and_channels_in_strides(monkeypatch):
+    # Blocks smaller than the output and a grid with fewer channel groups than needed:
+    # every bin must still be computed once (the loops stride over rows, columns and
+    # channel groups), with the CPU's numbers.
+    rng = np.random.default_rng(9)
+    f = rng.standard_normal((2, 5, 6, 7))
+    rois = np.array([[0, -3, -2, 9, 7], [1, 2.3, 1.1, 4.4, 3.9], [1, 0, 0, 13, 11]])
+    g = rng.standard_normal((3, 5, 3, 4))
+    d_f, d_r, d_g = cuda.to_device(f), cuda.to_device(rois), cuda.to_device(g)
+    monkeypatch.setattr(roi, "_roi_blocks", lambda R, C, PH, PW: ((R, 2), (3, 2, 2)))  # 4 of 5 channels at once
+    out, argmax = roi_pool(f, rois, (3, 4), 0.5)
+    d_out, d_argmax = roi_pool(d_f, d_r, (3, 4), 0.5)
+    assert np.array_equal(d_out.copy_to_host(), out) and np.array_equal(d_argmax.copy_to_host(), argmax)
+    assert np.allclose(roi_pool_backward(d_g, d_argmax, f.shape).copy_to_host(),
+                       roi_pool_backward(g, argmax, f.shape), atol=1e-14)
+    assert np.array_equal(roi_align(d_f, d_r, (3, 4), 0.5).copy_to_host(), roi_align(f, rois, (3, 4), 0.5))
+    assert np.allclose(roi_align_backward(d_g, d_r, f.shape, 0.5).copy_to_host(),
+                       roi_align_backward(g, rois, f.shape, 0.5), atol=1e-12)
+
+
 def test_cuda_float32_and_empty():
     rng = np.random.default_rng(7)
     f = rng.standard_normal((1, 2, 4, 5)).astype(np.float32)

@@ -21,7 +21,7 @@ import numpy as np
 from numba import cuda, njit, prange
 
 from .checks import as_float_array, cast_finite, check_boxes, check_finite, check_number
-from .device import empty_on_device, grid_1d, is_device_array, on_device, rounded_ops
+from .device import empty_on_device, grid_1d, is_device_array, launch, on_device, rounded_ops
 
 BBOX_XFORM_CLIP = math.log(1000.0 / 16)
 
@@ -130,7 +130,7 @@ def box_iou(a, b):
             raise ValueError(f"box_iou: a and b must share a dtype on the device, got {a.dtype} and {b.dtype}")
         out = empty_on_device((a.shape[0], b.shape[0]), dtype=a.dtype)  # (N, M)
         if a.shape[0] and b.shape[0]:
-            _BOX_IOU_CUDA[np.dtype(a.dtype)][grid_1d(a.shape[0] * b.shape[0])](a, b, out)
+            launch(_BOX_IOU_CUDA[np.dtype(a.dtype)], *grid_1d(a.shape[0] * b.shape[0]), a, b, out)
         return out
     return _box_iou_host(check_boxes(a, "a", "box_iou"), check_boxes(b, "b", "box_iou"))
 

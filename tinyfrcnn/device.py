@@ -10,7 +10,9 @@ Tests run the CUDA kernels without a GPU in numba's simulator: set
 
 Device arrays that ops return come from ``empty_on_device``: a pool that hands out the
 memory of dropped arrays again instead of asking the driver for more (see
-``BufferPool``).
+``BufferPool``). Kernels are started with ``launch(kernel, grid, block, *args)``, which
+does what ``kernel[grid, block](*args)`` does in a fraction of its host time (see
+``Launcher``).
 """
 
 import math
@@ -52,11 +54,7 @@ def check_device(device):
 
 def is_device_array(x):
     """True for a numba CUDA device array (real or simulated)."""
-    if isinstance(x, np.ndarray) or np.isscalar(x) or x is None:
-        return False
-    from numba.cuda.cudadrv import devicearray
-
-    return bool(devicearray.is_cuda_ndarray(x))
+    return type(x) is not np.ndarray and getattr(x, "__cuda_ndarray__", False) is True
 
 
 def on_device(name_to_array):
@@ -88,6 +86,18 @@ def size_class(nbytes):
         return 512
     step = 1 << ((nbytes - 1).bit_length() - 3)
     return -(-nbytes // step) * step
+
+
+def _dims(shape):
+    """``shape`` (an int or a sequence of ints >= 0) as a tuple of Python ints."""
+    if type(shape) is int:
+        shape = (shape,)
+    if type(shape) is tuple and all(type(s) is int and s >= 0 for s in shape):
+        return shape
+    dims = np.atleast_1d(shape)
+    if dims.ndim != 1 or dims.dtype.kind not in "iu" or (dims.size and dims.min() < 0):
+        raise ValueError(f"BufferPool.empty: shape must be non-negative integers, got {shape!r}")
+    return tuple(int(s) for s in dims)
 
 
 class BufferPool:
@@ -129,10 +139,7 @@ class BufferPool:
         dtype = np.dtype(dtype)
         if dtype.kind not in "biuf" or not dtype.isnative:
             raise ValueError(f"BufferPool.empty: dtype must be a native numeric dtype, got {dtype!r}")
-        dims = np.atleast_1d(shape)
-        if dims.ndim != 1 or dims.dtype.kind not in "iu" or (dims.size and dims.min() < 0):
-            raise ValueError(f"BufferPool.empty: shape must be non-negative integers, got {shape!r}")
-        shape = tuple(int(s) for s in dims)
+        shape = _dims(shape)
         nbytes = math.prod(shape) * dtype.itemsize
         if nbytes == 0 or config.ENABLE_CUDASIM or not self.enabled:
             return cuda.device_array(shape, dtype=dtype)
@@ -190,8 +197,18 @@ def zeros_on_device(shape, dtype):
     return out
 
 
+STAGING_MAX_BYTES = 1 << 26  # uploads up to 64 MiB go through the pinned staging buffer
+_STAGING = {"buffer": None, "lock": threading.Lock()}
+
+
 def to_device(x):
-    """Copy a NumPy array to the GPU, into a pooled buffer (device arrays pass through)."""
+    """Copy a NumPy array to the GPU, into a pooled buffer (device arrays pass through).
+
+    The copy goes through a page-locked ("pinned") host buffer, kept between calls: the
+    GPU reads pinned memory directly, while from ordinary pageable memory the driver
+    first copies into pinned memory of its own, in small pieces, at a fraction of the
+    speed. A copy from pinned memory returns once it is complete, so the buffer can be
+    reused at once."""
     if is_device_array(x):
         return x
     if type(x) is not np.ndarray or x.dtype.kind not in "biuf":
@@ -200,8 +217,20 @@ def to_device(x):
     require_cuda("to_device")
     x = np.ascontiguousarray(x)
     out = empty_on_device(x.shape, x.dtype)
-    if x.size:
+    if not x.size:
+        return out
+    if x.nbytes > STAGING_MAX_BYTES:
         out.copy_to_device(x)
+        return out
+    with _STAGING["lock"]:
+        buffer = _STAGING["buffer"]
+        if buffer is None or buffer.size < x.nbytes:
+            from numba import cuda
+
+            buffer = _STAGING["buffer"] = cuda.pinned_array(max(x.nbytes, 1 << 20), dtype=np.uint8)
+        staged = buffer[:x.nbytes].view(x.dtype).reshape(x.shape)
+        np.copyto(staged, x)
+        out.copy_to_device(staged)
     return out
 
 
@@ -212,6 +241,126 @@ def to_host(x):
     if not isinstance(x, np.ndarray):
         raise ValueError(f"to_host: x must be a NumPy or CUDA device array, got {type(x).__name__}")
     return x
+
+
+class Launcher:
+    """``launch(kernel, grid, block, *args)``: the same launch as ``kernel[grid, block](*args)``.
+
+    A numba launch spends 35 to 60 us of Python on the host before the GPU sees it:
+    it types every argument (building a numba type for each new device array), looks
+    the compiled kernel up by those types, wraps each array in a memory view and
+    packs the arguments. A train step launches about 120 kernels, each a few
+    microseconds of GPU work, so the host, not the GPU, set the pace.
+
+    The launcher keeps, per kernel and per *kind* of arguments (each array's dtype,
+    dimensions and numba layout; each scalar's type), the compiled kernel and how to
+    pack each argument, and then packs them itself: an array is passed as numba's
+    array structure, ``(meminfo=0, parent=0, size, itemsize, data pointer, *shape,
+    *strides)``, a scalar as the C value of its numba type. Only the first launch of
+    each kind goes through numba's typing and compilation.
+
+    Anything else takes numba's own path: the simulator, arguments that are not device
+    arrays, bools, ints or floats, ints outside int64, kernels compiled with options
+    the launcher does not reproduce (debug, extensions, cooperative). Like numba, the
+    launcher does not check grid sizes. It launches on the default stream in the
+    current context (the launches of this package all do).
+    """
+
+    def __init__(self):
+        self._plans = {}  # (kernel, argument kinds) -> (CUDA function, packers) or None
+        self._configs = {}  # (grid, block) -> cuda.core LaunchConfig
+        self._core = None  # (launch, LaunchConfig, stream, DeviceNDArray), set on first use
+        self.enabled = True
+        self.fast_launches = 0  # launches packed here, for tests and benchmarks
+
+    def __call__(self, kernel, grid, block, *args):
+        if self._core is None:
+            self._core = self._load_core()
+        if not self.enabled or self._core is _SIMULATOR:
+            kernel[grid, block](*args)
+            return
+        launch, launch_config, stream, device_array = self._core
+        kinds = [kernel]
+        for a in args:
+            if type(a) is device_array:
+                flags = a._dummy.flags
+                layout = ("A" if 0 in a.strides and a.size else
+                          "C" if flags["C_CONTIGUOUS"] else "F" if flags["F_CONTIGUOUS"] else "A")
+                kinds.append((a.dtype, a.ndim, layout))
+            elif type(a) is int and not -(1 << 63) <= a < (1 << 63):
+                kinds.append(None)  # numba types it uint64 or refuses it
+            else:
+                kinds.append(type(a))
+        key = tuple(kinds)
+        plan = self._plans.get(key, False)
+        if plan is False:
+            plan = self._plans[key] = self._plan(kernel, args)
+        if plan is None:
+            kernel[grid, block](*args)
+            return
+        function, packers = plan
+        packed = []
+        for pack, a in zip(packers, args):
+            if pack is None:  # a device array
+                packed += (0, 0, a.size, a.dtype.itemsize, a.gpu_data.device_ctypes_pointer.value or 0)
+                packed += a.shape
+                packed += a.strides
+            else:
+                packed.append(pack(a))
+        dims = (grid, block)
+        cfg = self._configs.get(dims)
+        if cfg is None:
+            cfg = self._configs[dims] = launch_config(grid=grid, block=block)
+        launch(stream, cfg, function, *packed)
+        self.fast_launches += 1
+
+    @staticmethod
+    def _load_core():
+        from numba import config
+
+        if config.ENABLE_CUDASIM:
+            return _SIMULATOR
+        from numba.cuda import dispatcher
+        from numba.cuda.cudadrv import driver
+        from numba.cuda.cudadrv.devicearray import DeviceNDArray
+
+        return dispatcher.launch, dispatcher.LaunchConfig, driver._to_core_stream(0), DeviceNDArray
+
+    @staticmethod
+    def _plan(kernel, args):
+        """(CUDA function, one packer per argument: None for an array) or None: numba's path."""
+        import ctypes
+
+        from numba.cuda import types
+
+        from numba.cuda.cudadrv.devicearray import DeviceNDArray
+
+        if any(type(a) not in (DeviceNDArray, bool, int, float, np.float32, np.float64, np.int64, np.int32)
+               or (type(a) is int and not -(1 << 63) <= a < (1 << 63)) for a in args):
+            return None
+        argtypes = tuple(kernel.typeof_pyval(a) for a in args)
+        compiled = kernel.compile(argtypes)
+        if compiled.debug or getattr(compiled, "cooperative", False) or getattr(compiled, "extensions", None):
+            return None
+        packers = []
+        for ty in compiled.argument_types:
+            if isinstance(ty, types.Array):
+                packers.append(None)
+            elif ty == types.boolean:
+                packers.append(bool)
+            elif isinstance(ty, types.Integer) and hasattr(ctypes, f"c_{ty}"):
+                packers.append(getattr(ctypes, f"c_{ty}"))
+            elif ty == types.float64:
+                packers.append(ctypes.c_double)
+            elif ty == types.float32:
+                packers.append(ctypes.c_float)
+            else:
+                return None
+        return compiled._codelibrary.get_cufunc().kernel, packers
+
+
+_SIMULATOR = ()
+launch = Launcher()
 
 
 def rounded_ops(dtype):

@@ -15,7 +15,7 @@ import numpy as np
 
 from .boxes import _check_weights, _decode, clip_boxes, remove_small_boxes
 from .checks import as_float_array, cast_finite, check_boxes, check_finite, check_number, check_positive_int, check_rng
-from .device import empty_on_device, grid_1d, is_device_array, zeros_on_device
+from .device import empty_on_device, grid_1d, is_device_array, launch, zeros_on_device
 from .layers import Flatten, Linear, Module, Parameter, ReLU, _add_cuda, _flat
 from .losses import _as_labels, _smooth_l1_beta, _smooth_l1_host, _softmax_cross_entropy_host
 from .nms import batched_nms
@@ -107,7 +107,7 @@ class FastRCNNHead(Module):
         g = self.cls_score.backward(grad_cls)  # (R, hidden)
         g_box = self.bbox_pred.backward(grad_box)  # (R, hidden)
         if is_device_array(g):
-            _add_cuda[grid_1d(g.size)](_flat(g), _flat(g_box))
+            launch(_add_cuda, *grid_1d(g.size), _flat(g), _flat(g_box))
         else:
             g = g + g_box
         g = self.fc7.backward(self.relu7.backward(g))

@@ -23,7 +23,7 @@ import numpy as np
 from numba import cuda, njit, prange
 
 from .checks import as_float_array, check_non_negative_int, check_positive_int, check_shape, padding_pair, pair
-from .device import empty_on_device, grid_1d, is_device_array
+from .device import empty_on_device, grid_1d, is_device_array, launch
 
 
 def output_size(size, kernel, stride, padding):
@@ -223,7 +223,7 @@ def im2col(x, kernel, stride, padding, out=None):
     if cols.size == 0:
         return cols
     if gpu:
-        _im2col_cuda[grid_1d(cols.size)](x, kh, kw, sh, sw, ph, pw, oh, ow, cols)
+        launch(_im2col_cuda, *grid_1d(cols.size), x, kh, kw, sh, sw, ph, pw, oh, ow, cols)
     else:
         _im2col_cpu(x, kh, kw, sh, sw, ph, pw, oh, ow, cols)
     return cols
@@ -247,7 +247,7 @@ def col2im(cols, x_shape, kernel, stride, padding):
     if gpu:
         dx = empty_on_device((n, c, h, w), dtype=cols.dtype)  # (N, C, H, W)
         if dx.size:
-            _col2im_cuda[grid_1d(dx.size)](cols, kh, kw, sh, sw, ph, pw, oh, ow, dx)
+            launch(_col2im_cuda, *grid_1d(dx.size), cols, kh, kw, sh, sw, ph, pw, oh, ow, dx)
         return dx
     dx = np.empty((n, c, h, w), dtype=cols.dtype)  # (N, C, H, W)
     if dx.size:

@@ -29,7 +29,7 @@ import numpy as np
 from numba import cuda, njit, prange
 
 from .checks import as_array, as_float_array, check_finite, check_positive_int, check_shape, padding_pair, pair
-from .device import check_device, empty_on_device, grid_1d, is_device_array, on_device
+from .device import check_device, empty_on_device, grid_1d, is_device_array, launch, on_device
 from .im2col import col2im, im2col, output_size
 from .matmul import matmul
 
@@ -57,7 +57,7 @@ def add_(dst, src):
     """``dst += src`` in place, for two NumPy arrays or two device arrays of one shape."""
     if is_device_array(dst):
         if src.size:
-            _add_cuda[grid_1d(src.size)](_flat(dst), _flat(src))
+            launch(_add_cuda, *grid_1d(src.size), _flat(dst), _flat(src))
     else:
         dst += src
     return dst
@@ -69,7 +69,7 @@ def _zeros_on_device(shape, dtype):
     model back to the host should free."""
     a = cuda.device_array(shape, dtype=dtype)
     if a.size:
-        _fill_cuda[grid_1d(a.size)](_flat(a), 0)
+        launch(_fill_cuda, *grid_1d(a.size), _flat(a), 0)
     return a
 
 
@@ -143,7 +143,7 @@ class DeviceStore:
         """Zero the gradients of the ``runs`` (all by default): one launch per run."""
         for start, stop in runs if runs is not None else [(0, self.grad.size)]:
             if stop > start:
-                _fill_cuda[grid_1d(stop - start)](self.grad[start:stop], 0)
+                launch(_fill_cuda, *grid_1d(stop - start), self.grad[start:stop], 0)
 
 
 def _pack_on_device(params):
@@ -210,7 +210,7 @@ class Parameter:
     def zero_grad(self):
         if is_device_array(self.grad):
             if self.grad.size:
-                _fill_cuda[grid_1d(self.grad.size)](_flat(self.grad), 0)
+                launch(_fill_cuda, *grid_1d(self.grad.size), _flat(self.grad), 0)
         else:
             self.grad[...] = 0
 
@@ -429,7 +429,7 @@ def _add_bias(out3, bias, gpu):
     """out3 (N, O, P) += bias[o]."""
     if gpu:
         if out3.size:
-            _bias_add_cuda[grid_1d(out3.size)](out3, bias)
+            launch(_bias_add_cuda, *grid_1d(out3.size), out3, bias)
     else:
         out3 += bias[:, None]
 
@@ -437,7 +437,7 @@ def _add_bias(out3, bias, gpu):
 def _accumulate_bias_grad(p, g3, gpu):
     """p.grad += g3 (N, O, P) summed over N and P."""
     if gpu:
-        _bias_grad_cuda[g3.shape[1], BIAS_THREADS](g3, p.grad)
+        launch(_bias_grad_cuda, g3.shape[1], BIAS_THREADS, g3, p.grad)
     else:
         p.accumulate(g3.sum(axis=(0, 2)))
 
@@ -489,7 +489,7 @@ def _to_batch_major(y3, bias, gpu):
     if gpu:
         out = empty_on_device((n, o, p), dtype=y3.dtype)  # (N, O, P)
         if out.size:
-            _batch_major_cuda[grid_1d(out.size)](y3, bias, out)
+            launch(_batch_major_cuda, *grid_1d(out.size), y3, bias, out)
     else:
         out = np.empty((n, o, p), dtype=y3.dtype)  # (N, O, P)
         if out.size:
@@ -501,7 +501,7 @@ def _to_channel_major(g3, out, gpu):
     """``out[o, n, p] = g3[n, o, p]`` for g3 (N, O, P), into ``out`` (O, N, P)."""
     if out.size:
         if gpu:
-            _channel_major_cuda[grid_1d(out.size)](g3, out)
+            launch(_channel_major_cuda, *grid_1d(out.size), g3, out)
         else:
             _channel_major_cpu(g3, out)
     return out
@@ -675,7 +675,7 @@ class ReLU(Module):
         if gpu:
             out = empty_on_device(x.shape, dtype=x.dtype)
             if out.size:
-                _relu_forward_cuda[grid_1d(out.size)](_flat(x), _flat(out))
+                launch(_relu_forward_cuda, *grid_1d(out.size), _flat(x), _flat(out))
         else:
             x = np.require(x, requirements="C")  # keeps 0-d arrays 0-d
             out = np.empty_like(x)
@@ -690,7 +690,7 @@ class ReLU(Module):
         if self._gpu:
             dx = empty_on_device(g.shape, dtype=g.dtype)
             if dx.size:
-                _relu_backward_cuda[grid_1d(dx.size)](_flat(g), _flat(out), _flat(dx))
+                launch(_relu_backward_cuda, *grid_1d(dx.size), _flat(g), _flat(out), _flat(dx))
             return dx
         dx = np.empty_like(g)
         _relu_backward_cpu(_flat(g), _flat(out), _flat(dx))
@@ -829,7 +829,7 @@ def _maxpool2d_forward(x, kernel, stride):
         out = empty_on_device((n, c, oh, ow), dtype=x.dtype)  # (N, C, OH, OW)
         argmax = empty_on_device((n, c, oh, ow), dtype=np.int32)  # (N, C, OH, OW)
         if out.size:
-            _maxpool2d_forward_cuda[grid_1d(out.size)](x, kh, kw, sh, sw, out, argmax)
+            launch(_maxpool2d_forward_cuda, *grid_1d(out.size), x, kh, kw, sh, sw, out, argmax)
         return out, argmax
     out = np.empty((n, c, oh, ow), dtype=x.dtype)  # (N, C, OH, OW)
     argmax = np.empty((n, c, oh, ow), dtype=np.int32)  # (N, C, OH, OW)
@@ -856,7 +856,7 @@ def _maxpool2d_backward(grad_out, argmax, x_shape, kernel, stride):
         (kh, kw), (sh, sw) = kernel, stride
         dx = empty_on_device(x_shape, dtype=grad_out.dtype)  # (N, C, H, W)
         if dx.size:
-            _maxpool2d_backward_cuda[grid_1d(dx.size)](grad_out, argmax, kh, kw, sh, sw, dx)
+            launch(_maxpool2d_backward_cuda, *grid_1d(dx.size), grad_out, argmax, kh, kw, sh, sw, dx)
         return dx
     n, c, h, w = x_shape
     dx = np.empty(x_shape, dtype=grad_out.dtype)  # (N, C, H, W)

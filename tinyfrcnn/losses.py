@@ -22,7 +22,7 @@ import numpy as np
 from numba import cuda, njit
 
 from .checks import as_array, as_float_array, check_finite, check_number
-from .device import empty_on_device, grid_1d, on_device, to_device, to_host
+from .device import empty_on_device, grid_1d, launch, on_device, to_device, to_host
 
 
 # ---------------------------------------------------------------- checks
@@ -159,7 +159,7 @@ def softmax_cross_entropy(logits, labels, ignore_index=-1):
     row_loss = empty_on_device(n, np.float64)
     grad = empty_on_device((n, k), logits.dtype)
     blocks, threads = grid_1d(n)
-    _softmax_cross_entropy_cuda[blocks, threads](logits, labels, ignore_index, scale, row_loss, grad)
+    launch(_softmax_cross_entropy_cuda, blocks, threads, logits, labels, ignore_index, scale, row_loss, grad)
     return float(row_loss.copy_to_host().sum() * scale), grad
 
 
@@ -273,7 +273,7 @@ def smooth_l1(pred, target, beta=1.0, weights=None):
     elem_loss = empty_on_device(size, np.float64)
     grad = empty_on_device(size, dtype)
     blocks, threads = grid_1d(size)
-    _smooth_l1_cuda[blocks, threads](flat[0], flat[1], w, weights is not None, beta, elem_loss, grad)
+    launch(_smooth_l1_cuda, blocks, threads, flat[0], flat[1], w, weights is not None, beta, elem_loss, grad)
     return float(elem_loss.copy_to_host().sum()), grad.reshape(shape)
 
 

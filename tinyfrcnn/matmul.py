@@ -43,7 +43,7 @@ import numpy as np
 from numba import cuda
 
 from .checks import as_float_array
-from .device import empty_on_device, on_device
+from .device import empty_on_device, launch, on_device
 
 Tiling = namedtuple("Tiling", "bm bn bk tm tn")
 Tiling.__doc__ = """Block tile ``bm x bn`` of C, ``bk`` of K per step, ``tm x tn`` outputs per thread."""
@@ -240,19 +240,19 @@ def launch_tiled(a, b, out, trans_a, trans_b, accumulate, tiling=TILING, splits=
         raise ValueError(f"launch_tiled: {m} rows and {splits} slices of K need a grid of {grid}; "
                          f"its y and z dimensions hold at most {MAX_GRID_Y} blocks")
     if splits == 1:
-        kernel[grid, threads](a, b, out.reshape(1, m, n), trans_a, trans_b, accumulate, k_chunk)
+        launch(kernel, grid, threads, a, b, out.reshape(1, m, n), trans_a, trans_b, accumulate, k_chunk)
         return
     partial = empty_on_device((splits, m, n), dtype=out.dtype)  # (S, M, N)
-    kernel[grid, threads](a, b, partial, trans_a, trans_b, False, k_chunk)
+    launch(kernel, grid, threads, a, b, partial, trans_a, trans_b, False, k_chunk)
     grid = (math.ceil(n / NAIVE_BLOCK[0]), math.ceil(m / NAIVE_BLOCK[1]))
-    _matmul_splitk_reduce_kernel[grid, NAIVE_BLOCK](partial, out, accumulate)
+    launch(_matmul_splitk_reduce_kernel, grid, NAIVE_BLOCK, partial, out, accumulate)
 
 
 def launch_naive(a, b, out, trans_a, trans_b, accumulate):
     """Launch the one-thread-per-output kernel over ``out`` (device arrays, validated)."""
     m, n = out.shape
     grid = (math.ceil(n / NAIVE_BLOCK[0]), math.ceil(m / NAIVE_BLOCK[1]))
-    _matmul_naive_kernel[grid, NAIVE_BLOCK](a, b, out, trans_a, trans_b, accumulate)
+    launch(_matmul_naive_kernel, grid, NAIVE_BLOCK, a, b, out, trans_a, trans_b, accumulate)
 
 
 def _validate(a, b, trans_a, trans_b, out, accumulate, where):

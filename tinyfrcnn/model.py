@@ -306,36 +306,39 @@ class FasterRCNN(Module):
             if len(proposals) != n:
                 raise ValueError(f"FasterRCNN.forward: got {n} images but {len(proposals)} proposals")
             proposals = [np.asarray(p, dtype=np.float32).reshape(-1, 4) for p in proposals]
-        grad_logits = np.zeros_like(logits)
-        grad_deltas = np.zeros_like(deltas)
-        rpn_cls = rpn_reg = 0.0
+        sampled = []  # per image: the RPN's sampled anchor labels
         rois, roi_labels, roi_targets = [], [], []
         for i in range(n):
-            labels = gt_labels[i]
             if train_rpn:
-                labels_a, _, reg_targets = targets[i]
-                labels_a = sample_labels(labels_a, cfg.rpn_batch, cfg.rpn_pos_fraction, rng=rng)
-                out = rpn_loss(logits[i], deltas[i], labels_a, reg_targets, sigma=cfg.rpn_sigma)
-                rpn_cls += out["loss_cls"] / n
-                rpn_reg += out["loss_reg"] / n
-                grad_logits[i] = out["grad_logits"] / n
-                grad_deltas[i] = out["grad_deltas"] / n
+                sampled.append(sample_labels(targets[i][0], cfg.rpn_batch, cfg.rpn_pos_fraction, rng=rng))
             if not train_head:
                 continue
             sample = sample_proposals(
-                proposals[i], boxes[i], labels, num_samples=cfg.roi_batch, fg_fraction=cfg.fg_fraction,
+                proposals[i], boxes[i], gt_labels[i], num_samples=cfg.roi_batch, fg_fraction=cfg.fg_fraction,
                 fg_iou=cfg.fg_iou, bg_iou=cfg.bg_iou, rng=rng)
             r = sample["rois"]
             rois.append(np.concatenate([np.full((len(r), 1), i, dtype=r.dtype), r], axis=1))  # (S, 5)
             roi_labels.append(sample["labels"])
             roi_targets.append(sample["box_targets"])
+        if train_head:
+            rois = np.concatenate(rois).astype(feats.dtype)  # (R, 5)
+            head_out = self.head.forward(feats, to_device(rois) if gpu else rois)  # on "cuda": queued
+
+        # The RPN's losses on the host, while the GPU runs the head.
+        grad_logits = np.zeros_like(logits)
+        grad_deltas = np.zeros_like(deltas)
+        rpn_cls = rpn_reg = 0.0
+        for i, labels_a in enumerate(sampled):
+            out = rpn_loss(logits[i], deltas[i], labels_a, targets[i][2], sigma=cfg.rpn_sigma)
+            rpn_cls += out["loss_cls"] / n
+            rpn_reg += out["loss_reg"] / n
+            grad_logits[i] = out["grad_logits"] / n
+            grad_deltas[i] = out["grad_deltas"] / n
 
         head_cls = head_box = 0.0
         grad_cls = grad_box = None
         if train_head:
-            rois = np.concatenate(rois).astype(feats.dtype)  # (R, 5)
-            cls_logits, box_deltas = self.head.forward(feats, to_device(rois) if gpu else rois)
-            cls_logits, box_deltas = to_host(cls_logits), to_host(box_deltas)  # (R, C+1), (R, 4(C+1))
+            cls_logits, box_deltas = (to_host(a) for a in head_out)  # (R, C+1), (R, 4(C+1))
             _require_finite(cls_logits, "head_cls", "the head's class logits")
             _require_finite(box_deltas, "head_box", "the head's box deltas")
             h = head_loss(cls_logits, box_deltas, np.concatenate(roi_labels), np.concatenate(roi_targets),

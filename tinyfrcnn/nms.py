@@ -15,7 +15,7 @@ import numpy as np
 from numba import cuda, float32, float64, int64, njit, prange, uint64
 
 from .checks import as_array, as_float_array, check_boxes, check_finite, check_number, check_positive_int
-from .device import empty_on_device, on_device, rounded_ops, to_device, to_host, zeros_on_device
+from .device import empty_on_device, launch, on_device, rounded_ops, to_device, to_host, zeros_on_device
 
 BLOCK = 64  # boxes per CUDA block: one bit each in a uint64 mask word
 MAX_WORDS = 4096  # the single-block pass keeps its "removed" bitset in 32 KiB of shared memory
@@ -267,8 +267,8 @@ def _nms_cuda(boxes, classes, order, iou_threshold):
     with _SCRATCH_LOCK:
         mask = _mask_buffer(n, col_blocks)  # (N, ceil(N / 64))
         kernel = _NMS_MASK_CUDA[np.dtype(boxes.dtype)]
-        kernel[(col_blocks, col_blocks), BLOCK](d_boxes, d_classes, float(iou_threshold), mask)
-        _nms_gather_cuda[1, threads](mask, d_order, keep)
+        launch(kernel, (col_blocks, col_blocks), BLOCK, d_boxes, d_classes, float(iou_threshold), mask)
+        launch(_nms_gather_cuda, 1, threads, mask, d_order, keep)
         count = int(keep[n:].copy_to_host()[0])
     return keep[:count]
 

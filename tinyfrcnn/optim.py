@@ -29,7 +29,7 @@ import numpy as np
 from numba import cuda
 
 from .checks import check_finite, check_non_negative_int, check_number
-from .device import grid_1d, is_device_array, rounded_ops
+from .device import grid_1d, is_device_array, launch, rounded_ops
 from .layers import DeviceStore, packed_runs
 
 
@@ -154,7 +154,7 @@ class SGD:
         buf = self._flat_buffer if self.momentum else store.data
         for a, b in runs:
             if b > a:
-                _SGD_STEP_CUDA[np.dtype(store.data.dtype)][grid_1d(b - a)](
+                launch(_SGD_STEP_CUDA[np.dtype(store.data.dtype)], *grid_1d(b - a),
                     store.data[a:b], store.grad[a:b], buf[a:b], cast(lr), cast(self.momentum),
                     cast(self.weight_decay), first)
         return True
@@ -170,7 +170,7 @@ class SGD:
         if self.momentum and first:
             self._buffers[i] = cuda.device_array(p.data.shape, dtype=p.data.dtype)
         buf = self._buffers[i] if self.momentum else p.data
-        _SGD_STEP_CUDA[np.dtype(p.data.dtype)][grid_1d(p.data.size)](
+        launch(_SGD_STEP_CUDA[np.dtype(p.data.dtype)], *grid_1d(p.data.size),
             _flat(p.data), _flat(p.grad), _flat(buf), cast(lr), cast(self.momentum),
             cast(self.weight_decay), first)
 

@@ -36,7 +36,7 @@ import numpy as np
 from numba import cuda, float32, float64, njit, prange
 
 from .checks import as_array, as_float_array, check_boxes, check_finite, check_number, check_shape, pair
-from .device import empty_on_device, grid_1d, is_device_array, on_device, rounded_ops, zeros_on_device
+from .device import empty_on_device, is_device_array, launch, on_device, rounded_ops, zeros_on_device
 from .layers import Module
 
 FLT_MAX = float(np.finfo(np.float32).max)
@@ -217,10 +217,23 @@ def _roi_pool_backward_cpu(grad_out, argmax, grad_in, plane_size, bad):
                             grad_in[a] += grad_out[r, c, i, j]
 
 
-@cuda.jit(device=True, inline="always")
-def _output_index(t, C, PH, PW):
-    """(r, c, i, j) of flat index t into an (R, C, PH, PW) output: one CUDA thread a bin."""
-    return t // (PW * PH * C), (t // (PW * PH)) % C, (t // PW) % PH, t % PW
+ROI_THREADS = 256  # threads per block of the RoI kernels, about
+MAX_GRID_Y = 65535  # CUDA's limit on gridDim.y
+
+
+def _roi_blocks(R, C, PH, PW):
+    """(grid, block) of the RoI kernels: one thread per output bin (r, c, i, j).
+
+    A block holds the PH x PW bins of a few channels of one RoI: threadIdx (x, y, z) =
+    (bin column j, bin row i, channel), blockIdx (x, y) = (RoI, channel group). A thread
+    reads its indices off the launch instead of dividing a flat index (64-bit integer
+    division is slow on a GPU), and the block's threads write neighbouring outputs.
+    Outputs wider than a block and channel groups beyond the grid are taken in strides.
+    """
+    bx = min(PW, 1024)
+    by = min(PH, 1024 // bx)
+    bz = max(1, min(C, 64, ROI_THREADS // (bx * by)))
+    return (R, min(math.ceil(C / bz), MAX_GRID_Y)), (bx, by, bz)
 
 
 def _cuda_scalar(dtype):
@@ -258,28 +271,26 @@ def _make_roi_pool_forward_cuda(dtype):
     def roi_pool_forward(features, rois, scale, out, argmax):
         R, C, PH, PW = out.shape
         H, W = features.shape[2], features.shape[3]
-        t = cuda.grid(1)
-        if t >= R * C * PH * PW:
-            return
-        r, c, i, j = _output_index(t, C, PH, PW)
+        r = cuda.blockIdx.x
         n = int(rois[r, 0])
-        h0, h1 = bin_edges(corner(rois[r, 2], scale), corner(rois[r, 4], scale), i, PH, H)
-        w0, w1 = bin_edges(corner(rois[r, 1], scale), corner(rois[r, 3], scale), j, PW, W)
-        if h1 <= h0 or w1 <= w0:
-            out[r, c, i, j] = 0
-            argmax[r, c, i, j] = -1
-            return
-        base = (n * C + c) * H * W
-        best = T(-FLT_MAX)
-        best_at = -1
-        for y in range(h0, h1):
-            for x in range(w0, w1):
-                v = features[n, c, y, x]
-                if v > best:
-                    best = v
-                    best_at = base + y * W + x
-        out[r, c, i, j] = best
-        argmax[r, c, i, j] = best_at
+        x_start, x_end = corner(rois[r, 1], scale), corner(rois[r, 3], scale)
+        y_start, y_end = corner(rois[r, 2], scale), corner(rois[r, 4], scale)
+        for c in range(cuda.blockIdx.y * cuda.blockDim.z + cuda.threadIdx.z, C, cuda.gridDim.y * cuda.blockDim.z):
+            base = (n * C + c) * H * W
+            for i in range(cuda.threadIdx.y, PH, cuda.blockDim.y):
+                h0, h1 = bin_edges(y_start, y_end, i, PH, H)
+                for j in range(cuda.threadIdx.x, PW, cuda.blockDim.x):
+                    w0, w1 = bin_edges(x_start, x_end, j, PW, W)
+                    best = T(0) if h1 <= h0 or w1 <= w0 else T(-FLT_MAX)  # an empty bin gives 0
+                    best_at = -1
+                    for y in range(h0, h1):
+                        for x in range(w0, w1):
+                            v = features[n, c, y, x]
+                            if v > best:
+                                best = v
+                                best_at = base + y * W + x
+                    out[r, c, i, j] = best
+                    argmax[r, c, i, j] = best_at
 
     return roi_pool_forward
 
@@ -295,15 +306,15 @@ def _roi_pool_backward_cuda(grad_out, argmax, grad_in, flag):
     # The argmax is range-checked here, where it lives: copying it to the host would
     # cost more than the backward pass. A bad index is skipped and raises flag[0].
     R, C, PH, PW = grad_out.shape
-    t = cuda.grid(1)
-    if t >= R * C * PH * PW:
-        return
-    r, c, i, j = _output_index(t, C, PH, PW)
-    a = argmax[r, c, i, j]
-    if a < -1 or a >= grad_in.size:
-        flag[0] = 1
-    elif a >= 0:
-        cuda.atomic.add(grad_in, a, grad_out[r, c, i, j])
+    r = cuda.blockIdx.x
+    for c in range(cuda.blockIdx.y * cuda.blockDim.z + cuda.threadIdx.z, C, cuda.gridDim.y * cuda.blockDim.z):
+        for i in range(cuda.threadIdx.y, PH, cuda.blockDim.y):
+            for j in range(cuda.threadIdx.x, PW, cuda.blockDim.x):
+                a = argmax[r, c, i, j]
+                if a < -1 or a >= grad_in.size:
+                    flag[0] = 1
+                elif a >= 0:
+                    cuda.atomic.add(grad_in, a, grad_out[r, c, i, j])
 
 
 def roi_pool(features, rois, output_size, spatial_scale):
@@ -325,9 +336,8 @@ def roi_pool(features, rois, output_size, spatial_scale):
     if out.size == 0:
         return out, argmax
     if gpu:
-        blocks, threads = grid_1d(out.size)
         kernel = _ROI_POOL_FORWARD_CUDA[np.dtype(features.dtype)]
-        kernel[blocks, threads](features, rois, features.dtype.type(scale), out, argmax)
+        launch(kernel, *_roi_blocks(R, C, ph, pw), features, rois, features.dtype.type(scale), out, argmax)
     else:
         batch = host[:, 0].astype(np.int64)
         bins = _pool_bins(host, scale, ph, pw, H, W)
@@ -356,8 +366,7 @@ def roi_pool_backward(grad_out, argmax, features_shape):
         grad_in = zeros_on_device(size, grad_out.dtype)
         if grad_out.size:
             flag = _argmax_flag()
-            blocks, threads = grid_1d(grad_out.size)
-            _roi_pool_backward_cuda[blocks, threads](grad_out, argmax, grad_in, flag)
+            launch(_roi_pool_backward_cuda, *_roi_blocks(*grad_out.shape), grad_out, argmax, grad_in, flag)
             cuda.synchronize()
             if flag[0]:
                 _raise_argmax_outside(features_shape, where)
@@ -745,43 +754,45 @@ def _make_roi_align_cuda(dtype):
     def forward(features, rois, scale, sampling_ratio, aligned, out):
         R, C, PH, PW = out.shape
         H, W = features.shape[2], features.shape[3]
-        t = cuda.grid(1)
-        if t >= R * C * PH * PW:
-            return
-        r, c, i, j = _output_index(t, C, PH, PW)
+        r = cuda.blockIdx.x
         n, y0, x0, bin_h, bin_w, gh, gw = geometry(rois, r, scale, sampling_ratio, aligned, PH, PW)
-        total = T(0.0)
-        for iy in range(gh):
-            yl, yh, ly, yin = axis_sample(y0, i, bin_h, iy, gh, H)
-            for ix in range(gw):
-                xl, xh, lx, xin = axis_sample(x0, j, bin_w, ix, gw, W)
-                if yin and xin:
-                    hy, hx = T(1.0) - ly, T(1.0) - lx
-                    s = add(add(mul(mul(hy, hx), features[n, c, yl, xl]), mul(mul(hy, lx), features[n, c, yl, xh])),
-                            mul(mul(ly, hx), features[n, c, yh, xl]))
-                    total = add(total, add(s, mul(mul(ly, lx), features[n, c, yh, xh])))
-        out[r, c, i, j] = total / T(max(gh * gw, 1))
+        for c in range(cuda.blockIdx.y * cuda.blockDim.z + cuda.threadIdx.z, C, cuda.gridDim.y * cuda.blockDim.z):
+            for i in range(cuda.threadIdx.y, PH, cuda.blockDim.y):
+                for j in range(cuda.threadIdx.x, PW, cuda.blockDim.x):
+                    total = T(0.0)
+                    for iy in range(gh):
+                        yl, yh, ly, yin = axis_sample(y0, i, bin_h, iy, gh, H)
+                        for ix in range(gw):
+                            xl, xh, lx, xin = axis_sample(x0, j, bin_w, ix, gw, W)
+                            if yin and xin:
+                                hy, hx = T(1.0) - ly, T(1.0) - lx
+                                s = add(add(mul(mul(hy, hx), features[n, c, yl, xl]),
+                                            mul(mul(hy, lx), features[n, c, yl, xh])),
+                                        mul(mul(ly, hx), features[n, c, yh, xl]))
+                                total = add(total, add(s, mul(mul(ly, lx), features[n, c, yh, xh])))
+                    out[r, c, i, j] = total / T(max(gh * gw, 1))
 
     @cuda.jit
     def backward(grad_out, rois, scale, sampling_ratio, aligned, grad_in):
         R, C, PH, PW = grad_out.shape
         H, W = grad_in.shape[2], grad_in.shape[3]
-        t = cuda.grid(1)
-        if t >= R * C * PH * PW:
-            return
-        r, c, i, j = _output_index(t, C, PH, PW)
+        r = cuda.blockIdx.x
         n, y0, x0, bin_h, bin_w, gh, gw = geometry(rois, r, scale, sampling_ratio, aligned, PH, PW)
-        g, count = grad_out[r, c, i, j], T(max(gh * gw, 1))
-        for iy in range(gh):
-            yl, yh, ly, yin = axis_sample(y0, i, bin_h, iy, gh, H)
-            for ix in range(gw):
-                xl, xh, lx, xin = axis_sample(x0, j, bin_w, ix, gw, W)
-                if yin and xin:
-                    hy, hx = T(1.0) - ly, T(1.0) - lx
-                    cuda.atomic.add(grad_in, (n, c, yl, xl), mul(g, mul(hy, hx)) / count)
-                    cuda.atomic.add(grad_in, (n, c, yl, xh), mul(g, mul(hy, lx)) / count)
-                    cuda.atomic.add(grad_in, (n, c, yh, xl), mul(g, mul(ly, hx)) / count)
-                    cuda.atomic.add(grad_in, (n, c, yh, xh), mul(g, mul(ly, lx)) / count)
+        count = T(max(gh * gw, 1))
+        for c in range(cuda.blockIdx.y * cuda.blockDim.z + cuda.threadIdx.z, C, cuda.gridDim.y * cuda.blockDim.z):
+            for i in range(cuda.threadIdx.y, PH, cuda.blockDim.y):
+                for j in range(cuda.threadIdx.x, PW, cuda.blockDim.x):
+                    g = grad_out[r, c, i, j]
+                    for iy in range(gh):
+                        yl, yh, ly, yin = axis_sample(y0, i, bin_h, iy, gh, H)
+                        for ix in range(gw):
+                            xl, xh, lx, xin = axis_sample(x0, j, bin_w, ix, gw, W)
+                            if yin and xin:
+                                hy, hx = T(1.0) - ly, T(1.0) - lx
+                                cuda.atomic.add(grad_in, (n, c, yl, xl), mul(g, mul(hy, hx)) / count)
+                                cuda.atomic.add(grad_in, (n, c, yl, xh), mul(g, mul(hy, lx)) / count)
+                                cuda.atomic.add(grad_in, (n, c, yh, xl), mul(g, mul(ly, hx)) / count)
+                                cuda.atomic.add(grad_in, (n, c, yh, xh), mul(g, mul(ly, lx)) / count)
 
     return forward, backward
 
@@ -828,9 +839,8 @@ def roi_align(features, rois, output_size, spatial_scale, sampling_ratio=-1, ali
     if out.size == 0:
         return out
     if gpu:
-        blocks, threads = grid_1d(out.size)
         kernel = _ROI_ALIGN_CUDA[np.dtype(features.dtype)][0]
-        kernel[blocks, threads](features, rois, features.dtype.type(scale), sampling_ratio, aligned, out)
+        launch(kernel, *_roi_blocks(R, C, ph, pw), features, rois, features.dtype.type(scale), sampling_ratio, aligned, out)
     else:
         batch = host[:, 0].astype(np.int64)
         N, C, H, W = features.shape
@@ -865,9 +875,8 @@ def roi_align_backward(grad_out, rois, features_shape, spatial_scale, sampling_r
     if grad_out.size == 0:
         return grad_in
     if gpu:
-        blocks, threads = grid_1d(grad_out.size)
         kernel = _ROI_ALIGN_CUDA[np.dtype(grad_out.dtype)][1]
-        kernel[blocks, threads](grad_out, rois, grad_out.dtype.type(scale), sampling_ratio, aligned, grad_in)
+        launch(kernel, *_roi_blocks(R, C, ph, pw), grad_out, rois, grad_out.dtype.type(scale), sampling_ratio, aligned, grad_in)
     else:
         batch = host[:, 0].astype(np.int64)
         N, C, H, W = shape

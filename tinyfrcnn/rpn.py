@@ -27,7 +27,7 @@ from numba import cuda
 from .boxes import _decode, box_iou, clip_boxes, remove_small_boxes
 from .checks import (as_float_array, cast_finite, check_boxes, check_finite, check_non_negative_int, check_number,
                      check_positive_int, check_rng)
-from .device import empty_on_device, grid_1d, is_device_array
+from .device import empty_on_device, grid_1d, is_device_array, launch
 from .layers import Conv2d, Module, Parameter, ReLU, _add_cuda, _flat
 from .losses import _as_labels, _smooth_l1_beta, _smooth_l1_host, _softmax_cross_entropy_host
 from .nms import _descending_order, _nms_sorted_segments
@@ -92,7 +92,7 @@ def to_anchor_rows(maps, num_anchors):
         raise ValueError(f"{where}: maps must be C-contiguous on the device")
     rows = empty_on_device((n, h * w * k, d), dtype=maps.dtype)  # (N, H*W*k, D)
     if rows.size:
-        _to_anchor_rows_cuda[grid_1d(rows.size)](_flat(maps), k, d, h * w, _flat(rows))
+        launch(_to_anchor_rows_cuda, *grid_1d(rows.size), _flat(maps), k, d, h * w, _flat(rows))
     return rows
 
 
@@ -113,7 +113,7 @@ def from_anchor_rows(rows, num_anchors, height, width):
         raise ValueError(f"{where}: rows must be C-contiguous on the device")
     maps = empty_on_device((n, k * d, h, w), dtype=rows.dtype)  # (N, k*D, H, W)
     if maps.size:
-        _from_anchor_rows_cuda[grid_1d(maps.size)](_flat(rows), k, d, h * w, _flat(maps))
+        launch(_from_anchor_rows_cuda, *grid_1d(maps.size), _flat(rows), k, d, h * w, _flat(maps))
     return maps
 
 
@@ -186,7 +186,7 @@ class RPNHead(Module):
             if grad_hidden is None:
                 grad_hidden = g
             elif gpu:
-                _add_cuda[grid_1d(g.size)](_flat(grad_hidden), _flat(g))
+                launch(_add_cuda, *grid_1d(g.size), _flat(grad_hidden), _flat(g))
             else:
                 grad_hidden = grad_hidden + g
         if grad_hidden is None:
