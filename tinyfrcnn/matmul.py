@@ -210,8 +210,13 @@ def _matmul_splitk_reduce_kernel(partial, out, accumulate):
         out[i, j] = acc[0]
 
 
+_SMS = []  # the GPU's multiprocessor count, asked of the driver once (each ask costs more than a launch)
+
+
 def _multiprocessors():
-    return getattr(cuda.get_current_device(), "MULTIPROCESSOR_COUNT", 1)  # the simulator has none
+    if not _SMS:
+        _SMS.append(getattr(cuda.get_current_device(), "MULTIPROCESSOR_COUNT", 1))  # the simulator has none
+    return _SMS[0]
 
 
 def choose_splits(m, n, k, tiling=TILING, multiprocessors=None):
