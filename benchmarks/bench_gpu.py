@@ -419,7 +419,7 @@ def kernel_resources(kernel):
         return ""
 
 
-HOST_STEPS = ("anchor_targets", "sample_labels", "rpn_loss", "generate_proposals_batch", "sample_proposals",
+HOST_STEPS = ("_anchor_targets", "_sample_labels", "_rpn_loss", "generate_proposals_batch", "_sample_proposals",
               "head_loss")
 
 

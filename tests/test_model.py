@@ -1,5 +1,6 @@
 """FasterRCNN: end-to-end gradients, detection output, checkpoints."""
 
+import dataclasses
 import os
 
 import numpy as np
@@ -241,6 +242,32 @@ def test_forward_rejects_bad_input():
         model.detect(bad)
     with pytest.raises(ValueError, match="backward"):
         FasterRCNN(TINY).backward()
+
+
+def test_forward_checks_what_the_targets_take_unchecked():
+    # The forward pass checks the ground truth, the proposals, the rng and its config once,
+    # then calls the targets' and the RPN loss's unchecked cores for every image.
+    model = FasterRCNN(dataclasses.replace(TINY), rng=np.random.default_rng(0))
+    images, boxes, labels = tiny_batch(2)
+    flat = [boxes[0], boxes[1].copy()]
+    flat[1][0, 3] = flat[1][0, 1]  # zero height
+    outside = [boxes[0], boxes[1] + np.float32(64)]
+    with_nan = [boxes[0].copy(), boxes[1]]
+    with_nan[0][0, 0] = np.nan
+    for kwargs, match in [
+        (dict(gt_boxes=flat), r"FasterRCNN.forward: gt_boxes\[1\]\[0\] = .* has zero width or height"),
+        (dict(gt_boxes=outside), r"FasterRCNN.forward: gt_boxes\[1\]\[0\] = .* is not inside the 64x64 image"),
+        (dict(proposals=with_nan), r"FasterRCNN.forward: proposals\[0\] holds NaN or inf"),
+        (dict(rng=np.random.RandomState(0)), r"FasterRCNN.forward: rng must be a numpy.random.Generator"),
+    ]:
+        args = dict(gt_boxes=boxes, rng=np.random.default_rng(0)) | kwargs
+        with pytest.raises(ValueError, match=match):
+            model.forward(images, args.pop("gt_boxes"), labels, **args)
+    # boxes outside the image only matter to the anchor targets: the head alone takes them
+    model.forward(images, outside, labels, rng=np.random.default_rng(0), train_rpn=False)
+    model.config.rpn_pos_iou = 1.5  # set after construction
+    with pytest.raises(ValueError, match="ModelConfig: rpn_pos_iou"):
+        model.forward(images, boxes, labels, rng=np.random.default_rng(0))
 
 
 def _load_bench_gpu():

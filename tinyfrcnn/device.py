@@ -100,6 +100,26 @@ def _dims(shape):
     return tuple(int(s) for s in dims)
 
 
+_CONTEXTS = {}  # the driver's handle of a CUDA context -> numba's Context for it
+
+
+def _current_context():
+    """numba's CUDA context of this thread, found by the driver's handle of the current
+    context: one driver call, where numba's ``cuda.current_context()`` makes several and
+    takes a lock (microseconds that every pooled array paid)."""
+    from numba import cuda
+    from numba.cuda.cudadrv.driver import binding
+
+    err, handle = binding.cuCtxGetCurrent()
+    context = _CONTEXTS.get(int(handle)) if int(err) == 0 else None
+    if context is None:
+        context = cuda.current_context()  # makes one current if there is none yet
+        err, handle = binding.cuCtxGetCurrent()
+        if int(err) == 0 and int(handle):
+            _CONTEXTS[int(handle)] = context
+    return context
+
+
 class BufferPool:
     """Device buffers that come back for reuse once every array made from them is dropped.
 
@@ -124,7 +144,7 @@ class BufferPool:
         self.enabled = True
         self.max_cached_bytes = max_cached_bytes
         self._allocate = allocate or (lambda nbytes: cuda.device_array(nbytes, dtype=np.uint8))
-        self._context = context or cuda.current_context
+        self._context = context or _current_context
         self._free = {}  # (id of the CUDA context, size class) -> [raw uint8 device arrays]
         self._live = {}  # ticket -> the AutoFreePointer behind a handed-out array
         self._tickets = 0

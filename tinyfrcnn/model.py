@@ -23,12 +23,16 @@ import numpy as np
 
 from . import anchors as anchors_mod
 from .backbone import BACKBONE_STRIDE, make_backbone
-from .checks import as_float_array, check_boxes, check_finite, check_number, check_positive_int
+from .boxes import _check_weights
+from .checks import (as_float_array, cast_finite, check_boxes, check_finite, check_number, check_positive_int,
+                     check_rng)
 from .device import check_device, is_device_array, to_device, to_host
 from .head import POOLINGS, FastRCNNHead, head_loss, postprocess_detections
 from .layers import Module, add_
-from .rpn import RPNHead, generate_proposals_batch, rpn_loss
-from .targets import anchor_targets, check_labels, sample_labels, sample_proposals
+from .losses import _smooth_l1_beta
+from .rpn import RPNHead, _rpn_loss, generate_proposals_batch
+from .targets import (HEAD_BOX_WEIGHTS, _anchor_targets, _anchors_inside, _sample_labels, _sample_proposals,
+                      check_gt_boxes, check_labels)
 
 CHECKPOINT_FORMAT = "tinyfrcnn-checkpoint-1"
 
@@ -277,23 +281,30 @@ class FasterRCNN(Module):
         them apart); ``proposals`` (one (P_i, 4) array per image) replaces the model's
         own proposals for the head, as step 2 of that schedule needs.
         """
-        cfg = self.config
-        images = self._upload(images, "FasterRCNN.forward")
+        where = "FasterRCNN.forward"
+        cfg = self.config.check()  # its fields may have been set since: the targets below take them unchecked
+        images = self._upload(images, where)
         gpu = is_device_array(images)
         n, _, height, width = images.shape
         if n == 0:
-            raise ValueError("FasterRCNN.forward: images holds no images; a training step needs at least one")
-        boxes, gt_labels = _ground_truth(gt_boxes, gt_labels, n, cfg.num_classes, "FasterRCNN.forward")
+            raise ValueError(f"{where}: images holds no images; a training step needs at least one")
+        boxes, gt_labels = _ground_truth(gt_boxes, gt_labels, n, cfg.num_classes, where)
+        for i, b in enumerate(boxes):  # positive sizes; inside the image, for the anchor targets
+            check_gt_boxes(b, (height, width) if train_rpn else None, where, name=f"gt_boxes[{i}]")
+        rng = check_rng(rng, where)
         feats = self.backbone.forward(images)  # (N, C, h, w)
         fh, fw = feats.shape[2:]
         anchors = self.anchors_for(fh, fw)  # (A, 4)
         rpn_out = self.rpn.forward(feats)  # on "cuda": queued on the GPU
         # Anchor labels and targets depend only on the boxes, so the host works them out
-        # while the GPU runs the network; to_host below waits for the RPN's outputs.
-        border = None if cfg.rpn_allowed_border < 0 else cfg.rpn_allowed_border
-        targets = [anchor_targets(anchors, b, pos_iou=cfg.rpn_pos_iou, neg_iou=cfg.rpn_neg_iou,
-                                  image_size=(height, width), allowed_border=border)
-                   for b in boxes] if train_rpn else []
+        # while the GPU runs the network; to_host below waits for the RPN's outputs. The
+        # arguments were checked above, once for all images: the targets' unchecked cores.
+        targets = []
+        if train_rpn:
+            border = None if cfg.rpn_allowed_border < 0 else cfg.rpn_allowed_border
+            inside = _anchors_inside(anchors, (height, width), border, where)  # (A,)
+            unit = _check_weights((1.0,) * 4, where, np.result_type(anchors.dtype, np.float32))
+            targets = [_anchor_targets(anchors, b, cfg.rpn_pos_iou, cfg.rpn_neg_iou, inside, unit) for b in boxes]
         logits, deltas = (to_host(a) for a in rpn_out)  # (N, A, 2), (N, A, 4)
         _require_finite(logits, "rpn_cls", "the RPN's objectness logits")
         _require_finite(deltas, "rpn_reg", "the RPN's box deltas")
@@ -304,18 +315,20 @@ class FasterRCNN(Module):
                 nms_thresh=cfg.rpn_nms, min_size=cfg.rpn_min_size)]
         elif train_head:
             if len(proposals) != n:
-                raise ValueError(f"FasterRCNN.forward: got {n} images but {len(proposals)} proposals")
-            proposals = [np.asarray(p, dtype=np.float32).reshape(-1, 4) for p in proposals]
+                raise ValueError(f"{where}: got {n} images but {len(proposals)} proposals")
+            proposals = [check_boxes(np.asarray(p, dtype=np.float32).reshape(-1, 4), f"proposals[{i}]", where)
+                         for i, p in enumerate(proposals)]
+        if train_head:
+            weights = _check_weights(HEAD_BOX_WEIGHTS, where, np.result_type(*(p.dtype for p in proposals), np.float32))
         sampled = []  # per image: the RPN's sampled anchor labels
         rois, roi_labels, roi_targets = [], [], []
         for i in range(n):
             if train_rpn:
-                sampled.append(sample_labels(targets[i][0], cfg.rpn_batch, cfg.rpn_pos_fraction, rng=rng))
+                sampled.append(_sample_labels(targets[i][0], cfg.rpn_batch, cfg.rpn_pos_fraction, rng))
             if not train_head:
                 continue
-            sample = sample_proposals(
-                proposals[i], boxes[i], gt_labels[i], num_samples=cfg.roi_batch, fg_fraction=cfg.fg_fraction,
-                fg_iou=cfg.fg_iou, bg_iou=cfg.bg_iou, rng=rng)
+            sample = _sample_proposals(proposals[i], boxes[i], gt_labels[i], cfg.roi_batch, cfg.fg_fraction,
+                                       cfg.fg_iou, cfg.bg_iou[0], cfg.bg_iou[1], rng, weights)
             r = sample["rois"]
             rois.append(np.concatenate([np.full((len(r), 1), i, dtype=r.dtype), r], axis=1))  # (S, 5)
             roi_labels.append(sample["labels"])
@@ -328,8 +341,10 @@ class FasterRCNN(Module):
         grad_logits = np.zeros_like(logits)
         grad_deltas = np.zeros_like(deltas)
         rpn_cls = rpn_reg = 0.0
+        beta = _smooth_l1_beta(cfg.rpn_sigma, where)
         for i, labels_a in enumerate(sampled):
-            out = rpn_loss(logits[i], deltas[i], labels_a, targets[i][2], sigma=cfg.rpn_sigma)
+            reg_targets = cast_finite(targets[i][2], deltas.dtype, "the RPN's regression targets", "deltas", where)
+            out = _rpn_loss(logits[i], deltas[i], labels_a, reg_targets, beta, 1.0)
             rpn_cls += out["loss_cls"] / n
             rpn_reg += out["loss_reg"] / n
             grad_logits[i] = out["grad_logits"] / n

@@ -233,8 +233,12 @@ def rpn_loss(logits, deltas, labels, reg_targets, sigma=3.0, lam=1.0):
         reg_targets = reg_targets.astype(deltas.dtype, copy=False)
     for name, a in (("logits", logits), ("deltas", deltas), ("reg_targets", reg_targets)):
         check_finite(a, name, where)
+    return _rpn_loss(logits, deltas, labels, reg_targets, beta, lam)
 
-    # The inputs are checked: the losses' unchecked host cores (see losses.py).
+
+def _rpn_loss(logits, deltas, labels, reg_targets, beta, lam):
+    """``rpn_loss`` of checked NumPy arguments (finite, shapes agreeing, reg_targets in
+    the deltas' dtype), with the smooth L1 ``beta`` worked out from sigma."""
     loss_cls, grad_logits = _softmax_cross_entropy_host(logits, labels, ignore_index=-1)
     num_sampled = int((labels >= 0).sum())
     scale = lam / num_sampled if num_sampled else 0.0

@@ -23,6 +23,9 @@ from .checks import as_array, check_boxes, check_number, check_positive_int, che
 from .device import is_device_array
 
 
+HEAD_BOX_WEIGHTS = (10.0, 10.0, 5.0, 5.0)  # the head's box targets: py-faster-rcnn's 1 / (0.1, 0.1, 0.2, 0.2)
+
+
 def _host(x, name, where):
     if is_device_array(x):
         raise ValueError(f"{where}: {name} is a CUDA device array; targets are computed on the host, "
@@ -113,15 +116,25 @@ def label_anchors(anchors, gt_boxes, pos_iou=0.7, neg_iou=0.3, image_size=None, 
     neg_iou = check_number(neg_iou, "neg_iou", low=0.0, high=1.0, where=where)
     check_number(pos_iou, "pos_iou", low=0.0, high=1.0, low_open=True, where=where)
     pos_iou = check_number(pos_iou, "pos_iou", low=neg_iou, where=where)
+    return _label_anchors(anchors, gt_boxes, pos_iou, neg_iou, _anchors_inside(anchors, image_size, allowed_border))
+
+
+def _anchors_inside(anchors, image_size=None, allowed_border=None, where="label_anchors"):
+    """(A,) bool: the anchors that cross the image border by at most ``allowed_border``
+    pixels (all of them when ``allowed_border`` is None)."""
+    if allowed_border is None:
+        return np.ones(anchors.shape[0], dtype=bool)
+    if image_size is None:
+        raise ValueError(f"{where}: allowed_border needs image_size (height, width)")
+    b = check_number(allowed_border, "allowed_border", where=where)
+    height, width = _check_image_size(image_size, where)
+    return ((anchors[:, 0] >= -b) & (anchors[:, 1] >= -b)
+            & (anchors[:, 2] <= width + b) & (anchors[:, 3] <= height + b))
+
+
+def _label_anchors(anchors, gt_boxes, pos_iou, neg_iou, inside):
+    """``label_anchors`` of checked arguments, ``inside`` from ``_anchors_inside``."""
     num_anchors = anchors.shape[0]
-    inside = np.ones(num_anchors, dtype=bool)
-    if allowed_border is not None:
-        if image_size is None:
-            raise ValueError(f"{where}: allowed_border needs image_size (height, width)")
-        b = check_number(allowed_border, "allowed_border", where=where)
-        height, width = _check_image_size(image_size, where)
-        inside = ((anchors[:, 0] >= -b) & (anchors[:, 1] >= -b)
-                  & (anchors[:, 2] <= width + b) & (anchors[:, 3] <= height + b))
     labels = np.full(num_anchors, -1, dtype=np.int64)
     if gt_boxes.shape[0] == 0:
         labels[inside] = 0
@@ -157,7 +170,11 @@ def sample_labels(labels, num_samples=256, positive_fraction=0.5, rng=None):
     labels = check_labels(labels, "labels", where, low=-1, high=1)
     num_samples = check_positive_int(num_samples, "num_samples", where)
     positive_fraction = check_number(positive_fraction, "positive_fraction", low=0.0, high=1.0, where=where)
-    rng = check_rng(rng, where)
+    return _sample_labels(labels, num_samples, positive_fraction, check_rng(rng, where))
+
+
+def _sample_labels(labels, num_samples, positive_fraction, rng):
+    """``sample_labels`` of checked arguments."""
     positive = np.flatnonzero(labels == 1)
     negative = np.flatnonzero(labels == 0)
     num_pos = min(positive.size, int(num_samples * positive_fraction))
@@ -179,20 +196,30 @@ def anchor_targets(anchors, gt_boxes, pos_iou=0.7, neg_iou=0.3, image_size=None,
     """
     labels, matched_gt = label_anchors(anchors, gt_boxes, pos_iou, neg_iou, image_size, allowed_border)
     anchors, gt_boxes = np.asarray(anchors), np.asarray(gt_boxes)  # checked by label_anchors
-    dtype = np.result_type(anchors.dtype, gt_boxes.dtype)
-    weights = _check_weights(weights, "anchor_targets", dtype)
-    reg_targets = np.zeros((labels.shape[0], 4), dtype=dtype)  # (A, 4)
+    weights = _check_weights(weights, "anchor_targets", np.result_type(anchors.dtype, gt_boxes.dtype))
+    return labels, matched_gt, _anchor_regression_targets(anchors, gt_boxes, labels, matched_gt, weights)
+
+
+def _anchor_targets(anchors, gt_boxes, pos_iou, neg_iou, inside, weights):
+    """``anchor_targets`` of checked arguments, ``inside`` from ``_anchors_inside`` and
+    ``weights`` from ``boxes._check_weights`` in the dtype of anchors and gt_boxes."""
+    labels, matched_gt = _label_anchors(anchors, gt_boxes, pos_iou, neg_iou, inside)
+    return labels, matched_gt, _anchor_regression_targets(anchors, gt_boxes, labels, matched_gt, weights)
+
+
+def _anchor_regression_targets(anchors, gt_boxes, labels, matched_gt, weights):
+    reg_targets = np.zeros((labels.shape[0], 4), dtype=np.result_type(anchors.dtype, gt_boxes.dtype))  # (A, 4)
     pos = np.flatnonzero(labels == 1)  # positives overlap their gt, so both have positive sizes
     if pos.size:
         reg_targets[pos] = _encode(anchors[pos], gt_boxes[matched_gt[pos]], weights)
-    return labels, matched_gt, reg_targets
+    return reg_targets
 
 
 # ---------------------------------------------------------------- proposals (Fast R-CNN head)
 
 
 def sample_proposals(proposals, gt_boxes, gt_labels, num_samples=128, fg_fraction=0.25, fg_iou=0.5,
-                     bg_iou=(0.0, 0.5), rng=None, weights=(10.0, 10.0, 5.0, 5.0), num_classes=None,
+                     bg_iou=(0.0, 0.5), rng=None, weights=HEAD_BOX_WEIGHTS, num_classes=None,
                      image_size=None):
     """Sample the RoIs that train the Fast R-CNN head, with their class and box targets.
 
@@ -233,8 +260,15 @@ def sample_proposals(proposals, gt_boxes, gt_labels, num_samples=128, fg_fractio
     bg_lo = check_number(bg_iou[0], "bg_iou", low=0.0, high=1.0, where=where)
     bg_hi = check_number(bg_iou[1], "bg_iou", low=bg_lo, high=fg_iou, low_open=True, where=where)
     rng = check_rng(rng, where)
+    weights = _check_weights(weights, where, np.result_type(proposals.dtype, gt_boxes.dtype))
+    return _sample_proposals(proposals, gt_boxes, gt_labels, num_samples, fg_fraction, fg_iou, bg_lo, bg_hi, rng,
+                             weights)
+
+
+def _sample_proposals(proposals, gt_boxes, gt_labels, num_samples, fg_fraction, fg_iou, bg_lo, bg_hi, rng, weights):
+    """``sample_proposals`` of checked arguments, ``weights`` from ``boxes._check_weights``
+    in the dtype of proposals and gt_boxes."""
     dtype = np.result_type(proposals.dtype, gt_boxes.dtype)
-    weights = _check_weights(weights, where, dtype)
     rois = np.concatenate([proposals.astype(dtype), gt_boxes.astype(dtype)])  # (P + G, 4)
     if gt_boxes.shape[0]:
         best_iou, matched = _best_match(_box_iou_host(rois, gt_boxes))  # (P + G,), (P + G,)
