@@ -590,6 +590,26 @@ def test_cuda_im2col_and_col2im_match_cpu():
     np.testing.assert_array_equal(_host(col2im(cuda.to_device(c), x.shape, *args)), col2im(c, x.shape, *args))
 
 
+@pytest.mark.parametrize("shape,kernel,stride,padding", [
+    ((1, 2, 7, 5), (3, 3), (1, 1), (1, 1)),
+    ((2, 1, 6, 7), (2, 3), (3, 2), (0, 1)),
+    ((1, 2, 5, 5), (1, 1), (2, 2), (0, 0)),
+    ((1, 1, 4, 6), (3, 2), (1, 3), (3, 2)),  # whole windows in the padding
+    ((1, 1, 3, 3), (5, 5), (1, 1), (2, 2)),  # a kernel larger than the image
+    ((1, 2, 8, 3), (2, 2), (4, 1), (1, 0)),  # strides larger than the kernel: pixels in no window
+])
+def test_cuda_im2col_and_col2im_match_cpu_to_the_bit(shape, kernel, stride, padding):
+    # col2im adds up to kh*kw terms per pixel: float64 random values make any change in
+    # their order show in the last bits.
+    rng = np.random.default_rng(22)
+    x = rng.standard_normal(shape)
+    cols = im2col(x, kernel, stride, padding)
+    np.testing.assert_array_equal(_host(im2col(cuda.to_device(x), kernel, stride, padding)), cols)
+    c = rng.standard_normal(cols.shape)
+    np.testing.assert_array_equal(_host(col2im(cuda.to_device(c), shape, kernel, stride, padding)),
+                                  col2im(c, shape, kernel, stride, padding))
+
+
 def _small_net(rng):
     # few matrix products: the simulator runs every thread of every block in Python
     return Sequential(Conv2d(2, 3, (3, 2), stride=(2, 1), padding=(1, 0), rng=rng), ReLU(), MaxPool2d(2),

@@ -12,11 +12,14 @@ so ``y`` (O, N, OH*OW) holds every output of the batch after one product. Row
 entry back onto the input pixel it was copied from, which is exactly the gradient of
 ``im2col`` (pixels under several windows collect several terms).
 
-CUDA: ``im2col`` runs one thread per column entry (a copy or a padding zero).
-``col2im`` is written as a gather, one thread per input pixel: the thread finds the
-(at most kh*kw) column entries its pixel was copied to and sums them in the same
-(i, j) order as the CPU kernel, so the two agree bit for bit, and no two threads
-write the same address (no atomics, and the same result every run).
+CUDA: ``im2col`` runs one thread per output position of each image and channel, which
+copies the kh*kw values under its window (or padding zeros) into its column: the thread
+finds its place with a few integer divisions, then walks the window without any (64-bit
+integer division is slow on a GPU). ``col2im`` is written as a gather, one thread per
+input pixel: the thread works out the range of outputs whose windows cover its pixel
+and sums their (at most kh*kw) column entries in the same (i, j) order as the CPU
+kernel, so the two agree bit for bit, and no two threads write the same address (no
+atomics, and the same result every run).
 """
 
 import numpy as np
@@ -129,21 +132,25 @@ def _col2im_cpu(cols, kh, kw, sh, sw, ph, pw, oh, ow, dx):
 @cuda.jit
 def _im2col_cuda(x, kh, kw, sh, sw, ph, pw, oh, ow, cols):
     t = cuda.grid(1)
-    k, n, p = cols.shape
-    if t >= k * n * p:
+    n, c, h, w = x.shape
+    p = oh * ow
+    if t >= n * c * p:
         return
-    row = t // (n * p)
-    b = (t // p) % n
     pos = t % p
-    ch = row // (kh * kw)
-    i = (row // kw) % kh
-    j = row % kw
-    iy = (pos // ow) * sh + i - ph
-    ix = (pos % ow) * sw + j - pw
-    if 0 <= iy < x.shape[2] and 0 <= ix < x.shape[3]:
-        cols[row, b, pos] = x[b, ch, iy, ix]
-    else:
-        cols[row, b, pos] = 0
+    b = t // (c * p)
+    ch = (t // p) % c
+    y0 = (pos // ow) * sh - ph
+    x0 = (pos % ow) * sw - pw
+    row = ch * kh * kw
+    for i in range(kh):
+        iy = y0 + i
+        for j in range(kw):
+            ix = x0 + j
+            if 0 <= iy < h and 0 <= ix < w:
+                cols[row, b, pos] = x[b, ch, iy, ix]
+            else:
+                cols[row, b, pos] = 0
+            row += 1
 
 
 @cuda.jit
@@ -154,20 +161,21 @@ def _col2im_cuda(cols, kh, kw, sh, sw, ph, pw, oh, ow, dx):
         return
     b = t // (c * h * w)
     ch = (t // (h * w)) % c
-    iy = (t // w) % h
-    ix = t % w
+    yp = (t // w) % h + ph  # the pixel in padded coordinates
+    xp = t % w + pw
+    # The outputs whose windows cover the pixel: oy in [oy_lo, oy_hi], at kernel row
+    # i = yp - oy*sh (likewise x). Walking oy and ox down walks i and j up: the CPU's order.
+    oy_hi = min(yp // sh, oh - 1)
+    oy_lo = max(0, (yp - kh + sh) // sh)
+    ox_hi = min(xp // sw, ow - 1)
+    ox_lo = max(0, (xp - kw + sw) // sw)
     acc = cuda.local.array(1, dtype=dx.dtype)
     acc[0] = 0
-    for i in range(kh):
-        ty = iy + ph - i
-        if ty < 0 or ty % sh != 0 or ty // sh >= oh:
-            continue
-        for j in range(kw):
-            tx = ix + pw - j
-            if tx < 0 or tx % sw != 0 or tx // sw >= ow:
-                continue
-            acc[0] += cols[(ch * kh + i) * kw + j, b, (ty // sh) * ow + tx // sw]
-    dx[b, ch, iy, ix] = acc[0]
+    for oy in range(oy_hi, oy_lo - 1, -1):
+        i = yp - oy * sh
+        for ox in range(ox_hi, ox_lo - 1, -1):
+            acc[0] += cols[(ch * kh + i) * kw + xp - ox * sw, b, oy * ow + ox]
+    dx[b, ch, yp - ph, xp - pw] = acc[0]
 
 
 def _contiguous(a, name, where):
@@ -223,7 +231,7 @@ def im2col(x, kernel, stride, padding, out=None):
     if cols.size == 0:
         return cols
     if gpu:
-        launch(_im2col_cuda, *grid_1d(cols.size), x, kh, kw, sh, sw, ph, pw, oh, ow, cols)
+        launch(_im2col_cuda, *grid_1d(n * c * oh * ow), x, kh, kw, sh, sw, ph, pw, oh, ow, cols)
     else:
         _im2col_cpu(x, kh, kw, sh, sw, ph, pw, oh, ow, cols)
     return cols
