@@ -188,6 +188,10 @@ def test_launch_packs_arrays_of_every_layout_and_scalars_as_numba_does():
                 device.launch.enabled = True
             assert device.launch.fast_launches - before == int(fast and gpu)
             np.testing.assert_allclose(out.copy_to_host(), expected, rtol=1e-6)
+    kept = [key for key in device.launch._plans if key[0] is _mixed_arguments_kernel]
+    assert len(kept) == (1 if gpu else 0)  # one kind: other values of the same types reuse it
+    device.launch.clear()
+    assert not device.launch._plans
 
 
 def test_to_device_stages_through_one_pinned_buffer(monkeypatch):

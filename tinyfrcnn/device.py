@@ -284,7 +284,8 @@ class Launcher:
     arrays, bools, ints or floats, ints outside int64, kernels compiled with options
     the launcher does not reproduce (debug, extensions, cooperative). Like numba, the
     launcher does not check grid sizes. It launches on the default stream in the
-    current context (the launches of this package all do).
+    current context (the launches of this package all do); after ``cuda.close()``,
+    which unloads every compiled kernel, call ``launch.clear()``.
     """
 
     def __init__(self):
@@ -334,6 +335,10 @@ class Launcher:
             cfg = self._configs[dims] = launch_config(grid=grid, block=block)
         launch(stream, cfg, function, *packed)
         self.fast_launches += 1
+
+    def clear(self):
+        """Forget every kept kernel (their next launches go through numba again)."""
+        self._plans.clear()
 
     @staticmethod
     def _load_core():
