@@ -840,7 +840,8 @@ def roi_align(features, rois, output_size, spatial_scale, sampling_ratio=-1, ali
         return out
     if gpu:
         kernel = _ROI_ALIGN_CUDA[np.dtype(features.dtype)][0]
-        launch(kernel, *_roi_blocks(R, C, ph, pw), features, rois, features.dtype.type(scale), sampling_ratio, aligned, out)
+        launch(kernel, *_roi_blocks(R, C, ph, pw), features, rois, features.dtype.type(scale), sampling_ratio, aligned,
+               out)
     else:
         batch = host[:, 0].astype(np.int64)
         N, C, H, W = features.shape
@@ -876,7 +877,8 @@ def roi_align_backward(grad_out, rois, features_shape, spatial_scale, sampling_r
         return grad_in
     if gpu:
         kernel = _ROI_ALIGN_CUDA[np.dtype(grad_out.dtype)][1]
-        launch(kernel, *_roi_blocks(R, C, ph, pw), grad_out, rois, grad_out.dtype.type(scale), sampling_ratio, aligned, grad_in)
+        launch(kernel, *_roi_blocks(R, C, ph, pw), grad_out, rois, grad_out.dtype.type(scale), sampling_ratio, aligned,
+               grad_in)
     else:
         batch = host[:, 0].astype(np.int64)
         N, C, H, W = shape
