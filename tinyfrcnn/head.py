@@ -20,6 +20,7 @@ from .layers import Flatten, Linear, Module, Parameter, ReLU, _add_cuda, _flat
 from .losses import _as_labels, _smooth_l1_beta, _smooth_l1_host, _softmax_cross_entropy_host
 from .nms import batched_nms
 from .roi import RoIAlign, RoIPool
+from .targets import HEAD_BOX_WEIGHTS
 
 POOLINGS = ("roi_pool", "roi_align")
 
@@ -183,7 +184,7 @@ def _softmax(z):
 
 
 def postprocess_detections(rois_boxes, cls_logits, box_deltas, image_size, score_thresh=0.05, nms_thresh=0.3,
-                           max_detections=100, weights=(10.0, 10.0, 5.0, 5.0)):
+                           max_detections=100, weights=HEAD_BOX_WEIGHTS):
     """Detections of one image from the head's outputs, as torchvision's RoIHeads.postprocess_detections.
 
     Softmax scores p_k; each RoI decoded with its class-k deltas (``weights`` undo the

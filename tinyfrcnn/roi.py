@@ -236,6 +236,12 @@ def _roi_blocks(R, C, PH, PW):
     return (R, min(math.ceil(C / bz), MAX_GRID_Y)), (bx, by, bz)
 
 
+@cuda.jit(device=True, inline="always")
+def _block_channels(C):
+    """(first, stop, step) of the channels this thread takes, in the ``_roi_blocks`` layout."""
+    return cuda.blockIdx.y * cuda.blockDim.z + cuda.threadIdx.z, C, cuda.gridDim.y * cuda.blockDim.z
+
+
 def _cuda_scalar(dtype):
     return float32 if np.dtype(dtype) == np.float32 else float64
 
@@ -275,7 +281,7 @@ def _make_roi_pool_forward_cuda(dtype):
         n = int(rois[r, 0])
         x_start, x_end = corner(rois[r, 1], scale), corner(rois[r, 3], scale)
         y_start, y_end = corner(rois[r, 2], scale), corner(rois[r, 4], scale)
-        for c in range(cuda.blockIdx.y * cuda.blockDim.z + cuda.threadIdx.z, C, cuda.gridDim.y * cuda.blockDim.z):
+        for c in range(*_block_channels(C)):
             base = (n * C + c) * H * W
             for i in range(cuda.threadIdx.y, PH, cuda.blockDim.y):
                 h0, h1 = bin_edges(y_start, y_end, i, PH, H)
@@ -307,7 +313,7 @@ def _roi_pool_backward_cuda(grad_out, argmax, grad_in, flag):
     # cost more than the backward pass. A bad index is skipped and raises flag[0].
     R, C, PH, PW = grad_out.shape
     r = cuda.blockIdx.x
-    for c in range(cuda.blockIdx.y * cuda.blockDim.z + cuda.threadIdx.z, C, cuda.gridDim.y * cuda.blockDim.z):
+    for c in range(*_block_channels(C)):
         for i in range(cuda.threadIdx.y, PH, cuda.blockDim.y):
             for j in range(cuda.threadIdx.x, PW, cuda.blockDim.x):
                 a = argmax[r, c, i, j]
@@ -756,7 +762,7 @@ def _make_roi_align_cuda(dtype):
         H, W = features.shape[2], features.shape[3]
         r = cuda.blockIdx.x
         n, y0, x0, bin_h, bin_w, gh, gw = geometry(rois, r, scale, sampling_ratio, aligned, PH, PW)
-        for c in range(cuda.blockIdx.y * cuda.blockDim.z + cuda.threadIdx.z, C, cuda.gridDim.y * cuda.blockDim.z):
+        for c in range(*_block_channels(C)):
             for i in range(cuda.threadIdx.y, PH, cuda.blockDim.y):
                 for j in range(cuda.threadIdx.x, PW, cuda.blockDim.x):
                     total = T(0.0)
@@ -779,7 +785,7 @@ def _make_roi_align_cuda(dtype):
         r = cuda.blockIdx.x
         n, y0, x0, bin_h, bin_w, gh, gw = geometry(rois, r, scale, sampling_ratio, aligned, PH, PW)
         count = T(max(gh * gw, 1))
-        for c in range(cuda.blockIdx.y * cuda.blockDim.z + cuda.threadIdx.z, C, cuda.gridDim.y * cuda.blockDim.z):
+        for c in range(*_block_channels(C)):
             for i in range(cuda.threadIdx.y, PH, cuda.blockDim.y):
                 for j in range(cuda.threadIdx.x, PW, cuda.blockDim.x):
                     g = grad_out[r, c, i, j]
