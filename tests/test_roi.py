@@ -352,6 +352,52 @@ def test_cuda_kernels_take_bins_and_channels_in_strides(monkeypatch):
                        roi_align_backward(g, rois, f.shape, 0.5), atol=1e-12)
 
 
+def test_layers_upload_host_rois_and_never_copy_them_back(monkeypatch):
+    # With device features the layers take the RoIs from the host, where the model makes
+    # them: checked there, uploaded once, the checked copy kept for the backward, so no
+    # pass waits for a copy back. The numbers are the functions' on device RoIs.
+    rng = np.random.default_rng(10)
+    f = rng.standard_normal((2, 3, 5, 6)).astype(np.float32)
+    rois = random_rois(rng, 6, 2, 10, 12).astype(np.float32)
+    g = rng.standard_normal((6, 3, 2, 3)).astype(np.float32)
+    d_f, d_r, d_g = cuda.to_device(f), cuda.to_device(rois), cuda.to_device(g)
+    expected_align = (roi_align(d_f, d_r, (2, 3), 0.5).copy_to_host(),
+                      roi_align_backward(d_g, d_r, f.shape, 0.5).copy_to_host())
+    d_out, d_argmax = roi_pool(d_f, d_r, (2, 3), 0.5)
+    expected_pool = (d_out.copy_to_host(), roi_pool_backward(d_g, d_argmax, f.shape).copy_to_host())
+
+    copies = []
+    device_array = type(d_f)
+    to_host = device_array.copy_to_host
+    monkeypatch.setattr(device_array, "copy_to_host", lambda a, *args, **kw: copies.append(a.shape) or
+                        to_host(a, *args, **kw))
+    align, pool = RoIAlign((2, 3), 0.5), RoIPool((2, 3), 0.5)
+    results = []
+    for layer in (align, pool):
+        host_rois = rois.astype(np.float64)  # any float dtype: the layer casts to the features'
+        out = layer.forward(d_f, host_rois)
+        host_rois[:, 1:] += 2.0  # the caller reuses its array before the backward
+        grad = layer.backward(d_g)
+        assert roi.is_device_array(out) and roi.is_device_array(grad)
+        results.append((out, grad))
+    assert copies == []
+    monkeypatch.undo()
+    for (out, grad), (want_out, want_grad) in zip(results, (expected_align, expected_pool)):
+        assert np.array_equal(out.copy_to_host(), want_out)
+        assert np.allclose(grad.copy_to_host(), want_grad, atol=1e-6)
+    # A gradient in another dtype than the forward's: the function's own checks and casts.
+    grad64 = align.backward(cuda.to_device(g.astype(np.float64)))
+    assert grad64.dtype == np.float64
+    assert np.allclose(grad64.copy_to_host(), roi_align_backward(g.astype(np.float64), rois, f.shape, 0.5),
+                       atol=1e-6)
+    with pytest.raises(ValueError, match="device arrays"):
+        align.backward(g)  # the forward ran on the device
+    with pytest.raises(ValueError, match="device arrays"):
+        roi_align(d_f, rois, (2, 3), 0.5)  # the functions still take all-host or all-device arguments
+    with pytest.raises(ValueError, match=r"RoIAlign: rois\[0, 0\] = 2.0 is not an integer batch index"):
+        align.forward(d_f, np.array([[2, 0, 0, 1, 1]], np.float32))  # checked on the host, before any upload
+
+
 def test_cuda_float32_and_empty():
     rng = np.random.default_rng(7)
     f = rng.standard_normal((1, 2, 4, 5)).astype(np.float32)

@@ -197,9 +197,9 @@ class FasterRCNN(Module):
        labelling and sampling, the RPN loss, the proposal layer (decode, top-n, NMS) and
        RoI sampling stay on the host: they sort, sample and index a few thousand numbers
        per image, which a kernel launch per step would not speed up;
-    4. up: the R sampled RoIs (R*5 floats); device: RoI pooling and the head's fc layers
-       (the RoI layer validates the device RoIs on a host copy: R*5 floats down, in the
-       forward and again in the backward);
+    4. up: the R sampled RoIs (R*5 floats; the RoI layer checks them on the host and
+       uploads them, and keeps the checked copy for the backward); device: RoI pooling
+       and the head's fc layers;
     5. down: the class logits and box deltas, R*5(K+1) floats; the head's loss runs on
        the host;
     6. up: the loss gradients, N*A*6 + R*5(K+1) floats; device: the whole backward, the
@@ -208,9 +208,9 @@ class FasterRCNN(Module):
     For the default network at batch 8 (the GPU benchmark's; ``TrainConfig`` trains
     with 4) on 128x128 images (stride 8 so A = 16*16*5 = 1280, R <= 8*64 = 512, K = 3),
     in float32: images 1,572,864 B up; RPN outputs 245,760 B down and their gradients
-    245,760 B up; RoIs 10,240 B up and 2 x 10,240 B down; head outputs 40,960 B down and
-    their gradients 40,960 B up. In all 1,869,824 B up and 307,200 B down per step
-    (about 1.9 MB and 0.3 MB); no parameter or activation crosses. ``detect`` moves the
+    245,760 B up; RoIs 10,240 B up; head outputs 40,960 B down and their gradients
+    40,960 B up. In all 1,869,824 B up and 286,720 B down per step (about 1.9 MB and
+    0.3 MB); no parameter or activation crosses. ``detect`` moves the
     same kinds of arrays, without gradients.
     """
 
@@ -335,7 +335,7 @@ class FasterRCNN(Module):
             roi_targets.append(sample["box_targets"])
         if train_head:
             rois = np.concatenate(rois).astype(feats.dtype)  # (R, 5)
-            head_out = self.head.forward(feats, to_device(rois) if gpu else rois)  # on "cuda": queued
+            head_out = self.head.forward(feats, rois)  # on "cuda": the RoI layer uploads the RoIs; queued
 
         # The RPN's losses on the host, while the GPU runs the head.
         grad_logits = np.zeros_like(logits)
@@ -416,7 +416,7 @@ class FasterRCNN(Module):
         rois = np.concatenate(
             [np.concatenate([np.full((len(p), 1), i, dtype=np.float32), p.astype(np.float32)], axis=1)
              for i, (p, _) in enumerate(proposals)]).astype(feats.dtype)  # (R, 5)
-        cls_logits, box_deltas = self.head.forward(feats, to_device(rois) if gpu else rois)
+        cls_logits, box_deltas = self.head.forward(feats, rois)
         cls_logits, box_deltas = to_host(cls_logits), to_host(box_deltas)  # (R, C+1), (R, 4(C+1))
         results = []
         for i in range(n):

@@ -36,7 +36,7 @@ import numpy as np
 from numba import cuda, float32, float64, njit, prange
 
 from .checks import as_array, as_float_array, check_boxes, check_finite, check_number, check_shape, pair
-from .device import empty_on_device, is_device_array, launch, on_device, rounded_ops, zeros_on_device
+from .device import empty_on_device, is_device_array, launch, on_device, rounded_ops, to_device, zeros_on_device
 from .layers import Module
 
 FLT_MAX = float(np.finfo(np.float32).max)
@@ -67,7 +67,7 @@ def _check_rois(rois, n_images, dtype, scale, where):
     bad = (batch != np.round(batch)) | (batch < 0) | (batch >= n_images)
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
-        raise ValueError(f"{where}: rois[{i}, 0] = {batch[i]!r} is not an integer batch index "
+        raise ValueError(f"{where}: rois[{i}, 0] = {float(batch[i])!r} is not an integer batch index "
                          f"in [0, {n_images})")
     T = np.dtype(dtype).type
     with np.errstate(over="ignore", invalid="ignore"):
@@ -82,8 +82,13 @@ def _check_rois(rois, n_images, dtype, scale, where):
     return host
 
 
-def _check_inputs(features, rois, output_size, spatial_scale, where):
-    """Validate the forward arguments; returns (on_gpu, (ph, pw), scale, host rois)."""
+def _check_inputs(features, rois, output_size, spatial_scale, where, upload=False):
+    """Validate the forward arguments; returns (on_gpu, (ph, pw), scale, host rois, rois).
+
+    ``upload``: NumPy ``rois`` with device ``features`` are uploaded (the returned
+    ``rois``, in the features' dtype) instead of refused. The layers do this: the RoIs
+    are made on the host, and checking the host copy saves copying them back.
+    """
     features = as_float_array(features, "features", ndim=4, where=where)
     N, C, H, W = features.shape
     if H == 0 or W == 0:
@@ -91,10 +96,12 @@ def _check_inputs(features, rois, output_size, spatial_scale, where):
     ph, pw = pair(output_size, "output_size", where)
     scale = check_number(spatial_scale, "spatial_scale", low=0, low_open=True, where=where)
     host = _check_rois(rois, N, features.dtype, scale, where)
+    if upload and is_device_array(features) and not is_device_array(rois):
+        rois = to_device(np.ascontiguousarray(host))  # (R, 5)
     gpu = on_device({"features": features, "rois": rois})
     if not gpu:
         check_finite(features, "features", where)
-    return gpu, (ph, pw), scale, host
+    return gpu, (ph, pw), scale, host, rois
 
 
 def _round_half_away(v):
@@ -333,8 +340,12 @@ def roi_pool(features, rois, output_size, spatial_scale):
     index into ``features`` of each maximum, -1 for an empty bin (whose output is 0).
     Same numbers as ``torchvision.ops.roi_pool``.
     """
-    where = "roi_pool"
-    gpu, (ph, pw), scale, host = _check_inputs(features, rois, output_size, spatial_scale, where)
+    return _roi_pool(features, *_check_inputs(features, rois, output_size, spatial_scale, "roi_pool"))
+
+
+def _roi_pool(features, gpu, output_size, scale, host, rois):
+    """``roi_pool`` of arguments checked by ``_check_inputs`` (whose results follow ``features``)."""
+    ph, pw = output_size
     N, C, H, W = features.shape
     R = host.shape[0]
     out = _empty(gpu, (R, C, ph, pw), features.dtype)
@@ -424,7 +435,9 @@ class RoIPool(Module):
         self._shape = None
 
     def forward(self, features, rois):
-        out, self._argmax = roi_pool(features, rois, self.output_size, self.spatial_scale)
+        """rois (R, 5) may be a NumPy array with device features: the layer uploads them."""
+        checked = _check_inputs(features, rois, self.output_size, self.spatial_scale, "RoIPool", upload=True)
+        out, self._argmax = _roi_pool(features, *checked)
         self._shape = tuple(features.shape)
         return out
 
@@ -837,9 +850,16 @@ def roi_align(features, rois, output_size, spatial_scale, sampling_ratio=-1, ali
     """
     where = "roi_align"
     sampling_ratio, aligned = _check_sampling(sampling_ratio, aligned, where)
-    gpu, (ph, pw), scale, host = _check_inputs(features, rois, output_size, spatial_scale, where)
-    geometry = _align_geometry(host, scale, ph, pw, sampling_ratio, aligned)
-    _check_samples(geometry, ph, pw, where)
+    gpu, output_size, scale, host, rois = _check_inputs(features, rois, output_size, spatial_scale, where)
+    geometry = _align_geometry(host, scale, *output_size, sampling_ratio, aligned)
+    _check_samples(geometry, *output_size, where)
+    return _roi_align(features, rois, host, geometry, gpu, output_size, scale, sampling_ratio, aligned)
+
+
+def _roi_align(features, rois, host, geometry, gpu, output_size, scale, sampling_ratio, aligned):
+    """``roi_align`` of checked arguments: ``host`` the RoIs' host copy, ``rois`` the
+    kernel's (device) RoIs, ``geometry`` from ``_align_geometry`` of ``host``."""
+    ph, pw = output_size
     R, C = host.shape[0], features.shape[1]
     out = _empty(gpu, (R, C, ph, pw), features.dtype)
     if out.size == 0:
@@ -878,6 +898,12 @@ def roi_align_backward(grad_out, rois, features_shape, spatial_scale, sampling_r
                          f"rois and features_shape {shape} has {shape[1]} channels")
     geometry = _align_geometry(host, scale, ph, pw, sampling_ratio, aligned)
     _check_samples(geometry, ph, pw, where)
+    return _roi_align_backward(grad_out, rois, host, geometry, gpu, shape, scale, sampling_ratio, aligned)
+
+
+def _roi_align_backward(grad_out, rois, host, geometry, gpu, shape, scale, sampling_ratio, aligned):
+    """``roi_align_backward`` of checked arguments, as ``_roi_align``; ``shape`` the features'."""
+    R, C, ph, pw = grad_out.shape
     grad_in = zeros_on_device(shape, grad_out.dtype) if gpu else np.zeros(shape, dtype=grad_out.dtype)
     if grad_out.size == 0:
         return grad_in
@@ -906,20 +932,35 @@ class RoIAlign(Module):
         self._shape = None
 
     def forward(self, features, rois):
-        out = roi_align(features, rois, self.output_size, self.spatial_scale, self.sampling_ratio, self.aligned)
-        self._rois = rois if is_device_array(rois) else np.array(rois)  # a copy: backward needs forward's boxes
+        """rois (R, 5) may be a NumPy array with device features: the layer uploads them,
+        and keeps their checked host copy, so neither pass copies them back."""
+        where = "RoIAlign"
+        gpu, output_size, scale, host, rois = _check_inputs(features, rois, self.output_size, self.spatial_scale,
+                                                            where, upload=True)
+        geometry = _align_geometry(host, scale, *output_size, self.sampling_ratio, self.aligned)
+        _check_samples(geometry, *output_size, where)
+        out = _roi_align(features, rois, host, geometry, gpu, output_size, scale, self.sampling_ratio, self.aligned)
+        host = np.array(host)  # a copy: backward needs forward's boxes
+        self._rois = (rois if gpu else host, host, geometry)
         self._shape = tuple(features.shape)
         return out
 
     def backward(self, grad_out):
+        where = "RoIAlign.backward"
         if self._rois is None:
-            raise ValueError("RoIAlign.backward: call forward first")
-        expected = (self._rois.shape[0], self._shape[1], *self.output_size)
-        if tuple(np.shape(grad_out)) != expected:
-            raise ValueError(f"RoIAlign.backward: grad_out must have the forward output's shape {expected}, "
-                             f"got {tuple(np.shape(grad_out))}")
-        return roi_align_backward(grad_out, self._rois, self._shape, self.spatial_scale,
-                                  self.sampling_ratio, self.aligned)
+            raise ValueError(f"{where}: call forward first")
+        rois, host, geometry = self._rois
+        grad_out = as_float_array(grad_out, "grad_out", ndim=4, where=where)
+        expected = (host.shape[0], self._shape[1], *self.output_size)
+        if tuple(grad_out.shape) != expected:
+            raise ValueError(f"{where}: grad_out must have the forward output's shape {expected}, "
+                             f"got {tuple(grad_out.shape)}")
+        if np.dtype(grad_out.dtype) != host.dtype or is_device_array(grad_out) != is_device_array(rois):
+            # not the forward's dtype or side: the function checks and casts the RoIs again
+            return roi_align_backward(grad_out, rois, self._shape, self.spatial_scale, self.sampling_ratio,
+                                      self.aligned)
+        return _roi_align_backward(grad_out, rois, host, geometry, is_device_array(rois), self._shape,
+                                   self.spatial_scale, self.sampling_ratio, self.aligned)
 
     def __repr__(self):
         return (f"RoIAlign(output_size={self.output_size}, spatial_scale={self.spatial_scale}, "
