@@ -340,6 +340,33 @@ def bench_box_iou(B):
         B.fail(name, e)
 
 
+def bench_bias_grad(B):
+    """The bias gradient of the first conv of the train step (batch 8, 128x128): the sum
+    of each of its 16 channels' 131072 gradients, against torch's sum over that axis."""
+    np, cuda = B.np, B.cuda
+    from tinyfrcnn import layers
+
+    name = "bias gradient"
+    try:
+        o, m = (3, 40) if B.sim else (16, 8 * 128 * 128)
+        g = np.random.default_rng(4).standard_normal((o, m)).astype(np.float32)  # (O, N*H*W)
+        dg = cuda.to_device(g)
+        p = layers.Parameter(np.zeros(o, np.float32)).to("cuda")
+        layers._accumulate_bias_grad(p, dg, True)
+        got = B.host(p.grad)
+        ours = B.time_ours(lambda: layers._accumulate_bias_grad(p, dg, True))
+        if B.sim:
+            ref = g.sum(axis=1)
+            base = B.time_base(lambda: g.sum(axis=1))
+        else:
+            tg = B.tensor(g)
+            ref = B.host(tg.sum(dim=1))
+            base = B.time_base(lambda: tg.sum(dim=1))
+        B.add(name, f"{o} x {m}", ours, base, max_abs_diff(np, got, ref), note="no target; the largest in the step")
+    except Exception as e:
+        B.fail(name, e)
+
+
 def bench_matmul(B):
     np, cuda = B.np, B.cuda
     from tinyfrcnn import matmul as mm
@@ -577,7 +604,7 @@ def print_table(B, header):
 
 # --only's names, in the default order: the train step first, the figure that matters most
 BENCHMARKS = {"train": bench_train_step, "nms": bench_nms, "roi": bench_roi, "box_iou": bench_box_iou,
-              "matmul": bench_matmul}
+              "matmul": bench_matmul, "bias": bench_bias_grad}
 
 
 def main(argv=None):

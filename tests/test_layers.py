@@ -1,5 +1,6 @@
 """Layers: forward vs naive references, float64 gradient checks, dtypes, bad input."""
 
+import numba
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -645,6 +646,32 @@ def test_batch_and_channel_major_match_numpy(o, n, p):
     np.testing.assert_array_equal(_host(got), g.transpose(1, 0, 2))
 
 
+@pytest.mark.parametrize("chunk", [4, 5, 4096], ids=["chunks", "uneven-chunks", "one-block"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_bias_gradient_sums_rows_or_columns_in_chunks(monkeypatch, chunk, dtype):
+    # db[o] += sum over a channel's gradients: rows of a conv's (O, N*P), columns of a
+    # linear layer's (N, O); a channel longer than BIAS_CHUNK takes several blocks,
+    # whose sums a second kernel adds up. Integers: every order of the sum is exact.
+    from tinyfrcnn import layers
+
+    monkeypatch.setattr(layers, "BIAS_CHUNK", chunk)
+    if numba.config.ENABLE_CUDASIM:
+        monkeypatch.setattr(layers, "BIAS_THREADS", 2)  # the simulator's threads are Python threads
+    rng = np.random.default_rng(25)
+    for rows, shape in [(True, (3, 13)), (False, (13, 3)), (True, (2, 1)), (False, (1, 4)), (True, (3, 0))]:
+        g = rng.integers(-8, 9, shape).astype(dtype)
+        start = rng.integers(-8, 9, shape[0] if rows else shape[1]).astype(dtype)  # gradients so far
+        expected = start + g.sum(axis=1 if rows else 0)
+        gpu = Parameter(np.zeros_like(start)).to("cuda")
+        gpu.grad = cuda.to_device(start)
+        layers._accumulate_bias_grad(gpu, cuda.to_device(g), rows)
+        np.testing.assert_array_equal(_host(gpu.grad), expected, err_msg=str(shape))
+        cpu = Parameter(np.zeros_like(start))
+        cpu.grad[...] = start
+        layers._accumulate_bias_grad(cpu, g, rows)
+        np.testing.assert_array_equal(cpu.grad, expected, err_msg=str(shape))
+
+
 def test_cuda_layers_match_cpu():
     rng = np.random.default_rng(21)
     model = _small_net(rng)
@@ -795,7 +822,7 @@ def test_cuda_empty_batch():
 
 
 def test_cuda_kernels_compile_to_ptx():
-    f4, f3, f1 = "float32[:,:,:,::1]", "float32[:,:,::1]", "float32[::1]"
+    f4, f3, f2, f1 = "float32[:,:,:,::1]", "float32[:,:,::1]", "float32[:,::1]", "float32[::1]"
     i4 = "int32[:,:,:,::1]"
     ints = ", ".join(["int64"] * 8)
     assert_compiles_to_ptx([
@@ -806,8 +833,10 @@ def test_cuda_kernels_compile_to_ptx():
         ("tinyfrcnn.layers", "_bias_add_cuda", f"void({f3}, {f1})"),
         ("tinyfrcnn.layers", "_batch_major_cuda", f"void({f3}, {f1}, {f3})"),
         ("tinyfrcnn.layers", "_channel_major_cuda", f"void({f3}, {f3})"),
-        ("tinyfrcnn.layers", "_bias_grad_cuda", f"void({f3}, {f1})"),
-        ("tinyfrcnn.layers", "_bias_grad_cuda", "void(float64[:,:,::1], float64[::1])"),
+        ("tinyfrcnn.layers", "_bias_grad_cuda", f"void({f2}, boolean, int64, {f2}, {f1})"),
+        ("tinyfrcnn.layers", "_bias_grad_cuda",
+         "void(float64[:,::1], boolean, int64, float64[:,::1], float64[::1])"),
+        ("tinyfrcnn.layers", "_bias_grad_finish_cuda", f"void({f2}, {f1})"),
         ("tinyfrcnn.layers", "_relu_forward_cuda", f"void({f1}, {f1})"),
         ("tinyfrcnn.layers", "_relu_backward_cuda", f"void({f1}, {f1}, {f1})"),
         ("tinyfrcnn.layers", "_maxpool2d_forward_cuda", f"void({f4}, int64, int64, int64, int64, {f4}, {i4})"),

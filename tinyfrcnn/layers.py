@@ -390,7 +390,8 @@ def _param(p, dtype, gpu):
 
 # ----------------------------------------------------------------------------- bias (CUDA)
 
-BIAS_THREADS = 128
+BIAS_THREADS = 256
+BIAS_CHUNK = 4096  # gradients one block sums; a channel with more is split over several blocks
 
 
 @cuda.jit
@@ -403,26 +404,42 @@ def _bias_add_cuda(out, bias):
 
 
 @cuda.jit
-def _bias_grad_cuda(g, db):
-    """db[o] += sum over n, p of g[n, o, p]: block o, a fixed-order tree reduction."""
-    o = cuda.blockIdx.x
+def _bias_grad_cuda(g, rows, chunk, part, db):
+    """Block (o, s) sums chunk s of channel o's gradients, ``g[o, :]`` when ``rows``
+    else ``g[:, o]``, in a fixed-order tree reduction; one chunk: ``db[o] +=`` the sum,
+    several: ``part[o, s] =`` it, for ``_bias_grad_finish_cuda``."""
+    o, s = cuda.blockIdx.x, cuda.blockIdx.y
     tid = cuda.threadIdx.x
-    n, _, p = g.shape
-    part = cuda.shared.array(BIAS_THREADS, dtype=g.dtype)
+    m = g.shape[1] if rows else g.shape[0]
+    shared = cuda.shared.array(BIAS_THREADS, dtype=g.dtype)
     acc = cuda.local.array(1, dtype=g.dtype)
     acc[0] = 0
-    for e in range(tid, n * p, BIAS_THREADS):
-        acc[0] += g[e // p, o, e % p]
-    part[tid] = acc[0]
+    for e in range(s * chunk + tid, min(s * chunk + chunk, m), BIAS_THREADS):
+        acc[0] += g[o, e] if rows else g[e, o]
+    shared[tid] = acc[0]
     cuda.syncthreads()
     step = BIAS_THREADS // 2
     while step > 0:
         if tid < step:
-            part[tid] += part[tid + step]
+            shared[tid] += shared[tid + step]
         cuda.syncthreads()
         step //= 2
     if tid == 0:
-        db[o] += part[0]
+        if cuda.gridDim.y == 1:
+            db[o] += shared[0]
+        else:
+            part[o, s] = shared[0]
+
+
+@cuda.jit
+def _bias_grad_finish_cuda(part, db):
+    """db[o] += sum over s of part[o, s], in order of s: one thread per channel."""
+    o = cuda.grid(1)
+    if o < part.shape[0]:
+        total = part[o, 0]
+        for s in range(1, part.shape[1]):
+            total += part[o, s]
+        db[o] += total
 
 
 def _add_bias(out3, bias, gpu):
@@ -434,12 +451,23 @@ def _add_bias(out3, bias, gpu):
         out3 += bias[:, None]
 
 
-def _accumulate_bias_grad(p, g3, gpu):
-    """p.grad += g3 (N, O, P) summed over N and P."""
-    if gpu:
-        launch(_bias_grad_cuda, g3.shape[1], BIAS_THREADS, g3, p.grad)
-    else:
-        p.accumulate(g3.sum(axis=(0, 2)))
+def _accumulate_bias_grad(p, g2, rows):
+    """p.grad += the sums of g2's rows (``rows``: g2 is (O, M)) or columns (g2 (M, O)).
+
+    On the device: one block per ``BIAS_CHUNK`` gradients of a channel, then, when a
+    channel took several blocks, one thread per channel adds their sums up in order.
+    """
+    if not is_device_array(g2):
+        p.accumulate(g2.sum(axis=1 if rows else 0))
+        return
+    o, m = g2.shape if rows else g2.shape[::-1]
+    if m == 0:
+        return
+    chunks = -(-m // BIAS_CHUNK)
+    part = empty_on_device((o, chunks), g2.dtype) if chunks > 1 else p.grad.reshape(1, o)  # (O, S)
+    launch(_bias_grad_cuda, (o, chunks), BIAS_THREADS, g2, rows, BIAS_CHUNK, part, p.grad)
+    if chunks > 1:
+        launch(_bias_grad_finish_cuda, *grid_1d(o), part, p.grad)
 
 
 # ------------------------------------------------------------------ batch <-> channel major
@@ -620,7 +648,7 @@ class Conv2d(Module):
         elif n:
             self.weight.accumulate(matmul(g2, x2, trans_b=True).reshape(self.weight.shape))
         if n:
-            _accumulate_bias_grad(self.bias, g2.reshape(1, o, n * p), gpu)
+            _accumulate_bias_grad(self.bias, g2, rows=True)
         if not self.needs_input_grad:
             return None
         self._dcols = _buffer(self._dcols, cols.shape, cols.dtype, gpu)  # (C*kh*kw, N, OH*OW)
@@ -990,7 +1018,7 @@ class Linear(Module):
         if gpu:
             if x.shape[0]:
                 matmul(g, x, trans_a=True, out=self.weight.grad, accumulate=True)
-                _accumulate_bias_grad(self.bias, g.reshape(x.shape[0], self.out_features, 1), gpu)
+                _accumulate_bias_grad(self.bias, g, rows=False)
             return matmul(g, w)  # (N, in_features)
         self.weight.accumulate(matmul(g, x, trans_a=True))  # (out_features, in_features)
         self.bias.accumulate(g.sum(axis=0))
