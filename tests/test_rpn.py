@@ -158,6 +158,31 @@ def test_rpn_loss_nothing_sampled_and_float32():
     assert out["grad_logits"].dtype == np.float32 and out["grad_deltas"].dtype == np.float32
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_rpn_loss_batch_is_each_image_alone(dtype):
+    # The train step computes the RPN loss of all images in one pass; each image keeps
+    # its own normalisation, and the numbers are those of rpn_loss on it, to the bit.
+    from tinyfrcnn.rpn import _rpn_loss_batch
+
+    rng = np.random.default_rng(12)
+    n, a = 4, 37
+    logits = (3 * rng.standard_normal((n, a, 2))).astype(dtype)
+    deltas = rng.standard_normal((n, a, 4)).astype(dtype)
+    targets = rng.standard_normal((n, a, 4)).astype(dtype)
+    labels = rng.integers(-1, 2, (n, a))
+    labels[1] = -1  # nothing sampled
+    labels[2] = np.where(labels[2] == 1, 0, labels[2])  # negatives only
+    out = _rpn_loss_batch(logits, deltas, labels, targets, 1 / 9, 0.7)
+    for i in range(n):
+        alone = rpn_loss(logits[i], deltas[i], labels[i], targets[i], sigma=3.0, lam=0.7)
+        assert out["loss_cls"][i] == alone["loss_cls"] and out["loss_reg"][i] == alone["loss_reg"]
+        assert np.array_equal(out["grad_logits"][i], alone["grad_logits"])
+        assert np.array_equal(out["grad_deltas"][i], alone["grad_deltas"])
+        assert out["grad_logits"].dtype == dtype and out["grad_deltas"].dtype == dtype
+    assert out["loss_cls"][1] == 0 and out["loss_reg"][2] == 0 and out["loss_cls"][2] > 0
+    assert out["loss_reg"][0] > 0 and out["loss_reg"][3] > 0
+
+
 @pytest.mark.parametrize(
     "args, match",
     [

@@ -67,47 +67,54 @@ def _softmax_cross_entropy_reference(logits, labels, ignore_index=-1):
     return float(loss), (grad / n).astype(logits.dtype)
 
 
-def _softmax_cross_entropy_row(logits, labels, ignore_index, scale, row_loss, grad, i):
-    """Row i: ``row_loss[i] = log sum_j exp z_ij - z_{i,y}`` and ``grad[i] = scale *
-    (softmax(z_i) - onehot(y))``, both 0 when ``y`` is ignored. Written once, compiled
-    for the CPU loop and for one CUDA thread."""
+def _softmax_cross_entropy_rows(logits, labels, ignore_index, scale, row_loss, grad, start, stop):
+    """Rows start..stop-1: ``row_loss[i] = log sum_j exp z_ij - z_{i,y}`` and ``grad[i] =
+    scale * (softmax(z_i) - onehot(y))``, both 0 when ``y`` is ignored. Written once,
+    compiled for the CPU kernel (a whole slice of rows per call) and for one CUDA
+    thread (one row)."""
     k = logits.shape[1]
-    y = labels[i]
-    if y == ignore_index:
-        row_loss[i] = 0.0
+    for i in range(start, stop):
+        y = labels[i]
+        if y == ignore_index:
+            row_loss[i] = 0.0
+            for j in range(k):
+                grad[i, j] = 0.0
+            continue
+        m = logits[i, 0]
+        for j in range(1, k):
+            m = max(m, logits[i, j])
+        total = 0.0
         for j in range(k):
-            grad[i, j] = 0.0
-        return
-    m = logits[i, 0]
-    for j in range(1, k):
-        m = max(m, logits[i, j])
-    total = 0.0
-    for j in range(k):
-        total += math.exp(logits[i, j] - m)
-    log_total = math.log(total)
-    row_loss[i] = log_total - (logits[i, y] - m)
-    for j in range(k):
-        g = math.exp(logits[i, j] - m - log_total)
-        if j == y:
-            g -= 1.0
-        grad[i, j] = g * scale
+            total += math.exp(logits[i, j] - m)
+        log_total = math.log(total)
+        row_loss[i] = log_total - (logits[i, y] - m)
+        for j in range(k):
+            g = math.exp(logits[i, j] - m - log_total)
+            if j == y:
+                g -= 1.0
+            grad[i, j] = g * scale
 
 
-_softmax_cross_entropy_row_cpu = njit(cache=True)(_softmax_cross_entropy_row)
-_softmax_cross_entropy_row_cuda = cuda.jit(device=True, inline="always")(_softmax_cross_entropy_row)
+_softmax_cross_entropy_rows_cpu = njit(cache=True)(_softmax_cross_entropy_rows)
+_softmax_cross_entropy_rows_cuda = cuda.jit(device=True, inline="always")(_softmax_cross_entropy_rows)
 
 
 @njit(cache=True)
-def _softmax_cross_entropy_cpu(logits, labels, ignore_index, scale, row_loss, grad):
-    for i in range(logits.shape[0]):
-        _softmax_cross_entropy_row_cpu(logits, labels, ignore_index, scale, row_loss, grad, i)
+def _softmax_cross_entropy_cpu(logits, labels, ignore_index, scales, row_loss, grad):
+    """Rows in ``len(scales)`` equal slices, slice s scaled by ``scales[s]``: one call per
+    slice (a call per row would cost more than its arithmetic: numba counts references
+    to each array it passes)."""
+    rows = logits.shape[0] // scales.shape[0]
+    for s in range(scales.shape[0]):
+        _softmax_cross_entropy_rows_cpu(logits, labels, ignore_index, scales[s], row_loss, grad, s * rows,
+                                        s * rows + rows)
 
 
 @cuda.jit
 def _softmax_cross_entropy_cuda(logits, labels, ignore_index, scale, row_loss, grad):
     i = cuda.grid(1)
     if i < logits.shape[0]:
-        _softmax_cross_entropy_row_cuda(logits, labels, ignore_index, scale, row_loss, grad, i)
+        _softmax_cross_entropy_rows_cuda(logits, labels, ignore_index, scale, row_loss, grad, i, i + 1)
 
 
 def softmax_cross_entropy(logits, labels, ignore_index=-1):
@@ -166,16 +173,25 @@ def softmax_cross_entropy(logits, labels, ignore_index=-1):
 def _softmax_cross_entropy_host(logits, labels, ignore_index):
     """``softmax_cross_entropy`` of checked NumPy arrays: finite float logits (N, K),
     integer labels (N,) in [0, K) or ``ignore_index``. For callers that validated them."""
+    losses, grad = _softmax_cross_entropy_slices(logits, labels, ignore_index, 1)
+    return losses[0], grad
+
+
+def _softmax_cross_entropy_slices(logits, labels, ignore_index, slices):
+    """``_softmax_cross_entropy_host`` of each of ``slices`` equal slices of the rows (one
+    per image) in one pass: returns (a list of ``slices`` losses, the (N, K) gradient),
+    each slice's numbers those of a call on it alone."""
     n, k = logits.shape
     if n == 0:
-        return 0.0, np.zeros((0, k), logits.dtype)
-    count = int((labels != ignore_index).sum())
-    scale = 1.0 / count if count else 0.0
+        return [0.0] * slices, np.zeros((0, k), logits.dtype)
+    counts = (labels != ignore_index).reshape(slices, n // slices).sum(axis=1)  # (S,)
+    scales = [1.0 / int(c) if c else 0.0 for c in counts]
     row_loss = np.empty(n, np.float64)
     grad = np.empty((n, k), logits.dtype)
     _softmax_cross_entropy_cpu(np.ascontiguousarray(logits), np.ascontiguousarray(labels, dtype=np.int64),
-                               ignore_index, scale, row_loss, grad)
-    return float(row_loss.sum() * scale), grad
+                               ignore_index, np.array(scales), row_loss, grad)
+    per_slice = row_loss.reshape(slices, n // slices)  # (S, N / S)
+    return [float(per_slice[s].sum() * scales[s]) for s in range(slices)], grad
 
 
 # ---------------------------------------------------------------- smooth L1
@@ -193,40 +209,40 @@ def _smooth_l1_reference(pred, target, beta=1.0, weights=None):
     return float((w * loss).sum()), (w * grad).astype(pred.dtype)
 
 
-def _smooth_l1_element(pred, target, weights, use_weights, beta, elem_loss, grad, i):
-    """Element i: ``f(x)`` and ``f'(x)`` of ``x = pred[i] - target[i]``, times
-    ``weights[i]`` when ``use_weights``. Written once, compiled for the CPU loop and for
-    one CUDA thread."""
-    x = pred[i] - target[i]
-    ax = abs(x)
-    if ax < beta:
-        loss = 0.5 * x * x / beta
-        g = x / beta
-    else:
-        loss = ax - 0.5 * beta
-        g = 1.0 if x > 0 else (-1.0 if x < 0 else 0.0)
-    if use_weights:
-        loss *= weights[i]
-        g *= weights[i]
-    elem_loss[i] = loss
-    grad[i] = g
+def _smooth_l1_elements(pred, target, weights, use_weights, beta, elem_loss, grad, start, stop):
+    """Elements start..stop-1: ``f(x)`` and ``f'(x)`` of ``x = pred[i] - target[i]``,
+    times ``weights[i]`` when ``use_weights``. Written once, compiled for the CPU kernel
+    (all elements in one call) and for one CUDA thread (one element)."""
+    for i in range(start, stop):
+        x = pred[i] - target[i]
+        ax = abs(x)
+        if ax < beta:
+            loss = 0.5 * x * x / beta
+            g = x / beta
+        else:
+            loss = ax - 0.5 * beta
+            g = 1.0 if x > 0 else (-1.0 if x < 0 else 0.0)
+        if use_weights:
+            loss *= weights[i]
+            g *= weights[i]
+        elem_loss[i] = loss
+        grad[i] = g
 
 
-_smooth_l1_element_cpu = njit(cache=True)(_smooth_l1_element)
-_smooth_l1_element_cuda = cuda.jit(device=True, inline="always")(_smooth_l1_element)
+_smooth_l1_elements_cpu = njit(cache=True)(_smooth_l1_elements)
+_smooth_l1_elements_cuda = cuda.jit(device=True, inline="always")(_smooth_l1_elements)
 
 
 @njit(cache=True)
 def _smooth_l1_cpu(pred, target, weights, use_weights, beta, elem_loss, grad):
-    for i in range(pred.size):
-        _smooth_l1_element_cpu(pred, target, weights, use_weights, beta, elem_loss, grad, i)
+    _smooth_l1_elements_cpu(pred, target, weights, use_weights, beta, elem_loss, grad, 0, pred.size)
 
 
 @cuda.jit
 def _smooth_l1_cuda(pred, target, weights, use_weights, beta, elem_loss, grad):
     i = cuda.grid(1)
     if i < pred.size:
-        _smooth_l1_element_cuda(pred, target, weights, use_weights, beta, elem_loss, grad, i)
+        _smooth_l1_elements_cuda(pred, target, weights, use_weights, beta, elem_loss, grad, i, i + 1)
 
 
 def smooth_l1(pred, target, beta=1.0, weights=None):
@@ -280,12 +296,21 @@ def smooth_l1(pred, target, beta=1.0, weights=None):
 def _smooth_l1_host(pred, target, beta, weights=None):
     """``smooth_l1`` of checked NumPy arrays: finite, one shape and float dtype (weights
     may be None), ``beta >= 0``. For callers that validated them."""
+    losses, grad = _smooth_l1_slices(pred, target, beta, weights, 1)
+    return losses[0], grad
+
+
+def _smooth_l1_slices(pred, target, beta, weights, slices):
+    """``_smooth_l1_host`` of each of ``slices`` equal slices of the flattened arrays (one
+    per image) in one pass: returns (a list of ``slices`` losses, the gradient of pred's
+    shape), each slice's numbers those of a call on it alone."""
     shape, dtype, size = tuple(pred.shape), pred.dtype, int(pred.size)
     if size == 0:
-        return 0.0, np.zeros(shape, dtype)
+        return [0.0] * slices, np.zeros(shape, dtype)
     flat = [np.ascontiguousarray(a).reshape(size) for a in (pred, target)]
     w = np.ascontiguousarray(weights).reshape(size) if weights is not None else np.ones(1, dtype)
     elem_loss = np.empty(size, np.float64)
     grad = np.empty(size, dtype)
     _smooth_l1_cpu(flat[0], flat[1], w, weights is not None, beta, elem_loss, grad)
-    return float(elem_loss.sum()), grad.reshape(shape)
+    per_slice = elem_loss.reshape(slices, size // slices)  # (S, size / S)
+    return [float(per_slice[s].sum()) for s in range(slices)], grad.reshape(shape)

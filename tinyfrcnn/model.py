@@ -30,7 +30,7 @@ from .device import check_device, is_device_array, to_device, to_host
 from .head import POOLINGS, FastRCNNHead, head_loss, postprocess_detections
 from .layers import Module, add_
 from .losses import _smooth_l1_beta
-from .rpn import RPNHead, _rpn_loss, generate_proposals_batch
+from .rpn import RPNHead, _rpn_loss_batch, generate_proposals_batch
 from .targets import (HEAD_BOX_WEIGHTS, _anchor_targets, _anchors_inside, _sample_labels, _sample_proposals,
                       check_gt_boxes, check_labels)
 
@@ -338,17 +338,18 @@ class FasterRCNN(Module):
             head_out = self.head.forward(feats, rois)  # on "cuda": the RoI layer uploads the RoIs; queued
 
         # The RPN's losses on the host, while the GPU runs the head.
-        grad_logits = np.zeros_like(logits)
-        grad_deltas = np.zeros_like(deltas)
         rpn_cls = rpn_reg = 0.0
-        beta = _smooth_l1_beta(cfg.rpn_sigma, where)
-        for i, labels_a in enumerate(sampled):
-            reg_targets = cast_finite(targets[i][2], deltas.dtype, "the RPN's regression targets", "deltas", where)
-            out = _rpn_loss(logits[i], deltas[i], labels_a, reg_targets, beta, 1.0)
-            rpn_cls += out["loss_cls"] / n
-            rpn_reg += out["loss_reg"] / n
-            grad_logits[i] = out["grad_logits"] / n
-            grad_deltas[i] = out["grad_deltas"] / n
+        if train_rpn:
+            reg_targets = cast_finite(np.stack([t[2] for t in targets]), deltas.dtype,  # (N, A, 4)
+                                      "the RPN's regression targets", "deltas", where)
+            out = _rpn_loss_batch(logits, deltas, np.stack(sampled), reg_targets,  # each image its own mean
+                                  _smooth_l1_beta(cfg.rpn_sigma, where), 1.0)
+            for loss_cls, loss_reg in zip(out["loss_cls"], out["loss_reg"]):
+                rpn_cls += loss_cls / n
+                rpn_reg += loss_reg / n
+            grad_logits, grad_deltas = out["grad_logits"] / n, out["grad_deltas"] / n
+        else:
+            grad_logits, grad_deltas = np.zeros_like(logits), np.zeros_like(deltas)
 
         head_cls = head_box = 0.0
         grad_cls = grad_box = None

@@ -29,7 +29,7 @@ from .checks import (as_float_array, cast_finite, check_boxes, check_finite, che
                      check_positive_int, check_rng)
 from .device import empty_on_device, grid_1d, is_device_array, launch
 from .layers import Conv2d, Module, Parameter, ReLU, _add_cuda, _flat
-from .losses import _as_labels, _smooth_l1_beta, _smooth_l1_host, _softmax_cross_entropy_host
+from .losses import _as_labels, _smooth_l1_beta, _smooth_l1_slices, _softmax_cross_entropy_slices
 from .nms import _descending_order, _nms_sorted_segments
 
 
@@ -239,13 +239,23 @@ def rpn_loss(logits, deltas, labels, reg_targets, sigma=3.0, lam=1.0):
 def _rpn_loss(logits, deltas, labels, reg_targets, beta, lam):
     """``rpn_loss`` of checked NumPy arguments (finite, shapes agreeing, reg_targets in
     the deltas' dtype), with the smooth L1 ``beta`` worked out from sigma."""
-    loss_cls, grad_logits = _softmax_cross_entropy_host(logits, labels, ignore_index=-1)
-    num_sampled = int((labels >= 0).sum())
-    scale = lam / num_sampled if num_sampled else 0.0
-    p_star = np.repeat((labels == 1)[:, None], 4, axis=1).astype(deltas.dtype)  # (A, 4)
-    loss_reg, grad_deltas = _smooth_l1_host(deltas, reg_targets, beta, weights=p_star)
-    return {"loss_cls": loss_cls, "loss_reg": loss_reg * scale,
-            "grad_logits": grad_logits, "grad_deltas": (grad_deltas * scale).astype(deltas.dtype)}
+    out = _rpn_loss_batch(logits[None], deltas[None], labels[None], reg_targets[None], beta, lam)
+    return {name: value[0] for name, value in out.items()}
+
+
+def _rpn_loss_batch(logits, deltas, labels, reg_targets, beta, lam):
+    """``_rpn_loss`` of N images at once: logits (N, A, 2), deltas (N, A, 4), labels (N, A),
+    reg_targets (N, A, 4). Each image is normalised by its own sampled anchors; returns
+    the per-image losses as lists and the gradients as (N, A, 2) and (N, A, 4), the
+    numbers of one ``_rpn_loss`` per image."""
+    n, a = labels.shape
+    loss_cls, grad_logits = _softmax_cross_entropy_slices(logits.reshape(n * a, 2), labels.reshape(n * a), -1, n)
+    scales = [lam / int(c) if c else 0.0 for c in (labels >= 0).sum(axis=1)]  # lam / N_reg per image
+    p_star = np.repeat((labels == 1)[:, :, None], 4, axis=2).astype(deltas.dtype)  # (N, A, 4)
+    loss_reg, grad_deltas = _smooth_l1_slices(deltas, reg_targets, beta, p_star, n)
+    scale_rows = np.array(scales, dtype=deltas.dtype)[:, None, None]  # (N, 1, 1)
+    return {"loss_cls": loss_cls, "loss_reg": [loss * scale for loss, scale in zip(loss_reg, scales)],
+            "grad_logits": grad_logits.reshape(n, a, 2), "grad_deltas": (grad_deltas * scale_rows).astype(deltas.dtype)}
 
 
 # ---------------------------------------------------------------- proposals
