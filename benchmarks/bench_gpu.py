@@ -446,7 +446,7 @@ def kernel_resources(kernel):
         return ""
 
 
-HOST_STEPS = ("_anchor_targets", "_sample_labels", "_rpn_loss_batch", "generate_proposals_batch", "_sample_proposals",
+HOST_STEPS = ("_anchor_targets_batch", "_sample_labels", "_rpn_loss_batch", "generate_proposals_batch", "_sample_proposals",
               "head_loss")
 
 

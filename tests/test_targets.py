@@ -155,6 +155,29 @@ def test_label_anchors_matches_its_definition(num_anchors, num_gt, seed, border)
             assert labels[i] == -1
 
 
+@settings(max_examples=25, deadline=None)
+@given(st.lists(st.integers(0, 4), min_size=1, max_size=5), st.integers(0, 2**31 - 1), st.booleans())
+def test_anchor_targets_of_a_batch_are_each_image_alone(num_gt, seed, border):
+    """The train step labels all images in one pass (one IoU table, images padded to the
+    most ground truth): the same labels, matches and targets as one image at a time."""
+    from tinyfrcnn.boxes import _check_weights
+    from tinyfrcnn.targets import _anchor_targets_batch, _anchors_inside
+
+    rng = np.random.default_rng(seed)
+    anchors = random_boxes(rng, 30) - 4  # some cross the border
+    anchors = np.concatenate([anchors, anchors[:5]])  # repeated anchors: tied IoUs
+    gts = [random_boxes(rng, g).astype(np.float32) for g in num_gt]
+    inside = _anchors_inside(anchors, (64, 64), 0 if border else None)
+    unit = _check_weights((1.0,) * 4, "test", np.dtype(np.float64))
+    labels, matched, targets = _anchor_targets_batch(anchors, gts, 0.7, 0.3, inside, unit)
+    assert labels.shape == matched.shape == (len(gts), len(anchors)) and targets.shape == (*labels.shape, 4)
+    kwargs = dict(image_size=(64, 64), allowed_border=0) if border else {}
+    for i, gt in enumerate(gts):
+        alone = anchor_targets(anchors, gt, **kwargs)
+        assert np.array_equal(labels[i], alone[0]) and np.array_equal(matched[i], alone[1])
+        assert np.array_equal(targets[i], alone[2])
+
+
 # ---------------------------------------------------------------- sample_labels
 
 

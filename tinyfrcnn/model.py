@@ -31,7 +31,7 @@ from .head import POOLINGS, FastRCNNHead, head_loss, postprocess_detections
 from .layers import Module, add_
 from .losses import _smooth_l1_beta
 from .rpn import RPNHead, _rpn_loss_batch, generate_proposals_batch
-from .targets import (HEAD_BOX_WEIGHTS, _anchor_targets, _anchors_inside, _sample_labels, _sample_proposals,
+from .targets import (HEAD_BOX_WEIGHTS, _anchor_targets_batch, _anchors_inside, _sample_labels, _sample_proposals,
                       check_gt_boxes, check_labels)
 
 CHECKPOINT_FORMAT = "tinyfrcnn-checkpoint-1"
@@ -253,8 +253,9 @@ class FasterRCNN(Module):
             raise ValueError(f"{where}: images must be a NumPy array (the model copies it to its device)")
         images = as_float_array(images, "images", ndim=4, where=where)
         check_finite(images, "images", where)
-        if self.device == "cuda":
-            return to_device(np.ascontiguousarray(images, dtype=self.parameters()[0].data.dtype))
+        first = self.backbone[0].weight  # the parameters' device and dtype, without collecting them all
+        if first.device == "cuda":
+            return to_device(np.ascontiguousarray(images, dtype=first.data.dtype))
         return images
 
     @staticmethod
@@ -299,12 +300,12 @@ class FasterRCNN(Module):
         # Anchor labels and targets depend only on the boxes, so the host works them out
         # while the GPU runs the network; to_host below waits for the RPN's outputs. The
         # arguments were checked above, once for all images: the targets' unchecked cores.
-        targets = []
         if train_rpn:
             border = None if cfg.rpn_allowed_border < 0 else cfg.rpn_allowed_border
             inside = _anchors_inside(anchors, (height, width), border, where)  # (A,)
             unit = _check_weights((1.0,) * 4, where, np.result_type(anchors.dtype, np.float32))
-            targets = [_anchor_targets(anchors, b, cfg.rpn_pos_iou, cfg.rpn_neg_iou, inside, unit) for b in boxes]
+            anchor_labels, _, reg_targets = _anchor_targets_batch(  # (N, A), (N, A), (N, A, 4)
+                anchors, boxes, cfg.rpn_pos_iou, cfg.rpn_neg_iou, inside, unit)
         logits, deltas = (to_host(a) for a in rpn_out)  # (N, A, 2), (N, A, 4)
         _require_finite(logits, "rpn_cls", "the RPN's objectness logits")
         _require_finite(deltas, "rpn_reg", "the RPN's box deltas")
@@ -324,7 +325,7 @@ class FasterRCNN(Module):
         rois, roi_labels, roi_targets = [], [], []
         for i in range(n):
             if train_rpn:
-                sampled.append(_sample_labels(targets[i][0], cfg.rpn_batch, cfg.rpn_pos_fraction, rng))
+                sampled.append(_sample_labels(anchor_labels[i], cfg.rpn_batch, cfg.rpn_pos_fraction, rng))
             if not train_head:
                 continue
             sample = _sample_proposals(proposals[i], boxes[i], gt_labels[i], cfg.roi_batch, cfg.fg_fraction,
@@ -340,8 +341,7 @@ class FasterRCNN(Module):
         # The RPN's losses on the host, while the GPU runs the head.
         rpn_cls = rpn_reg = 0.0
         if train_rpn:
-            reg_targets = cast_finite(np.stack([t[2] for t in targets]), deltas.dtype,  # (N, A, 4)
-                                      "the RPN's regression targets", "deltas", where)
+            reg_targets = cast_finite(reg_targets, deltas.dtype, "the RPN's regression targets", "deltas", where)
             out = _rpn_loss_batch(logits, deltas, np.stack(sampled), reg_targets,  # each image its own mean
                                   _smooth_l1_beta(cfg.rpn_sigma, where), 1.0)
             for loss_cls, loss_reg in zip(out["loss_cls"], out["loss_reg"]):

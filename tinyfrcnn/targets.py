@@ -134,26 +134,45 @@ def _anchors_inside(anchors, image_size=None, allowed_border=None, where="label_
 
 def _label_anchors(anchors, gt_boxes, pos_iou, neg_iou, inside):
     """``label_anchors`` of checked arguments, ``inside`` from ``_anchors_inside``."""
-    num_anchors = anchors.shape[0]
-    labels = np.full(num_anchors, -1, dtype=np.int64)
-    if gt_boxes.shape[0] == 0:
-        labels[inside] = 0
-        return labels, np.full(num_anchors, -1, dtype=np.int64)
-    if num_anchors == 0:
-        return labels, np.zeros(0, dtype=np.int64)
+    labels, matched_gt = _label_anchors_batch(anchors, [gt_boxes], pos_iou, neg_iou, inside)
+    return labels[0], matched_gt[0]
+
+
+def _label_anchors_batch(anchors, gt_boxes, pos_iou, neg_iou, inside):
+    """``_label_anchors`` of N images that share ``anchors`` (A, 4): ``gt_boxes`` one
+    (G_i, 4) array per image, all of one dtype. Returns labels (N, A) and matched_gt
+    (N, A), indices into each image's own ground truth; one IoU table for the batch."""
+    n, num_anchors = len(gt_boxes), anchors.shape[0]
+    counts = np.array([g.shape[0] for g in gt_boxes], dtype=np.int64)  # (N,)
+    labels = np.full((n, num_anchors), -1, dtype=np.int64)
+    matched_gt = np.full((n, num_anchors), -1, dtype=np.int64)
+    labels[(counts == 0)[:, None] & inside[None, :]] = 0  # no ground truth: every inside anchor is negative
+    with_gt = np.flatnonzero(counts)  # (M,)
+    if num_anchors == 0 or with_gt.size == 0:
+        return labels, matched_gt
 
     # One row per ground truth: NumPy reduces over the few rows, or along each long row,
     # much faster than along the short rows of the (A, G) matrix. (IoU is symmetric.)
-    iou = _box_iou_host(gt_boxes, anchors)  # (G, A)
-    matched_gt = iou.argmax(axis=0).astype(np.int64)  # (A,)
-    iou = np.where(inside[None, :], iou, -1.0)  # (G, A): outside anchors never win
-    best_iou = iou.max(axis=0)  # (A,)
+    # The images' rows stacked, padded with -1 to the most ground truth of any image: the
+    # padding never wins a max that a real row could win (IoUs are >= 0).
+    iou = _box_iou_host(np.concatenate([gt_boxes[i] for i in with_gt]), anchors)  # (G, A)
+    image_of_row = np.repeat(np.arange(with_gt.size), counts[with_gt])  # (G,)
+    row_in_image = np.arange(iou.shape[0]) - np.repeat(np.cumsum(counts[with_gt]) - counts[with_gt], counts[with_gt])
+    table = np.full((with_gt.size, counts.max(), num_anchors), -1.0, dtype=iou.dtype)  # (M, G_max, A)
+    table[image_of_row, row_in_image] = iou
+    matched = table.argmax(axis=1)  # (M, A): each anchor's best ground truth, over all anchors
+    table[:, :, ~inside] = -1.0  # outside anchors never win
+    iou = table[image_of_row, row_in_image]  # (G, A), masked
+    best_iou = table.max(axis=1)  # (M, A)
 
-    labels[inside & (best_iou < neg_iou)] = 0
+    lab = np.full((with_gt.size, num_anchors), -1, dtype=np.int64)  # (M, A)
+    lab[inside[None, :] & (best_iou < neg_iou)] = 0
     best_per_gt = iou.max(axis=1)  # (G,)
-    is_best = (iou == best_per_gt[:, None]) & (best_per_gt > 0)[:, None]  # (G, A)
-    labels[np.nonzero(is_best)[1]] = 1  # the anchors that are some gt's best
-    labels[inside & (best_iou >= pos_iou)] = 1
+    rows, cols = np.nonzero((iou == best_per_gt[:, None]) & (best_per_gt > 0)[:, None])
+    lab[image_of_row[rows], cols] = 1  # the anchors that are some gt's best
+    lab[inside[None, :] & (best_iou >= pos_iou)] = 1
+    labels[with_gt] = lab
+    matched_gt[with_gt] = matched
     return labels, matched_gt
 
 
@@ -197,21 +216,32 @@ def anchor_targets(anchors, gt_boxes, pos_iou=0.7, neg_iou=0.3, image_size=None,
     labels, matched_gt = label_anchors(anchors, gt_boxes, pos_iou, neg_iou, image_size, allowed_border)
     anchors, gt_boxes = np.asarray(anchors), np.asarray(gt_boxes)  # checked by label_anchors
     weights = _check_weights(weights, "anchor_targets", np.result_type(anchors.dtype, gt_boxes.dtype))
-    return labels, matched_gt, _anchor_regression_targets(anchors, gt_boxes, labels, matched_gt, weights)
+    return labels, matched_gt, _regression_targets(anchors, [gt_boxes], labels[None], matched_gt[None], weights)[0]
 
 
 def _anchor_targets(anchors, gt_boxes, pos_iou, neg_iou, inside, weights):
     """``anchor_targets`` of checked arguments, ``inside`` from ``_anchors_inside`` and
     ``weights`` from ``boxes._check_weights`` in the dtype of anchors and gt_boxes."""
-    labels, matched_gt = _label_anchors(anchors, gt_boxes, pos_iou, neg_iou, inside)
-    return labels, matched_gt, _anchor_regression_targets(anchors, gt_boxes, labels, matched_gt, weights)
+    return tuple(a[0] for a in _anchor_targets_batch(anchors, [gt_boxes], pos_iou, neg_iou, inside, weights))
 
 
-def _anchor_regression_targets(anchors, gt_boxes, labels, matched_gt, weights):
-    reg_targets = np.zeros((labels.shape[0], 4), dtype=np.result_type(anchors.dtype, gt_boxes.dtype))  # (A, 4)
-    pos = np.flatnonzero(labels == 1)  # positives overlap their gt, so both have positive sizes
-    if pos.size:
-        reg_targets[pos] = _encode(anchors[pos], gt_boxes[matched_gt[pos]], weights)
+def _anchor_targets_batch(anchors, gt_boxes, pos_iou, neg_iou, inside, weights):
+    """``_anchor_targets`` of N images that share ``anchors``, ``gt_boxes`` one array per
+    image: labels (N, A), matched_gt (N, A), reg_targets (N, A, 4), each image's numbers
+    those of a call on it alone."""
+    labels, matched_gt = _label_anchors_batch(anchors, gt_boxes, pos_iou, neg_iou, inside)
+    return labels, matched_gt, _regression_targets(anchors, gt_boxes, labels, matched_gt, weights)
+
+
+def _regression_targets(anchors, gt_boxes, labels, matched_gt, weights):
+    """(N, A, 4): ``encode(anchor, its matched gt, weights)`` on positive anchors, else 0."""
+    dtype = np.result_type(anchors.dtype, *(g.dtype for g in gt_boxes))
+    reg_targets = np.zeros((*labels.shape, 4), dtype=dtype)  # (N, A, 4)
+    image, anchor = np.nonzero(labels == 1)  # positives overlap their gt, so both have positive sizes
+    if image.size:
+        offsets = np.concatenate([[0], np.cumsum([g.shape[0] for g in gt_boxes])[:-1]]).astype(np.int64)  # (N,)
+        gts = np.concatenate(gt_boxes)  # (G, 4)
+        reg_targets[image, anchor] = _encode(anchors[anchor], gts[offsets[image] + matched_gt[image, anchor]], weights)
     return reg_targets
 
 
