@@ -73,6 +73,23 @@ def test_one_training_step_gradients_match_central_differences():
     assert checked >= 40, checked
 
 
+def test_anchors_for_keeps_each_grid_read_only():
+    from tinyfrcnn.anchors import grid_anchors
+
+    model = FasterRCNN(ModelConfig(), rng=np.random.default_rng(0))
+    a = model.anchors_for(16, 16)
+    assert np.array_equal(a, grid_anchors(model.base_anchors, 16, 16, model.stride))
+    assert model.anchors_for(16, 16) is a and not a.flags.writeable
+    with pytest.raises(ValueError, match="read-only"):
+        a[0, 0] = 1.0
+    b = model.anchors_for(16, 20)
+    assert b.shape == (16 * 20 * model.num_anchors, 4) and model.anchors_for(16, 16) is a
+    for w in range(21, 30):  # a few grids at most are kept
+        model.anchors_for(16, w)
+    assert len(model._anchor_grids) <= 8
+    assert np.array_equal(model.anchors_for(16, 16), a)
+
+
 def test_backward_without_the_backbone_leaves_it_alone():
     images, boxes, labels = tiny_batch()
     model = FasterRCNN(TINY, rng=np.random.default_rng(1))

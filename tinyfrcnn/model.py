@@ -224,6 +224,7 @@ class FasterRCNN(Module):
         self.backbone = make_backbone(config.backbone_channels, rng=rng)
         feat_ch = config.backbone_channels[-1]
         self.base_anchors = self._base_anchors(config)  # (k, 4)
+        self._anchor_grids = {}  # (feat_height, feat_width, ...) -> anchors, see anchors_for
         self.num_anchors = len(self.base_anchors)
         self.rpn = RPNHead(feat_ch, config.rpn_mid_channels, self.num_anchors, rng=rng)
         self.head = FastRCNNHead(
@@ -268,8 +269,16 @@ class FasterRCNN(Module):
                 + self.head.named_parameters(f"{prefix}head."))
 
     def anchors_for(self, feat_height, feat_width):
-        """All anchors over a feature grid: (feat_height * feat_width * k, 4)."""
-        return anchors_mod.grid_anchors(self.base_anchors, feat_height, feat_width, self.stride)
+        """All anchors over a feature grid: (feat_height * feat_width * k, 4), read-only:
+        the last few grids are kept, since every batch of one image size has the same."""
+        key = (feat_height, feat_width, self.stride, self.base_anchors.tobytes())
+        grids = self._anchor_grids
+        if key not in grids:
+            if len(grids) >= 8:
+                grids.clear()
+            grids[key] = anchors_mod.grid_anchors(self.base_anchors, feat_height, feat_width, self.stride)
+            grids[key].flags.writeable = False
+        return grids[key]
 
     # ------------------------------------------------------------------ training
     def forward(self, images, gt_boxes, gt_labels, rng, train_rpn=True, train_head=True, proposals=None):
