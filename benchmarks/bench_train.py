@@ -29,9 +29,12 @@ def main():
     import tinyfrcnn  # noqa: F401  (sets one OpenBLAS thread before NumPy loads, as the CLI does)
     import numpy as np
 
+    from tinyfrcnn.boxes import _check_weights
     from tinyfrcnn.head import head_loss
-    from tinyfrcnn.rpn import generate_proposals_batch, rpn_loss
-    from tinyfrcnn.targets import anchor_targets, sample_labels, sample_proposals
+    from tinyfrcnn.losses import _smooth_l1_beta
+    from tinyfrcnn.rpn import _rpn_loss_batch, generate_proposals_batch
+    from tinyfrcnn.targets import (HEAD_BOX_WEIGHTS, _anchor_targets_batch, _anchors_inside, _sample_labels,
+                                   _sample_proposals)
     from tinyfrcnn.train import Trainer, TrainConfig
 
     cfg = TrainConfig(batch_size=args.batch_size, steps=10**6, val_images=0, warmup_steps=0)
@@ -63,14 +66,17 @@ def main():
     rows.append(("RPN head forward", t))
     anchors = model.anchors_for(*feats.shape[2:])
     border = None if mc.rpn_allowed_border < 0 else mc.rpn_allowed_border
+    # The host stages as FasterRCNN.forward runs them: its arguments checked once, then
+    # the unchecked cores, batched where the model batches them.
+    gt = [np.asarray(b, np.float32) for b in boxes]
+    inside = _anchors_inside(anchors, images.shape[2:], border)
+    unit = _check_weights((1.0,) * 4, "bench_train", np.result_type(anchors.dtype, np.float32))
+    head_weights = _check_weights(HEAD_BOX_WEIGHTS, "bench_train", np.dtype(np.float32))
 
     def targets():
-        out = []
-        for i in range(len(images)):
-            lab, _, reg = anchor_targets(anchors, boxes[i], image_size=images.shape[2:], allowed_border=border)
-            out.append((sample_labels(lab, mc.rpn_batch, mc.rpn_pos_fraction, rng=rng), reg))
-        return out
-    t, anchor_batch = timed(targets)
+        labels_a, _, reg = _anchor_targets_batch(anchors, gt, mc.rpn_pos_iou, mc.rpn_neg_iou, inside, unit)
+        return np.stack([_sample_labels(lab, mc.rpn_batch, mc.rpn_pos_fraction, rng) for lab in labels_a]), reg
+    t, (sampled, reg_targets) = timed(targets)
     rows.append(("anchor targets + sampling", t))
 
     def proposals():
@@ -83,7 +89,8 @@ def main():
     def roi_sampling():
         rois = []
         for i in range(len(images)):
-            s = sample_proposals(props[i], boxes[i], labels[i], num_samples=mc.roi_batch, rng=rng)
+            s = _sample_proposals(props[i], gt[i], labels[i], mc.roi_batch, mc.fg_fraction, mc.fg_iou,
+                                  mc.bg_iou[0], mc.bg_iou[1], rng, head_weights)
             rois.append(np.concatenate([np.full((len(s["rois"]), 1), i, np.float32), s["rois"]], axis=1))
         return np.concatenate(rois).astype(np.float32)
     t, rois = timed(roi_sampling)
@@ -94,8 +101,7 @@ def main():
     roi_targets = rng.normal(0, 1, (len(rois), 4)).astype(np.float32)
 
     def losses():
-        for i in range(len(images)):
-            rpn_loss(logits[i], deltas[i], *anchor_batch[i], sigma=mc.rpn_sigma)
+        _rpn_loss_batch(logits, deltas, sampled, reg_targets.astype(deltas.dtype), _smooth_l1_beta(mc.rpn_sigma, "bench_train"), 1.0)
         head_loss(cls_logits, box_deltas, roi_labels, roi_targets, sigma=mc.head_sigma)
     rows.append(("losses (RPN + head)", timed(losses)[0]))
     rows.append(("head backward", timed(lambda: model.head.backward(np.ones_like(cls_logits), np.ones_like(box_deltas)))[0]))
