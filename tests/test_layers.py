@@ -528,6 +528,10 @@ def test_bad_constructor_arguments():
         Linear(2, 2.5)
     with pytest.raises(ValueError, match="Sequential: layer 1 must be a Module"):
         Sequential(ReLU(), "relu")
+    relu = ReLU()
+    with pytest.raises(ValueError, match="Sequential: layers 0 and 2 are the same ReLU object"):
+        Sequential(relu, Linear(2, 2), relu)  # the second forward would overwrite the first's state
+    Sequential(ReLU(), Linear(2, 2), ReLU())  # equal but distinct layers are fine
     with pytest.raises(ValueError, match="astype: dtype must be float32 or float64"):
         Linear(2, 2).astype(np.int32)
 

@@ -1057,12 +1057,22 @@ class Flatten(Module):
 
 
 class Sequential(Module):
-    """Layers applied in order; backward runs them in reverse."""
+    """Layers applied in order; backward runs them in reverse.
+
+    Each layer may appear once: a layer keeps what its last forward needs for its
+    backward, so a second use would overwrite the first one's and the gradients would be
+    silently wrong (use two layers, or share Parameters between them).
+    """
 
     def __init__(self, *layers):
+        seen = {}
         for i, layer in enumerate(layers):
             if not isinstance(layer, Module):
                 raise ValueError(f"Sequential: layer {i} must be a Module, got {type(layer).__name__}")
+            if id(layer) in seen:
+                raise ValueError(f"Sequential: layers {seen[id(layer)]} and {i} are the same {type(layer).__name__} "
+                                 "object; a layer keeps one forward's state for its backward, so each may appear once")
+            seen[id(layer)] = i
         self.layers = list(layers)
 
     def named_parameters(self, prefix=""):
