@@ -60,10 +60,15 @@ class NonFiniteValues(ValueError):
 
 
 def check_finite(x, name, where=""):
-    """Raise NonFiniteValues if ``x`` holds NaN or inf (device arrays are checked on a host copy)."""
+    """Raise NonFiniteValues if ``x`` holds NaN or inf (device arrays are checked on a host
+    copy; lists and scalars as NumPy arrays). Returns ``x``."""
+    prefix = f"{where}: " if where else ""
     values = _host_values(x)
+    if not isinstance(values, np.ndarray):
+        values = as_array(values, name, where=where)
+    if values.dtype.kind not in "biufc":
+        raise ValueError(f"{prefix}{name} must hold numbers, got dtype {values.dtype}")
     if values.size and not np.isfinite(values).all():
-        prefix = f"{where}: " if where else ""
         bad = np.argwhere(~np.isfinite(values))[0]
         raise NonFiniteValues(f"{prefix}{name} holds NaN or inf (first at index {tuple(int(i) for i in bad)})")
     return x
