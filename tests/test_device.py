@@ -194,22 +194,63 @@ def test_launch_packs_arrays_of_every_layout_and_scalars_as_numba_does():
     assert not device.launch._plans
 
 
-def test_to_device_stages_through_one_pinned_buffer(monkeypatch):
+def test_to_device_stages_through_pinned_buffers_in_turn(monkeypatch):
     rng = np.random.default_rng(3)
-    monkeypatch.setitem(device._STAGING, "buffer", None)
+    monkeypatch.setitem(device._STAGING, "buffers", [None] * device.STAGING_BUFFERS)
+    monkeypatch.setitem(device._STAGING, "next", 0)
     arrays = [rng.standard_normal((5, 7)).astype(np.float32), np.arange(12, dtype=np.int64).reshape(3, 4)[:, ::2],
               rng.standard_normal(300_000), np.array([True, False]), rng.integers(0, 255, (2, 3, 4), np.uint8)]
     for x in arrays:
         d = to_device(x)
         assert d.shape == x.shape and d.dtype == x.dtype
         assert np.array_equal(d.copy_to_host(), x)
-    buffer = device._STAGING["buffer"]
-    assert buffer.nbytes == 300_000 * 8  # grown once, for the largest; the first 1 MiB sufficed before
-    to_device(arrays[0])
-    assert device._STAGING["buffer"] is buffer  # a smaller upload reuses it
+    buffers = [b for b, _ in device._STAGING["buffers"]]
+    assert buffers[2].nbytes == 300_000 * 8  # grown for the largest; 1 MiB sufficed for the others
+    assert all(b.nbytes == 1 << 20 for i, b in enumerate(buffers) if i != 2)
+    to_device(arrays[0])  # the 6th upload: the second buffer again, reused as it is
+    assert device._STAGING["buffers"][1][0] is buffers[1]
     monkeypatch.setattr(device, "STAGING_MAX_BYTES", 100)
     big = rng.standard_normal(50)  # 400 bytes: copied directly
-    assert np.array_equal(to_device(big).copy_to_host(), big) and device._STAGING["buffer"] is buffer
+    assert np.array_equal(to_device(big).copy_to_host(), big) and device._STAGING["next"] == 2
+
+
+def test_to_device_refills_a_buffer_only_after_its_last_copy(monkeypatch):
+    # The copies are queued, not waited for: a buffer's event is recorded after its copy,
+    # and the upload that takes the buffer next waits on that event before refilling it.
+    log = []
+
+    class Event:
+        def __init__(self):
+            self.id = len([e for e in log if e[0] == "new"])
+            log.append(("new", self.id))
+
+        def record(self, stream):
+            log.append(("record", self.id))
+
+        def synchronize(self):
+            log.append(("wait", self.id))
+
+    from numba import cuda
+
+    monkeypatch.setattr(cuda, "event", Event)
+    monkeypatch.setattr(device, "STAGING_BUFFERS", 2)
+    monkeypatch.setitem(device._STAGING, "buffers", [None, None])
+    monkeypatch.setitem(device._STAGING, "next", 0)
+    copy = type(cuda.device_array(1)).copy_to_device
+
+    def logged_copy(a, ary, stream=0):
+        log.append(("copy", int(ary.ravel()[0])))
+        assert stream, "a staged copy is queued on a stream, not waited for"
+        return copy(a, ary, stream=stream)
+
+    monkeypatch.setattr(type(cuda.device_array(1)), "copy_to_device", logged_copy)
+    uploads = [to_device(np.full(3, v)) for v in range(5)]
+    assert [a.copy_to_host()[0] for a in uploads] == [0, 1, 2, 3, 4]
+    assert log == [("new", 0), ("wait", 0), ("copy", 0), ("record", 0),
+                   ("new", 1), ("wait", 1), ("copy", 1), ("record", 1),
+                   ("wait", 0), ("copy", 2), ("record", 0),  # buffer 0 again: after copy 0 has run
+                   ("wait", 1), ("copy", 3), ("record", 1),
+                   ("wait", 0), ("copy", 4), ("record", 0)]
 
 
 def test_empty_takes_int_and_numpy_shapes():

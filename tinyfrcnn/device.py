@@ -217,18 +217,23 @@ def zeros_on_device(shape, dtype):
     return out
 
 
-STAGING_MAX_BYTES = 1 << 26  # uploads up to 64 MiB go through the pinned staging buffer
-_STAGING = {"buffer": None, "lock": threading.Lock()}
+STAGING_MAX_BYTES = 1 << 24  # uploads up to 16 MiB go through a pinned staging buffer
+STAGING_BUFFERS = 4  # used in turn, so an upload need not wait for the one before
+_STAGING = {"buffers": [None] * STAGING_BUFFERS, "next": 0, "lock": threading.Lock()}
 
 
 def to_device(x):
     """Copy a NumPy array to the GPU, into a pooled buffer (device arrays pass through).
 
-    The copy goes through a page-locked ("pinned") host buffer, kept between calls: the
-    GPU reads pinned memory directly, while from ordinary pageable memory the driver
-    first copies into pinned memory of its own, in small pieces, at a fraction of the
-    speed. A copy from pinned memory returns once it is complete, so the buffer can be
-    reused at once."""
+    The copy goes through a page-locked ("pinned") host buffer: the GPU reads pinned
+    memory directly, while from ordinary pageable memory the driver first copies into
+    pinned memory of its own, in small pieces, at a fraction of the speed. The copy is
+    queued on the default stream like a kernel, after the work queued before it, and
+    this returns at once: the host goes on (say, queueing the next layers) while the GPU
+    finishes earlier work. So the copy's source must stay untouched until it has run:
+    ``STAGING_BUFFERS`` buffers are used in turn, each with an event recorded after its
+    copy, and a buffer is refilled only once its event has passed. Arrays above
+    ``STAGING_MAX_BYTES`` are copied directly (the host waits for that copy)."""
     if is_device_array(x):
         return x
     if type(x) is not np.ndarray or x.dtype.kind not in "biuf":
@@ -242,15 +247,21 @@ def to_device(x):
     if x.nbytes > STAGING_MAX_BYTES:
         out.copy_to_device(x)
         return out
-    with _STAGING["lock"]:
-        buffer = _STAGING["buffer"]
-        if buffer is None or buffer.size < x.nbytes:
-            from numba import cuda
+    from numba import cuda
 
-            buffer = _STAGING["buffer"] = cuda.pinned_array(max(x.nbytes, 1 << 20), dtype=np.uint8)
+    with _STAGING["lock"]:
+        k = _STAGING["next"]
+        _STAGING["next"] = (k + 1) % STAGING_BUFFERS
+        buffer, copied = _STAGING["buffers"][k] or (None, cuda.event())
+        copied.synchronize()  # this buffer's last copy has run (at once if it never had one)
+        if buffer is None or buffer.size < x.nbytes:
+            buffer = cuda.pinned_array(max(x.nbytes, 1 << 20), dtype=np.uint8)
         staged = buffer[:x.nbytes].view(x.dtype).reshape(x.shape)
         np.copyto(staged, x)
-        out.copy_to_device(staged)
+        stream = cuda.default_stream()
+        out.copy_to_device(staged, stream=stream)
+        copied.record(stream)
+        _STAGING["buffers"][k] = (buffer, copied)
     return out
 
 

@@ -386,12 +386,15 @@ class FasterRCNN(Module):
             raise ValueError("FasterRCNN.backward: call forward first")
         grad_logits, grad_deltas, grad_cls, grad_box, gpu = self._cache
         self._cache = None
+        # All uploads first, before any backward kernel: an upload that waits (a large one
+        # goes direct, or a staging buffer still in use) then waits for no kernel.
         up = to_device if gpu else np.asarray
+        pairs = [(up(a), up(b)) if a is not None else None for a, b in ((grad_cls, grad_box), (grad_logits, grad_deltas))]
         streams = []
-        if grad_cls is not None:
-            streams.append(self.head.backward(up(grad_cls), up(grad_box)))  # (N, C, h, w)
-        if grad_logits is not None:
-            streams.append(self.rpn.backward(up(grad_logits), up(grad_deltas)))  # (N, C, h, w)
+        if pairs[0] is not None:
+            streams.append(self.head.backward(*pairs[0]))  # (N, C, h, w)
+        if pairs[1] is not None:
+            streams.append(self.rpn.backward(*pairs[1]))  # (N, C, h, w)
         if not train_backbone or not streams:
             return
         grad_feats = streams[0]
