@@ -476,6 +476,62 @@ def timing_host_steps(totals):
             setattr(model_mod, name, fn)
 
 
+@contextlib.contextmanager
+def timing_downloads(totals):
+    """While active, the time ``FasterRCNN.forward`` spends in its downloads (``to_host``:
+    the host waits there for the GPU to finish what was queued before) is added to
+    ``totals["wait"]`` (seconds)."""
+    import tinyfrcnn.model as model_mod
+
+    original = model_mod.to_host
+
+    def timed(x):
+        t0 = time.perf_counter()
+        try:
+            return original(x)
+        finally:
+            totals["wait"] += time.perf_counter() - t0
+
+    model_mod.to_host = timed
+    try:
+        yield totals
+    finally:
+        model_mod.to_host = original
+
+
+def kernel_times(cuda, step, repeats):
+    """GPU time per kernel over ``repeats`` calls of ``step``: a CUDA event recorded before
+    and after each launch of ``tinyfrcnn.device.launch``. Returns {kernel name: ms},
+    {kernel name: launches}. An upper bound: where the GPU sits idle when a launch is
+    recorded, the time to its start counts too. The simulator records no times (-1)."""
+    import collections
+
+    from tinyfrcnn import device
+
+    events = []
+    call = device.Launcher.__call__
+
+    def timed(self, kernel, grid, block, *args):
+        start, end = cuda.event(), cuda.event()
+        start.record()
+        call(self, kernel, grid, block, *args)
+        end.record()
+        events.append((getattr(kernel, "py_func", kernel).__name__, start, end))
+
+    device.Launcher.__call__ = timed
+    try:
+        for _ in range(repeats):
+            step()
+    finally:
+        device.Launcher.__call__ = call
+    cuda.synchronize()
+    ms, launches = collections.Counter(), collections.Counter()
+    for name, start, end in events:
+        ms[name] += start.elapsed_time(end)
+        launches[name] += 1
+    return ms, launches
+
+
 def bench_train_step(B):
     """One whole training step (forward with losses, backward, SGD update) of FasterRCNN
     on the GPU against the same step on the CPU with 2 Numba threads and one BLAS thread.
@@ -526,11 +582,12 @@ def bench_train_step(B):
             repeats = 1 if B.sim else 5
             ours = B.time_ours(lambda: step(gpu_model, gpu_optim), repeats=repeats)
             cpu = median_ms(lambda: step(cpu_model, cpu_optim), lambda: None, 1, repeats)
-            totals = {"host": 0.0}
-            with timing_host_steps(totals):
+            totals = {"host": 0.0, "wait": 0.0}
+            with timing_host_steps(totals), timing_downloads(totals):
                 for _ in range(repeats):
                     step(gpu_model, gpu_optim)
-            host = 1e3 * totals["host"] / repeats
+            host, wait = (1e3 * totals[k] / repeats for k in ("host", "wait"))
+            kernel_ms, kernel_launches = kernel_times(B.cuda, lambda: step(gpu_model, gpu_optim), repeats)
             # the same GPU step with every dropped buffer handed back to the driver
             allocations = POOL.allocations
             ours_again = B.time_ours(lambda: step(gpu_model, gpu_optim), repeats=repeats)
@@ -565,6 +622,16 @@ def bench_train_step(B):
         B.add(name + ": host part", f"{size}x{size}, batch {n}", host, ours, "-",
               note="ours: ms of the GPU step spent in the host steps (targets, proposals, losses); "
                    "baseline column: the whole GPU step")
+        B.add(name + ": waiting for the GPU", f"{size}x{size}, batch {n}", wait, ours, "-",
+              note="ours: ms of the GPU step the host waits in the forward's two downloads (RPN and head "
+                   "outputs) for the GPU to get there; baseline column: the whole GPU step")
+        top = ", ".join(f"{k} {v / repeats:.3f} ({kernel_launches[k] / repeats:.0f}x)"
+                        for k, v in kernel_ms.most_common(6))
+        kernels = None if B.sim else sum(kernel_ms.values()) / repeats
+        B.add(name + ": kernels", f"{size}x{size}, batch {n}", kernels, ours, "-",
+              note=f"ours: GPU ms per step summed over its {sum(kernel_launches.values()) / repeats:.0f} "
+                   "launches (CUDA events around each; an upper bound); baseline column: the whole GPU step; "
+                   + ("the simulator records no times" if B.sim else f"largest, ms per step: {top}"))
         B.add(name + ": no buffer pool", f"{size}x{size}, batch {n}", unpooled, ours_again, "-",
               note="ours: the GPU step with the pool off (numba's cuMemAlloc/cuMemFree per array); "
                    f"baseline column: the pooled step ({per_step:.1f} driver allocations per pooled step)")
