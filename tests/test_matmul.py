@@ -276,6 +276,24 @@ def test_public_matmul_on_device_uses_the_default_tiling():
     np.testing.assert_array_equal(fresh.copy_to_host() + start, got.copy_to_host())
 
 
+@pytest.mark.parametrize("trans_a,trans_b", TRANSPOSES)
+def test_layers_unchecked_device_product_is_matmuls(trans_a, trans_b):
+    # The layers' device products skip matmul's checks (their shapes agree by construction)
+    # and give its numbers: the same kernel, tiling and splits.
+    rng = np.random.default_rng(6)
+    a, b = operands(rng, 9, 20, 6, trans_a, trans_b, np.float32)
+    da, db = cuda.to_device(a), cuda.to_device(b)
+    fresh = mm._device_matmul(da, db, trans_a, trans_b)
+    assert is_device_array(fresh) and fresh.shape == (9, 6) and fresh.dtype == np.float32
+    np.testing.assert_array_equal(fresh.copy_to_host(), matmul(da, db, trans_a, trans_b).copy_to_host())
+    start = rng.standard_normal((9, 6)).astype(np.float32)
+    out = cuda.to_device(start)
+    assert mm._device_matmul(da, db, trans_a, trans_b, out=out, accumulate=True) is out
+    np.testing.assert_array_equal(out.copy_to_host(), matmul(da, db, trans_a, trans_b, out=cuda.to_device(start),
+                                                             accumulate=True).copy_to_host())
+    assert mm._device_matmul(da[:0] if not trans_a else da[:, :0], db, trans_a, trans_b).shape == (0, 6)
+
+
 @pytest.mark.parametrize("accumulate", [False, True])
 def test_split_k_matches_reference(accumulate):
     rng = np.random.default_rng(5)

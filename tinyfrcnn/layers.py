@@ -31,7 +31,7 @@ from numba import cuda, njit, prange
 from .checks import as_array, as_float_array, check_finite, check_positive_int, check_shape, padding_pair, pair
 from .device import check_device, empty_on_device, grid_1d, is_device_array, launch, on_device
 from .im2col import col2im, im2col, output_size
-from .matmul import matmul
+from .matmul import _device_matmul, matmul
 
 
 @cuda.jit
@@ -629,7 +629,8 @@ class Conv2d(Module):
         reuse = self._cache[0] if self._cache else None
         cols = im2col(x, self.kernel_size, self.stride, self.padding, out=reuse)  # (C*kh*kw, N, OH*OW)
         self._y = _buffer(self._y, (o, n * p), x.dtype, gpu)
-        y = matmul(wmat, cols.reshape(k, n * p), out=self._y)  # (O, N*OH*OW): the batch in one product
+        product = _device_matmul if gpu else matmul  # the device path's shapes agree by construction
+        y = product(wmat, cols.reshape(k, n * p), out=self._y)  # (O, N*OH*OW): the batch in one product
         out = _to_batch_major(y.reshape(o, n, p), bias, gpu)  # (N, O, OH*OW)
         self._cache = (cols, wmat, tuple(x.shape), (n, o, oh, ow), gpu)
         return out.reshape(n, o, oh, ow)  # (N, O, OH, OW)
@@ -644,7 +645,7 @@ class Conv2d(Module):
         x2 = cols.reshape(k, n * p)  # (C*kh*kw, N*OH*OW)
         if n and gpu:
             dw = self.weight.grad.reshape(o, k)  # a view of .grad, (O, C*kh*kw)
-            matmul(g2, x2, trans_b=True, out=dw, accumulate=True)
+            _device_matmul(g2, x2, trans_b=True, out=dw, accumulate=True)
         elif n:
             self.weight.accumulate(matmul(g2, x2, trans_b=True).reshape(self.weight.shape))
         if n:
@@ -652,7 +653,7 @@ class Conv2d(Module):
         if not self.needs_input_grad:
             return None
         self._dcols = _buffer(self._dcols, cols.shape, cols.dtype, gpu)  # (C*kh*kw, N, OH*OW)
-        matmul(wmat, g2, trans_a=True, out=self._dcols.reshape(k, n * p))
+        (_device_matmul if gpu else matmul)(wmat, g2, trans_a=True, out=self._dcols.reshape(k, n * p))
         return col2im(self._dcols, x_shape, self.kernel_size, self.stride, self.padding)
 
 
@@ -1004,7 +1005,7 @@ class Linear(Module):
         w = _param(self.weight, x.dtype, gpu)
         b = _param(self.bias, x.dtype, gpu)
         self._cache = (x, w, gpu)
-        out = matmul(x, w, trans_b=True)  # (N, out_features)
+        out = (_device_matmul if gpu else matmul)(x, w, trans_b=True)  # (N, out_features)
         if gpu:
             _add_bias(out.reshape(x.shape[0], self.out_features, 1), b, gpu)
         else:
@@ -1017,9 +1018,9 @@ class Linear(Module):
         g = _check_grad(grad_out, shape, None if x is None else x.dtype, "Linear", gpu)
         if gpu:
             if x.shape[0]:
-                matmul(g, x, trans_a=True, out=self.weight.grad, accumulate=True)
+                _device_matmul(g, x, trans_a=True, out=self.weight.grad, accumulate=True)
                 _accumulate_bias_grad(self.bias, g, rows=False)
-            return matmul(g, w)  # (N, in_features)
+            return _device_matmul(g, w)  # (N, in_features)
         self.weight.accumulate(matmul(g, x, trans_a=True))  # (out_features, in_features)
         self.bias.accumulate(g.sum(axis=0))
         return matmul(g, w)  # (N, in_features)

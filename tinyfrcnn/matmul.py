@@ -321,6 +321,19 @@ def _helper_thread():
     return executor
 
 
+def _device_matmul(a, b, trans_a=False, trans_b=False, out=None, accumulate=False):
+    """``matmul`` of device arrays that the caller has checked (2-D, one float dtype,
+    inner dimensions agreeing; ``out`` of the result's shape, C-contiguous): the layers'
+    products on the GPU, without checking them again."""
+    m = a.shape[1] if trans_a else a.shape[0]
+    n = b.shape[0] if trans_b else b.shape[1]
+    if out is None:
+        out = empty_on_device((m, n), dtype=a.dtype)  # (M, N)
+    if m and n:
+        launch_tiled(a, b, out, trans_a, trans_b, accumulate)
+    return out
+
+
 def matmul(a, b, trans_a=False, trans_b=False, out=None, accumulate=False):
     """``op(a) @ op(b)`` for 2-D float32/float64 arrays, ``op(x) = x.T`` where asked.
 
