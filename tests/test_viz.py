@@ -77,10 +77,20 @@ def test_draw_boxes_options(ax):
     ({"boxes": np.zeros((2, 4)), "labels": [1]}, "labels"),
     ({"boxes": np.zeros((2, 4)), "scores": [1, 2, 3]}, "scores"),
     ({"boxes": np.zeros((1, 4)), "labels": [4], "class_names": CLASS_NAMES}, "labels"),
+    ({"boxes": [[0, 0, np.nan, 4]]}, r"draw_boxes: boxes holds NaN or inf \(first at index \(0, 2\)\)"),
+    ({"boxes": np.zeros((1, 4)), "labels": [1.5]}, r"labels must be integer class indices, got \[1.5\]"),
+    ({"boxes": np.zeros((1, 4)), "labels": ["circle"]}, "labels must be integer class indices"),
 ])
 def test_draw_boxes_validation(ax, kwargs, word):
     with pytest.raises(ValueError, match=word):
         viz.draw_boxes(ax, **kwargs)
+
+
+def test_draw_boxes_needs_axes(ax):
+    with pytest.raises(ValueError, match="draw_boxes: ax must be a matplotlib Axes, got NoneType"):
+        viz.draw_boxes(None, [[0, 0, 2, 2]])
+    rects, _ = viz.draw_boxes(ax, [[0, 0, 2, 2]], labels=np.array([2.0]))  # integral floats are fine
+    assert len(rects) == 1
 
 
 def test_running_mean():

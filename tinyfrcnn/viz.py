@@ -12,7 +12,7 @@ import os
 
 import numpy as np
 
-from .checks import check_positive_int
+from .checks import check_finite, check_positive_int
 from .device import is_device_array, to_host
 
 PALETTE = ("#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6",
@@ -78,16 +78,21 @@ def draw_boxes(ax, boxes, labels=None, scores=None, class_names=None, color=None
     """
     from matplotlib.patches import Rectangle
 
+    if not hasattr(ax, "add_patch"):
+        raise ValueError(f"draw_boxes: ax must be a matplotlib Axes, got {type(ax).__name__}")
     boxes = np.asarray(_host(boxes), dtype=np.float64)
     if boxes.size == 0:
         boxes = boxes.reshape(0, 4)
     if boxes.ndim != 2 or boxes.shape[1] != 4:
         raise ValueError(f"boxes must have shape (N, 4), got {boxes.shape}")
+    check_finite(boxes, "boxes", "draw_boxes")  # a NaN corner would draw nothing, silently
     n = len(boxes)
     if labels is not None:
         labels = np.asarray(_host(labels)).reshape(-1)
         if len(labels) != n:
             raise ValueError(f"labels must have one entry per box ({n}), got {len(labels)}")
+        if labels.dtype.kind not in "iu" and not (labels.dtype.kind == "f" and np.all(labels == np.round(labels))):
+            raise ValueError(f"labels must be integer class indices, got {labels.tolist()}")
         if class_names is not None and n and not (0 <= labels.min() and labels.max() < len(class_names)):
             raise ValueError(f"labels must index class_names (0..{len(class_names) - 1}), got {labels.tolist()}")
     if scores is not None:
