@@ -283,6 +283,10 @@ def test_export_coco_empty_item_and_integer_boxes(tmp_path):
     ({"bbox": [1, 1, 3]}, "bbox must be"),
     ({"bbox": [1, 1, 1e300, 3]}, "bbox must be"),
     ({"bbox": [1, 1, "3", 3]}, "bbox must be"),
+    ({"category_id": 1.5}, r"category_id must be an integer >= 1 \(0 is background\), got 1.5"),
+    ({"category_id": "square"}, "category_id must be an integer >= 1"),
+    ({"category_id": 0}, "category_id must be an integer >= 1"),
+    ({"category_id": 9}, r"category_id 9 is not the id of a category in the file \(\[1, 2, 3\]\)"),
 ])
 def test_load_coco_rejects_bad_annotations(tmp_path, change, match):
     path = export_coco(OneItem(boxes=np.array([[1, 1, 4, 4], [2, 2, 5, 5]], np.float32), labels=np.array([1, 2])),

@@ -357,10 +357,18 @@ def export_coco(dataset, out_dir):
     return path
 
 
-def _check_annotation(ann, where, image_ids):
-    """An annotation's image_id is one of ``image_ids`` and its bbox [x, y, w, h] is finite with w, h >= 0."""
+def _check_annotation(ann, where, image_ids, category_ids=None):
+    """An annotation's image_id is one of ``image_ids``, its category_id an integer >= 1 (one
+    of ``category_ids`` when the file lists its categories) and its bbox [x, y, w, h]
+    finite with w, h >= 0."""
     if ann.get("image_id") not in image_ids:
         raise ValueError(f"{where}: image_id {ann.get('image_id')!r} is not the id of an image in the file")
+    category = ann.get("category_id")
+    if isinstance(category, bool) or not isinstance(category, int) or category < 1:
+        raise ValueError(f"{where}: category_id must be an integer >= 1 (0 is background), got {category!r}")
+    if category_ids is not None and category not in category_ids:
+        raise ValueError(f"{where}: category_id {category} is not the id of a category in the file "
+                         f"({sorted(category_ids)})")
     bbox = ann.get("bbox")
     xywh = None
     if (isinstance(bbox, list) and len(bbox) == 4
@@ -389,8 +397,11 @@ def load_coco(json_path):
             raise ValueError(f"{where}: {key} must be a list of objects with keys {list(needs)}")
     root = os.path.join(os.path.dirname(json_path), "images")
     by_image = {img["id"]: [] for img in coco["images"]}
+    categories = coco.get("categories")
+    category_ids = ({c["id"] for c in categories if isinstance(c, dict) and "id" in c}
+                    if isinstance(categories, list) else None)
     for k, ann in enumerate(coco["annotations"]):
-        _check_annotation(ann, f"{where}: annotations[{k}] (id {ann['id']!r})", by_image)
+        _check_annotation(ann, f"{where}: annotations[{k}] (id {ann['id']!r})", by_image, category_ids)
         by_image[ann["image_id"]].append(ann)
     items = []
     for img in sorted(coco["images"], key=lambda d: d["id"]):
