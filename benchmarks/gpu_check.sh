@@ -35,7 +35,7 @@ bench=$?
 # The tests that launch CUDA kernels (by name), without the chapters (they need a
 # notebook kernel) and without the simulated benchmark run.
 tests="cuda or packed or store or device or gpu or degenerate or hand_worked or test_empty"
-tests="$tests or broken_packing or batch_and_channel or bias_gradient or upload_host_rois"
+tests="$tests or broken_packing or batch_and_channel or bias_gradient or upload_host_rois or does_not_wait"
 timeout "${TEST_TIMEOUT:-200}" "$python" -m pytest -v --durations=15 -p no:cacheprovider \
     -k "($tests) and not chapter and not bench_gpu and not coco" tests/ 2>&1 | tee "$out/pytest.log"
 status=$?

@@ -36,9 +36,9 @@ def tiny_inputs():
     return images, boxes, labels
 
 
-def train_step(device):
+def train_step(device, config=TINY):
     """One SGD step from the same weights and seed; returns (model, optim, losses, grads, params)."""
-    model = FasterRCNN(TINY, rng=np.random.default_rng(1), device=device)
+    model = FasterRCNN(config, rng=np.random.default_rng(1), device=device)
     # non-zero biases, so that a wrong bias path shows in the outputs
     for name, p in model.named_parameters():
         if name.endswith("bias"):
@@ -153,6 +153,25 @@ def test_train_step_on_cuda_matches_cpu(stepped):
         np.testing.assert_allclose(gpu_grads[name], g, rtol=1e-5, atol=1e-6 * np.abs(g).max(), err_msg=name)
     for name, p in cpu_params.items():
         np.testing.assert_allclose(gpu_params[name], p, rtol=1e-5, atol=1e-7, err_msg=name)
+
+
+def test_train_step_with_roi_max_pooling_on_cuda_matches_cpu(monkeypatch):
+    # The default step pools with RoIAlign; this one with RoI max pooling, whose layer runs
+    # its backward on its own argmax (without the wait that checks it).
+    import dataclasses
+
+    if numba.config.ENABLE_CUDASIM:  # as the stepped fixture: fewer simulated threads
+        monkeypatch.setattr(mm, "launch_tiled", _naive_matmul)
+        monkeypatch.setattr(tinyfrcnn.device.grid_1d, "__defaults__", (32,))
+        monkeypatch.setattr(layers, "BIAS_THREADS", 4)
+    config = dataclasses.replace(TINY, pooling="roi_pool")
+    _, _, cpu_losses, cpu_grads, _ = train_step("cpu", config)
+    _, _, gpu_losses, gpu_grads, _ = train_step("cuda", config)
+    for term, value in cpu_losses.items():
+        assert gpu_losses[term] == pytest.approx(value, rel=1e-5, abs=1e-9), term
+    for name, g in cpu_grads.items():
+        np.testing.assert_allclose(gpu_grads[name], g, rtol=1e-5, atol=1e-6 * np.abs(g).max(), err_msg=name)
+    assert all(np.abs(g).max() > 0 for g in cpu_grads.values())  # every layer got a gradient
 
 
 def test_detect_on_cuda_matches_cpu(stepped):

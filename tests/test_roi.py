@@ -398,6 +398,30 @@ def test_layers_upload_host_rois_and_never_copy_them_back(monkeypatch):
         align.forward(d_f, np.array([[2, 0, 0, 1, 1]], np.float32))  # checked on the host, before any upload
 
 
+def test_roi_pool_layer_backward_does_not_wait_to_check_its_own_argmax(monkeypatch):
+    # roi_pool_backward takes any argmax, so on the GPU it waits for the kernel's flag of
+    # indices outside the features; the layer's argmax is its own forward's, so it does not.
+    rng = np.random.default_rng(11)
+    f = rng.standard_normal((1, 2, 5, 6)).astype(np.float32)
+    rois = random_rois(rng, 4, 1, 10, 12).astype(np.float32)
+    g = rng.standard_normal((4, 2, 2, 2)).astype(np.float32)
+    waits = []
+    synchronize = roi.cuda.synchronize
+    monkeypatch.setattr(roi.cuda, "synchronize", lambda: waits.append(1) or synchronize())
+    layer = RoIPool(2, 0.5)
+    layer.forward(cuda.to_device(f), rois)
+    grad = layer.backward(cuda.to_device(g))
+    assert waits == []
+    expected = roi_pool_backward(g, roi_pool(f, rois, 2, 0.5)[1], f.shape)
+    np.testing.assert_allclose(grad.copy_to_host(), expected, atol=1e-6)
+    roi_pool_backward(cuda.to_device(g), layer._argmax, f.shape)
+    assert waits == [1]  # the function checks
+    with pytest.raises(ValueError, match=r"RoIPool.backward: grad_out must have the forward output's shape"):
+        layer.backward(cuda.to_device(g[:3]))
+    with pytest.raises(ValueError, match="RoIPool.backward: grad_out must be a CUDA device array"):
+        layer.backward(g)
+
+
 def test_cuda_float32_and_empty():
     rng = np.random.default_rng(7)
     f = rng.standard_normal((1, 2, 4, 5)).astype(np.float32)

@@ -117,12 +117,14 @@ def _empty(gpu, shape, dtype):
 _ARGMAX_FLAG = []  # one mapped (host-visible) int32, made on first use
 
 
-def _argmax_flag():
-    """A pinned host int32 that kernels can write: no allocation or copy per call."""
+def _argmax_flag(reset=True):
+    """A pinned host int32 that kernels can write: no allocation or copy per call; set to
+    0 when ``reset`` (a call that does not read it back leaves it alone)."""
     if not _ARGMAX_FLAG:
         _ARGMAX_FLAG.append(cuda.mapped_array(1, dtype=np.int32))
     flag = _ARGMAX_FLAG[0]
-    flag[0] = 0
+    if reset:
+        flag[0] = 0
     return flag
 
 
@@ -378,15 +380,23 @@ def roi_pool_backward(grad_out, argmax, features_shape):
     grad_out = as_float_array(grad_out, "grad_out", ndim=4, where=where)
     argmax, features_shape = _check_argmax(argmax, grad_out, features_shape, where)
     gpu = on_device({"grad_out": grad_out, "argmax": argmax})
+    return _roi_pool_backward(grad_out, argmax, features_shape, gpu, where)
+
+
+def _roi_pool_backward(grad_out, argmax, features_shape, gpu, where, verify=True):
+    """``roi_pool_backward`` of checked arguments. On the GPU the kernel flags argmax
+    entries outside the features; ``verify`` waits for it and raises on a flag. The
+    RoIPool layer, whose argmax its own forward made, skips that wait."""
     size = math.prod(features_shape)
     if gpu:
         grad_in = zeros_on_device(size, grad_out.dtype)
         if grad_out.size:
-            flag = _argmax_flag()
+            flag = _argmax_flag(reset=verify)
             launch(_roi_pool_backward_cuda, *_roi_blocks(*grad_out.shape), grad_out, argmax, grad_in, flag)
-            cuda.synchronize()
-            if flag[0]:
-                _raise_argmax_outside(features_shape, where)
+            if verify:
+                cuda.synchronize()
+                if flag[0]:
+                    _raise_argmax_outside(features_shape, where)
     else:
         grad_in = np.zeros(size, dtype=grad_out.dtype)
         if grad_out.size:
@@ -442,9 +452,19 @@ class RoIPool(Module):
         return out
 
     def backward(self, grad_out):
+        where = "RoIPool.backward"
         if self._argmax is None:
-            raise ValueError("RoIPool.backward: call forward first")
-        return roi_pool_backward(grad_out, self._argmax, self._shape)
+            raise ValueError(f"{where}: call forward first")
+        grad_out = as_float_array(grad_out, "grad_out", ndim=4, where=where)
+        if tuple(grad_out.shape) != tuple(self._argmax.shape):
+            raise ValueError(f"{where}: grad_out must have the forward output's shape {tuple(self._argmax.shape)}, "
+                             f"got {tuple(grad_out.shape)}")
+        gpu = is_device_array(self._argmax)
+        if is_device_array(grad_out) != gpu:
+            raise ValueError(f"{where}: grad_out must be {'a CUDA device' if gpu else 'a NumPy'} array, "
+                             "like the forward's features")
+        # The argmax is the forward's own: on the GPU, no wait to check it.
+        return _roi_pool_backward(grad_out, self._argmax, self._shape, gpu, where, verify=not gpu)
 
     def __repr__(self):
         return f"RoIPool(output_size={self.output_size}, spatial_scale={self.spatial_scale})"
