@@ -629,8 +629,8 @@ class Conv2d(Module):
         reuse = self._cache[0] if self._cache else None
         cols = im2col(x, self.kernel_size, self.stride, self.padding, out=reuse)  # (C*kh*kw, N, OH*OW)
         self._y = _buffer(self._y, (o, n * p), x.dtype, gpu)
-        product = _device_matmul if gpu else matmul  # the device path's shapes agree by construction
-        y = product(wmat, cols.reshape(k, n * p), out=self._y)  # (O, N*OH*OW): the batch in one product
+        # on the device, the product without matmul's checks: the shapes agree by construction
+        y = (_device_matmul if gpu else matmul)(wmat, cols.reshape(k, n * p), out=self._y)  # (O, N*OH*OW)
         out = _to_batch_major(y.reshape(o, n, p), bias, gpu)  # (N, O, OH*OW)
         self._cache = (cols, wmat, tuple(x.shape), (n, o, oh, ow), gpu)
         return out.reshape(n, o, oh, ow)  # (N, O, OH, OW)
@@ -1022,7 +1022,7 @@ class Linear(Module):
                 _accumulate_bias_grad(self.bias, g, rows=False)
             return _device_matmul(g, w)  # (N, in_features)
         self.weight.accumulate(matmul(g, x, trans_a=True))  # (out_features, in_features)
-        self.bias.accumulate(g.sum(axis=0))
+        _accumulate_bias_grad(self.bias, g, rows=False)
         return matmul(g, w)  # (N, in_features)
 
 

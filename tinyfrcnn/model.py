@@ -391,12 +391,13 @@ class FasterRCNN(Module):
         # All uploads first, before any backward kernel: an upload that waits (a large one
         # goes direct, or a staging buffer still in use) then waits for no kernel.
         up = to_device if gpu else np.asarray
-        pairs = [(up(a), up(b)) if a is not None else None for a, b in ((grad_cls, grad_box), (grad_logits, grad_deltas))]
+        head = None if grad_cls is None else (up(grad_cls), up(grad_box))
+        rpn = None if grad_logits is None else (up(grad_logits), up(grad_deltas))
         streams = []
-        if pairs[0] is not None:
-            streams.append(self.head.backward(*pairs[0]))  # (N, C, h, w)
-        if pairs[1] is not None:
-            streams.append(self.rpn.backward(*pairs[1]))  # (N, C, h, w)
+        if head is not None:
+            streams.append(self.head.backward(*head))  # (N, C, h, w)
+        if rpn is not None:
+            streams.append(self.rpn.backward(*rpn))  # (N, C, h, w)
         if not train_backbone or not streams:
             return
         grad_feats = streams[0]
@@ -423,7 +424,6 @@ class FasterRCNN(Module):
         ``scores`` (D,), ``labels`` (D,) int64 in 1..C (NumPy arrays, also on "cuda")."""
         cfg = self.config
         images = self._upload(images, "FasterRCNN.detect")
-        gpu = is_device_array(images)
         n, _, height, width = images.shape
         if n == 0:
             return []

@@ -219,16 +219,12 @@ def anchor_targets(anchors, gt_boxes, pos_iou=0.7, neg_iou=0.3, image_size=None,
     return labels, matched_gt, _regression_targets(anchors, [gt_boxes], labels[None], matched_gt[None], weights)[0]
 
 
-def _anchor_targets(anchors, gt_boxes, pos_iou, neg_iou, inside, weights):
-    """``anchor_targets`` of checked arguments, ``inside`` from ``_anchors_inside`` and
-    ``weights`` from ``boxes._check_weights`` in the dtype of anchors and gt_boxes."""
-    return tuple(a[0] for a in _anchor_targets_batch(anchors, [gt_boxes], pos_iou, neg_iou, inside, weights))
-
-
 def _anchor_targets_batch(anchors, gt_boxes, pos_iou, neg_iou, inside, weights):
-    """``_anchor_targets`` of N images that share ``anchors``, ``gt_boxes`` one array per
-    image: labels (N, A), matched_gt (N, A), reg_targets (N, A, 4), each image's numbers
-    those of a call on it alone."""
+    """``anchor_targets`` of checked arguments for N images that share ``anchors``,
+    ``gt_boxes`` one array per image, ``inside`` from ``_anchors_inside`` and ``weights``
+    from ``boxes._check_weights`` in the dtype of anchors and gt_boxes: labels (N, A),
+    matched_gt (N, A), reg_targets (N, A, 4), each image's numbers those of a call on it
+    alone."""
     labels, matched_gt = _label_anchors_batch(anchors, gt_boxes, pos_iou, neg_iou, inside)
     return labels, matched_gt, _regression_targets(anchors, gt_boxes, labels, matched_gt, weights)
 
