@@ -446,8 +446,8 @@ def kernel_resources(kernel):
         return ""
 
 
-HOST_STEPS = ("_anchor_targets_batch", "_sample_labels", "_rpn_loss_batch", "generate_proposals_batch", "_sample_proposals",
-              "head_loss")
+HOST_STEPS = ("_anchor_targets_batch", "_label_candidates", "_proposal_candidates", "_pick", "_sampled_labels",
+              "_gather_proposals", "_rpn_loss_batch", "generate_proposals_batch", "head_loss")
 
 
 @contextlib.contextmanager

@@ -33,8 +33,8 @@ def main():
     from tinyfrcnn.head import head_loss
     from tinyfrcnn.losses import _smooth_l1_beta
     from tinyfrcnn.rpn import _rpn_loss_batch, generate_proposals_batch
-    from tinyfrcnn.targets import (HEAD_BOX_WEIGHTS, _anchor_targets_batch, _anchors_inside, _sample_labels,
-                                   _sample_proposals)
+    from tinyfrcnn.targets import (HEAD_BOX_WEIGHTS, _anchor_targets_batch, _anchors_inside, _gather_proposals,
+                                   _label_candidates, _pick, _proposal_candidates, _sampled_labels)
     from tinyfrcnn.train import Trainer, TrainConfig
 
     cfg = TrainConfig(batch_size=args.batch_size, steps=10**6, val_images=0, warmup_steps=0)
@@ -75,7 +75,9 @@ def main():
 
     def targets():
         labels_a, _, reg = _anchor_targets_batch(anchors, gt, mc.rpn_pos_iou, mc.rpn_neg_iou, inside, unit)
-        return np.stack([_sample_labels(lab, mc.rpn_batch, mc.rpn_pos_fraction, rng) for lab in labels_a]), reg
+        positive, negative = _label_candidates(labels_a)
+        picks = [_pick(p, q, mc.rpn_batch, mc.rpn_pos_fraction, rng) for p, q in zip(positive, negative)]
+        return _sampled_labels(labels_a.shape, picks), reg
     t, (sampled, reg_targets) = timed(targets)
     rows.append(("anchor targets + sampling", t))
 
@@ -87,12 +89,11 @@ def main():
     rows.append(("proposal layer (decode, NMS)", t))
 
     def roi_sampling():
-        rois = []
-        for i in range(len(images)):
-            s = _sample_proposals(props[i], gt[i], labels[i], mc.roi_batch, mc.fg_fraction, mc.fg_iou,
-                                  mc.bg_iou[0], mc.bg_iou[1], rng, head_weights)
-            rois.append(np.concatenate([np.full((len(s["rois"]), 1), i, np.float32), s["rois"]], axis=1))
-        return np.concatenate(rois).astype(np.float32)
+        candidates = _proposal_candidates(props, gt, mc.fg_iou, mc.bg_iou[0], mc.bg_iou[1])
+        picks = [_pick(fg, bg, mc.roi_batch, mc.fg_fraction, rng) for fg, bg in zip(candidates["fg"], candidates["bg"])]
+        s = _gather_proposals(candidates, picks, gt, labels, head_weights)
+        image = np.repeat(np.arange(len(images)), s["counts"]).astype(np.float32)  # (R,)
+        return np.concatenate([image[:, None], s["rois"]], axis=1).astype(np.float32)  # (R, 5)
     t, rois = timed(roi_sampling)
     rows.append(("proposal sampling", t))
     t, (cls_logits, box_deltas) = timed(lambda: model.head.forward(feats, rois))

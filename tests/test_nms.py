@@ -331,6 +331,19 @@ def test_descending_order_is_stable_argsort(seed, n, dtype):
     np.testing.assert_array_equal(_descending_order(rows), np.argsort(-rows, axis=-1, kind="stable"))
 
 
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.integers(1, 4), st.integers(0, 200), st.sampled_from([np.float32, np.float64]))
+def test_descending_order_with_ties_is_lexsort(seed, rows, n, dtype):
+    """Equal scores by the higher tie value, then the lower index: the proposal layer's
+    order (scores from a few values, so most are tied; tie values tied among themselves,
+    signed zeros and -inf scores included)."""
+    rng = np.random.default_rng(seed)
+    scores = rng.choice(np.array([0.5, 1.0, -0.0, 0.0, -np.inf, np.float32(0.1)], dtype), (rows, n))
+    ties = rng.choice(np.array([0.0, -0.0, 1e-8, 2e-8, -3.0, 40.0, 1e300]), (rows, n))
+    ties[rng.random((rows, n)) < 0.3] = rng.standard_normal()
+    np.testing.assert_array_equal(_descending_order(scores, ties=ties), np.lexsort((-ties, -scores), axis=-1))
+
+
 def test_cuda_gather_pass_matches_host_pass():
     # A random upper-triangular suppression mask over 150 boxes (three 64-bit words a row):
     # the single-block kernel keeps exactly the boxes the host pass keeps.

@@ -178,6 +178,68 @@ def test_anchor_targets_of_a_batch_are_each_image_alone(num_gt, seed, border):
         assert np.array_equal(targets[i], alone[2])
 
 
+@settings(max_examples=25, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 12), st.integers(0, 3)), min_size=1, max_size=5), st.integers(0, 2**31 - 1))
+def test_sampling_a_batch_is_each_image_alone(sizes, seed):
+    """The train step samples all images' anchors and RoIs in one pass but for the
+    random draws, which stay image by image (anchors, then RoIs): the same samples as
+    ``sample_labels`` and ``sample_proposals`` on one image at a time with that stream."""
+    from tinyfrcnn.boxes import _check_weights
+    from tinyfrcnn.targets import _gather_proposals, _label_candidates, _pick, _proposal_candidates, _sampled_labels
+
+    rng = np.random.default_rng(seed)
+    proposals, gts, gt_labels = [], [], []
+    for num_props, num_gt in sizes:
+        gt = random_boxes(rng, num_gt).astype(np.float32)
+        props = np.concatenate([random_boxes(rng, num_props), gt[:1], gt[:1] + 1.0]).astype(np.float32)  # ties
+        proposals.append(props)
+        gts.append(np.concatenate([gt, gt[:1]]))  # a repeated gt box: tied matches
+        gt_labels.append(rng.integers(1, 4, len(gts[-1])))
+    anchor_labels = rng.integers(-1, 2, (len(sizes), 40))
+    weights = _check_weights((10.0, 10.0, 5.0, 5.0), "test", np.dtype(np.float32))
+
+    draws = np.random.default_rng(seed + 1)
+    positive, negative = _label_candidates(anchor_labels)
+    candidates = _proposal_candidates(proposals, gts, 0.5, 0.1, 0.5)
+    anchor_picks, roi_picks = [], []
+    for i in range(len(sizes)):
+        anchor_picks.append(_pick(positive[i], negative[i], 8, 0.5, draws))
+        roi_picks.append(_pick(candidates["fg"][i], candidates["bg"][i], 6, 0.25, draws))
+    sampled = _sampled_labels(anchor_labels.shape, anchor_picks)
+    batch = _gather_proposals(candidates, roi_picks, gts, gt_labels, weights)
+
+    alone = np.random.default_rng(seed + 1)
+    bounds = np.concatenate([[0], np.cumsum(batch["counts"])])
+    for i in range(len(sizes)):
+        np.testing.assert_array_equal(sampled[i], sample_labels(anchor_labels[i], 8, 0.5, rng=alone))
+        one = sample_proposals(proposals[i], gts[i], gt_labels[i], num_samples=6, fg_iou=0.5, bg_iou=(0.1, 0.5),
+                               rng=alone)
+        a, b = bounds[i], bounds[i + 1]
+        for key in ("rois", "labels", "box_targets"):
+            np.testing.assert_array_equal(batch[key][a:b], one[key], err_msg=key)
+
+
+def test_best_match_by_image_is_box_iou_per_image():
+    """Each RoI against its own image's ground truth only, first box on ties, images
+    without ground truth untouched; the IoUs bitwise ``box_iou``'s."""
+    from tinyfrcnn.targets import _best_match_by_image
+
+    rng = np.random.default_rng(3)
+    gts = [random_boxes(rng, 3), np.zeros((0, 4)), random_boxes(rng, 1)]
+    gts[0][2] = gts[0][0]  # a repeated box: ties go to the first
+    rois = [np.concatenate([random_boxes(rng, 20), g]) for g in gts]
+    starts = np.array([0, 23, 43, 64])
+    gt_starts = np.array([0, 3, 3, 4])
+    best, matched = np.full(64, 7.0), np.full(64, -5, np.int64)
+    _best_match_by_image(np.concatenate(rois), starts, np.concatenate(gts), gt_starts, best, matched)
+    for i in (0, 2):
+        iou = box_iou(rois[i], gts[i])  # (R, G)
+        np.testing.assert_array_equal(matched[starts[i]:starts[i + 1]], iou.argmax(axis=1))
+        np.testing.assert_array_equal(best[starts[i]:starts[i + 1]], iou.max(axis=1))
+    assert (matched[23:43] == -5).all() and (best[23:43] == 7.0).all()
+    assert (matched[:20] != 2).all()  # box 2 repeats box 0, which comes first
+
+
 # ---------------------------------------------------------------- sample_labels
 
 

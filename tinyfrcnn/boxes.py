@@ -54,21 +54,26 @@ def _box_iou_reference(a, b):
     return np.where(inter > 0, iou, 0).astype(inter.dtype)
 
 
+@njit(error_model="numpy")
+def _overlap(ax1, ay1, ax2, ay2, area_a, bx1, by1, bx2, by2, area_b):
+    """IoU of boxes a and b given their areas; 0 for pairs that share no area (or so
+    little that it rounds to 0), whatever the division gave (0/0 included). Branch-free,
+    so LLVM vectorises a loop over contiguous boxes b."""
+    w = min(ax2, bx2) - max(ax1, bx1)
+    h = min(ay2, by2) - max(ay1, by1)
+    inter = w * h
+    iou = inter / (area_a + area_b - inter)
+    return iou if (w > 0) & (h > 0) & (inter > 0) else 0
+
+
 def _box_iou_rows(a, b, area_a, area_b, out):
     n, m = a.shape[0], b.shape[0]
     bx1, by1, bx2, by2 = b[:, 0].copy(), b[:, 1].copy(), b[:, 2].copy(), b[:, 3].copy()  # (M,) each
     for i in prange(n):
         ax1, ay1, ax2, ay2 = a[i, 0], a[i, 1], a[i, 2], a[i, 3]
         row = out[i]
-        # Branch-free over contiguous columns, so LLVM vectorises it; pairs that share
-        # no area (or so little that it rounds to 0) are masked to 0 whatever the
-        # division gave (0/0 included).
         for j in range(m):
-            w = min(ax2, bx2[j]) - max(ax1, bx1[j])
-            h = min(ay2, by2[j]) - max(ay1, by1[j])
-            inter = w * h
-            iou = inter / (area_a[i] + area_b[j] - inter)
-            row[j] = iou if (w > 0) & (h > 0) & (inter > 0) else 0
+            row[j] = _overlap(ax1, ay1, ax2, ay2, area_a[i], bx1[j], by1[j], bx2[j], by2[j], area_b[j])
 
 
 # Threads pay off only on large tables: the detector's per-image calls (a few thousand

@@ -31,8 +31,8 @@ from .head import POOLINGS, FastRCNNHead, head_loss, postprocess_detections
 from .layers import Module, add_
 from .losses import _smooth_l1_beta
 from .rpn import RPNHead, _rpn_loss_batch, generate_proposals_batch
-from .targets import (HEAD_BOX_WEIGHTS, _anchor_targets_batch, _anchors_inside, _sample_labels, _sample_proposals,
-                      check_gt_boxes, check_labels)
+from .targets import (HEAD_BOX_WEIGHTS, _anchor_targets_batch, _anchors_inside, _gather_proposals, _label_candidates,
+                      _pick, _proposal_candidates, _sampled_labels, check_gt_boxes, check_labels)
 
 CHECKPOINT_FORMAT = "tinyfrcnn-checkpoint-1"
 
@@ -332,28 +332,30 @@ class FasterRCNN(Module):
                          for i, p in enumerate(proposals)]
         if train_head:
             weights = _check_weights(HEAD_BOX_WEIGHTS, where, np.result_type(*(p.dtype for p in proposals), np.float32))
-        sampled = []  # per image: the RPN's sampled anchor labels
-        rois, roi_labels, roi_targets = [], [], []
+        # The random draws image by image (the RPN's anchors, then the head's RoIs: the
+        # order of the random stream); what needs no draw, once for the whole batch.
+        if train_rpn:
+            positive, negative = _label_candidates(anchor_labels)
+        if train_head:
+            candidates = _proposal_candidates(proposals, boxes, cfg.fg_iou, cfg.bg_iou[0], cfg.bg_iou[1])
+        rpn_picks, roi_picks = [], []
         for i in range(n):
             if train_rpn:
-                sampled.append(_sample_labels(anchor_labels[i], cfg.rpn_batch, cfg.rpn_pos_fraction, rng))
-            if not train_head:
-                continue
-            sample = _sample_proposals(proposals[i], boxes[i], gt_labels[i], cfg.roi_batch, cfg.fg_fraction,
-                                       cfg.fg_iou, cfg.bg_iou[0], cfg.bg_iou[1], rng, weights)
-            r = sample["rois"]
-            rois.append(np.concatenate([np.full((len(r), 1), i, dtype=r.dtype), r], axis=1))  # (S, 5)
-            roi_labels.append(sample["labels"])
-            roi_targets.append(sample["box_targets"])
+                rpn_picks.append(_pick(positive[i], negative[i], cfg.rpn_batch, cfg.rpn_pos_fraction, rng))
+            if train_head:
+                roi_picks.append(_pick(candidates["fg"][i], candidates["bg"][i], cfg.roi_batch, cfg.fg_fraction, rng))
         if train_head:
-            rois = np.concatenate(rois).astype(feats.dtype)  # (R, 5)
+            sample = _gather_proposals(candidates, roi_picks, boxes, gt_labels, weights)
+            image = np.repeat(np.arange(n), sample["counts"]).astype(sample["rois"].dtype)  # (R,)
+            rois = np.concatenate([image[:, None], sample["rois"]], axis=1).astype(feats.dtype)  # (R, 5)
             head_out = self.head.forward(feats, rois)  # on "cuda": the RoI layer uploads the RoIs; queued
 
         # The RPN's losses on the host, while the GPU runs the head.
         rpn_cls = rpn_reg = 0.0
         if train_rpn:
             reg_targets = cast_finite(reg_targets, deltas.dtype, "the RPN's regression targets", "deltas", where)
-            out = _rpn_loss_batch(logits, deltas, np.stack(sampled), reg_targets,  # each image its own mean
+            sampled = _sampled_labels(anchor_labels.shape, rpn_picks)  # (N, A)
+            out = _rpn_loss_batch(logits, deltas, sampled, reg_targets,  # each image its own mean
                                   _smooth_l1_beta(cfg.rpn_sigma, where), 1.0)
             for loss_cls, loss_reg in zip(out["loss_cls"], out["loss_reg"]):
                 rpn_cls += loss_cls / n
@@ -368,8 +370,7 @@ class FasterRCNN(Module):
             cls_logits, box_deltas = (to_host(a) for a in head_out)  # (R, C+1), (R, 4(C+1))
             _require_finite(cls_logits, "head_cls", "the head's class logits")
             _require_finite(box_deltas, "head_box", "the head's box deltas")
-            h = head_loss(cls_logits, box_deltas, np.concatenate(roi_labels), np.concatenate(roi_targets),
-                          sigma=cfg.head_sigma)
+            h = head_loss(cls_logits, box_deltas, sample["labels"], sample["box_targets"], sigma=cfg.head_sigma)
             head_cls, head_box = h["loss_cls"], h["loss_box"]
             grad_cls, grad_box = h["grad_cls"], h["grad_box"]
         self._cache = (grad_logits if train_rpn else None, grad_deltas, grad_cls, grad_box, gpu)

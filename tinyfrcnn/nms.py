@@ -21,23 +21,37 @@ BLOCK = 64  # boxes per CUDA block: one bit each in a uint64 mask word
 MAX_WORDS = 4096  # the single-block pass keeps its "removed" bitset in 32 KiB of shared memory
 
 
-def _descending_order(scores):
+def _descending_order(scores, ties=None):
     """Indices that sort ``scores`` (..., N) from high to low along the last axis, equal
-    scores by lower index first.
+    scores by higher ``ties`` (an array of their shape) first, then by lower index.
 
-    The same permutation as ``np.argsort(-scores, axis=-1, kind="stable")``. For
-    float32, each score becomes an integer with the same order (flip the magnitude bits
-    of negatives), packed above its index into one int64 key; NumPy's unstable sort of
-    int64 keys is several times faster than a stable sort of floats, and ties stay in
-    index order because the index is part of the key.
+    The same permutation as ``np.lexsort((-ties, -scores), axis=-1)``, or without ties
+    ``np.argsort(-scores, axis=-1, kind="stable")``. For float32, each score becomes an
+    integer with the same order (flip the magnitude bits of negatives), each tie value its
+    rank among the distinct values, and both are packed above the index into one int64
+    key: NumPy's unstable sort of int64 keys is several times faster than a stable sort
+    of floats, and equal keys cannot occur because the index is part of the key.
     """
     n = scores.shape[-1]
-    if scores.dtype != np.float32 or n >= 2**31:
-        return np.argsort(-scores, axis=-1, kind="stable")
+    index_bits = max(n - 1, 1).bit_length()
+    tie_bits = 0
+    if ties is not None:
+        flat = ties.ravel()  # (T,)
+        order = np.argsort(flat)  # (T,)
+        rank = np.empty(flat.size, np.int64)  # (T,) the rank of each value among the distinct ones
+        rank[order] = np.concatenate([[0], np.cumsum(flat[order][1:] != flat[order][:-1])])
+        top = int(rank.max(initial=0))
+        tie_bits = top.bit_length()
+    if scores.dtype != np.float32 or 32 + tie_bits + index_bits > 63:
+        if ties is None:
+            return np.argsort(-scores, axis=-1, kind="stable")
+        return np.lexsort((-ties, -scores), axis=-1)
     bits = (scores + np.float32(0)).view(np.int32).astype(np.int64)  # (..., N); + 0 turns -0.0 into 0.0
-    rank = np.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # increasing with the score
-    keys = ((-rank) << 32) | np.arange(n, dtype=np.int64)  # (..., N)
-    return np.sort(keys, axis=-1) & 0xFFFFFFFF
+    keys = (2**31 - 1) - np.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # in [0, 2**32), decreasing with the score
+    if ties is not None:
+        keys = (keys << tie_bits) | (top - rank.reshape(ties.shape))  # then decreasing with the tie value
+    keys = (keys << index_bits) | np.arange(n, dtype=np.int64)  # (..., N)
+    return np.sort(keys, axis=-1) & ((1 << index_bits) - 1)
 
 
 def _nms_reference(boxes, scores, iou_threshold, idxs=None, max_per_category=None):

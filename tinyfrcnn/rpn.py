@@ -377,17 +377,16 @@ def generate_proposals_batch(logits, deltas, anchors, image_size, pre_nms_top_n=
     # Each image's boxes by decreasing score, small ones last (scores are finite); then
     # the first pre_nms_top_n, less the small ones.
     if scores is None:
-        # Equal scores rank by the logit gap l1 - l0, then by index (np.lexsort is stable
-        # and sorts by its last key first). In float32 the probability rounds to 1.0 once
-        # the gap passes about 17, and near 0.5 gaps a few 1e-8 apart share one value. The
-        # gap alone would not do: rounding can give the larger gap a probability one ulp
-        # smaller, and the scores must come out sorted.
+        # Equal scores rank by the logit gap l1 - l0, then by index. In float32 the
+        # probability rounds to 1.0 once the gap passes about 17, and near 0.5 gaps a few
+        # 1e-8 apart share one value. The gap alone would not do: rounding can give the
+        # larger gap a probability one ulp smaller, and the scores must come out sorted.
         flat_logits = logits.reshape(n * num, 2)  # (N * A, 2)
         with np.errstate(over="ignore"):
             gap = np.subtract(flat_logits[:, 1], flat_logits[:, 0], dtype=np.float64)  # (N * A,)
         scores = _objectness(flat_logits).reshape(n, num)  # (N, A)
         ranked = np.where(big, scores, -np.inf)  # (N, A)
-        top = np.lexsort((-gap.reshape(n, num), -ranked), axis=1)[:, :pre_nms_top_n]  # (N, T)
+        top = _descending_order(ranked, ties=gap.reshape(n, num))[:, :pre_nms_top_n]  # (N, T)
     else:
         top = _descending_order(np.where(big, scores, -np.inf))[:, :pre_nms_top_n]  # (N, T)
     take = np.take_along_axis(big, top, axis=1)  # (N, T)

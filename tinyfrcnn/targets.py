@@ -17,8 +17,9 @@ data-dependent bookkeeping, and the one hot loop, the IoU matrix, is
 """
 
 import numpy as np
+from numba import njit
 
-from .boxes import _box_iou_host, _check_weights, _encode
+from .boxes import _box_iou_host, _check_weights, _encode, _overlap
 from .checks import as_array, check_boxes, check_number, check_positive_int, check_rng
 from .device import is_device_array
 
@@ -194,13 +195,35 @@ def sample_labels(labels, num_samples=256, positive_fraction=0.5, rng=None):
 
 def _sample_labels(labels, num_samples, positive_fraction, rng):
     """``sample_labels`` of checked arguments."""
-    positive = np.flatnonzero(labels == 1)
-    negative = np.flatnonzero(labels == 0)
+    (positive,), (negative,) = _label_candidates(labels[None])
+    return _sampled_labels((1, *labels.shape), [_pick(positive, negative, num_samples, positive_fraction, rng)])[0]
+
+
+def _label_candidates(labels):
+    """The positive and the negative anchors of each image of ``labels`` (N, A): two
+    lists of N index arrays, in increasing order."""
+    image, anchor = np.nonzero(labels >= 0)  # image-major
+    bounds = np.searchsorted(image, np.arange(labels.shape[0] + 1))  # (N + 1,)
+    positive = labels[image, anchor] == 1
+    rows = [(anchor[a:b], positive[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+    return [a[p] for a, p in rows], [a[~p] for a, p in rows]
+
+
+def _pick(positive, negative, num_samples, positive_fraction, rng):
+    """The random draws of one image's sample: at most ``int(num_samples *
+    positive_fraction)`` of ``positive``, then ``negative`` up to ``num_samples``.
+    Returns (kept positives, kept negatives) in the order drawn."""
     num_pos = min(positive.size, int(num_samples * positive_fraction))
     num_neg = min(negative.size, num_samples - num_pos)
-    out = np.full(labels.shape, -1, dtype=np.int64)
-    out[rng.permutation(positive)[:num_pos]] = 1
-    out[rng.permutation(negative)[:num_neg]] = 0
+    return rng.permutation(positive)[:num_pos], rng.permutation(negative)[:num_neg]
+
+
+def _sampled_labels(shape, picks):
+    """Labels (N, A) of -1 but for each image's picked positives (1) and negatives (0)."""
+    out = np.full(shape, -1, dtype=np.int64)  # (N, A)
+    for i, (positive, negative) in enumerate(picks):
+        out[i, positive] = 1
+        out[i, negative] = 0
     return out
 
 
@@ -293,28 +316,86 @@ def sample_proposals(proposals, gt_boxes, gt_labels, num_samples=128, fg_fractio
 
 def _sample_proposals(proposals, gt_boxes, gt_labels, num_samples, fg_fraction, fg_iou, bg_lo, bg_hi, rng, weights):
     """``sample_proposals`` of checked arguments, ``weights`` from ``boxes._check_weights``
-    in the dtype of proposals and gt_boxes."""
-    dtype = np.result_type(proposals.dtype, gt_boxes.dtype)
-    rois = np.concatenate([proposals.astype(dtype), gt_boxes.astype(dtype)])  # (P + G, 4)
-    if gt_boxes.shape[0]:
-        best_iou, matched = _best_match(_box_iou_host(rois, gt_boxes))  # (P + G,), (P + G,)
-    else:
-        best_iou = np.zeros(rois.shape[0], dtype=dtype)
-        matched = np.full(rois.shape[0], -1, dtype=np.int64)
+    in the dtype of proposals and gt_boxes: ``_proposal_candidates``, ``_pick`` and
+    ``_gather_proposals`` on a batch of one."""
+    candidates = _proposal_candidates([proposals], [gt_boxes], fg_iou, bg_lo, bg_hi)
+    pick = _pick(candidates["fg"][0], candidates["bg"][0], num_samples, fg_fraction, rng)
+    out = _gather_proposals(candidates, [pick], [gt_boxes], [gt_labels], weights)
+    keep = np.concatenate(pick).astype(np.int64)  # (S,)
+    matched = candidates["matched"][keep]
+    matched[len(pick[0]):] = -1
+    return {"rois": out["rois"], "labels": out["labels"], "box_targets": out["box_targets"],
+            "indices": keep, "matched_gt": matched}
 
-    fg = np.flatnonzero(best_iou >= fg_iou)
-    bg = np.flatnonzero((best_iou >= bg_lo) & (best_iou < bg_hi))
-    num_fg = min(fg.size, int(fg_fraction * num_samples))
-    fg = rng.permutation(fg)[:num_fg]
-    bg = rng.permutation(bg)[:min(bg.size, num_samples - num_fg)]
-    keep = np.concatenate([fg, bg]).astype(np.int64)  # (S,)
 
-    labels = np.zeros(keep.size, dtype=np.int64)
-    labels[:num_fg] = gt_labels[matched[fg]]
-    box_targets = np.zeros((keep.size, 4), dtype=dtype)  # (S, 4)
-    if num_fg:
-        box_targets[:num_fg] = _encode(rois[fg], gt_boxes.astype(dtype)[matched[fg]], weights)
-    matched_out = matched[keep].copy()
-    matched_out[num_fg:] = -1
-    return {"rois": rois[keep], "labels": labels, "box_targets": box_targets,
-            "indices": keep, "matched_gt": matched_out}
+def _proposal_candidates(proposals, gt_boxes, fg_iou, bg_lo, bg_hi):
+    """The part of sampling N images' proposals that needs no random draws: each image's
+    RoIs (its proposals, then its ground truth), matched to the image's best-overlapping
+    ground truth, and split into foreground (IoU >= ``fg_iou``) and background (IoU in
+    [bg_lo, bg_hi)) candidates. ``proposals``, ``gt_boxes``: one checked array per image.
+
+    Returns a dict: ``rois`` (M, 4) of all images, ``starts`` (N + 1,) where each image's
+    rows begin, ``matched`` (M,) int64 into the image's own ground truth (-1: it has
+    none), and ``fg``, ``bg``: N index arrays into each image's rows, in increasing order.
+    """
+    n = len(proposals)
+    dtype = np.result_type(*(p.dtype for p in proposals), *(g.dtype for g in gt_boxes))
+    rows = [x.astype(dtype) for p, g in zip(proposals, gt_boxes) for x in (p, g)]
+    rois = np.concatenate(rows) if rows else np.zeros((0, 4), dtype)  # (M, 4)
+    starts = np.concatenate([[0], np.cumsum([len(x) for x in rows[0::2]]) + np.cumsum([len(x) for x in rows[1::2]])])
+    gts = np.concatenate(rows[1::2]) if rows else np.zeros((0, 4), dtype)  # (G, 4)
+    gt_starts = np.concatenate([[0], np.cumsum([len(g) for g in gt_boxes])])  # (N + 1,)
+    best_iou = np.zeros(rois.shape[0], dtype=dtype)  # (M,); IoU 0 for an image without ground truth
+    matched = np.full(rois.shape[0], -1, dtype=np.int64)  # (M,)
+    _best_match_by_image(rois, starts, gts, gt_starts, best_iou, matched)
+    image = np.repeat(np.arange(n), np.diff(starts))  # (M,)
+    within = np.arange(rois.shape[0]) - starts[image]  # (M,) row in its image
+
+    def split(mask):
+        bounds = np.searchsorted(image[mask], np.arange(n + 1))  # (N + 1,)
+        found = within[mask]
+        return [found[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+
+    return {"rois": rois, "starts": starts, "matched": matched,
+            "fg": split(best_iou >= fg_iou), "bg": split((best_iou >= bg_lo) & (best_iou < bg_hi))}
+
+
+@njit(cache=True, error_model="numpy")
+def _best_match_by_image(rois, starts, gts, gt_starts, best_iou, matched):
+    """For each RoI of image i (rows ``starts[i]:starts[i + 1]``), its highest IoU with
+    that image's ground truth (rows ``gt_starts[i]:gt_starts[i + 1]`` of ``gts``) and the
+    first such box, as ``_best_match`` of ``box_iou``; images without ground truth are
+    left as they are."""
+    for i in range(starts.shape[0] - 1):
+        g0, g1 = gt_starts[i], gt_starts[i + 1]
+        for r in range(starts[i], starts[i + 1]):
+            x1, y1, x2, y2 = rois[r, 0], rois[r, 1], rois[r, 2], rois[r, 3]
+            area = (x2 - x1) * (y2 - y1)
+            for g in range(g0, g1):
+                iou = _overlap(x1, y1, x2, y2, area, gts[g, 0], gts[g, 1], gts[g, 2], gts[g, 3],
+                               (gts[g, 2] - gts[g, 0]) * (gts[g, 3] - gts[g, 1]))
+                if g == g0 or iou > best_iou[r]:
+                    best_iou[r] = iou
+                    matched[r] = g - g0
+
+
+def _gather_proposals(candidates, picks, gt_boxes, gt_labels, weights):
+    """The sampled RoIs of N images from ``_proposal_candidates`` and one ``_pick`` per
+    image, image after image, each image's foreground first: ``rois`` (S, 4), ``labels``
+    (S,) int64 (0 for background), ``box_targets`` (S, 4) (0 for background) and
+    ``counts`` (N,) rows per image."""
+    rois, starts, matched = candidates["rois"], candidates["starts"], candidates["matched"]
+    keep = np.concatenate([np.zeros(0, np.int64)] + [starts[i] + np.concatenate(p).astype(np.int64)
+                                                     for i, p in enumerate(picks)])  # (S,)
+    counts = np.array([len(fg) + len(bg) for fg, bg in picks], dtype=np.int64)  # (N,)
+    foreground = np.concatenate([np.zeros(0, bool)] + [np.arange(c) < len(p[0]) for c, p in zip(counts, picks)])
+    fg = keep[foreground]  # (F,) rows of rois
+    gt_start = np.concatenate([[0], np.cumsum([len(g) for g in gt_boxes])])  # (N + 1,)
+    gt_row = gt_start[np.repeat(np.arange(len(picks)), [len(p[0]) for p in picks])] + matched[fg]  # (F,)
+    labels = np.zeros(keep.size, dtype=np.int64)  # (S,)
+    box_targets = np.zeros((keep.size, 4), dtype=rois.dtype)  # (S, 4)
+    if fg.size:
+        labels[foreground] = np.concatenate(gt_labels)[gt_row]
+        gts = np.concatenate([g.astype(rois.dtype) for g in gt_boxes])  # (G, 4)
+        box_targets[foreground] = _encode(rois[fg], gts[gt_row], weights)
+    return {"rois": rois[keep], "labels": labels, "box_targets": box_targets, "counts": counts}
