@@ -325,6 +325,22 @@ def test_cuda_kernels_match_cpu():
         assert np.allclose(d_grad.copy_to_host(), cpu, atol=1e-12)
 
 
+def test_cuda_roi_pool_ties_and_layout():
+    """The forward kernel's flat reads: ties go to the first maximum in row-major order,
+    as on the CPU (a few integer values, so most bins hold ties), every image and channel
+    at its own offset; device features that are not one C-order run are refused."""
+    rng = np.random.default_rng(8)
+    f = rng.integers(0, 3, (3, 4, 6, 7)).astype(np.float32)
+    rois = np.array([[2, 0, 0, 13, 11], [1, 3, 2, 9, 9], [0, 4, 4, 4, 4], [2, -6, 5, 30, 8]], np.float32)
+    out, argmax = roi_pool(f, rois, (3, 2), 0.5)
+    d_out, d_argmax = roi_pool(cuda.to_device(f), cuda.to_device(rois), (3, 2), 0.5)
+    np.testing.assert_array_equal(d_out.copy_to_host(), out)
+    np.testing.assert_array_equal(d_argmax.copy_to_host(), argmax)
+    strided = cuda.to_device(np.concatenate([f, f], axis=1))[:, ::2]  # (3, 4, 6, 7), every other channel
+    with pytest.raises(ValueError, match="C-contiguous"):
+        roi_pool(strided, cuda.to_device(rois), (3, 2), 0.5)
+
+
 def test_roi_blocks_cover_every_bin_without_dividing():
     assert roi._roi_blocks(300, 512, 7, 7) == ((300, 103), (7, 7, 5))  # 245 threads, 5 channels each
     assert roi._roi_blocks(4, 3, 2, 3) == ((4, 1), (3, 2, 3))
@@ -475,7 +491,8 @@ def test_kernels_compile_to_ptx():
     for t, s in (("float32", "f32"), ("float64", "f64")):
         f4 = f"{t}[:, :, :, ::1]"
         jobs += [
-            ("tinyfrcnn.roi", f"_roi_pool_forward_cuda_{s}", f"void({f4}, {t}[:, ::1], {t}, {f4}, int64[:, :, :, ::1])",
+            ("tinyfrcnn.roi", f"_roi_pool_forward_cuda_{s}",
+             f"void({t}[::1], int64, int64, {t}[:, ::1], {t}, {f4}, int64[:, :, :, ::1])",
              SAME_ROUNDING_AS_CPU[t]),
             ("tinyfrcnn.roi", "_roi_pool_backward_cuda", f"void({f4}, int64[:, :, :, ::1], {t}[::1], int32[::1])"),
             ("tinyfrcnn.roi", f"_roi_align_forward_cuda_{s}", f"void({f4}, {t}[:, ::1], {t}, int64, boolean, {f4})",
@@ -485,7 +502,7 @@ def test_kernels_compile_to_ptx():
         ]
     # RoIs in float64 with float32 features (the kernels cast them, as the CPU path does).
     jobs.append(("tinyfrcnn.roi", "_roi_pool_forward_cuda_f32",
-                 "void(float32[:, :, :, ::1], float64[:, :], float32, float32[:, :, :, ::1], int64[:, :, :, ::1])",
+                 "void(float32[::1], int64, int64, float64[:, :], float32, float32[:, :, :, ::1], int64[:, :, :, ::1])",
                  SAME_ROUNDING_AS_CPU["float32"]))
     jobs.append(("tinyfrcnn.roi", "_roi_align_forward_cuda_f32",
                  "void(float32[:, :, :, ::1], float64[:, :], float32, int64, boolean, float32[:, :, :, ::1])",

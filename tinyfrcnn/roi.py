@@ -33,11 +33,11 @@ most ``MAX_ROI_SAMPLES`` (2**21) bilinear samples in RoIAlign.
 import math
 
 import numpy as np
-from numba import cuda, float32, float64, njit, prange
+from numba import cuda, float32, float64, int64, njit, prange, uint64
 
 from .checks import as_array, as_float_array, check_boxes, check_finite, check_number, check_shape, pair
 from .device import empty_on_device, is_device_array, launch, on_device, rounded_ops, to_device, zeros_on_device
-from .layers import Module
+from .layers import Module, _flat
 
 FLT_MAX = float(np.finfo(np.float32).max)
 SAMPLE_TABLE_ROWS = 1 << 21  # RoIAlign CPU: most samples tabulated at once (64 MiB for float32)
@@ -102,6 +102,13 @@ def _check_inputs(features, rois, output_size, spatial_scale, where, upload=Fals
     if not gpu:
         check_finite(features, "features", where)
     return gpu, (ph, pw), scale, host, rois
+
+
+def _c_contiguous(features):
+    """Device features as they are: the kernels that read them as one run need C order."""
+    if not features.is_c_contiguous():
+        raise ValueError("roi_pool: features must be C-contiguous on the device")
+    return features
 
 
 def _round_half_away(v):
@@ -283,27 +290,33 @@ def _make_roi_pool_forward_cuda(dtype):
         return min(max(lo, 0), limit), min(max(hi, 0), limit)
 
     @cuda.jit
-    def roi_pool_forward(features, rois, scale, out, argmax):
+    def roi_pool_forward(features, height, width, rois, scale, out, argmax):
+        """``features``: the (N, C, H, W) map as one C-order run (N * C * H * W,)."""
         R, C, PH, PW = out.shape
-        H, W = features.shape[2], features.shape[3]
         r = cuda.blockIdx.x
         n = int(rois[r, 0])
         x_start, x_end = corner(rois[r, 1], scale), corner(rois[r, 3], scale)
         y_start, y_end = corner(rois[r, 2], scale), corner(rois[r, 4], scale)
         for c in range(*_block_channels(C)):
-            base = (n * C + c) * H * W
+            base = (n * C + c) * height * width
             for i in range(cuda.threadIdx.y, PH, cuda.blockDim.y):
-                h0, h1 = bin_edges(y_start, y_end, i, PH, H)
+                h0, h1 = bin_edges(y_start, y_end, i, PH, height)
                 for j in range(cuda.threadIdx.x, PW, cuda.blockDim.x):
-                    w0, w1 = bin_edges(x_start, x_end, j, PW, W)
+                    w0, w1 = bin_edges(x_start, x_end, j, PW, width)
                     best = T(0) if h1 <= h0 or w1 <= w0 else T(-FLT_MAX)  # an empty bin gives 0
-                    best_at = -1
-                    for y in range(h0, h1):
-                        for x in range(w0, w1):
-                            v = features[n, c, y, x]
+                    best_at = int64(-1)
+                    # Flat offsets, unsigned and stepped by hand: a read costs an add, not
+                    # a 4-D index's multiplies and its test for negative indices.
+                    row, last = uint64(base + h0 * width), uint64(base + h1 * width)
+                    while row < last:
+                        at, stop = row + uint64(w0), row + uint64(w1)
+                        while at < stop:
+                            v = features[at]
                             if v > best:
                                 best = v
-                                best_at = base + y * W + x
+                                best_at = int64(at)
+                            at += uint64(1)
+                        row += uint64(width)
                     out[r, c, i, j] = best
                     argmax[r, c, i, j] = best_at
 
@@ -356,7 +369,8 @@ def _roi_pool(features, gpu, output_size, scale, host, rois):
         return out, argmax
     if gpu:
         kernel = _ROI_POOL_FORWARD_CUDA[np.dtype(features.dtype)]
-        launch(kernel, *_roi_blocks(R, C, ph, pw), features, rois, features.dtype.type(scale), out, argmax)
+        launch(kernel, *_roi_blocks(R, C, ph, pw), _flat(_c_contiguous(features)), H, W, rois, features.dtype.type(scale),
+               out, argmax)
     else:
         batch = host[:, 0].astype(np.int64)
         bins = _pool_bins(host, scale, ph, pw, H, W)
