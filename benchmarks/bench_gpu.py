@@ -447,7 +447,7 @@ def kernel_resources(kernel):
 
 
 HOST_STEPS = ("_anchor_targets_batch", "_label_candidates", "_proposal_candidates", "_pick", "_sampled_labels",
-              "_gather_proposals", "_rpn_loss_batch", "generate_proposals_batch", "head_loss")
+              "_gather_proposals", "_rpn_loss_batch", "_proposals_batch", "head_loss")
 
 
 @contextlib.contextmanager

@@ -32,7 +32,7 @@ def main():
     from tinyfrcnn.boxes import _check_weights
     from tinyfrcnn.head import head_loss
     from tinyfrcnn.losses import _smooth_l1_beta
-    from tinyfrcnn.rpn import _rpn_loss_batch, generate_proposals_batch
+    from tinyfrcnn.rpn import _proposals_batch, _rpn_loss_batch
     from tinyfrcnn.targets import (HEAD_BOX_WEIGHTS, _anchor_targets_batch, _anchors_inside, _gather_proposals,
                                    _label_candidates, _pick, _proposal_candidates, _sampled_labels)
     from tinyfrcnn.train import Trainer, TrainConfig
@@ -82,9 +82,9 @@ def main():
     rows.append(("anchor targets + sampling", t))
 
     def proposals():
-        return [p for p, _ in generate_proposals_batch(logits, deltas, anchors, images.shape[2:],
-                                                       mc.rpn_pre_nms_train, mc.rpn_post_nms_train,
-                                                       nms_thresh=mc.rpn_nms, min_size=mc.rpn_min_size)]
+        return [p for p, _ in _proposals_batch(logits, deltas, anchors.astype(deltas.dtype, copy=False),
+                                               *images.shape[2:], mc.rpn_pre_nms_train, mc.rpn_post_nms_train,
+                                               mc.rpn_nms, mc.rpn_min_size)]
     t, props = timed(proposals)
     rows.append(("proposal layer (decode, NMS)", t))
 

@@ -240,6 +240,26 @@ def test_best_match_by_image_is_box_iou_per_image():
     assert (matched[:20] != 2).all()  # box 2 repeats box 0, which comes first
 
 
+@pytest.mark.parametrize("bad, match", [
+    ([5, 5, 5, 9], r"gt_boxes\[2\]\[1\] = \[5.0, 5.0, 5.0, 9.0\] has zero width or height"),
+    ([5, 5, 70, 9], r"gt_boxes\[2\]\[1\] = .* is not inside the 64x64 image"),
+    ([5, np.nan, 7, 9], r"gt_boxes\[2\] holds NaN"),
+    ([5, 9, 7, 5], r"gt_boxes\[2\]\[1\] = .* has x2 < x1 or y2 < y1"),
+])
+def test_check_gt_boxes_batch_names_the_image(bad, match):
+    from tinyfrcnn.targets import check_gt_boxes_batch
+
+    good = [np.array([[1, 2, 30, 40]], np.float32), np.zeros((0, 4), np.float32),
+            np.array([[0, 0, 64, 64], [3, 3, 9, 9]], np.float32)]
+    assert check_gt_boxes_batch(good, (64, 64), "w") is None
+    boxes = [b.copy() for b in good]
+    boxes[2][1] = bad
+    with pytest.raises(ValueError, match=match):
+        check_gt_boxes_batch(boxes, (64, 64), "w")
+    if "inside" in match:
+        check_gt_boxes_batch(boxes, None, "w")  # no image size: boxes may leave the image
+
+
 # ---------------------------------------------------------------- sample_labels
 
 

@@ -91,13 +91,20 @@ def check_rng(rng, where=""):
     return rng
 
 
+def as_box_array(boxes, name="boxes", where=""):
+    """An (N, 4) float array; its values unchecked (``check_boxes`` checks them)."""
+    boxes = as_float_array(boxes, name, ndim=2, where=where)
+    if boxes.shape[1] != 4:
+        prefix = f"{where}: " if where else ""
+        raise ValueError(f"{prefix}{name} must have shape (N, 4), got {tuple(boxes.shape)}")
+    return boxes
+
+
 def check_boxes(boxes, name="boxes", where="", allow_inf=False):
     """(N, 4) float boxes (x1, y1, x2, y2), finite (or, with ``allow_inf``, not NaN),
     with x2 >= x1 and y2 >= y1."""
-    boxes = as_float_array(boxes, name, ndim=2, where=where)
+    boxes = as_box_array(boxes, name, where)
     prefix = f"{where}: " if where else ""
-    if boxes.shape[1] != 4:
-        raise ValueError(f"{prefix}{name} must have shape (N, 4), got {tuple(boxes.shape)}")
     values = _host_values(boxes)
     if not allow_inf:
         check_finite(values, name, where)

@@ -24,15 +24,15 @@ import numpy as np
 from . import anchors as anchors_mod
 from .backbone import BACKBONE_STRIDE, make_backbone
 from .boxes import _check_weights
-from .checks import (as_float_array, cast_finite, check_boxes, check_finite, check_number, check_positive_int,
-                     check_rng)
+from .checks import (as_box_array, as_float_array, cast_finite, check_boxes, check_finite, check_number,
+                     check_positive_int, check_rng)
 from .device import check_device, is_device_array, to_device, to_host
 from .head import POOLINGS, FastRCNNHead, head_loss, postprocess_detections
 from .layers import Module, add_
 from .losses import _smooth_l1_beta
-from .rpn import RPNHead, _rpn_loss_batch, generate_proposals_batch
+from .rpn import RPNHead, _proposals_batch, _rpn_loss_batch, generate_proposals_batch
 from .targets import (HEAD_BOX_WEIGHTS, _anchor_targets_batch, _anchors_inside, _gather_proposals, _label_candidates,
-                      _pick, _proposal_candidates, _sampled_labels, check_gt_boxes, check_labels)
+                      _pick, _proposal_candidates, _sampled_labels, check_gt_boxes_batch, check_labels)
 
 CHECKPOINT_FORMAT = "tinyfrcnn-checkpoint-1"
 
@@ -165,13 +165,14 @@ def _sequence(values, name, where, check_item):
 
 
 def _ground_truth(gt_boxes, gt_labels, n, num_classes, where):
-    """Each image's boxes as (K_i, 4) float32 and labels as (K_i,) int64 in 1..num_classes."""
+    """Each image's boxes as (K_i, 4) float32 (their values unchecked: ``check_gt_boxes_batch``)
+    and labels as (K_i,) int64 in 1..num_classes."""
     if len(gt_boxes) != n or len(gt_labels) != n:
         raise ValueError(f"{where}: got {n} images but {len(gt_boxes)} gt_boxes and {len(gt_labels)} gt_labels")
     boxes, labels = [], []
     for i, (b, l) in enumerate(zip(gt_boxes, gt_labels)):
         b = np.asarray(b, dtype=np.float32)
-        boxes.append(check_boxes(b.reshape(0, 4) if b.shape == (0,) else b, f"gt_boxes[{i}]", where))  # (K, 4)
+        boxes.append(as_box_array(b.reshape(0, 4) if b.shape == (0,) else b, f"gt_boxes[{i}]", where))  # (K, 4)
         l = np.asarray(l)
         l = check_labels(np.zeros(0, np.int64) if l.shape == (0,) else l, f"gt_labels[{i}]", where,
                          low=1, high=num_classes)
@@ -301,8 +302,7 @@ class FasterRCNN(Module):
         if n == 0:
             raise ValueError(f"{where}: images holds no images; a training step needs at least one")
         boxes, gt_labels = _ground_truth(gt_boxes, gt_labels, n, cfg.num_classes, where)
-        for i, b in enumerate(boxes):  # positive sizes; inside the image, for the anchor targets
-            check_gt_boxes(b, (height, width) if train_rpn else None, where, name=f"gt_boxes[{i}]")
+        check_gt_boxes_batch(boxes, (height, width) if train_rpn else None, where)  # inside, for the anchor targets
         rng = check_rng(rng, where)
         feats = self.backbone.forward(images)  # (N, C, h, w)
         fh, fw = feats.shape[2:]
@@ -322,9 +322,9 @@ class FasterRCNN(Module):
         _require_finite(deltas, "rpn_reg", "the RPN's box deltas")
 
         if train_head and proposals is None:
-            proposals = [p for p, _ in generate_proposals_batch(
-                logits, deltas, anchors, (height, width), cfg.rpn_pre_nms_train, cfg.rpn_post_nms_train,
-                nms_thresh=cfg.rpn_nms, min_size=cfg.rpn_min_size)]
+            proposals = [p for p, _ in _proposals_batch(  # arguments checked above: the unchecked core
+                logits, deltas, anchors.astype(deltas.dtype, copy=False), height, width, cfg.rpn_pre_nms_train,
+                cfg.rpn_post_nms_train, cfg.rpn_nms, cfg.rpn_min_size)]
         elif train_head:
             if len(proposals) != n:
                 raise ValueError(f"{where}: got {n} images but {len(proposals)} proposals")

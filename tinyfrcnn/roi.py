@@ -369,8 +369,8 @@ def _roi_pool(features, gpu, output_size, scale, host, rois):
         return out, argmax
     if gpu:
         kernel = _ROI_POOL_FORWARD_CUDA[np.dtype(features.dtype)]
-        launch(kernel, *_roi_blocks(R, C, ph, pw), _flat(_c_contiguous(features)), H, W, rois, features.dtype.type(scale),
-               out, argmax)
+        flat = _flat(_c_contiguous(features))  # (N * C * H * W,)
+        launch(kernel, *_roi_blocks(R, C, ph, pw), flat, H, W, rois, features.dtype.type(scale), out, argmax)
     else:
         batch = host[:, 0].astype(np.int64)
         bins = _pool_bins(host, scale, ph, pw, H, W)

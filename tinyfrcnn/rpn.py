@@ -367,7 +367,14 @@ def generate_proposals_batch(logits, deltas, anchors, image_size, pre_nms_top_n=
     check_boxes(anchors, "anchors", where)
     check_finite(deltas, "deltas", where)
     anchors = cast_finite(anchors, deltas.dtype, "anchors", "deltas", where)
+    return _proposals_batch(logits, deltas, anchors, height, width, pre_nms_top_n, post_nms_top_n, nms_thresh, min_size)
 
+
+def _proposals_batch(logits, deltas, anchors, height, width, pre_nms_top_n, post_nms_top_n, nms_thresh, min_size):
+    """``generate_proposals_batch`` of checked arguments: finite ``logits`` (N, A, 2) or
+    scores (N, A), ``deltas`` (N, A, 4), valid ``anchors`` (A, 4) in the deltas' dtype."""
+    n, num = deltas.shape[:2]
+    scores = logits if logits.ndim == 2 else None
     unit = (deltas.dtype.type(1),) * 4  # the RPN's box weights
     boxes = _decode(np.tile(anchors, (n, 1)), deltas.reshape(n * num, 4), unit)  # (N * A, 4)
     boxes = clip_boxes(boxes, height, width)  # (N * A, 4)

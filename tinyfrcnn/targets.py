@@ -62,6 +62,17 @@ def check_gt_boxes(gt_boxes, image_size=None, where="", name="gt_boxes"):
     return gt_boxes
 
 
+def check_gt_boxes_batch(gt_boxes, image_size, where):
+    """``check_gt_boxes`` of each image's (G_i, 4) boxes of one dtype, in one pass over
+    all of them; an error names the image (``gt_boxes[i][j]``)."""
+    try:
+        check_gt_boxes(np.concatenate(gt_boxes), image_size, where)
+    except ValueError:
+        for i, boxes in enumerate(gt_boxes):
+            check_gt_boxes(boxes, image_size, where, name=f"gt_boxes[{i}]")
+        raise
+
+
 def check_labels(labels, name, where, low=None, high=None):
     """(N,) integer labels, all in [low, high] when those are given."""
     labels = as_array(_host(labels, name, where), name, ndim=1, where=where)
