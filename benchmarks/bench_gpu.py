@@ -122,6 +122,18 @@ class Bench:
     def time_base(self, fn, repeats=None):
         return median_ms(fn, self.sync_base, self.warmup, repeats or self.repeats)
 
+    def kernel_note(self, fn):
+        """Of one call of ``fn``, the GPU time of its kernels (CUDA events around each
+        launch): what the op's time is besides its host work (checks, copies, allocation)."""
+        try:
+            ms, launches = kernel_times(self.cuda, fn, self.repeats)
+        except Exception as e:  # a note must not cost the row
+            return f"kernel times failed: {type(e).__name__}: {e}"
+        if self.sim:  # the simulator records no times
+            return ""
+        parts = ", ".join(f"{k} {v / self.repeats:.3f}" for k, v in ms.most_common())
+        return f"ours: kernels {sum(ms.values()) / self.repeats:.3f} ms per call ({parts}), the rest host work"
+
     def tensor(self, x):
         return self.torch.from_numpy(x).cuda()
 
@@ -216,7 +228,8 @@ def bench_nms(B):
                 base = B.time_base(lambda: B.tv.ops.nms(tb, ts, 0.7))
             same = np.array_equal(np.asarray(keep), np.asarray(ref))
             check = f"same {len(ref)} kept" if same else f"DIFFER: {len(keep)} vs {len(ref)} kept"
-            B.add(name, f"{n} boxes, iou 0.7", ours, base, check, "<= 2x", met=within(ours, base, 2))
+            B.add(name, f"{n} boxes, iou 0.7", ours, base, check, "<= 2x", met=within(ours, base, 2),
+                  note=B.kernel_note(lambda: nms(db, ds, 0.7)))
         except Exception as e:  # one row's failure must not stop the table
             B.fail(name, e)
 
@@ -259,7 +272,8 @@ def bench_roi(B):
         else:
             ref = B.host(B.tv.ops.roi_pool(tf, tr, 7, scale))
             base = B.time_base(lambda: B.tv.ops.roi_pool(tf, tr, 7, scale))
-        B.add(name, size, ours, base, max_abs_diff(np, B.host(out), ref), "<= 2x", met=within(ours, base, 2))
+        B.add(name, size, ours, base, max_abs_diff(np, B.host(out), ref), "<= 2x", met=within(ours, base, 2),
+              note=B.kernel_note(lambda: roi.roi_pool(df, dr, 7, scale)))
     except Exception as e:
         B.fail(name, e)
 
@@ -277,7 +291,8 @@ def bench_roi(B):
             tout = B.tv.ops.roi_pool(tfg, tr, 7, scale)
             ref = B.host(B.torch.autograd.grad(tout, tfg, tg, retain_graph=True)[0])
             base = B.time_base(lambda: B.torch.autograd.grad(tout, tfg, tg, retain_graph=True))
-        B.add(name, size, ours, base, max_abs_diff(np, B.host(got), ref), "<= 2x", met=within(ours, base, 2))
+        B.add(name, size, ours, base, max_abs_diff(np, B.host(got), ref), "<= 2x", met=within(ours, base, 2),
+              note=B.kernel_note(lambda: roi.roi_pool_backward(dgrad, argmax, features.shape)))
     except Exception as e:
         B.fail(name, e)
 
@@ -310,7 +325,7 @@ def bench_roi(B):
             ref = B.host(base_fn())
             base = B.time_base(base_fn)
             B.add(name, size + ", sampling 2", ours, base, max_abs_diff(np, B.host(got), ref),
-                  "<= 2x", met=within(ours, base, 2))
+                  "<= 2x", met=within(ours, base, 2), note=B.kernel_note(ours_fn))
         except Exception as e:
             B.fail(name, e)
 
@@ -335,7 +350,8 @@ def bench_box_iou(B):
             ta, tb = B.tensor(a), B.tensor(b)
             ref = B.host(B.tv.ops.box_iou(ta, tb))
             base = B.time_base(lambda: B.tv.ops.box_iou(ta, tb))
-        B.add(name, f"{n} x {m}", ours, base, max_abs_diff(np, got, ref), "<= 1x", met=within(ours, base, 1))
+        B.add(name, f"{n} x {m}", ours, base, max_abs_diff(np, got, ref), "<= 1x", met=within(ours, base, 1),
+              note=B.kernel_note(lambda: box_iou(da, db)))
     except Exception as e:
         B.fail(name, e)
 
@@ -362,7 +378,9 @@ def bench_bias_grad(B):
             tg = B.tensor(g)
             ref = B.host(tg.sum(dim=1))
             base = B.time_base(lambda: tg.sum(dim=1))
-        B.add(name, f"{o} x {m}", ours, base, max_abs_diff(np, got, ref), note="no target; the largest in the step")
+        B.add(name, f"{o} x {m}", ours, base, max_abs_diff(np, got, ref),
+              note="; ".join(filter(None, ["no target; the largest in the step",
+                                            B.kernel_note(lambda: layers._accumulate_bias_grad(p, dg, True))])))
     except Exception as e:
         B.fail(name, e)
 

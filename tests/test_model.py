@@ -317,6 +317,7 @@ def test_bench_gpu_runs_the_benchmarks_asked_for_and_writes_their_rows(tmp_path,
     assert bench.main(["--simulate", "--only", "box_iou", "--json", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
     assert [r["op"] for r in rows] == ["box_iou"] and rows[0]["check"] == "0.00e+00"
+    assert rows[0]["note"] == ""  # the kernel-time note ran (the simulator records no times)
     assert "box_iou (20 x 10):" in capsys.readouterr().out  # printed when measured
     with pytest.raises(SystemExit):
         bench.main(["--simulate", "--only", "box_iou,nmz"])
