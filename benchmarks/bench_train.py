@@ -91,7 +91,7 @@ def main():
     def roi_sampling():
         candidates = _proposal_candidates(props, gt, mc.fg_iou, mc.bg_iou[0], mc.bg_iou[1])
         picks = [_pick(fg, bg, mc.roi_batch, mc.fg_fraction, rng) for fg, bg in zip(candidates["fg"], candidates["bg"])]
-        s = _gather_proposals(candidates, picks, gt, labels, head_weights)
+        s = _gather_proposals(candidates, picks, labels, head_weights)
         image = np.repeat(np.arange(len(images)), s["counts"]).astype(np.float32)  # (R,)
         return np.concatenate([image[:, None], s["rois"]], axis=1).astype(np.float32)  # (R, 5)
     t, rois = timed(roi_sampling)

@@ -206,7 +206,7 @@ def test_sampling_a_batch_is_each_image_alone(sizes, seed):
         anchor_picks.append(_pick(positive[i], negative[i], 8, 0.5, draws))
         roi_picks.append(_pick(candidates["fg"][i], candidates["bg"][i], 6, 0.25, draws))
     sampled = _sampled_labels(anchor_labels.shape, anchor_picks)
-    batch = _gather_proposals(candidates, roi_picks, gts, gt_labels, weights)
+    batch = _gather_proposals(candidates, roi_picks, gt_labels, weights)
 
     alone = np.random.default_rng(seed + 1)
     bounds = np.concatenate([[0], np.cumsum(batch["counts"])])

@@ -345,7 +345,7 @@ class FasterRCNN(Module):
             if train_head:
                 roi_picks.append(_pick(candidates["fg"][i], candidates["bg"][i], cfg.roi_batch, cfg.fg_fraction, rng))
         if train_head:
-            sample = _gather_proposals(candidates, roi_picks, boxes, gt_labels, weights)
+            sample = _gather_proposals(candidates, roi_picks, gt_labels, weights)
             image = np.repeat(np.arange(n), sample["counts"]).astype(sample["rois"].dtype)  # (R,)
             rois = np.concatenate([image[:, None], sample["rois"]], axis=1).astype(feats.dtype)  # (R, 5)
             head_out = self.head.forward(feats, rois)  # on "cuda": the RoI layer uploads the RoIs; queued

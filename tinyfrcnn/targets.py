@@ -86,16 +86,6 @@ def check_labels(labels, name, where, low=None, high=None):
     return labels
 
 
-def _best_match(iou):
-    """Each row's highest IoU and its column (the first on ties): (R,), (R,) int64.
-
-    ``iou.max(axis=1)`` gives the same values; gathering at the argmax is several times
-    faster for the few columns (ground-truth boxes) that these matrices have.
-    """
-    matched = iou.argmax(axis=1)  # (R,)
-    return np.take_along_axis(iou, matched[:, None], axis=1)[:, 0], matched.astype(np.int64)
-
-
 # ---------------------------------------------------------------- anchors (RPN)
 
 
@@ -331,12 +321,17 @@ def _sample_proposals(proposals, gt_boxes, gt_labels, num_samples, fg_fraction, 
     ``_gather_proposals`` on a batch of one."""
     candidates = _proposal_candidates([proposals], [gt_boxes], fg_iou, bg_lo, bg_hi)
     pick = _pick(candidates["fg"][0], candidates["bg"][0], num_samples, fg_fraction, rng)
-    out = _gather_proposals(candidates, [pick], [gt_boxes], [gt_labels], weights)
+    out = _gather_proposals(candidates, [pick], [gt_labels], weights)
     keep = np.concatenate(pick).astype(np.int64)  # (S,)
     matched = candidates["matched"][keep]
     matched[len(pick[0]):] = -1
     return {"rois": out["rois"], "labels": out["labels"], "box_targets": out["box_targets"],
             "indices": keep, "matched_gt": matched}
+
+
+def _starts(counts):
+    """Where each of N consecutive runs of ``counts`` rows begins, and the total: (N + 1,) int64."""
+    return np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])
 
 
 def _proposal_candidates(proposals, gt_boxes, fg_iou, bg_lo, bg_hi):
@@ -346,16 +341,18 @@ def _proposal_candidates(proposals, gt_boxes, fg_iou, bg_lo, bg_hi):
     [bg_lo, bg_hi)) candidates. ``proposals``, ``gt_boxes``: one checked array per image.
 
     Returns a dict: ``rois`` (M, 4) of all images, ``starts`` (N + 1,) where each image's
-    rows begin, ``matched`` (M,) int64 into the image's own ground truth (-1: it has
-    none), and ``fg``, ``bg``: N index arrays into each image's rows, in increasing order.
+    rows begin, ``gts`` (G, 4) all images' ground truth in the RoIs' dtype and
+    ``gt_starts`` (N + 1,), ``matched`` (M,) int64 into the image's own ground truth (-1:
+    it has none), and ``fg``, ``bg``: N index arrays into each image's rows, in
+    increasing order.
     """
     n = len(proposals)
     dtype = np.result_type(*(p.dtype for p in proposals), *(g.dtype for g in gt_boxes))
     rows = [x.astype(dtype) for p, g in zip(proposals, gt_boxes) for x in (p, g)]
     rois = np.concatenate(rows) if rows else np.zeros((0, 4), dtype)  # (M, 4)
-    starts = np.concatenate([[0], np.cumsum([len(x) for x in rows[0::2]]) + np.cumsum([len(x) for x in rows[1::2]])])
+    starts = _starts([len(p) + len(g) for p, g in zip(proposals, gt_boxes)])  # (N + 1,)
     gts = np.concatenate(rows[1::2]) if rows else np.zeros((0, 4), dtype)  # (G, 4)
-    gt_starts = np.concatenate([[0], np.cumsum([len(g) for g in gt_boxes])])  # (N + 1,)
+    gt_starts = _starts([len(g) for g in gt_boxes])  # (N + 1,)
     best_iou = np.zeros(rois.shape[0], dtype=dtype)  # (M,); IoU 0 for an image without ground truth
     matched = np.full(rois.shape[0], -1, dtype=np.int64)  # (M,)
     _best_match_by_image(rois, starts, gts, gt_starts, best_iou, matched)
@@ -367,7 +364,7 @@ def _proposal_candidates(proposals, gt_boxes, fg_iou, bg_lo, bg_hi):
         found = within[mask]
         return [found[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
 
-    return {"rois": rois, "starts": starts, "matched": matched,
+    return {"rois": rois, "starts": starts, "gts": gts, "gt_starts": gt_starts, "matched": matched,
             "fg": split(best_iou >= fg_iou), "bg": split((best_iou >= bg_lo) & (best_iou < bg_hi))}
 
 
@@ -375,8 +372,8 @@ def _proposal_candidates(proposals, gt_boxes, fg_iou, bg_lo, bg_hi):
 def _best_match_by_image(rois, starts, gts, gt_starts, best_iou, matched):
     """For each RoI of image i (rows ``starts[i]:starts[i + 1]``), its highest IoU with
     that image's ground truth (rows ``gt_starts[i]:gt_starts[i + 1]`` of ``gts``) and the
-    first such box, as ``_best_match`` of ``box_iou``; images without ground truth are
-    left as they are."""
+    first such box (the argmax of that row of ``box_iou``); images without ground truth
+    are left as they are."""
     for i in range(starts.shape[0] - 1):
         g0, g1 = gt_starts[i], gt_starts[i + 1]
         for r in range(starts[i], starts[i + 1]):
@@ -390,7 +387,7 @@ def _best_match_by_image(rois, starts, gts, gt_starts, best_iou, matched):
                     matched[r] = g - g0
 
 
-def _gather_proposals(candidates, picks, gt_boxes, gt_labels, weights):
+def _gather_proposals(candidates, picks, gt_labels, weights):
     """The sampled RoIs of N images from ``_proposal_candidates`` and one ``_pick`` per
     image, image after image, each image's foreground first: ``rois`` (S, 4), ``labels``
     (S,) int64 (0 for background), ``box_targets`` (S, 4) (0 for background) and
@@ -401,12 +398,10 @@ def _gather_proposals(candidates, picks, gt_boxes, gt_labels, weights):
     counts = np.array([len(fg) + len(bg) for fg, bg in picks], dtype=np.int64)  # (N,)
     foreground = np.concatenate([np.zeros(0, bool)] + [np.arange(c) < len(p[0]) for c, p in zip(counts, picks)])
     fg = keep[foreground]  # (F,) rows of rois
-    gt_start = np.concatenate([[0], np.cumsum([len(g) for g in gt_boxes])])  # (N + 1,)
-    gt_row = gt_start[np.repeat(np.arange(len(picks)), [len(p[0]) for p in picks])] + matched[fg]  # (F,)
+    gt_row = candidates["gt_starts"][np.repeat(np.arange(len(picks)), [len(p[0]) for p in picks])] + matched[fg]  # (F,)
     labels = np.zeros(keep.size, dtype=np.int64)  # (S,)
     box_targets = np.zeros((keep.size, 4), dtype=rois.dtype)  # (S, 4)
     if fg.size:
         labels[foreground] = np.concatenate(gt_labels)[gt_row]
-        gts = np.concatenate([g.astype(rois.dtype) for g in gt_boxes])  # (G, 4)
-        box_targets[foreground] = _encode(rois[fg], gts[gt_row], weights)
+        box_targets[foreground] = _encode(rois[fg], candidates["gts"][gt_row], weights)
     return {"rois": rois[keep], "labels": labels, "box_targets": box_targets, "counts": counts}
