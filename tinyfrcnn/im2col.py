@@ -39,6 +39,11 @@ def output_size(size, kernel, stride, padding):
     kernel, stride = check_positive_int(kernel, "kernel", where), check_positive_int(stride, "stride", where)
     if kernel > size + 2 * padding:
         raise ValueError(f"{where}: kernel {kernel} is larger than the padded size {size + 2 * padding}")
+    return _output_size(size, kernel, stride, padding)
+
+
+def _output_size(size, kernel, stride, padding):
+    """``output_size`` of checked integers."""
     return (size + 2 * padding - kernel) // stride + 1
 
 
@@ -215,12 +220,18 @@ def im2col(x, kernel, stride, padding, out=None):
     ``x``: Numba CPU kernel; device ``x``: CUDA kernel, device array out.
     """
     x = as_float_array(x, "x", ndim=4, where="im2col")
-    (kh, kw), (sh, sw), (ph, pw) = _check_window(kernel, stride, padding, x.shape, "im2col")
+    window = _check_window(kernel, stride, padding, x.shape, "im2col")
+    return _im2col(_contiguous(x, "x", "im2col"), *window, out=out)
+
+
+def _im2col(x, kernel, stride, padding, out=None):
+    """``im2col`` of checked arguments: ``x`` C-contiguous, ``kernel``, ``stride`` and
+    ``padding`` (h, w) pairs, the kernel within the padded input."""
+    (kh, kw), (sh, sw), (ph, pw) = kernel, stride, padding
     n, c, h, w = x.shape
-    oh, ow = output_size(h, kh, sh, ph), output_size(w, kw, sw, pw)
+    oh, ow = _output_size(h, kh, sh, ph), _output_size(w, kw, sw, pw)
     shape = (c * kh * kw, n, oh * ow)
     gpu = is_device_array(x)
-    x = _contiguous(x, "x", "im2col")
     if (out is not None and is_device_array(out) == gpu and tuple(out.shape) == shape and out.dtype == x.dtype
             and (out.is_c_contiguous() if gpu else _writable_apart(out, x))):
         cols = out
@@ -245,13 +256,20 @@ def col2im(cols, x_shape, kernel, stride, padding):
     cols = as_float_array(cols, "cols", ndim=3, where=where)
     n, c, h, w = check_shape(x_shape, "x_shape", 4, where)
     (kh, kw), (sh, sw), (ph, pw) = _check_window(kernel, stride, padding, (n, c, h, w), where)
-    oh, ow = output_size(h, kh, sh, ph), output_size(w, kw, sw, pw)
-    expected = (c * kh * kw, n, oh * ow)
+    expected = (c * kh * kw, n, _output_size(h, kh, sh, ph) * _output_size(w, kw, sw, pw))
     if tuple(cols.shape) != expected:
         raise ValueError(f"{where}: cols must have shape {expected} (C*kh*kw, N, OH*OW) for x_shape "
                          f"{(n, c, h, w)}, got {tuple(cols.shape)}")
+    return _col2im(_contiguous(cols, "cols", where), (n, c, h, w), (kh, kw), (sh, sw), (ph, pw))
+
+
+def _col2im(cols, x_shape, kernel, stride, padding):
+    """``col2im`` of checked arguments: ``cols`` C-contiguous of the shape ``im2col``
+    gives for ``x_shape``, the window as (h, w) pairs."""
+    (kh, kw), (sh, sw), (ph, pw) = kernel, stride, padding
+    n, c, h, w = x_shape
+    oh, ow = _output_size(h, kh, sh, ph), _output_size(w, kw, sw, pw)
     gpu = is_device_array(cols)
-    cols = _contiguous(cols, "cols", "col2im")
     if gpu:
         dx = empty_on_device((n, c, h, w), dtype=cols.dtype)  # (N, C, H, W)
         if dx.size:

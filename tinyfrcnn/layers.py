@@ -30,7 +30,7 @@ from numba import cuda, njit, prange
 
 from .checks import as_array, as_float_array, check_finite, check_positive_int, check_shape, padding_pair, pair
 from .device import check_device, empty_on_device, grid_1d, is_device_array, launch, on_device
-from .im2col import col2im, im2col, output_size
+from .im2col import _col2im, _contiguous, _im2col, _output_size, output_size
 from .matmul import _device_matmul, matmul
 
 
@@ -622,12 +622,13 @@ class Conv2d(Module):
                 f"{(h + 2 * ph, w + 2 * pw)} (x shape {tuple(x.shape)}, padding {self.padding})"
             )
         o = self.out_channels
-        oh, ow = output_size(h, kh, sh, ph), output_size(w, kw, sw, pw)
+        oh, ow = _output_size(h, kh, sh, ph), _output_size(w, kw, sw, pw)
         wmat = _param(self.weight, x.dtype, gpu).reshape(o, c * kh * kw)  # (O, C*kh*kw)
         bias = _param(self.bias, x.dtype, gpu)
         k, p = c * kh * kw, oh * ow
         reuse = self._cache[0] if self._cache else None
-        cols = im2col(x, self.kernel_size, self.stride, self.padding, out=reuse)  # (C*kh*kw, N, OH*OW)
+        cols = _im2col(_contiguous(x, "x", where), self.kernel_size, self.stride, self.padding,  # checked above
+                       out=reuse)  # (C*kh*kw, N, OH*OW)
         self._y = _buffer(self._y, (o, n * p), x.dtype, gpu)
         # on the device, the product without matmul's checks: the shapes agree by construction
         y = (_device_matmul if gpu else matmul)(wmat, cols.reshape(k, n * p), out=self._y)  # (O, N*OH*OW)
@@ -654,7 +655,7 @@ class Conv2d(Module):
             return None
         self._dcols = _buffer(self._dcols, cols.shape, cols.dtype, gpu)  # (C*kh*kw, N, OH*OW)
         (_device_matmul if gpu else matmul)(wmat, g2, trans_a=True, out=self._dcols.reshape(k, n * p))
-        return col2im(self._dcols, x_shape, self.kernel_size, self.stride, self.padding)
+        return _col2im(self._dcols, x_shape, self.kernel_size, self.stride, self.padding)
 
 
 # ----------------------------------------------------------------------------- ReLU
@@ -853,7 +854,7 @@ def _maxpool2d_forward(x, kernel, stride):
     """``maxpool2d_forward`` without the checks."""
     (kh, kw), (sh, sw) = kernel, stride
     n, c, h, w = x.shape
-    oh, ow = output_size(h, kh, sh, 0), output_size(w, kw, sw, 0)
+    oh, ow = _output_size(h, kh, sh, 0), _output_size(w, kw, sw, 0)
     if is_device_array(x):
         out = empty_on_device((n, c, oh, ow), dtype=x.dtype)  # (N, C, OH, OW)
         argmax = empty_on_device((n, c, oh, ow), dtype=np.int32)  # (N, C, OH, OW)
