@@ -604,6 +604,50 @@ def test_huge_roi_coordinates_are_rejected_on_both_paths(rois, to):
             call()
 
 
+@settings(max_examples=200, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.sampled_from([np.float32, np.float64]), st.sampled_from([np.float32, np.float64]),
+       st.sampled_from(["none", "nan", "inf", "reversed", "fraction", "negative", "beyond", "huge", "edge"]))
+def test_one_pass_roi_check_agrees_with_the_step_by_step_checks(seed, rois_dtype, features_dtype, corruption):
+    """``_rois_valid`` (one compiled pass, the common case) accepts exactly the RoIs that
+    the step-by-step checks, which word the errors, accept: run both on valid RoIs with
+    at most one corruption each."""
+    rng = np.random.default_rng(seed)
+    r = int(rng.integers(1, 6))
+    xy = rng.uniform(-20, 40, (r, 2))
+    rois = np.concatenate([rng.integers(0, 3, (r, 1)), xy, xy + rng.uniform(0, 30, (r, 2))], axis=1)
+    i, k = int(rng.integers(r)), int(rng.integers(1, 5))
+    if corruption in ("nan", "inf"):
+        rois[i, int(rng.integers(5))] = np.nan if corruption == "nan" else -np.inf
+    elif corruption == "reversed":
+        axis = k % 2  # x or y
+        rois[i, 1 + axis] = rois[i, 3 + axis] + rng.uniform(0.01, 5)  # x1 > x2 or y1 > y2
+    elif corruption == "fraction":
+        rois[i, 0] += 0.5
+    elif corruption == "negative":
+        rois[i, 0] = -1
+    elif corruption == "beyond":
+        rois[i, 0] = 3
+    elif corruption == "huge":
+        rois[i, 3:] = 1e39  # beyond float32, and beyond 2**24 cells in float64
+    elif corruption == "edge":
+        rois[i, 3:] = 2.0**25 * rng.choice([1.0, np.nextafter(1.0, 2.0)])  # times 0.5: 2**24 cells, or just over
+    with np.errstate(over="ignore", invalid="ignore"):
+        rois = rois.astype(rois_dtype)  # 1e39 in float32: inf
+        cast = rois.astype(features_dtype)
+    fast = roi._rois_valid(rois, cast, 3, np.dtype(features_dtype).type(0.5), roi.MAX_ROI_CELLS)
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(roi, "_rois_valid", lambda *args: False)  # go through every step-by-step check
+            roi._check_rois(rois, 3, features_dtype, 0.5, "test")
+    except AssertionError:
+        slow = True  # no step found a fault
+    except ValueError:
+        slow = False
+    assert fast == slow
+    if corruption == "none":
+        assert fast
+
+
 def test_roi_coordinate_bound_is_inclusive():
     f = np.ones((1, 1, 4, 4), np.float32)
     edge = float(2**25)  # times 0.5: exactly 2**24 cells

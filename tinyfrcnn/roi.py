@@ -61,6 +61,12 @@ def _check_rois(rois, n_images, dtype, scale, where):
         raise ValueError(f"{where}: rois must have shape (R, 5) as (batch_index, x1, y1, x2, y2), "
                          f"got {tuple(rois.shape)}")
     host = rois.copy_to_host() if is_device_array(rois) else np.asarray(rois)
+    T = np.dtype(dtype).type
+    with np.errstate(over="ignore", invalid="ignore"):
+        cast = host.astype(dtype, copy=False)  # (R, 5)
+    if _rois_valid(host, cast, n_images, T(scale), MAX_ROI_CELLS):
+        return cast
+    # One of the checks below fails: they say which RoI, and how.
     check_finite(host, "rois", where)
     check_boxes(host[:, 1:], "rois[:, 1:]", where)
     batch = host[:, 0]
@@ -69,9 +75,8 @@ def _check_rois(rois, n_images, dtype, scale, where):
         i = int(np.flatnonzero(bad)[0])
         raise ValueError(f"{where}: rois[{i}, 0] = {float(batch[i])!r} is not an integer batch index "
                          f"in [0, {n_images})")
-    T = np.dtype(dtype).type
     with np.errstate(over="ignore", invalid="ignore"):
-        host = host.astype(dtype, copy=False)
+        host = cast
         cells = np.abs(host[:, 1:] * T(scale))  # (R, 4)
     bad = ~(cells <= MAX_ROI_CELLS).all(axis=1)
     if bad.any():
@@ -79,7 +84,24 @@ def _check_rois(rois, n_images, dtype, scale, where):
         raise ValueError(f"{where}: rois[{i}] = {host[i].tolist()} reaches {cells[i].max():g} feature cells at "
                          f"spatial_scale {scale!r}; coordinates times spatial_scale must lie within "
                          f"+-{MAX_ROI_CELLS} (2**24)")
-    return host
+    raise AssertionError(f"{where}: rois failed _rois_valid but passed every check")  # the two must agree
+
+
+@njit(cache=True, error_model="numpy")
+def _rois_valid(rois, cast, n_images, scale, max_cells):
+    """Whether every RoI passes ``_check_rois``, in one pass: finite, x2 >= x1 and y2 >=
+    y1, an integer batch index in [0, n_images), and |coordinate * scale| <= max_cells
+    in the kernels' dtype (``cast``, ``scale`` of that dtype; an overflow gives inf)."""
+    for r in range(rois.shape[0]):
+        for k in range(5):
+            if not np.isfinite(rois[r, k]):
+                return False
+            if k and not abs(cast[r, k] * scale) <= max_cells:
+                return False
+        b = rois[r, 0]
+        if not (rois[r, 3] >= rois[r, 1] and rois[r, 4] >= rois[r, 2] and b == np.floor(b) and 0 <= b < n_images):
+            return False
+    return True
 
 
 def _check_inputs(features, rois, output_size, spatial_scale, where, upload=False):
@@ -727,10 +749,23 @@ def _roi_align_backward_cpu(grad_out, batch, offsets, pos, weight, grad_planes):
                         k += one
 
 
-def _check_samples(geometry, pooled_h, pooled_w, where):
+def _checked_geometry(host, scale, pooled_h, pooled_w, sampling_ratio, aligned, gpu, where):
+    """``_align_geometry`` of the host RoIs, after ``_check_samples``. None on the GPU with
+    a fixed sampling grid: its kernels work the geometry out for themselves, and every
+    RoI takes the same number of samples."""
+    if gpu and sampling_ratio > 0:
+        grid = np.full(host.shape[0], sampling_ratio, dtype=np.int64)  # (R,)
+        _check_samples(grid, grid, pooled_h, pooled_w, where)
+        return None
+    geometry = _align_geometry(host, scale, pooled_h, pooled_w, sampling_ratio, aligned)
+    _check_samples(geometry[4], geometry[5], pooled_h, pooled_w, where)
+    return geometry
+
+
+def _check_samples(grid_h, grid_w, pooled_h, pooled_w, where):
     """Raise if one RoI needs more than ``MAX_ROI_SAMPLES`` bilinear samples, which
-    bounds both the CPU's sample tables and the CUDA threads' loops."""
-    grid_h, grid_w = geometry[4], geometry[5]
+    bounds both the CPU's sample tables and the CUDA threads' loops; ``grid_h``,
+    ``grid_w`` (R,) each RoI's sampling grid."""
     samples = grid_h.astype(np.float64) * grid_w * (pooled_h * pooled_w)  # (R,), exact below 2**53
     bad = samples > MAX_ROI_SAMPLES
     if bad.any():
@@ -885,14 +920,13 @@ def roi_align(features, rois, output_size, spatial_scale, sampling_ratio=-1, ali
     where = "roi_align"
     sampling_ratio, aligned = _check_sampling(sampling_ratio, aligned, where)
     gpu, output_size, scale, host, rois = _check_inputs(features, rois, output_size, spatial_scale, where)
-    geometry = _align_geometry(host, scale, *output_size, sampling_ratio, aligned)
-    _check_samples(geometry, *output_size, where)
+    geometry = _checked_geometry(host, scale, *output_size, sampling_ratio, aligned, gpu, where)
     return _roi_align(features, rois, host, geometry, gpu, output_size, scale, sampling_ratio, aligned)
 
 
 def _roi_align(features, rois, host, geometry, gpu, output_size, scale, sampling_ratio, aligned):
     """``roi_align`` of checked arguments: ``host`` the RoIs' host copy, ``rois`` the
-    kernel's (device) RoIs, ``geometry`` from ``_align_geometry`` of ``host``."""
+    kernel's (device) RoIs, ``geometry`` from ``_checked_geometry`` (None: on the GPU)."""
     ph, pw = output_size
     R, C = host.shape[0], features.shape[1]
     out = _empty(gpu, (R, C, ph, pw), features.dtype)
@@ -930,8 +964,7 @@ def roi_align_backward(grad_out, rois, features_shape, spatial_scale, sampling_r
     if host.shape[0] != R or C != shape[1]:
         raise ValueError(f"{where}: grad_out has shape {tuple(grad_out.shape)} but there are {host.shape[0]} "
                          f"rois and features_shape {shape} has {shape[1]} channels")
-    geometry = _align_geometry(host, scale, ph, pw, sampling_ratio, aligned)
-    _check_samples(geometry, ph, pw, where)
+    geometry = _checked_geometry(host, scale, ph, pw, sampling_ratio, aligned, gpu, where)
     return _roi_align_backward(grad_out, rois, host, geometry, gpu, shape, scale, sampling_ratio, aligned)
 
 
@@ -971,8 +1004,7 @@ class RoIAlign(Module):
         where = "RoIAlign"
         gpu, output_size, scale, host, rois = _check_inputs(features, rois, self.output_size, self.spatial_scale,
                                                             where, upload=True)
-        geometry = _align_geometry(host, scale, *output_size, self.sampling_ratio, self.aligned)
-        _check_samples(geometry, *output_size, where)
+        geometry = _checked_geometry(host, scale, *output_size, self.sampling_ratio, self.aligned, gpu, where)
         out = _roi_align(features, rois, host, geometry, gpu, output_size, scale, self.sampling_ratio, self.aligned)
         host = np.array(host)  # a copy: backward needs forward's boxes
         self._rois = (rois if gpu else host, host, geometry)
