@@ -179,6 +179,11 @@ def clip_boxes(boxes, height, width):
     boxes = _check_box_groups(boxes, "boxes", "clip_boxes", allow_inf=True)
     height = check_number(height, "height", low=0, where="clip_boxes")
     width = check_number(width, "width", low=0, where="clip_boxes")
+    return _clip_boxes(boxes, height, width)
+
+
+def _clip_boxes(boxes, height, width):
+    """``clip_boxes`` of checked arguments."""
     out = boxes.copy()
     np.clip(out[:, 0::2], 0, width, out=out[:, 0::2])
     np.clip(out[:, 1::2], 0, height, out=out[:, 1::2])
@@ -190,9 +195,12 @@ def remove_small_boxes(boxes, min_size):
     _host_only(boxes, "boxes", "remove_small_boxes")
     boxes = check_boxes(boxes, "boxes", "remove_small_boxes")
     min_size = check_number(min_size, "min_size", low=0, where="remove_small_boxes")
-    w = boxes[:, 2] - boxes[:, 0]
-    h = boxes[:, 3] - boxes[:, 1]
-    return np.flatnonzero((w >= min_size) & (h >= min_size)).astype(np.int64)
+    return np.flatnonzero(_large_boxes(boxes, min_size)).astype(np.int64)
+
+
+def _large_boxes(boxes, min_size):
+    """(N,) bool: width and height both >= ``min_size``, of checked arguments."""
+    return (boxes[:, 2] - boxes[:, 0] >= min_size) & (boxes[:, 3] - boxes[:, 1] >= min_size)
 
 
 # ---------------------------------------------------------------- encode / decode

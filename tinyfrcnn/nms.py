@@ -315,7 +315,7 @@ def _run(host, iou_threshold, device, max_per_category=None):
         keep = np.zeros(0, np.int64)
         return to_device(keep) if device else keep
     order = _descending_order(scores)  # (N,) ties: lower index first
-    sorted_boxes = np.ascontiguousarray(boxes[order])  # (N, 4)
+    sorted_boxes = np.take(boxes, order, axis=0)  # (N, 4); take: several times faster than boxes[order]
     classes = host["idxs"].astype(np.int64)[order] if "idxs" in host else None  # (N,)
     if device:
         keep = _nms_cuda(sorted_boxes, classes, order, iou_threshold)

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 from numba import cuda
 
-from .boxes import _decode, box_iou, clip_boxes, remove_small_boxes
+from .boxes import _clip_boxes, _decode, _large_boxes, box_iou
 from .checks import (as_float_array, cast_finite, check_boxes, check_finite, check_non_negative_int, check_number,
                      check_positive_int, check_rng)
 from .device import empty_on_device, grid_1d, is_device_array, launch
@@ -377,10 +377,8 @@ def _proposals_batch(logits, deltas, anchors, height, width, pre_nms_top_n, post
     scores = logits if logits.ndim == 2 else None
     unit = (deltas.dtype.type(1),) * 4  # the RPN's box weights
     boxes = _decode(np.tile(anchors, (n, 1)), deltas.reshape(n * num, 4), unit)  # (N * A, 4)
-    boxes = clip_boxes(boxes, height, width)  # (N * A, 4)
-    big = np.zeros(n * num, bool)
-    big[remove_small_boxes(boxes, min_size)] = True
-    big = big.reshape(n, num)  # (N, A)
+    boxes = _clip_boxes(boxes, height, width)  # (N * A, 4); finite deltas decode to no NaN
+    big = _large_boxes(boxes, min_size).reshape(n, num)  # (N, A)
     # Each image's boxes by decreasing score, small ones last (scores are finite); then
     # the first pre_nms_top_n, less the small ones.
     if scores is None:
@@ -398,13 +396,13 @@ def _proposals_batch(logits, deltas, anchors, height, width, pre_nms_top_n, post
         top = _descending_order(np.where(big, scores, -np.inf))[:, :pre_nms_top_n]  # (N, T)
     take = np.take_along_axis(big, top, axis=1)  # (N, T)
     flat = (top + num * np.arange(n)[:, None])[take]  # (M,) candidates, image-major, by score
-    cand_boxes, cand_scores = boxes[flat], scores.reshape(n * num)[flat]  # (M, 4), (M,)
+    cand_boxes, cand_scores = np.take(boxes, flat, axis=0), scores.reshape(n * num)[flat]  # (M, 4), (M,)
     # NMS with each image as a category, as batched_nms would do it; the candidates
     # already lie in its order (image by image, by decreasing score), so no sort is needed.
     starts = np.concatenate([[0], np.cumsum(take.sum(axis=1))])  # (N + 1,)
     keep = _nms_sorted_segments(cand_boxes, starts, nms_thresh, min(post_nms_top_n, num))  # (K,) image-major
     bounds = np.searchsorted(keep, starts)  # (N + 1,): image i kept keep[bounds[i]:bounds[i + 1]]
-    return [(cand_boxes[keep[a:b]], cand_scores[keep[a:b]]) for a, b in zip(bounds[:-1], bounds[1:])]
+    return [(np.take(cand_boxes, keep[a:b], axis=0), cand_scores[keep[a:b]]) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
 # ---------------------------------------------------------------- evaluation

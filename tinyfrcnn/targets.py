@@ -403,5 +403,6 @@ def _gather_proposals(candidates, picks, gt_labels, weights):
     box_targets = np.zeros((keep.size, 4), dtype=rois.dtype)  # (S, 4)
     if fg.size:
         labels[foreground] = np.concatenate(gt_labels)[gt_row]
-        box_targets[foreground] = _encode(rois[fg], candidates["gts"][gt_row], weights)
-    return {"rois": rois[keep], "labels": labels, "box_targets": box_targets, "counts": counts}
+        matched_gt = np.take(candidates["gts"], gt_row, axis=0)  # (F, 4)
+        box_targets[foreground] = _encode(np.take(rois, fg, axis=0), matched_gt, weights)
+    return {"rois": np.take(rois, keep, axis=0), "labels": labels, "box_targets": box_targets, "counts": counts}
