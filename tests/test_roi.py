@@ -337,8 +337,10 @@ def test_cuda_roi_pool_ties_and_layout():
     np.testing.assert_array_equal(d_out.copy_to_host(), out)
     np.testing.assert_array_equal(d_argmax.copy_to_host(), argmax)
     strided = cuda.to_device(np.concatenate([f, f], axis=1))[:, ::2]  # (3, 4, 6, 7), every other channel
-    with pytest.raises(ValueError, match="C-contiguous"):
+    with pytest.raises(ValueError, match="roi_pool: features must be C-contiguous on the device"):
         roi_pool(strided, cuda.to_device(rois), (3, 2), 0.5)
+    with pytest.raises(ValueError, match="roi_align: features must be C-contiguous on the device"):
+        roi_align(strided, cuda.to_device(rois), (3, 2), 0.5)
 
 
 def test_roi_blocks_cover_every_bin_without_dividing():
@@ -495,17 +497,17 @@ def test_kernels_compile_to_ptx():
              f"void({t}[::1], int64, int64, {t}[:, ::1], {t}, {f4}, int64[:, :, :, ::1])",
              SAME_ROUNDING_AS_CPU[t]),
             ("tinyfrcnn.roi", "_roi_pool_backward_cuda", f"void({f4}, int64[:, :, :, ::1], {t}[::1], int32[::1])"),
-            ("tinyfrcnn.roi", f"_roi_align_forward_cuda_{s}", f"void({f4}, {t}[:, ::1], {t}, int64, boolean, {f4})",
-             SAME_ROUNDING_AS_CPU[t]),
-            ("tinyfrcnn.roi", f"_roi_align_backward_cuda_{s}", f"void({f4}, {t}[:, ::1], {t}, int64, boolean, {f4})",
-             SAME_ROUNDING_AS_CPU[t]),
+            ("tinyfrcnn.roi", f"_roi_align_forward_cuda_{s}",
+             f"void({t}[::1], int64, int64, {t}[:, ::1], {t}, int64, boolean, {f4})", SAME_ROUNDING_AS_CPU[t]),
+            ("tinyfrcnn.roi", f"_roi_align_backward_cuda_{s}",
+             f"void({f4}, {t}[:, ::1], {t}, int64, boolean, int64, int64, {t}[::1])", SAME_ROUNDING_AS_CPU[t]),
         ]
     # RoIs in float64 with float32 features (the kernels cast them, as the CPU path does).
     jobs.append(("tinyfrcnn.roi", "_roi_pool_forward_cuda_f32",
                  "void(float32[::1], int64, int64, float64[:, :], float32, float32[:, :, :, ::1], int64[:, :, :, ::1])",
                  SAME_ROUNDING_AS_CPU["float32"]))
     jobs.append(("tinyfrcnn.roi", "_roi_align_forward_cuda_f32",
-                 "void(float32[:, :, :, ::1], float64[:, :], float32, int64, boolean, float32[:, :, :, ::1])",
+                 "void(float32[::1], int64, int64, float64[:, :], float32, int64, boolean, float32[:, :, :, ::1])",
                  SAME_ROUNDING_AS_CPU["float32"]))
     assert_compiles_to_ptx(jobs)
 

@@ -126,11 +126,12 @@ def _check_inputs(features, rois, output_size, spatial_scale, where, upload=Fals
     return gpu, (ph, pw), scale, host, rois
 
 
-def _c_contiguous(features):
-    """Device features as they are: the kernels that read them as one run need C order."""
+def _flat_features(features, where):
+    """Device features (N, C, H, W) as one C-order run (N * C * H * W,), as the kernels
+    read them: a view, so they must be C-contiguous."""
     if not features.is_c_contiguous():
-        raise ValueError("roi_pool: features must be C-contiguous on the device")
-    return features
+        raise ValueError(f"{where}: features must be C-contiguous on the device")
+    return _flat(features)
 
 
 def _round_half_away(v):
@@ -391,8 +392,8 @@ def _roi_pool(features, gpu, output_size, scale, host, rois):
         return out, argmax
     if gpu:
         kernel = _ROI_POOL_FORWARD_CUDA[np.dtype(features.dtype)]
-        flat = _flat(_c_contiguous(features))  # (N * C * H * W,)
-        launch(kernel, *_roi_blocks(R, C, ph, pw), flat, H, W, rois, features.dtype.type(scale), out, argmax)
+        launch(kernel, *_roi_blocks(R, C, ph, pw), _flat_features(features, "roi_pool"), H, W, rois,
+               features.dtype.type(scale), out, argmax)
     else:
         batch = host[:, 0].astype(np.int64)
         bins = _pool_bins(host, scale, ph, pw, H, W)
@@ -839,48 +840,52 @@ def _make_roi_align_cuda(dtype):
         return low, low + 1, t - T(low), True
 
     @cuda.jit
-    def forward(features, rois, scale, sampling_ratio, aligned, out):
+    def forward(features, height, width, rois, scale, sampling_ratio, aligned, out):
+        """``features``: the (N, C, H, W) map as one C-order run, read at unsigned offsets."""
         R, C, PH, PW = out.shape
-        H, W = features.shape[2], features.shape[3]
         r = cuda.blockIdx.x
         n, y0, x0, bin_h, bin_w, gh, gw = geometry(rois, r, scale, sampling_ratio, aligned, PH, PW)
         for c in range(*_block_channels(C)):
+            plane = uint64((n * C + c) * height * width)
             for i in range(cuda.threadIdx.y, PH, cuda.blockDim.y):
                 for j in range(cuda.threadIdx.x, PW, cuda.blockDim.x):
                     total = T(0.0)
                     for iy in range(gh):
-                        yl, yh, ly, yin = axis_sample(y0, i, bin_h, iy, gh, H)
+                        yl, yh, ly, yin = axis_sample(y0, i, bin_h, iy, gh, height)
+                        low, high = plane + uint64(yl * width), plane + uint64(yh * width)  # the two rows
                         for ix in range(gw):
-                            xl, xh, lx, xin = axis_sample(x0, j, bin_w, ix, gw, W)
+                            xl, xh, lx, xin = axis_sample(x0, j, bin_w, ix, gw, width)
                             if yin and xin:
                                 hy, hx = T(1.0) - ly, T(1.0) - lx
-                                s = add(add(mul(mul(hy, hx), features[n, c, yl, xl]),
-                                            mul(mul(hy, lx), features[n, c, yl, xh])),
-                                        mul(mul(ly, hx), features[n, c, yh, xl]))
-                                total = add(total, add(s, mul(mul(ly, lx), features[n, c, yh, xh])))
+                                s = add(add(mul(mul(hy, hx), features[low + uint64(xl)]),
+                                            mul(mul(hy, lx), features[low + uint64(xh)])),
+                                        mul(mul(ly, hx), features[high + uint64(xl)]))
+                                total = add(total, add(s, mul(mul(ly, lx), features[high + uint64(xh)])))
                     out[r, c, i, j] = total / T(max(gh * gw, 1))
 
     @cuda.jit
-    def backward(grad_out, rois, scale, sampling_ratio, aligned, grad_in):
+    def backward(grad_out, rois, scale, sampling_ratio, aligned, height, width, grad_in):
+        """``grad_in``: the (N, C, H, W) gradient as one C-order run, added to atomically."""
         R, C, PH, PW = grad_out.shape
-        H, W = grad_in.shape[2], grad_in.shape[3]
         r = cuda.blockIdx.x
         n, y0, x0, bin_h, bin_w, gh, gw = geometry(rois, r, scale, sampling_ratio, aligned, PH, PW)
         count = T(max(gh * gw, 1))
         for c in range(*_block_channels(C)):
+            plane = uint64((n * C + c) * height * width)
             for i in range(cuda.threadIdx.y, PH, cuda.blockDim.y):
                 for j in range(cuda.threadIdx.x, PW, cuda.blockDim.x):
                     g = grad_out[r, c, i, j]
                     for iy in range(gh):
-                        yl, yh, ly, yin = axis_sample(y0, i, bin_h, iy, gh, H)
+                        yl, yh, ly, yin = axis_sample(y0, i, bin_h, iy, gh, height)
+                        low, high = plane + uint64(yl * width), plane + uint64(yh * width)
                         for ix in range(gw):
-                            xl, xh, lx, xin = axis_sample(x0, j, bin_w, ix, gw, W)
+                            xl, xh, lx, xin = axis_sample(x0, j, bin_w, ix, gw, width)
                             if yin and xin:
                                 hy, hx = T(1.0) - ly, T(1.0) - lx
-                                cuda.atomic.add(grad_in, (n, c, yl, xl), mul(g, mul(hy, hx)) / count)
-                                cuda.atomic.add(grad_in, (n, c, yl, xh), mul(g, mul(hy, lx)) / count)
-                                cuda.atomic.add(grad_in, (n, c, yh, xl), mul(g, mul(ly, hx)) / count)
-                                cuda.atomic.add(grad_in, (n, c, yh, xh), mul(g, mul(ly, lx)) / count)
+                                cuda.atomic.add(grad_in, low + uint64(xl), mul(g, mul(hy, hx)) / count)
+                                cuda.atomic.add(grad_in, low + uint64(xh), mul(g, mul(hy, lx)) / count)
+                                cuda.atomic.add(grad_in, high + uint64(xl), mul(g, mul(ly, hx)) / count)
+                                cuda.atomic.add(grad_in, high + uint64(xh), mul(g, mul(ly, lx)) / count)
 
     return forward, backward
 
@@ -934,8 +939,9 @@ def _roi_align(features, rois, host, geometry, gpu, output_size, scale, sampling
         return out
     if gpu:
         kernel = _ROI_ALIGN_CUDA[np.dtype(features.dtype)][0]
-        launch(kernel, *_roi_blocks(R, C, ph, pw), features, rois, features.dtype.type(scale), sampling_ratio, aligned,
-               out)
+        H, W = features.shape[2:]
+        launch(kernel, *_roi_blocks(R, C, ph, pw), _flat_features(features, "roi_align"), H, W, rois,
+               features.dtype.type(scale), sampling_ratio, aligned, out)
     else:
         batch = host[:, 0].astype(np.int64)
         N, C, H, W = features.shape
@@ -977,7 +983,7 @@ def _roi_align_backward(grad_out, rois, host, geometry, gpu, shape, scale, sampl
     if gpu:
         kernel = _ROI_ALIGN_CUDA[np.dtype(grad_out.dtype)][1]
         launch(kernel, *_roi_blocks(R, C, ph, pw), grad_out, rois, grad_out.dtype.type(scale), sampling_ratio, aligned,
-               grad_in)
+               *shape[2:], _flat(grad_in))
     else:
         batch = host[:, 0].astype(np.int64)
         N, C, H, W = shape
