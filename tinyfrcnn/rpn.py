@@ -345,11 +345,7 @@ def generate_proposals_batch(logits, deltas, anchors, image_size, pre_nms_top_n=
     deltas = as_float_array(_host(deltas, "deltas", where), "deltas", ndim=3, where=where)
     anchors = as_float_array(_host(anchors, "anchors", where), "anchors", ndim=2, where=where)
     num = anchors.shape[0]
-    if logits.ndim == 2:
-        scores = logits
-    elif logits.ndim == 3 and logits.shape[2] == 2:
-        scores = None
-    else:
+    if not (logits.ndim == 2 or (logits.ndim == 3 and logits.shape[2] == 2)):
         raise ValueError(f"{where}: logits must be (N, A, 2) logits or (N, A) scores, got shape {logits.shape}")
     n = logits.shape[0]
     if logits.shape[1] != num or deltas.shape != (n, num, 4) or anchors.shape != (num, 4):

@@ -12,8 +12,11 @@ Two places in Faster R-CNN need a teacher's answer for each box the network look
 Regression targets are the paper's (t_x, t_y, t_w, t_h) from ``tinyfrcnn.boxes.encode``.
 These functions work on NumPy arrays on the host, as py-faster-rcnn's anchor and
 proposal target layers do: the arrays are small (a few thousand boxes), the logic is
-data-dependent bookkeeping, and the one hot loop, the IoU matrix, is
-``tinyfrcnn.boxes.box_iou``'s kernel.
+data-dependent bookkeeping, and the hot loops are IoUs: ``tinyfrcnn.boxes.box_iou``'s
+kernel for the anchors, and for the RoIs a kernel that keeps only each one's best match
+among its own image's ground truth (``_best_match_by_image``, the same IoU arithmetic).
+The train step samples all its images in one pass, but for the random draws, which stay
+image by image so that a seed gives the same samples as one image at a time.
 """
 
 import numpy as np
