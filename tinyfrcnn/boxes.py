@@ -58,7 +58,8 @@ def _box_iou_reference(a, b):
 def _overlap(ax1, ay1, ax2, ay2, area_a, bx1, by1, bx2, by2, area_b):
     """IoU of boxes a and b given their areas; 0 for pairs that share no area (or so
     little that it rounds to 0), whatever the division gave (0/0 included). Branch-free,
-    so LLVM vectorises a loop over contiguous boxes b."""
+    so LLVM vectorises a loop over contiguous boxes b. (numba's cache of a kernel in
+    another module that calls this does not notice edits here: delete its __pycache__.)"""
     w = min(ax2, bx2) - max(ax1, bx1)
     h = min(ay2, by2) - max(ay1, by1)
     inter = w * h

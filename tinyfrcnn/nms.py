@@ -34,24 +34,27 @@ def _descending_order(scores, ties=None):
     """
     n = scores.shape[-1]
     index_bits = max(n - 1, 1).bit_length()
-    tie_bits = 0
-    if ties is not None:
-        flat = ties.ravel()  # (T,)
-        order = np.argsort(flat)  # (T,)
-        rank = np.empty(flat.size, np.int64)  # (T,) the rank of each value among the distinct ones
-        rank[order] = np.concatenate([[0], np.cumsum(flat[order][1:] != flat[order][:-1])])
-        top = int(rank.max(initial=0))
-        tie_bits = top.bit_length()
-    if scores.dtype != np.float32 or 32 + tie_bits + index_bits > 63:
+    rank, top = _dense_rank(ties) if ties is not None and scores.dtype == np.float32 else (None, 0)
+    if scores.dtype != np.float32 or 32 + top.bit_length() + index_bits > 63:
         if ties is None:
             return np.argsort(-scores, axis=-1, kind="stable")
         return np.lexsort((-ties, -scores), axis=-1)
     bits = (scores + np.float32(0)).view(np.int32).astype(np.int64)  # (..., N); + 0 turns -0.0 into 0.0
     keys = (2**31 - 1) - np.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # in [0, 2**32), decreasing with the score
     if ties is not None:
-        keys = (keys << tie_bits) | (top - rank.reshape(ties.shape))  # then decreasing with the tie value
+        keys = (keys << top.bit_length()) | (top - rank)  # then decreasing with the tie value
     keys = (keys << index_bits) | np.arange(n, dtype=np.int64)  # (..., N)
     return np.sort(keys, axis=-1) & ((1 << index_bits) - 1)
+
+
+def _dense_rank(values):
+    """Each value's rank among the distinct values (0 for the smallest), as int64 of
+    ``values``' shape, and the largest rank."""
+    flat = values.ravel()  # (T,)
+    order = np.argsort(flat)  # (T,)
+    rank = np.empty(flat.size, np.int64)  # (T,)
+    rank[order] = np.concatenate([[0], np.cumsum(flat[order][1:] != flat[order][:-1])])
+    return rank.reshape(values.shape), int(rank.max(initial=0))
 
 
 def _nms_reference(boxes, scores, iou_threshold, idxs=None, max_per_category=None):
