@@ -580,7 +580,8 @@ class Conv2d(Module):
     On the device: the CUDA im2col, one ``tinyfrcnn.matmul`` per product for the whole
     batch (dL/dw added straight into ``weight.grad`` with ``accumulate=True``), kernels
     that move the image axis between (O, N, P) and (N, O, P) (the forward one also adds
-    the bias), and a bias-gradient reduction kernel (one block per channel).
+    the bias), and a bias-gradient reduction (one block per ``BIAS_CHUNK`` gradients of a
+    channel, then one thread per channel adds a split channel's sums in order).
     """
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, rng=None,
