@@ -344,19 +344,27 @@ def test_descending_order_with_ties_is_lexsort(seed, rows, n, dtype):
     np.testing.assert_array_equal(_descending_order(scores, ties=ties), np.lexsort((-ties, -scores), axis=-1))
 
 
-def test_cuda_gather_pass_matches_host_pass():
-    # A random upper-triangular suppression mask over 150 boxes (three 64-bit words a row):
-    # the single-block kernel keeps exactly the boxes the host pass keeps.
+@pytest.mark.parametrize("n, density, threads", [(150, 0.02, 32), (150, 0.3, 32), (200, 0.9, 2), (64, 0.1, 32),
+                                                 (1, 0.0, 32), (130, 0.0, 1)])
+def test_cuda_gather_pass_matches_host_pass(n, density, threads):
+    # A random upper-triangular suppression mask (box i suppresses boxes j > i): the
+    # single-block kernel keeps exactly the boxes the host pass keeps. Dense masks knock
+    # out whole 64-bit words, which the kernel steps over; fewer threads than words make
+    # each thread OR several words of a row.
     rng = np.random.default_rng(3)
-    n, words = 150, 3
-    bits = np.triu(rng.random((n, 64 * words)) < 0.02, k=1)  # (N, 192): box i suppresses j > i
+    words = (n + 63) // 64
+    bits = np.triu(rng.random((n, 64 * words)) < density, k=1)  # (N, 64 * words)
+    bits[:, n:] = False
+    if density > 0.5:
+        bits[:, 64:128] |= np.arange(n)[:, None] < 10  # the second word all gone after box 10
     mask = np.packbits(bits.reshape(n, words, 64)[:, :, ::-1], axis=2).view(">u8")[:, :, 0].astype(np.uint64)
     order = rng.permutation(n).astype(np.int64)
     expected = order[nms_module._nms_gather_masks(mask)]
     keep = cuda.device_array(n + 1, np.int64)
-    nms_module._nms_gather_cuda[1, 32](cuda.to_device(mask), cuda.to_device(order), keep)
+    nms_module._nms_gather_cuda[1, threads](cuda.to_device(mask), cuda.to_device(order), keep)
     keep = keep.copy_to_host()
-    assert keep[n] == len(expected) and 20 < len(expected) < n
+    assert keep[n] == len(expected)
+    assert density == 0 and len(expected) == n or 0 < len(expected) < n
     np.testing.assert_array_equal(keep[:len(expected)], expected)
 
 

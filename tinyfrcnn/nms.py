@@ -219,11 +219,15 @@ def _nms_gather_cuda(mask, order, keep):
     """``_nms_gather_masks`` in one block, on the device: the mask never leaves the GPU.
 
     Every thread walks the boxes in score order and reads the same shared "removed"
-    word, so all agree on which boxes are kept; for a kept box the threads OR its mask
-    row into the bitset, one word each, and synchronise before the next decision. (A
-    row only sets bits of later boxes, so a thread still deciding an earlier box is
-    never misled by one already OR-ing.) Writes keep[k] = order[k-th kept position] and
-    keep[n] = the number kept.
+    word, so all agree on which boxes are kept. A step goes straight to the next box
+    still standing (the lowest clear bit of the word, at or after the last decision):
+    a suppressed box costs nothing, a word of them one step. For a kept box the threads
+    OR its mask row into the bitset, one word each, and synchronise before the next
+    decision. (A row only sets bits of later boxes, so a thread still deciding an
+    earlier box, or the same one, is never misled by one already OR-ing.) The kept
+    sorted positions are mapped to ``order`` after the walk, all threads at once, so
+    the walk waits on one read per kept box, its mask row. Writes keep[k] = order[k-th
+    kept position] and keep[n] = the number kept.
     """
     n, col_blocks = mask.shape
     removed = cuda.shared.array(MAX_WORDS, uint64)
@@ -233,16 +237,28 @@ def _nms_gather_cuda(mask, order, keep):
         removed[c] = 0
     cuda.syncthreads()
     n_keep = 0
-    for i in range(n):
+    i = 0
+    while i < n:
         block = i // BLOCK
-        if (removed[block] >> uint64(i % BLOCK)) & uint64(1):
+        standing = ~removed[block] & (~uint64(0) << uint64(i % BLOCK))  # clear bits from i on
+        if standing == 0:
+            i = (block + 1) * BLOCK
             continue
+        i = block * BLOCK + cuda.popc((standing & (~standing + uint64(1))) - uint64(1))  # its lowest set bit
+        if i >= n:
+            break
         if t == 0:
-            keep[n_keep] = order[i]
+            keep[n_keep] = i
         n_keep += 1
-        for c in range(block + t, col_blocks, step):
+        c = block + t
+        while c < col_blocks:  # not range(): its trip count would cost a 64-bit division
             removed[c] |= mask[i, c]
+            c += step
         cuda.syncthreads()
+        i += 1
+    cuda.syncthreads()
+    for k in range(t, n_keep, step):
+        keep[k] = order[keep[k]]
     if t == 0:
         keep[n] = n_keep
 
