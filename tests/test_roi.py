@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 from numba import cuda
 
 from gradients import rel_err
-from ptx import SAME_ROUNDING_AS_CPU, assert_compiles_to_ptx
+from ptx import FUSED, SAME_ROUNDING_AS_CPU, assert_compiles_to_ptx
 from tinyfrcnn import roi
 from tinyfrcnn.gradcheck import numerical_gradient
 from tinyfrcnn.roi import (RoIAlign, RoIPool, _roi_align_backward_reference, _roi_align_reference, _roi_pool_reference,
@@ -494,21 +494,24 @@ def test_kernels_compile_to_ptx():
         f4 = f"{t}[:, :, :, ::1]"
         jobs += [
             ("tinyfrcnn.roi", f"_roi_pool_forward_cuda_{s}",
-             f"void({t}[::1], int64, int64, {t}[:, ::1], {t}, {f4}, int64[:, :, :, ::1])",
+             f"void({t}[::1], int64, int64, {t}[:, ::1], {t}, int64, {f4}, int64[:, :, :, ::1], int32[::1])",
              SAME_ROUNDING_AS_CPU[t]),
             ("tinyfrcnn.roi", "_roi_pool_backward_cuda", f"void({f4}, int64[:, :, :, ::1], {t}[::1], int32[::1])"),
             ("tinyfrcnn.roi", f"_roi_align_forward_cuda_{s}",
-             f"void({t}[::1], int64, int64, {t}[:, ::1], {t}, int64, boolean, {f4})", SAME_ROUNDING_AS_CPU[t]),
+             f"void({t}[::1], int64, int64, {t}[:, ::1], {t}, int64, int64, boolean, {f4}, int32[::1])",
+             SAME_ROUNDING_AS_CPU[t]),
             ("tinyfrcnn.roi", f"_roi_align_backward_cuda_{s}",
-             f"void({f4}, {t}[:, ::1], {t}, int64, boolean, int64, int64, {t}[::1])", SAME_ROUNDING_AS_CPU[t]),
+             f"void({f4}, {t}[:, ::1], {t}, int64, int64, boolean, int64, int64, {t}[::1], int32[::1])",
+             SAME_ROUNDING_AS_CPU[t]),
         ]
-    # RoIs in float64 with float32 features (the kernels cast them, as the CPU path does).
+    # RoIs in float64 with float32 features: the kernels cast them, as the CPU path does,
+    # after checking them in float64, as the host does (so float64 comparisons are allowed).
     jobs.append(("tinyfrcnn.roi", "_roi_pool_forward_cuda_f32",
-                 "void(float32[::1], int64, int64, float64[:, :], float32, float32[:, :, :, ::1], int64[:, :, :, ::1])",
-                 SAME_ROUNDING_AS_CPU["float32"]))
+                 "void(float32[::1], int64, int64, float64[:, :], float32, int64, float32[:, :, :, ::1], "
+                 "int64[:, :, :, ::1], int32[::1])", [FUSED]))
     jobs.append(("tinyfrcnn.roi", "_roi_align_forward_cuda_f32",
-                 "void(float32[::1], int64, int64, float64[:, :], float32, int64, boolean, float32[:, :, :, ::1])",
-                 SAME_ROUNDING_AS_CPU["float32"]))
+                 "void(float32[::1], int64, int64, float64[:, :], float32, int64, int64, boolean, "
+                 "float32[:, :, :, ::1], int32[::1])", [FUSED]))
     assert_compiles_to_ptx(jobs)
 
 
@@ -594,6 +597,7 @@ HUGE_ROIS = [np.array([[0, 0, 0, 1, 1], [0, -1e30, 0, 1e30, 1]]),  # roi_pool us
              np.array([[0, 0, 0, 1, 1], [0, 0, 0, 1e300, 1]])]  # float64 RoI that becomes inf in float32
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")  # the simulator's float32(1e300)
 @pytest.mark.parametrize("rois", HUGE_ROIS)
 @pytest.mark.parametrize("to", [np.asarray, cuda.to_device], ids=["cpu", "cuda"])
 def test_huge_roi_coordinates_are_rejected_on_both_paths(rois, to):
@@ -606,13 +610,12 @@ def test_huge_roi_coordinates_are_rejected_on_both_paths(rois, to):
             call()
 
 
-@settings(max_examples=200, deadline=None)
-@given(st.integers(0, 2**32 - 1), st.sampled_from([np.float32, np.float64]), st.sampled_from([np.float32, np.float64]),
-       st.sampled_from(["none", "nan", "inf", "reversed", "fraction", "negative", "beyond", "huge", "edge"]))
-def test_one_pass_roi_check_agrees_with_the_step_by_step_checks(seed, rois_dtype, features_dtype, corruption):
-    """``_rois_valid`` (one compiled pass, the common case) accepts exactly the RoIs that
-    the step-by-step checks, which word the errors, accept: run both on valid RoIs with
-    at most one corruption each."""
+CORRUPTIONS = ["none", "nan", "inf", "reversed", "fraction", "sliver", "negative", "beyond", "huge", "edge"]
+
+
+def corrupted_rois(seed, rois_dtype, features_dtype, corruption):
+    """1-5 valid RoIs on 3 images (scale 0.5), at most one of them corrupted; returns them
+    and their cast to the features' dtype."""
     rng = np.random.default_rng(seed)
     r = int(rng.integers(1, 6))
     xy = rng.uniform(-20, 40, (r, 2))
@@ -625,6 +628,8 @@ def test_one_pass_roi_check_agrees_with_the_step_by_step_checks(seed, rois_dtype
         rois[i, 1 + axis] = rois[i, 3 + axis] + rng.uniform(0.01, 5)  # x1 > x2 or y1 > y2
     elif corruption == "fraction":
         rois[i, 0] += 0.5
+    elif corruption == "sliver":
+        rois[i, 0] += 2.0**-30  # a fraction float64 RoIs keep, float32 ones round away
     elif corruption == "negative":
         rois[i, 0] = -1
     elif corruption == "beyond":
@@ -636,6 +641,17 @@ def test_one_pass_roi_check_agrees_with_the_step_by_step_checks(seed, rois_dtype
     with np.errstate(over="ignore", invalid="ignore"):
         rois = rois.astype(rois_dtype)  # 1e39 in float32: inf
         cast = rois.astype(features_dtype)
+    return rois, cast
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.sampled_from([np.float32, np.float64]), st.sampled_from([np.float32, np.float64]),
+       st.sampled_from(CORRUPTIONS))
+def test_one_pass_roi_check_agrees_with_the_step_by_step_checks(seed, rois_dtype, features_dtype, corruption):
+    """``_rois_valid`` (one compiled pass, the common case) accepts exactly the RoIs that
+    the step-by-step checks, which word the errors, accept: run both on valid RoIs with
+    at most one corruption each."""
+    rois, cast = corrupted_rois(seed, rois_dtype, features_dtype, corruption)
     fast = roi._rois_valid(rois, cast, 3, np.dtype(features_dtype).type(0.5), roi.MAX_ROI_CELLS)
     try:
         with pytest.MonkeyPatch.context() as patch:
@@ -648,6 +664,52 @@ def test_one_pass_roi_check_agrees_with_the_step_by_step_checks(seed, rois_dtype
     assert fast == slow
     if corruption == "none":
         assert fast
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")  # the simulator's float32(1e39)
+@pytest.mark.parametrize("corruption", CORRUPTIONS)
+@pytest.mark.parametrize("rois_dtype, features_dtype", [(np.float32, np.float32), (np.float64, np.float64),
+                                                        (np.float64, np.float32), (np.float32, np.float64)])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_kernels_check_device_rois_as_the_host_does(seed, rois_dtype, features_dtype, corruption):
+    """Device RoIs with device features are not copied back to be checked: the kernels
+    check them (``_check_rois`` runs only to word a fault they flag). Each function
+    raises exactly when the host path does, with its words, and otherwise gives its
+    numbers."""
+    rois, cast = corrupted_rois(seed, rois_dtype, features_dtype, corruption)
+    valid = roi._rois_valid(rois, cast, 3, np.dtype(features_dtype).type(0.5), roi.MAX_ROI_CELLS)
+    rng = np.random.default_rng(seed)
+    features = rng.standard_normal((3, 2, 5, 6)).astype(features_dtype)  # (N, C, H, W)
+    grad = rng.standard_normal((len(rois), 2, 2, 2)).astype(features_dtype)  # (R, C, 2, 2)
+    calls = {
+        "roi_pool": lambda f, r, g: roi_pool(f, r, 2, 0.5)[0],
+        "roi_align": lambda f, r, g: roi_align(f, r, 2, 0.5, sampling_ratio=2),
+        "roi_align_backward": lambda f, r, g: roi_align_backward(g, r, features.shape, 0.5, sampling_ratio=2),
+    }
+    checks = []
+    real_check = roi._check_rois
+
+    def counted(*args):
+        checks.append(args[-1])
+        return real_check(*args)
+
+    for name, call in calls.items():
+        try:
+            expected, message = call(features, rois, grad), None
+        except ValueError as e:
+            expected, message = None, str(e)
+        assert (message is None) == valid, message
+        checks.clear()
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(roi, "_check_rois", counted)
+            if valid:
+                got = call(cuda.to_device(features), cuda.to_device(rois), cuda.to_device(grad)).copy_to_host()
+                np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
+            else:
+                with pytest.raises(ValueError) as raised:
+                    call(cuda.to_device(features), cuda.to_device(rois), cuda.to_device(grad))
+                assert str(raised.value) == message
+        assert checks == ([] if valid else [name])  # the host checks ran only to word the fault
 
 
 def test_roi_coordinate_bound_is_inclusive():

@@ -4,7 +4,8 @@ Numba kernels do not check bounds, so every public function checks its arguments
 first and raises ``ValueError`` naming the argument and what is wrong. Device arrays
 are checked for shape and dtype; their values are checked on a host copy only where
 the op reads them as indices or coordinates (small arrays such as boxes and RoIs) or
-reduces or sorts them on the host (the losses' inputs, NMS scores).
+reduces or sorts them on the host (the losses' inputs, NMS scores). The RoI kernels
+check device RoIs themselves (``roi``'s ``defer``) and the host words a fault they flag.
 """
 
 import math

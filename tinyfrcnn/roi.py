@@ -44,6 +44,7 @@ SAMPLE_TABLE_ROWS = 1 << 21  # RoIAlign CPU: most samples tabulated at once (64 
 MAX_ROI_SAMPLES = SAMPLE_TABLE_ROWS  # RoIAlign: most bilinear samples one RoI may take, on CPU and CUDA
 MAX_ROI_CELLS = 1 << 24  # largest |RoI coordinate * spatial_scale|, in feature cells
 MAX_SAMPLING_RATIO = 1 << 10  # largest |sampling_ratio|
+MAX_DEFERRED_IMAGES = 1 << 24  # most images whose device RoIs the kernels check (float32 counts to here)
 
 
 # --------------------------------------------------------------------------- validation
@@ -56,10 +57,7 @@ def _check_rois(rois, n_images, dtype, scale, where):
 
     Returns a host copy in ``dtype`` (device RoIs are copied: they are small).
     """
-    rois = as_float_array(rois, "rois", ndim=2, where=where)
-    if rois.shape[1] != 5:
-        raise ValueError(f"{where}: rois must have shape (R, 5) as (batch_index, x1, y1, x2, y2), "
-                         f"got {tuple(rois.shape)}")
+    rois = _check_roi_shape(rois, where)
     host = rois.copy_to_host() if is_device_array(rois) else np.asarray(rois)
     T = np.dtype(dtype).type
     with np.errstate(over="ignore", invalid="ignore"):
@@ -87,6 +85,14 @@ def _check_rois(rois, n_images, dtype, scale, where):
     raise AssertionError(f"{where}: rois failed _rois_valid but passed every check")  # the two must agree
 
 
+def _check_roi_shape(rois, where):
+    rois = as_float_array(rois, "rois", ndim=2, where=where)
+    if rois.shape[1] != 5:
+        raise ValueError(f"{where}: rois must have shape (R, 5) as (batch_index, x1, y1, x2, y2), "
+                         f"got {tuple(rois.shape)}")
+    return rois
+
+
 @njit(cache=True, error_model="numpy")
 def _rois_valid(rois, cast, n_images, scale, max_cells):
     """Whether every RoI passes ``_check_rois``, in one pass: finite, x2 >= x1 and y2 >=
@@ -104,12 +110,39 @@ def _rois_valid(rois, cast, n_images, scale, max_cells):
     return True
 
 
-def _check_inputs(features, rois, output_size, spatial_scale, where, upload=False):
+def _make_roi_check_cuda(dtype):
+    """``_rois_valid`` for RoI r, on the device, for features of ``dtype``: the kernels
+    given device RoIs check them where they are (``_check_inputs``' ``defer``). Batch
+    indices are compared in ``dtype``, so ``n_images`` must be at most
+    ``MAX_DEFERRED_IMAGES``."""
+    T = _cuda_scalar(dtype)
+    mul, _ = rounded_ops(dtype)
+
+    @cuda.jit(device=True, inline="always")
+    def roi_ok(rois, r, n_images, scale):
+        for k in range(5):
+            v = rois[r, k]
+            if not math.isfinite(v):
+                return False
+            if k and not abs(mul(T(v), scale)) <= T(MAX_ROI_CELLS):
+                return False
+        b = rois[r, 0]
+        if not (rois[r, 3] >= rois[r, 1] and rois[r, 4] >= rois[r, 2] and b >= T(0) and b < T(n_images)):
+            return False
+        return T(int64(b)) == b  # a whole number: exact, as n_images <= MAX_DEFERRED_IMAGES
+
+    return roi_ok
+
+
+def _check_inputs(features, rois, output_size, spatial_scale, where, upload=False, defer=False):
     """Validate the forward arguments; returns (on_gpu, (ph, pw), scale, host rois, rois).
 
     ``upload``: NumPy ``rois`` with device ``features`` are uploaded (the returned
     ``rois``, in the features' dtype) instead of refused. The layers do this: the RoIs
     are made on the host, and checking the host copy saves copying them back.
+    ``defer``: device ``rois`` with device ``features`` are checked for shape and dtype
+    only (host rois None); the kernel checks their values and ``_raise_on_fault`` reads
+    its verdict: no copy back to the host and no wait before the launch.
     """
     features = as_float_array(features, "features", ndim=4, where=where)
     N, C, H, W = features.shape
@@ -117,6 +150,8 @@ def _check_inputs(features, rois, output_size, spatial_scale, where, upload=Fals
         raise ValueError(f"{where}: features must have non-zero height and width, got {tuple(features.shape)}")
     ph, pw = pair(output_size, "output_size", where)
     scale = check_number(spatial_scale, "spatial_scale", low=0, low_open=True, where=where)
+    if defer and C and N <= MAX_DEFERRED_IMAGES and is_device_array(features) and is_device_array(rois):
+        return True, (ph, pw), scale, None, _check_roi_shape(rois, where)
     host = _check_rois(rois, N, features.dtype, scale, where)
     if upload and is_device_array(features) and not is_device_array(rois):
         rois = to_device(np.ascontiguousarray(host))  # (R, 5)
@@ -144,18 +179,28 @@ def _empty(gpu, shape, dtype):
     return empty_on_device(shape, dtype) if gpu else np.zeros(shape, dtype=dtype)
 
 
-_ARGMAX_FLAG = []  # one mapped (host-visible) int32, made on first use
+_FAULT_FLAG = []  # one mapped (host-visible) int32, made on first use
 
 
-def _argmax_flag(reset=True):
-    """A pinned host int32 that kernels can write: no allocation or copy per call; set to
-    0 when ``reset`` (a call that does not read it back leaves it alone)."""
-    if not _ARGMAX_FLAG:
-        _ARGMAX_FLAG.append(cuda.mapped_array(1, dtype=np.int32))
-    flag = _ARGMAX_FLAG[0]
+def _fault_flag(reset=True):
+    """A pinned host int32 that kernels set when they meet bad input (a RoI or an argmax
+    entry): no allocation or copy per call; set to 0 when ``reset`` (a call that does
+    not read it back leaves it alone)."""
+    if not _FAULT_FLAG:
+        _FAULT_FLAG.append(cuda.mapped_array(1, dtype=np.int32))
+    flag = _FAULT_FLAG[0]
     if reset:
         flag[0] = 0
     return flag
+
+
+def _raise_on_fault(flag, rois, n_images, dtype, scale, where):
+    """Wait for a kernel that checked device ``rois`` itself (skipping the bad ones); if
+    it set ``flag``, the host checks find the RoI and word the error."""
+    cuda.synchronize()
+    if flag[0]:
+        _check_rois(rois, n_images, dtype, scale, where)
+        raise AssertionError(f"{where}: a kernel flagged RoIs that the host checks accept")  # the two must agree
 
 
 # --------------------------------------------------------------------------- RoI max pooling
@@ -293,6 +338,7 @@ def _make_roi_pool_forward_cuda(dtype):
     """
     T = _cuda_scalar(dtype)
     mul, _ = rounded_ops(dtype)
+    roi_ok = _make_roi_check_cuda(dtype)
 
     @cuda.jit(device=True, inline="always")
     def corner(v, scale):
@@ -313,10 +359,14 @@ def _make_roi_pool_forward_cuda(dtype):
         return min(max(lo, 0), limit), min(max(hi, 0), limit)
 
     @cuda.jit
-    def roi_pool_forward(features, height, width, rois, scale, out, argmax):
-        """``features``: the (N, C, H, W) map as one C-order run (N * C * H * W,)."""
+    def roi_pool_forward(features, height, width, rois, scale, n_images, out, argmax, flag):
+        """``features``: the (N, C, H, W) map as one C-order run (N * C * H * W,). A bad
+        RoI's block sets flag[0] and writes nothing."""
         R, C, PH, PW = out.shape
         r = cuda.blockIdx.x
+        if not roi_ok(rois, r, n_images, scale):
+            flag[0] = 1
+            return
         n = int(rois[r, 0])
         x_start, x_end = corner(rois[r, 1], scale), corner(rois[r, 3], scale)
         y_start, y_end = corner(rois[r, 2], scale), corner(rois[r, 4], scale)
@@ -376,24 +426,29 @@ def roi_pool(features, rois, output_size, spatial_scale):
     and |coordinate * spatial_scale| may be at most ``MAX_ROI_CELLS`` (2**24).
     Returns ``(output (R, C, ph, pw), argmax (R, C, ph, pw) int64)``: argmax is the flat
     index into ``features`` of each maximum, -1 for an empty bin (whose output is 0).
-    Same numbers as ``torchvision.ops.roi_pool``.
+    Same numbers as ``torchvision.ops.roi_pool``. Device RoIs are checked by the kernel
+    that reads them (a bad one raises here once it has run: the call waits for it).
     """
-    return _roi_pool(features, *_check_inputs(features, rois, output_size, spatial_scale, "roi_pool"))
+    return _roi_pool(features, *_check_inputs(features, rois, output_size, spatial_scale, "roi_pool", defer=True))
 
 
 def _roi_pool(features, gpu, output_size, scale, host, rois):
-    """``roi_pool`` of arguments checked by ``_check_inputs`` (whose results follow ``features``)."""
+    """``roi_pool`` of arguments checked by ``_check_inputs`` (whose results follow ``features``);
+    ``host`` None: the kernel checks the device RoIs, and the call waits for its verdict."""
     ph, pw = output_size
     N, C, H, W = features.shape
-    R = host.shape[0]
+    R = rois.shape[0]
     out = _empty(gpu, (R, C, ph, pw), features.dtype)
     argmax = _empty(gpu, (R, C, ph, pw), np.int64)
     if out.size == 0:
         return out, argmax
     if gpu:
         kernel = _ROI_POOL_FORWARD_CUDA[np.dtype(features.dtype)]
+        flag = _fault_flag(reset=host is None)
         launch(kernel, *_roi_blocks(R, C, ph, pw), _flat_features(features, "roi_pool"), H, W, rois,
-               features.dtype.type(scale), out, argmax)
+               features.dtype.type(scale), N, out, argmax, flag)
+        if host is None:
+            _raise_on_fault(flag, rois, N, features.dtype, scale, "roi_pool")
     else:
         batch = host[:, 0].astype(np.int64)
         bins = _pool_bins(host, scale, ph, pw, H, W)
@@ -428,7 +483,7 @@ def _roi_pool_backward(grad_out, argmax, features_shape, gpu, where, verify=True
     if gpu:
         grad_in = zeros_on_device(size, grad_out.dtype)
         if grad_out.size:
-            flag = _argmax_flag(reset=verify)
+            flag = _fault_flag(reset=verify)
             launch(_roi_pool_backward_cuda, *_roi_blocks(*grad_out.shape), grad_out, argmax, grad_in, flag)
             if verify:
                 cuda.synchronize()
@@ -753,7 +808,8 @@ def _roi_align_backward_cpu(grad_out, batch, offsets, pos, weight, grad_planes):
 def _checked_geometry(host, scale, pooled_h, pooled_w, sampling_ratio, aligned, gpu, where):
     """``_align_geometry`` of the host RoIs, after ``_check_samples``. None on the GPU with
     a fixed sampling grid: its kernels work the geometry out for themselves, and every
-    RoI takes the same number of samples."""
+    RoI takes the same number of samples (there ``host`` may be the device RoIs: only
+    their number is read)."""
     if gpu and sampling_ratio > 0:
         grid = np.full(host.shape[0], sampling_ratio, dtype=np.int64)  # (R,)
         _check_samples(grid, grid, pooled_h, pooled_w, where)
@@ -807,6 +863,7 @@ def _make_roi_align_cuda(dtype):
     """
     T = _cuda_scalar(dtype)
     mul, add = rounded_ops(dtype)
+    roi_ok = _make_roi_check_cuda(dtype)
 
     @cuda.jit(device=True, inline="always")
     def geometry(rois, r, scale, sampling_ratio, aligned, PH, PW):
@@ -840,10 +897,14 @@ def _make_roi_align_cuda(dtype):
         return low, low + 1, t - T(low), True
 
     @cuda.jit
-    def forward(features, height, width, rois, scale, sampling_ratio, aligned, out):
-        """``features``: the (N, C, H, W) map as one C-order run, read at unsigned offsets."""
+    def forward(features, height, width, rois, scale, n_images, sampling_ratio, aligned, out, flag):
+        """``features``: the (N, C, H, W) map as one C-order run, read at unsigned offsets.
+        A bad RoI's block sets flag[0] and writes nothing."""
         R, C, PH, PW = out.shape
         r = cuda.blockIdx.x
+        if not roi_ok(rois, r, n_images, scale):
+            flag[0] = 1
+            return
         n, y0, x0, bin_h, bin_w, gh, gw = geometry(rois, r, scale, sampling_ratio, aligned, PH, PW)
         for c in range(*_block_channels(C)):
             plane = uint64((n * C + c) * height * width)
@@ -864,10 +925,14 @@ def _make_roi_align_cuda(dtype):
                     out[r, c, i, j] = total / T(max(gh * gw, 1))
 
     @cuda.jit
-    def backward(grad_out, rois, scale, sampling_ratio, aligned, height, width, grad_in):
-        """``grad_in``: the (N, C, H, W) gradient as one C-order run, added to atomically."""
+    def backward(grad_out, rois, scale, n_images, sampling_ratio, aligned, height, width, grad_in, flag):
+        """``grad_in``: the (N, C, H, W) gradient as one C-order run, added to atomically.
+        A bad RoI's block sets flag[0] and adds nothing."""
         R, C, PH, PW = grad_out.shape
         r = cuda.blockIdx.x
+        if not roi_ok(rois, r, n_images, scale):
+            flag[0] = 1
+            return
         n, y0, x0, bin_h, bin_w, gh, gw = geometry(rois, r, scale, sampling_ratio, aligned, PH, PW)
         count = T(max(gh * gw, 1))
         for c in range(*_block_channels(C)):
@@ -920,28 +985,36 @@ def roi_align(features, rois, output_size, spatial_scale, sampling_ratio=-1, ali
     spatial_scale| at most ``MAX_ROI_CELLS`` (2**24). Returns (R, C, ph, pw).
 
     Same numbers as ``torchvision.ops.roi_align`` (on the CPU) in float32 and float64:
-    every step runs in the features' dtype, in torchvision's order.
+    every step runs in the features' dtype, in torchvision's order. With a fixed
+    ``sampling_ratio``, device RoIs are checked by the kernel, as in ``roi_pool``; the
+    adaptive grid's sample counts are checked on a host copy.
     """
     where = "roi_align"
     sampling_ratio, aligned = _check_sampling(sampling_ratio, aligned, where)
-    gpu, output_size, scale, host, rois = _check_inputs(features, rois, output_size, spatial_scale, where)
-    geometry = _checked_geometry(host, scale, *output_size, sampling_ratio, aligned, gpu, where)
+    gpu, output_size, scale, host, rois = _check_inputs(features, rois, output_size, spatial_scale, where,
+                                                        defer=sampling_ratio > 0)
+    geometry = _checked_geometry(rois if host is None else host, scale, *output_size, sampling_ratio, aligned, gpu,
+                                 where)
     return _roi_align(features, rois, host, geometry, gpu, output_size, scale, sampling_ratio, aligned)
 
 
 def _roi_align(features, rois, host, geometry, gpu, output_size, scale, sampling_ratio, aligned):
-    """``roi_align`` of checked arguments: ``host`` the RoIs' host copy, ``rois`` the
-    kernel's (device) RoIs, ``geometry`` from ``_checked_geometry`` (None: on the GPU)."""
+    """``roi_align`` of checked arguments: ``host`` the RoIs' host copy (None: the kernel
+    checks the device RoIs, and the call waits for its verdict), ``rois`` the kernel's
+    (device) RoIs, ``geometry`` from ``_checked_geometry`` (None: on the GPU)."""
     ph, pw = output_size
-    R, C = host.shape[0], features.shape[1]
+    R, C = rois.shape[0], features.shape[1]
     out = _empty(gpu, (R, C, ph, pw), features.dtype)
     if out.size == 0:
         return out
     if gpu:
         kernel = _ROI_ALIGN_CUDA[np.dtype(features.dtype)][0]
-        H, W = features.shape[2:]
+        N, _, H, W = features.shape
+        flag = _fault_flag(reset=host is None)
         launch(kernel, *_roi_blocks(R, C, ph, pw), _flat_features(features, "roi_align"), H, W, rois,
-               features.dtype.type(scale), sampling_ratio, aligned, out)
+               features.dtype.type(scale), N, sampling_ratio, aligned, out, flag)
+        if host is None:
+            _raise_on_fault(flag, rois, N, features.dtype, scale, "roi_align")
     else:
         batch = host[:, 0].astype(np.int64)
         N, C, H, W = features.shape
@@ -965,12 +1038,16 @@ def roi_align_backward(grad_out, rois, features_shape, spatial_scale, sampling_r
     if 0 in shape[2:]:
         raise ValueError(f"{where}: features_shape must have non-zero height and width, got {shape}")
     scale = check_number(spatial_scale, "spatial_scale", low=0, low_open=True, where=where)
-    host = _check_rois(rois, shape[0], grad_out.dtype, scale, where)
+    deferred = sampling_ratio > 0 and grad_out.size and shape[0] <= MAX_DEFERRED_IMAGES
+    if deferred and is_device_array(grad_out) and is_device_array(rois):
+        host, rois = None, _check_roi_shape(rois, where)  # the kernel checks the values, as in roi_align
+    else:
+        host = _check_rois(rois, shape[0], grad_out.dtype, scale, where)
     gpu = on_device({"grad_out": grad_out, "rois": rois})
-    if host.shape[0] != R or C != shape[1]:
-        raise ValueError(f"{where}: grad_out has shape {tuple(grad_out.shape)} but there are {host.shape[0]} "
+    if rois.shape[0] != R or C != shape[1]:
+        raise ValueError(f"{where}: grad_out has shape {tuple(grad_out.shape)} but there are {rois.shape[0]} "
                          f"rois and features_shape {shape} has {shape[1]} channels")
-    geometry = _checked_geometry(host, scale, ph, pw, sampling_ratio, aligned, gpu, where)
+    geometry = _checked_geometry(rois if host is None else host, scale, ph, pw, sampling_ratio, aligned, gpu, where)
     return _roi_align_backward(grad_out, rois, host, geometry, gpu, shape, scale, sampling_ratio, aligned)
 
 
@@ -982,8 +1059,11 @@ def _roi_align_backward(grad_out, rois, host, geometry, gpu, shape, scale, sampl
         return grad_in
     if gpu:
         kernel = _ROI_ALIGN_CUDA[np.dtype(grad_out.dtype)][1]
-        launch(kernel, *_roi_blocks(R, C, ph, pw), grad_out, rois, grad_out.dtype.type(scale), sampling_ratio, aligned,
-               *shape[2:], _flat(grad_in))
+        flag = _fault_flag(reset=host is None)
+        launch(kernel, *_roi_blocks(R, C, ph, pw), grad_out, rois, grad_out.dtype.type(scale), shape[0],
+               sampling_ratio, aligned, *shape[2:], _flat(grad_in), flag)
+        if host is None:
+            _raise_on_fault(flag, rois, shape[0], grad_out.dtype, scale, "roi_align_backward")
     else:
         batch = host[:, 0].astype(np.int64)
         N, C, H, W = shape
