@@ -305,11 +305,13 @@ def test_roi_pool_backward_rejects_argmax_in_another_channel():
 def test_cuda_kernels_match_cpu():
     rng = np.random.default_rng(6)
     f = rng.standard_normal((2, 2, 5, 6))
-    rois = np.array([[0, -3, -2, 9, 7], [1, 2.3, 1.1, 4.4, 3.9], [1, 20, 20, 22, 22], [0, 1, 1, 1, 1]])
-    g = rng.standard_normal((4, 2, 2, 3))
+    rois = np.array([[0, -3, -2, 9, 7], [1, 2.3, 1.1, 4.4, 3.9], [1, 20, 20, 22, 22], [0, 1, 1, 1, 1],
+                     [1, 1, 20, 5, 22], [0, 20, 1, 22, 5]])  # the last two: off the map in y only, in x only
+    g = rng.standard_normal((6, 2, 2, 3))
     d_f, d_r, d_g = cuda.to_device(f), cuda.to_device(rois), cuda.to_device(g)
 
     out, argmax = roi_pool(f, rois, (2, 3), 0.5)
+    assert (out[4:] == 0).all() and (argmax[4:] == -1).all()  # empty bins
     d_out, d_argmax = roi_pool(d_f, d_r, (2, 3), 0.5)
     assert roi.is_device_array(d_out) and roi.is_device_array(d_argmax)
     assert np.array_equal(d_out.copy_to_host(), out) and np.array_equal(d_argmax.copy_to_host(), argmax)
@@ -348,6 +350,8 @@ def test_roi_blocks_cover_every_bin_without_dividing():
     assert roi._roi_blocks(4, 3, 2, 3) == ((4, 1), (3, 2, 3))
     assert roi._roi_blocks(1, 2, 40, 50) == ((1, 2), (50, 20, 1))  # 2000 bins: rows in strides
     assert roi._roi_blocks(1, 10**7, 1, 1) == ((1, roi.MAX_GRID_Y), (1, 1, 64))  # channel groups in strides
+    assert roi._roi_blocks(300, 512, 7, 7, 4) == ((300, 26), (7, 7, 5))  # 4 channels a thread (3 for some)
+    assert roi._roi_blocks(2, 3, 7, 7, 4) == ((2, 1), (7, 7, 3))
 
 
 def test_cuda_kernels_take_bins_and_channels_in_strides(monkeypatch):
@@ -359,7 +363,8 @@ def test_cuda_kernels_take_bins_and_channels_in_strides(monkeypatch):
     rois = np.array([[0, -3, -2, 9, 7], [1, 2.3, 1.1, 4.4, 3.9], [1, 0, 0, 13, 11]])
     g = rng.standard_normal((3, 5, 3, 4))
     d_f, d_r, d_g = cuda.to_device(f), cuda.to_device(rois), cuda.to_device(g)
-    monkeypatch.setattr(roi, "_roi_blocks", lambda R, C, PH, PW: ((R, 2), (3, 2, 2)))  # 4 of 5 channels at once
+    # 4 of 5 channels at once, so some threads take two:
+    monkeypatch.setattr(roi, "_roi_blocks", lambda R, C, PH, PW, *per_thread: ((R, 2), (3, 2, 2)))
     out, argmax = roi_pool(f, rois, (3, 4), 0.5)
     d_out, d_argmax = roi_pool(d_f, d_r, (3, 4), 0.5)
     assert np.array_equal(d_out.copy_to_host(), out) and np.array_equal(d_argmax.copy_to_host(), argmax)

@@ -302,11 +302,13 @@ def _roi_pool_backward_cpu(grad_out, argmax, grad_in, plane_size, bad):
 
 
 ROI_THREADS = 256  # threads per block of the RoI kernels, about
+POOL_CHANNELS_PER_THREAD = 4  # RoI pooling's forward: a bin's edges serve this many channels
 MAX_GRID_Y = 65535  # CUDA's limit on gridDim.y
 
 
-def _roi_blocks(R, C, PH, PW):
-    """(grid, block) of the RoI kernels: one thread per output bin (r, c, i, j).
+def _roi_blocks(R, C, PH, PW, channels_per_thread=1):
+    """(grid, block) of the RoI kernels: one thread per output bin (r, c, i, j), or per
+    bin (r, i, j) in ``channels_per_thread`` channels.
 
     A block holds the PH x PW bins of a few channels of one RoI: threadIdx (x, y, z) =
     (bin column j, bin row i, channel), blockIdx (x, y) = (RoI, channel group). A thread
@@ -317,7 +319,7 @@ def _roi_blocks(R, C, PH, PW):
     bx = min(PW, 1024)
     by = min(PH, 1024 // bx)
     bz = max(1, min(C, 64, ROI_THREADS // (bx * by)))
-    return (R, min(math.ceil(C / bz), MAX_GRID_Y)), (bx, by, bz)
+    return (R, min(math.ceil(C / (bz * channels_per_thread)), MAX_GRID_Y)), (bx, by, bz)
 
 
 @cuda.jit(device=True, inline="always")
@@ -370,13 +372,20 @@ def _make_roi_pool_forward_cuda(dtype):
         n = int(rois[r, 0])
         x_start, x_end = corner(rois[r, 1], scale), corner(rois[r, 3], scale)
         y_start, y_end = corner(rois[r, 2], scale), corner(rois[r, 4], scale)
-        for c in range(*_block_channels(C)):
-            base = (n * C + c) * height * width
-            for i in range(cuda.threadIdx.y, PH, cuda.blockDim.y):
-                h0, h1 = bin_edges(y_start, y_end, i, PH, height)
-                for j in range(cuda.threadIdx.x, PW, cuda.blockDim.x):
-                    w0, w1 = bin_edges(x_start, x_end, j, PW, width)
-                    best = T(0) if h1 <= h0 or w1 <= w0 else T(-FLT_MAX)  # an empty bin gives 0
+        c_first, _, c_step = _block_channels(C)
+        # The bin's edges once, then its channels (launched with several per thread).
+        # while, not range(): a range with a step pays a 64-bit division for its length.
+        i = cuda.threadIdx.y
+        while i < PH:
+            h0, h1 = bin_edges(y_start, y_end, i, PH, height)
+            j = cuda.threadIdx.x
+            while j < PW:
+                w0, w1 = bin_edges(x_start, x_end, j, PW, width)
+                empty = h1 <= h0 or w1 <= w0  # an empty bin gives 0
+                c = c_first
+                while c < C:
+                    base = (n * C + c) * height * width
+                    best = T(0) if empty else T(-FLT_MAX)
                     best_at = int64(-1)
                     # Flat offsets, unsigned and stepped by hand: a read costs an add, not
                     # a 4-D index's multiplies and its test for negative indices.
@@ -392,6 +401,9 @@ def _make_roi_pool_forward_cuda(dtype):
                         row += uint64(width)
                     out[r, c, i, j] = best
                     argmax[r, c, i, j] = best_at
+                    c += c_step
+                j += cuda.blockDim.x
+            i += cuda.blockDim.y
 
     return roi_pool_forward
 
@@ -445,8 +457,8 @@ def _roi_pool(features, gpu, output_size, scale, host, rois):
     if gpu:
         kernel = _ROI_POOL_FORWARD_CUDA[np.dtype(features.dtype)]
         flag = _fault_flag(reset=host is None)
-        launch(kernel, *_roi_blocks(R, C, ph, pw), _flat_features(features, "roi_pool"), H, W, rois,
-               features.dtype.type(scale), N, out, argmax, flag)
+        launch(kernel, *_roi_blocks(R, C, ph, pw, POOL_CHANNELS_PER_THREAD), _flat_features(features, "roi_pool"),
+               H, W, rois, features.dtype.type(scale), N, out, argmax, flag)
         if host is None:
             _raise_on_fault(flag, rois, N, features.dtype, scale, "roi_pool")
     else:
@@ -906,10 +918,13 @@ def _make_roi_align_cuda(dtype):
             flag[0] = 1
             return
         n, y0, x0, bin_h, bin_w, gh, gw = geometry(rois, r, scale, sampling_ratio, aligned, PH, PW)
-        for c in range(*_block_channels(C)):
+        c, _, c_step = _block_channels(C)
+        while c < C:  # while, not range(): a range with a step pays a 64-bit division for its length
             plane = uint64((n * C + c) * height * width)
-            for i in range(cuda.threadIdx.y, PH, cuda.blockDim.y):
-                for j in range(cuda.threadIdx.x, PW, cuda.blockDim.x):
+            i = cuda.threadIdx.y
+            while i < PH:
+                j = cuda.threadIdx.x
+                while j < PW:
                     total = T(0.0)
                     for iy in range(gh):
                         yl, yh, ly, yin = axis_sample(y0, i, bin_h, iy, gh, height)
@@ -923,6 +938,9 @@ def _make_roi_align_cuda(dtype):
                                         mul(mul(ly, hx), features[high + uint64(xl)]))
                                 total = add(total, add(s, mul(mul(ly, lx), features[high + uint64(xh)])))
                     out[r, c, i, j] = total / T(max(gh * gw, 1))
+                    j += cuda.blockDim.x
+                i += cuda.blockDim.y
+            c += c_step
 
     @cuda.jit
     def backward(grad_out, rois, scale, n_images, sampling_ratio, aligned, height, width, grad_in, flag):
@@ -935,10 +953,13 @@ def _make_roi_align_cuda(dtype):
             return
         n, y0, x0, bin_h, bin_w, gh, gw = geometry(rois, r, scale, sampling_ratio, aligned, PH, PW)
         count = T(max(gh * gw, 1))
-        for c in range(*_block_channels(C)):
+        c, _, c_step = _block_channels(C)
+        while c < C:  # as in the forward
             plane = uint64((n * C + c) * height * width)
-            for i in range(cuda.threadIdx.y, PH, cuda.blockDim.y):
-                for j in range(cuda.threadIdx.x, PW, cuda.blockDim.x):
+            i = cuda.threadIdx.y
+            while i < PH:
+                j = cuda.threadIdx.x
+                while j < PW:
                     g = grad_out[r, c, i, j]
                     for iy in range(gh):
                         yl, yh, ly, yin = axis_sample(y0, i, bin_h, iy, gh, height)
@@ -951,6 +972,9 @@ def _make_roi_align_cuda(dtype):
                                 cuda.atomic.add(grad_in, low + uint64(xh), mul(g, mul(hy, lx)) / count)
                                 cuda.atomic.add(grad_in, high + uint64(xl), mul(g, mul(ly, hx)) / count)
                                 cuda.atomic.add(grad_in, high + uint64(xh), mul(g, mul(ly, lx)) / count)
+                    j += cuda.blockDim.x
+                i += cuda.blockDim.y
+            c += c_step
 
     return forward, backward
 
