@@ -86,6 +86,7 @@ def _check_rois(rois, n_images, dtype, scale, where):
 
 
 def _check_roi_shape(rois, where):
+    """``rois`` as a float (R, 5) array (NumPy or device); its values are not read."""
     rois = as_float_array(rois, "rois", ndim=2, where=where)
     if rois.shape[1] != 5:
         raise ValueError(f"{where}: rois must have shape (R, 5) as (batch_index, x1, y1, x2, y2), "
