@@ -373,6 +373,12 @@ def test_cuda_kernels_take_bins_and_channels_in_strides(monkeypatch):
     assert np.array_equal(roi_align(d_f, d_r, (3, 4), 0.5).copy_to_host(), roi_align(f, rois, (3, 4), 0.5))
     assert np.allclose(roi_align_backward(d_g, d_r, f.shape, 0.5).copy_to_host(),
                        roi_align_backward(g, rois, f.shape, 0.5), atol=1e-12)
+    # One channel slot per RoI: the forward kernels' threads take 4 channels at a time,
+    # so the 5 channels need a second round.
+    monkeypatch.setattr(roi, "_roi_blocks", lambda R, C, PH, PW, *per_thread: ((R, 1), (3, 2, 1)))
+    d_out, d_argmax = roi_pool(d_f, d_r, (3, 4), 0.5)
+    assert np.array_equal(d_out.copy_to_host(), out) and np.array_equal(d_argmax.copy_to_host(), argmax)
+    assert np.array_equal(roi_align(d_f, d_r, (3, 4), 0.5).copy_to_host(), roi_align(f, rois, (3, 4), 0.5))
 
 
 def test_layers_upload_host_rois_and_never_copy_them_back(monkeypatch):

@@ -303,7 +303,7 @@ def _roi_pool_backward_cpu(grad_out, argmax, grad_in, plane_size, bad):
 
 
 ROI_THREADS = 256  # threads per block of the RoI kernels, about
-POOL_CHANNELS_PER_THREAD = 4  # RoI pooling's forward: a bin's edges serve this many channels
+CHANNELS_PER_THREAD = 4  # the forward kernels: a bin's edges or samples serve this many channels
 MAX_GRID_Y = 65535  # CUDA's limit on gridDim.y
 
 
@@ -458,7 +458,7 @@ def _roi_pool(features, gpu, output_size, scale, host, rois):
     if gpu:
         kernel = _ROI_POOL_FORWARD_CUDA[np.dtype(features.dtype)]
         flag = _fault_flag(reset=host is None)
-        launch(kernel, *_roi_blocks(R, C, ph, pw, POOL_CHANNELS_PER_THREAD), _flat_features(features, "roi_pool"),
+        launch(kernel, *_roi_blocks(R, C, ph, pw, CHANNELS_PER_THREAD), _flat_features(features, "roi_pool"),
                H, W, rois, features.dtype.type(scale), N, out, argmax, flag)
         if host is None:
             _raise_on_fault(flag, rois, N, features.dtype, scale, "roi_pool")
@@ -875,6 +875,7 @@ def _make_roi_align_cuda(dtype):
     they are the CPU's to the bit. The forward sums in ``dtype`` like the CPU.
     """
     T = _cuda_scalar(dtype)
+    K = CHANNELS_PER_THREAD
     mul, add = rounded_ops(dtype)
     roi_ok = _make_roi_check_cuda(dtype)
 
@@ -912,36 +913,49 @@ def _make_roi_align_cuda(dtype):
     @cuda.jit
     def forward(features, height, width, rois, scale, n_images, sampling_ratio, aligned, out, flag):
         """``features``: the (N, C, H, W) map as one C-order run, read at unsigned offsets.
-        A bad RoI's block sets flag[0] and writes nothing."""
+        A thread takes its bin in ``K`` channels at once, c, c + step, ...: each sample's
+        position and weights serve them all. A bad RoI's block sets flag[0] and writes
+        nothing."""
         R, C, PH, PW = out.shape
         r = cuda.blockIdx.x
         if not roi_ok(rois, r, n_images, scale):
             flag[0] = 1
             return
         n, y0, x0, bin_h, bin_w, gh, gw = geometry(rois, r, scale, sampling_ratio, aligned, PH, PW)
-        c, _, c_step = _block_channels(C)
-        while c < C:  # while, not range(): a range with a step pays a 64-bit division for its length
-            plane = uint64((n * C + c) * height * width)
+        plane_size = uint64(height * width)
+        image = uint64(n * C) * plane_size
+        total = cuda.local.array(K, T)  # (K,): one sum per channel, in registers
+        c_first, _, c_step = _block_channels(C)
+        while c_first < C:  # while, not range(): a range with a step pays a 64-bit division for its length
             i = cuda.threadIdx.y
             while i < PH:
                 j = cuda.threadIdx.x
                 while j < PW:
-                    total = T(0.0)
+                    for k in range(K):
+                        total[k] = T(0.0)
                     for iy in range(gh):
                         yl, yh, ly, yin = axis_sample(y0, i, bin_h, iy, gh, height)
-                        low, high = plane + uint64(yl * width), plane + uint64(yh * width)  # the two rows
+                        low, high = uint64(yl * width), uint64(yh * width)  # the two rows, in a plane
                         for ix in range(gw):
                             xl, xh, lx, xin = axis_sample(x0, j, bin_w, ix, gw, width)
                             if yin and xin:
                                 hy, hx = T(1.0) - ly, T(1.0) - lx
-                                s = add(add(mul(mul(hy, hx), features[low + uint64(xl)]),
-                                            mul(mul(hy, lx), features[low + uint64(xh)])),
-                                        mul(mul(ly, hx), features[high + uint64(xl)]))
-                                total = add(total, add(s, mul(mul(ly, lx), features[high + uint64(xh)])))
-                    out[r, c, i, j] = total / T(max(gh * gw, 1))
+                                w_ll, w_lh, w_hl, w_hh = mul(hy, hx), mul(hy, lx), mul(ly, hx), mul(ly, lx)
+                                for k in range(K):
+                                    c = c_first + k * c_step
+                                    if c < C:
+                                        plane = image + uint64(c) * plane_size
+                                        s = add(add(mul(w_ll, features[plane + low + uint64(xl)]),
+                                                    mul(w_lh, features[plane + low + uint64(xh)])),
+                                                mul(w_hl, features[plane + high + uint64(xl)]))
+                                        total[k] = add(total[k], add(s, mul(w_hh, features[plane + high + uint64(xh)])))
+                    for k in range(K):
+                        c = c_first + k * c_step
+                        if c < C:
+                            out[r, c, i, j] = total[k] / T(max(gh * gw, 1))
                     j += cuda.blockDim.x
                 i += cuda.blockDim.y
-            c += c_step
+            c_first += K * c_step
 
     @cuda.jit
     def backward(grad_out, rois, scale, n_images, sampling_ratio, aligned, height, width, grad_in, flag):
@@ -1036,8 +1050,8 @@ def _roi_align(features, rois, host, geometry, gpu, output_size, scale, sampling
         kernel = _ROI_ALIGN_CUDA[np.dtype(features.dtype)][0]
         N, _, H, W = features.shape
         flag = _fault_flag(reset=host is None)
-        launch(kernel, *_roi_blocks(R, C, ph, pw), _flat_features(features, "roi_align"), H, W, rois,
-               features.dtype.type(scale), N, sampling_ratio, aligned, out, flag)
+        launch(kernel, *_roi_blocks(R, C, ph, pw, CHANNELS_PER_THREAD), _flat_features(features, "roi_align"),
+               H, W, rois, features.dtype.type(scale), N, sampling_ratio, aligned, out, flag)
         if host is None:
             _raise_on_fault(flag, rois, N, features.dtype, scale, "roi_align")
     else:
