@@ -348,10 +348,34 @@ def test_cuda_roi_pool_ties_and_layout():
 def test_roi_blocks_cover_every_bin_without_dividing():
     assert roi._roi_blocks(300, 512, 7, 7) == ((300, 103), (7, 7, 5))  # 245 threads, 5 channels each
     assert roi._roi_blocks(4, 3, 2, 3) == ((4, 1), (3, 2, 3))
-    assert roi._roi_blocks(1, 2, 40, 50) == ((1, 2), (50, 20, 1))  # 2000 bins: rows in strides
+    assert roi._roi_blocks(1, 2, 40, 50) == ((1, 2), (50, 5, 1))  # 2000 bins: rows in strides
+    assert roi._roi_blocks(1, 1, 3, 1000) == ((1, 1), (256, 1, 1))  # columns in strides
+    for R, C, PH, PW in [(3, 5, 29, 31), (1, 1, 1, 1), (2, 600, 7, 7), (1, 3, 2, 300), (1, 1, 300, 2)]:
+        (gx, gy), (bx, by, bz) = roi._roi_blocks(R, C, PH, PW, 4)
+        assert bx * by * bz <= roi.ROI_THREADS  # what every RoI kernel can start with (RoIAlign: 640)
     assert roi._roi_blocks(1, 10**7, 1, 1) == ((1, roi.MAX_GRID_Y), (1, 1, 64))  # channel groups in strides
     assert roi._roi_blocks(300, 512, 7, 7, 4) == ((300, 26), (7, 7, 5))  # 4 channels a thread (3 for some)
     assert roi._roi_blocks(2, 3, 7, 7, 4) == ((2, 1), (7, 7, 3))
+
+
+@pytest.mark.parametrize("dtype, tol", [(np.float32, 1e-5), (np.float64, 1e-12)])
+def test_cuda_large_output_grids(dtype, tol):
+    # 29 x 31 = 899 bins a RoI, more than a block of RoIAlign's forward kernel may hold on
+    # a GPU (it needs 91 registers a thread: at most 640 threads): the bins go in strides.
+    rng = np.random.default_rng(12)
+    f = rng.standard_normal((1, 2, 9, 11)).astype(dtype)
+    rois = np.array([[0, 0, 0, 40, 30], [0, 8, 4, 20, 36]], dtype)
+    g = rng.standard_normal((2, 2, 29, 31)).astype(dtype)
+    d_f, d_r, d_g = cuda.to_device(f), cuda.to_device(rois), cuda.to_device(g)
+    out, argmax = roi_pool(f, rois, (29, 31), 0.25)
+    d_out, d_argmax = roi_pool(d_f, d_r, (29, 31), 0.25)
+    assert np.array_equal(d_out.copy_to_host(), out) and np.array_equal(d_argmax.copy_to_host(), argmax)
+    np.testing.assert_allclose(roi_pool_backward(d_g, d_argmax, f.shape).copy_to_host(),
+                               roi_pool_backward(g, argmax, f.shape), rtol=tol, atol=tol)
+    np.testing.assert_array_equal(roi_align(d_f, d_r, (29, 31), 0.25, 2).copy_to_host(),
+                                  roi_align(f, rois, (29, 31), 0.25, 2))
+    np.testing.assert_allclose(roi_align_backward(d_g, d_r, f.shape, 0.25, 2).copy_to_host(),
+                               roi_align_backward(g, rois, f.shape, 0.25, 2), rtol=tol, atol=tol)  # atomic order
 
 
 def test_cuda_kernels_take_bins_and_channels_in_strides(monkeypatch):

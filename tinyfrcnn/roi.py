@@ -302,7 +302,7 @@ def _roi_pool_backward_cpu(grad_out, argmax, grad_in, plane_size, bad):
                             grad_in[a] += grad_out[r, c, i, j]
 
 
-ROI_THREADS = 256  # threads per block of the RoI kernels, about
+ROI_THREADS = 256  # threads per block of the RoI kernels, at most
 CHANNELS_PER_THREAD = 4  # the forward kernels: a bin's edges or samples serve this many channels
 MAX_GRID_Y = 65535  # CUDA's limit on gridDim.y
 
@@ -316,9 +316,11 @@ def _roi_blocks(R, C, PH, PW, channels_per_thread=1):
     reads its indices off the launch instead of dividing a flat index (64-bit integer
     division is slow on a GPU), and the block's threads write neighbouring outputs.
     Outputs wider than a block and channel groups beyond the grid are taken in strides.
+    A block holds at most ``ROI_THREADS`` threads, whatever the output size: a kernel
+    that needs many registers (RoIAlign's forward, 91 a thread) cannot start with 1024.
     """
-    bx = min(PW, 1024)
-    by = min(PH, 1024 // bx)
+    bx = min(PW, ROI_THREADS)
+    by = min(PH, ROI_THREADS // bx)
     bz = max(1, min(C, 64, ROI_THREADS // (bx * by)))
     return (R, min(math.ceil(C / (bz * channels_per_thread)), MAX_GRID_Y)), (bx, by, bz)
 
