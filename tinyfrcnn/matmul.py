@@ -347,11 +347,7 @@ def matmul(a, b, trans_a=False, trans_b=False, out=None, accumulate=False):
     where = "matmul"
     a, b, out, (m, k, n), gpu = _validate(a, b, trans_a, trans_b, out, accumulate, where)
     if gpu:
-        if out is None:
-            out = empty_on_device((m, n), dtype=a.dtype)  # (M, N)
-        if m and n:
-            launch_tiled(a, b, out, bool(trans_a), bool(trans_b), bool(accumulate))
-        return out
+        return _device_matmul(a, b, bool(trans_a), bool(trans_b), out, bool(accumulate))
     a = a.T if trans_a else a
     b = b.T if trans_b else b
     if out is None:

@@ -151,7 +151,7 @@ def _check_inputs(features, rois, output_size, spatial_scale, where, upload=Fals
         raise ValueError(f"{where}: features must have non-zero height and width, got {tuple(features.shape)}")
     ph, pw = pair(output_size, "output_size", where)
     scale = check_number(spatial_scale, "spatial_scale", low=0, low_open=True, where=where)
-    if defer and C and N <= MAX_DEFERRED_IMAGES and is_device_array(features) and is_device_array(rois):
+    if defer and C and _kernel_checks(features, rois, N):
         return True, (ph, pw), scale, None, _check_roi_shape(rois, where)
     host = _check_rois(rois, N, features.dtype, scale, where)
     if upload and is_device_array(features) and not is_device_array(rois):
@@ -160,6 +160,12 @@ def _check_inputs(features, rois, output_size, spatial_scale, where, upload=Fals
     if not gpu:
         check_finite(features, "features", where)
     return gpu, (ph, pw), scale, host, rois
+
+
+def _kernel_checks(data, rois, n_images):
+    """Whether a kernel can check ``rois`` itself (``defer``): they and the array it reads
+    with them on the device, and few enough images for ``_make_roi_check_cuda``."""
+    return n_images <= MAX_DEFERRED_IMAGES and is_device_array(data) and is_device_array(rois)
 
 
 def _flat_features(features, where):
@@ -1079,8 +1085,7 @@ def roi_align_backward(grad_out, rois, features_shape, spatial_scale, sampling_r
     if 0 in shape[2:]:
         raise ValueError(f"{where}: features_shape must have non-zero height and width, got {shape}")
     scale = check_number(spatial_scale, "spatial_scale", low=0, low_open=True, where=where)
-    deferred = sampling_ratio > 0 and grad_out.size and shape[0] <= MAX_DEFERRED_IMAGES
-    if deferred and is_device_array(grad_out) and is_device_array(rois):
+    if sampling_ratio > 0 and grad_out.size and _kernel_checks(grad_out, rois, shape[0]):
         host, rois = None, _check_roi_shape(rois, where)  # the kernel checks the values, as in roi_align
     else:
         host = _check_rois(rois, shape[0], grad_out.dtype, scale, where)

@@ -162,7 +162,7 @@ def _label_anchors_batch(anchors, gt_boxes, pos_iou, neg_iou, inside):
     # padding never wins a max that a real row could win (IoUs are >= 0).
     iou = _box_iou_host(np.concatenate([gt_boxes[i] for i in with_gt]), anchors)  # (G, A)
     image_of_row = np.repeat(np.arange(with_gt.size), counts[with_gt])  # (G,)
-    row_in_image = np.arange(iou.shape[0]) - np.repeat(np.cumsum(counts[with_gt]) - counts[with_gt], counts[with_gt])
+    row_in_image = np.arange(iou.shape[0]) - np.repeat(_starts(counts[with_gt])[:-1], counts[with_gt])
     table = np.full((with_gt.size, counts.max(), num_anchors), -1.0, dtype=iou.dtype)  # (M, G_max, A)
     table[image_of_row, row_in_image] = iou
     matched = table.argmax(axis=1)  # (M, A): each anchor's best ground truth, over all anchors
@@ -262,7 +262,7 @@ def _regression_targets(anchors, gt_boxes, labels, matched_gt, weights):
     reg_targets = np.zeros((*labels.shape, 4), dtype=dtype)  # (N, A, 4)
     image, anchor = np.nonzero(labels == 1)  # positives overlap their gt, so both have positive sizes
     if image.size:
-        offsets = np.concatenate([[0], np.cumsum([g.shape[0] for g in gt_boxes])[:-1]]).astype(np.int64)  # (N,)
+        offsets = _starts([g.shape[0] for g in gt_boxes])[:-1]  # (N,)
         gts = np.concatenate(gt_boxes)  # (G, 4)
         reg_targets[image, anchor] = _encode(anchors[anchor], gts[offsets[image] + matched_gt[image, anchor]], weights)
     return reg_targets
