@@ -523,6 +523,37 @@ def test_cuda_pool_backward_rejects_bad_argmax_after_the_kernel():
     assert np.array_equal(grad, roi_pool_backward(out, argmax, f.shape))
 
 
+
+def test_each_thread_reads_its_own_kernels_verdict(monkeypatch):
+    """Two host threads at once: while one call waits for its kernel, another thread's
+    kernel meets a bad RoI and raises its flag. The waiting call must not see it."""
+    import threading
+
+    others = []
+    thread = threading.Thread(target=lambda: others.append(roi._fault_flag()))
+    thread.start()
+    thread.join()
+    real_launch = roi.launch
+
+    def launch_while_another_thread_faults(*args):
+        real_launch(*args)
+        others[0][0] = 1  # the other thread's kernel, running meanwhile
+
+    monkeypatch.setattr(roi, "launch", launch_while_another_thread_faults)
+    rng = np.random.default_rng(0)
+    f = rng.standard_normal((1, 2, 5, 6)).astype(np.float32)  # (N, C, H, W)
+    rois = np.array([[0, 0, 0, 4, 3], [0, 1, 2, 5, 4]], np.float32)  # (R, 5)
+    g = rng.standard_normal((2, 2, 2, 2)).astype(np.float32)  # (R, C, 2, 2)
+    d_f, d_r = cuda.to_device(f), cuda.to_device(rois)
+    out, argmax = roi_pool(d_f, d_r, 2, 1.0)
+    assert np.array_equal(out.copy_to_host(), roi_pool(f, rois, 2, 1.0)[0])
+    grad = roi_pool_backward(cuda.to_device(g), argmax, f.shape).copy_to_host()
+    assert np.array_equal(grad, roi_pool_backward(g, argmax.copy_to_host(), f.shape))
+    assert np.array_equal(roi_align(d_f, d_r, 2, 1.0, 2).copy_to_host(), roi_align(f, rois, 2, 1.0, 2))
+    got = roi_align_backward(cuda.to_device(g), d_r, f.shape, 1.0, 2).copy_to_host()
+    np.testing.assert_allclose(got, roi_align_backward(g, rois, f.shape, 1.0, 2), rtol=1e-6, atol=1e-6)
+    assert others[0] is not roi._fault_flag(reset=False)
+
 def test_kernels_compile_to_ptx():
     jobs = []
     for t, s in (("float32", "f32"), ("float64", "f64")):

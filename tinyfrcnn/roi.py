@@ -31,6 +31,7 @@ most ``MAX_ROI_SAMPLES`` (2**21) bilinear samples in RoIAlign.
 """
 
 import math
+import threading
 
 import numpy as np
 from numba import cuda, float32, float64, int64, njit, prange, uint64
@@ -186,16 +187,17 @@ def _empty(gpu, shape, dtype):
     return empty_on_device(shape, dtype) if gpu else np.zeros(shape, dtype=dtype)
 
 
-_FAULT_FLAG = []  # one mapped (host-visible) int32, made on first use
+_FAULT_FLAGS = threading.local()  # .flag: the thread's mapped (host-visible) int32, made on first use
 
 
 def _fault_flag(reset=True):
     """A pinned host int32 that kernels set when they meet bad input (a RoI or an argmax
     entry): no allocation or copy per call; set to 0 when ``reset`` (a call that does
-    not read it back leaves it alone)."""
-    if not _FAULT_FLAG:
-        _FAULT_FLAG.append(cuda.mapped_array(1, dtype=np.int32))
-    flag = _FAULT_FLAG[0]
+    not read it back leaves it alone). One per host thread: a call reads the verdict
+    of its own kernel, not of one that another thread launched meanwhile."""
+    flag = getattr(_FAULT_FLAGS, "flag", None)
+    if flag is None:
+        flag = _FAULT_FLAGS.flag = cuda.mapped_array(1, dtype=np.int32)
     if reset:
         flag[0] = 0
     return flag
