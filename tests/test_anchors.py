@@ -69,6 +69,9 @@ def test_grid_anchors_shift_base_by_cell_centres(H, W, stride):
 def test_empty_feature_map_gives_no_anchors():
     out = grid_anchors(base_anchors(), 0, 7, 16)
     assert out.shape == (0, 4) and out.dtype == np.float32
+    # However long the other side: no (W,) row of centres is made for an empty grid.
+    for h, w in [(0, 10**30), (10**30, 0)]:
+        assert grid_anchors(base_anchors().astype(np.float64), h, w, 16).shape == (0, 4)
 
 
 @pytest.mark.parametrize("call, message", [

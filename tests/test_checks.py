@@ -6,7 +6,10 @@ import numpy as np
 import pytest
 from numba import cuda
 
-from tinyfrcnn.checks import NonFiniteValues, check_finite
+from tinyfrcnn.checks import NonFiniteValues, check_finite, check_shape
+from tinyfrcnn.im2col import col2im
+from tinyfrcnn.roi import roi_align_backward, roi_pool_backward
+from tinyfrcnn.rpn import from_anchor_rows
 
 
 @pytest.mark.parametrize("values", [np.array([1.0, 2.0]), [1.0, 2.0], (3, 4), 5.0, np.zeros((0, 3)), [True]])
@@ -32,3 +35,32 @@ def test_check_finite_of_device_arrays_and_bad_arguments():
         check_finite(["a"], "x", "f")
     with pytest.raises(ValueError, match="f: x is not an array"):
         check_finite([[1.0, 2.0], [3.0]], "x", "f")  # ragged
+
+
+BIG = 10**30
+
+
+@pytest.mark.parametrize("call, words", [
+    (lambda: check_shape((1, 1, BIG, 1), "x_shape", 4, "f"), r"f: x_shape \(1, 1, 10+, 1\) describes an array beyond"),
+    # An empty array too: NumPy refuses a shape whose non-zero dimensions overflow.
+    (lambda: check_shape((0, 1, 2**62, 4), "x_shape", 4), r"^x_shape \(0, 1, 4611686018427387904, 4\) describes"),
+    (lambda: roi_pool_backward(np.zeros((0, 1, 2, 2), np.float32), np.zeros((0, 1, 2, 2), np.int64), (1, 1, BIG, 1)),
+     "roi_pool_backward: features_shape"),
+    (lambda: roi_align_backward(np.zeros((0, 1, 2, 2), np.float32), np.zeros((0, 5), np.float32), (0, 1, BIG, 1), 1.0),
+     "roi_align_backward: features_shape"),
+    (lambda: col2im(np.zeros((9, 0, 0), np.float32), (0, 1, BIG, 3), 3, 1, 1), "col2im: x_shape"),
+    (lambda: from_anchor_rows(np.zeros((0, 0, 2), np.float32), 3, 0, BIG),
+     r"from_anchor_rows: \(N, num_anchors\*D, height, width\) \(0, 6, 0, 10+\)"),
+])
+def test_shapes_beyond_numpys_limit_are_refused_by_name(call, words):
+    with pytest.raises(ValueError, match=words):
+        call()
+
+
+def test_shapes_within_numpys_limit_pass():
+    limit = np.iinfo(np.intp).max // 8
+    assert check_shape((0, 1, limit, 1), "x_shape", 4) == (0, 1, limit, 1)
+    with pytest.raises(ValueError, match="beyond NumPy's size limit"):
+        check_shape((0, 1, limit + 1, 1), "x_shape", 4)
+    assert from_anchor_rows(np.zeros((1, 0, 2), np.float32), 3, 0, 2**40).shape == (1, 6, 0, 2**40)
+    np.zeros((0, 1, limit, 1), np.float64)  # what the limit promises

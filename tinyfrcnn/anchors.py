@@ -66,6 +66,8 @@ def grid_anchors(base, feat_height, feat_width, stride):
     if feat_height * feat_width * base.shape[0] > MAX_ANCHORS:
         raise ValueError(f"{where}: a {feat_height} x {feat_width} grid of {base.shape[0]} anchors is more than "
                          f"MAX_ANCHORS = {MAX_ANCHORS}")
+    if feat_height * feat_width == 0:
+        return np.zeros((0, 4), base.dtype)  # (0, 4), however long the other side
     cx = (np.arange(feat_width) + 0.5) * stride  # (W,)
     cy = (np.arange(feat_height) + 0.5) * stride  # (H,)
     cy, cx = np.meshgrid(cy, cx, indexing="ij")  # (H, W) each

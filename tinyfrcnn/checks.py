@@ -198,9 +198,22 @@ def padding_pair(value, name, where=""):
 
 
 def check_shape(value, name, ndim, where=""):
-    """A shape: a tuple or list of ``ndim`` non-negative ints, as a tuple."""
+    """A shape: a tuple or list of ``ndim`` non-negative ints that an array can have, as a tuple."""
     prefix = f"{where}: " if where else ""
     if (not isinstance(value, (tuple, list)) or len(value) != ndim
             or any(isinstance(s, bool) or not isinstance(s, (int, np.integer)) or s < 0 for s in value)):
         raise ValueError(f"{prefix}{name} must be a tuple of {ndim} non-negative ints, got {value!r}")
-    return tuple(int(s) for s in value)
+    shape = tuple(int(s) for s in value)
+    check_array_fits(shape, name, where)
+    return shape
+
+
+MAX_ARRAY_BYTES = np.iinfo(np.intp).max  # NumPy's limit on an array's bytes
+
+
+def check_array_fits(shape, name, where=""):
+    """An array of ``shape`` and 8-byte items must fit NumPy's limit: the product of its
+    non-zero dimensions times 8 at most ``MAX_ARRAY_BYTES`` (an empty array's shape too)."""
+    if math.prod(s for s in shape if s) * 8 > MAX_ARRAY_BYTES:
+        prefix = f"{where}: " if where else ""
+        raise ValueError(f"{prefix}{name} {tuple(shape)} describes an array beyond NumPy's size limit")

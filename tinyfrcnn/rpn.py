@@ -25,8 +25,8 @@ import numpy as np
 from numba import cuda
 
 from .boxes import _clip_boxes, _decode, _large_boxes, box_iou
-from .checks import (as_float_array, cast_finite, check_boxes, check_finite, check_non_negative_int, check_number,
-                     check_positive_int, check_rng)
+from .checks import (as_float_array, cast_finite, check_array_fits, check_boxes, check_finite, check_non_negative_int,
+                     check_number, check_positive_int, check_rng)
 from .device import empty_on_device, grid_1d, is_device_array, launch
 from .layers import Conv2d, Module, Parameter, ReLU, _add_cuda, _flat
 from .losses import _as_labels, _smooth_l1_beta, _smooth_l1_slices, _softmax_cross_entropy_slices
@@ -107,6 +107,7 @@ def from_anchor_rows(rows, num_anchors, height, width):
     n, num, d = rows.shape
     if num != h * w * k:
         raise ValueError(f"{where}: rows has {num} rows, but height*width*num_anchors = {h}*{w}*{k} = {h * w * k}")
+    check_array_fits((n, k * d, h, w), "(N, num_anchors*D, height, width)", where)
     if not is_device_array(rows):
         return np.ascontiguousarray(rows.reshape(n, h, w, k, d).transpose(0, 3, 4, 1, 2).reshape(n, k * d, h, w))
     if not rows.is_c_contiguous():
