@@ -147,7 +147,9 @@ def test_checkpoint_round_trip_is_exact(tmp_path):
     assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp")]
     umask = os.umask(0o027)
     try:
-        model.save(path)  # the mode a new file gets, as with open(): not mkstemp's 0o600
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(os, "umask", None)  # saving leaves the umask alone (other threads use it)
+            model.save(path)  # the mode a new file gets, as with open(): not mkstemp's 0o600
         assert os.stat(path).st_mode & 0o777 == 0o640
     finally:
         os.umask(umask)

@@ -16,7 +16,7 @@ the class docstring lists what crosses the bus in a training step.
 
 import json
 import os
-import tempfile
+import secrets
 from dataclasses import asdict, dataclass, fields
 
 import numpy as np
@@ -492,17 +492,13 @@ class FasterRCNN(Module):
 
 
 def save_npz_atomically(path, arrays):
+    """``np.savez`` to a new file beside ``path``, then renamed over it: a reader sees the
+    old checkpoint or the new one, never half of one."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=folder)
-    umask = os.umask(0)
-    os.umask(umask)
+    fd, tmp = _new_file(folder)
     try:
         with os.fdopen(fd, "wb") as f:
-            try:
-                os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; give it a new file's usual mode
-            except PermissionError:  # file systems without modes (vfat) refuse; keep mkstemp's
-                pass
             np.savez(f, **arrays)
             f.flush()
             os.fsync(f.fileno())
@@ -511,6 +507,18 @@ def save_npz_atomically(path, arrays):
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def _new_file(folder):
+    """(descriptor, path) of a file made in ``folder`` under a fresh name, with the mode
+    ``open()`` gives a new file (0o666 less the process's umask, which the system applies)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
+    while True:
+        tmp = os.path.join(folder, f".tmp-{secrets.token_hex(8)}.npz")
+        try:
+            return os.open(tmp, flags, 0o666), tmp
+        except FileExistsError:  # 2**-64 a try
+            continue
 
 
 def read_checkpoint(path):
