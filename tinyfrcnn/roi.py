@@ -56,7 +56,8 @@ def _check_rois(rois, n_images, dtype, scale, where):
     and every coordinate within ``MAX_ROI_CELLS`` feature cells once cast to ``dtype`` and
     multiplied by ``scale`` as the kernels do, so their integer casts cannot overflow.
 
-    Returns a host copy in ``dtype`` (device RoIs are copied: they are small).
+    Returns the RoIs on the host in ``dtype``: device RoIs are copied (they are small), NumPy
+    RoIs already in ``dtype`` come back as they are, not copied.
     """
     rois = _check_roi_shape(rois, where)
     host = rois.copy_to_host() if is_device_array(rois) else np.asarray(rois)
@@ -114,8 +115,8 @@ def _rois_valid(rois, cast, n_images, scale, max_cells):
 
 def _make_roi_check_cuda(dtype):
     """``_rois_valid`` for RoI r, on the device, for features of ``dtype``: the kernels
-    given device RoIs check them where they are (``_check_inputs``' ``defer``). Batch
-    indices are compared in ``dtype``, so ``n_images`` must be at most
+    given device RoIs check them where they are (``_check_inputs``' ``defer``).
+    ``n_images`` is cast to ``dtype`` for the comparison, so it must be at most
     ``MAX_DEFERRED_IMAGES``."""
     T = _cuda_scalar(dtype)
     mul, _ = rounded_ops(dtype)
@@ -142,7 +143,8 @@ def _check_inputs(features, rois, output_size, spatial_scale, where, upload=Fals
     ``upload``: NumPy ``rois`` with device ``features`` are uploaded (the returned
     ``rois``, in the features' dtype) instead of refused. The layers do this: the RoIs
     are made on the host, and checking the host copy saves copying them back.
-    ``defer``: device ``rois`` with device ``features`` are checked for shape and dtype
+    ``defer``: device ``rois`` with device ``features`` (with channels, and at most
+    ``MAX_DEFERRED_IMAGES`` images: ``_kernel_checks``) are checked for shape and dtype
     only (host rois None); the kernel checks their values and ``_raise_on_fault`` reads
     its verdict: no copy back to the host and no wait before the launch.
     """
@@ -444,9 +446,10 @@ def _roi_pool_backward_cuda(grad_out, argmax, grad_in, flag):
 def roi_pool(features, rois, output_size, spatial_scale):
     """RoI max pooling (Fast R-CNN): ``y[r, c, i, j] = max over bin (i, j) of RoI r``.
 
-    features (N, C, H, W) float32/float64, finite; rois (R, 5) as (batch_index, x1, y1,
-    x2, y2) in image coordinates; the feature map is the image scaled by ``spatial_scale``,
-    and |coordinate * spatial_scale| may be at most ``MAX_ROI_CELLS`` (2**24).
+    features (N, C, H, W) float32/float64, finite (checked on the host; device features
+    are not read back to check); rois (R, 5) as (batch_index, x1, y1, x2, y2) in image
+    coordinates; the feature map is the image scaled by ``spatial_scale``, and
+    |coordinate * spatial_scale| may be at most ``MAX_ROI_CELLS`` (2**24).
     Returns ``(output (R, C, ph, pw), argmax (R, C, ph, pw) int64)``: argmax is the flat
     index into ``features`` of each maximum, -1 for an empty bin (whose output is 0).
     Same numbers as ``torchvision.ops.roi_pool``. Device RoIs are checked by the kernel
@@ -712,7 +715,8 @@ def _align_tables(y0, x0, bin_h, bin_w, grid_h, grid_w, offsets, PH, PW, H, W):
 
     Samples of RoI r, bin (i, j) are rows offsets[r] + (i * PW + j) * gh * gw onwards.
     Samples off the map get weight 0. Returns pos (S, 4) uint32 (unsigned, so indexing
-    skips numba's negative-index check; 4 bytes, as the table is read once per channel)
+    skips numba's negative-index check; 4 bytes, as the table is read once per block of
+    four channels)
     and weight (S, 4) in the RoIs' dtype.
     """
     pos = np.zeros((offsets[-1], 4), np.uint32)
