@@ -278,11 +278,11 @@ class Launcher:
     """``launch(kernel, grid, block, *args)``: the same launch as ``kernel[grid, block](*args)``.
 
     A numba launch spends Python time on the host before the GPU sees it (about 40 us
-    bare, 55 to 120 us more than this launcher's inside a train step on an H200's
-    host): it types every argument (building a numba type for each new device array),
-    looks the compiled kernel up by those types, wraps each array in a memory view and
-    packs the arguments. A train step launches 123 kernels, each a few microseconds of
-    GPU work, so the host, not the GPU, set the pace.
+    bare, 50 to 120 us more than this launcher's inside a train step on an H200's
+    host, across runs): it types every argument (building a numba type for each new
+    device array), looks the compiled kernel up by those types, wraps each array in a
+    memory view and packs the arguments. A train step launches about 125 kernels, each a
+    few microseconds of GPU work, so the host, not the GPU, sets the pace.
 
     The launcher keeps, per kernel and per *kind* of arguments (each array's dtype,
     dimensions and numba layout; each scalar's type), the compiled kernel and how to
