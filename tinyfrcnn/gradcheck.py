@@ -21,8 +21,8 @@ DEFAULT_FLOOR = 1e-8
 def relative_error(analytic, numeric, floor=DEFAULT_FLOOR):
     """Elementwise |a - n| / max(|a| + |n|, floor).
 
-    0 when they agree, 1 when one is zero and the other not (or they have opposite
-    signs). The ``floor`` keeps exact zeros from dividing by zero: where both gradients
+    0 when they agree, 1 when one is zero and the other at least ``floor`` in size (or
+    they have opposite signs and |a| + |n| >= ``floor``). The ``floor`` keeps exact zeros from dividing by zero: where both gradients
     are smaller than ``floor`` the error is absolute, |a - n| / floor, so two values
     below about ``floor * 1e-6`` count as agreeing to 1e-6.
     """
