@@ -2,7 +2,7 @@
 R-CNN head both read.
 
 The paper shares the conv layers of VGG-16 or ZF (stride 16) between the two networks.
-Shapes images are 128x128 with objects of 12 to 64 pixels, so a much smaller stack
+Shapes images are 128x128 with objects drawn at 12 to 64 pixels, so a much smaller stack
 suffices: 3x3 convolutions (padding 1) with ReLU, and 2x2 max pools after the first
 three, give a stride-8 feature map (16x16 for a 128x128 image) whose cells see about
 40 pixels, the size of a typical object. Its layers are the ones of chapter 1.

@@ -64,7 +64,7 @@ class ModelConfig:
 
     Anchors: the paper's 3 scales x 3 ratios suit VOC/COCO objects. Shapes boxes are
     nearly square (h/w within 0.92..1.09 for 98% of them; partly hidden shapes reach
-    about 0.6..1.4) and 11 to 64 px wide, so chapter 04 measures that ratios 0.5 and 2
+    about 0.6..1.55) and 9 to 64 px wide, so chapter 04 measures that ratios 0.5 and 2
     add no coverage, while sizes a factor sqrt(2) apart (16 to 64) double the share of
     objects with an anchor at IoU >= 0.7 (70% against 35%).
     """
