@@ -5,7 +5,8 @@ Two places in Faster R-CNN need a teacher's answer for each box the network look
 * the RPN (paper, section 3.1.2): each anchor is labelled positive (an object), negative
   (background) or ignored by its IoU with the ground truth, and 256 of them are sampled
   per image with at most half positives;
-* the Fast R-CNN head: 128 proposals per image are sampled, a quarter foreground
+* the Fast R-CNN head: 128 proposals per image are sampled (``sample_proposals``' default;
+  the detector takes ``ModelConfig.roi_batch``, 64), a quarter foreground
   (IoU >= 0.5) and the rest background (IoU in [0, 0.5)), each labelled with its
   matched ground truth's class.
 
