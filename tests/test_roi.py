@@ -523,7 +523,6 @@ def test_cuda_pool_backward_rejects_bad_argmax_after_the_kernel():
     assert np.array_equal(grad, roi_pool_backward(out, argmax, f.shape))
 
 
-
 def test_each_thread_reads_its_own_kernels_verdict(monkeypatch):
     """Two host threads at once: while one call waits for its kernel, another thread's
     kernel meets a bad RoI and raises its flag. The waiting call must not see it."""
@@ -553,6 +552,7 @@ def test_each_thread_reads_its_own_kernels_verdict(monkeypatch):
     got = roi_align_backward(cuda.to_device(g), d_r, f.shape, 1.0, 2).copy_to_host()
     np.testing.assert_allclose(got, roi_align_backward(g, rois, f.shape, 1.0, 2), rtol=1e-6, atol=1e-6)
     assert others[0] is not roi._fault_flag(reset=False)
+
 
 def test_kernels_compile_to_ptx():
     jobs = []

@@ -22,9 +22,10 @@ def relative_error(analytic, numeric, floor=DEFAULT_FLOOR):
     """Elementwise |a - n| / max(|a| + |n|, floor).
 
     0 when they agree, 1 when one is zero and the other at least ``floor`` in size (or
-    they have opposite signs and |a| + |n| >= ``floor``). The ``floor`` keeps exact zeros from dividing by zero: where both gradients
-    are smaller than ``floor`` the error is absolute, |a - n| / floor, so two values
-    below about ``floor * 1e-6`` count as agreeing to 1e-6.
+    they have opposite signs and |a| + |n| >= ``floor``). The ``floor`` keeps exact
+    zeros from dividing by zero: where both gradients are smaller than ``floor`` the
+    error is absolute, |a - n| / floor, so two values below about ``floor * 1e-6`` count
+    as agreeing to 1e-6.
     """
     a = np.asarray(analytic, dtype=np.float64)
     n = np.asarray(numeric, dtype=np.float64)

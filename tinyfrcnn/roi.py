@@ -716,8 +716,7 @@ def _align_tables(y0, x0, bin_h, bin_w, grid_h, grid_w, offsets, PH, PW, H, W):
     Samples of RoI r, bin (i, j) are rows offsets[r] + (i * PW + j) * gh * gw onwards.
     Samples off the map get weight 0. Returns pos (S, 4) uint32 (unsigned, so indexing
     skips numba's negative-index check; 4 bytes, as the table is read once per block of
-    four channels)
-    and weight (S, 4) in the RoIs' dtype.
+    four channels) and weight (S, 4) in the RoIs' dtype.
     """
     pos = np.zeros((offsets[-1], 4), np.uint32)
     weight = np.zeros((offsets[-1], 4), y0.dtype)
