@@ -178,6 +178,20 @@ def test_validation(kwargs, word):
         ShapesDataset(**kwargs)
 
 
+@pytest.mark.parametrize("call, words", [
+    (lambda: ShapesDataset(1, image_size=10**30), "image_size"),
+    (lambda: shapes.render_scene(np.random.default_rng(0), 10**30), "image_size"),
+    (lambda: shapes.render_scene(np.random.default_rng(0), 16), "image_size must be at least 32"),
+    (lambda: shapes.shape_crops(10**30), r"\(num_images, 3, crop_size, crop_size\)"),
+    (lambda: shapes.shape_mask(1, 10**30), "shape_mask: size"),
+    (lambda: shapes.shape_mask(2, -3), "shape_mask: size must be a positive integer"),
+    (lambda: shapes.shape_mask(4, 8), "shape_mask: label must be 1, 2 or 3"),
+])
+def test_sizes_are_checked_before_anything_is_allocated(call, words):
+    with pytest.raises(ValueError, match=words):
+        call()
+
+
 def test_empty_dataset_and_batch():
     d = ShapesDataset(0)
     assert len(d) == 0

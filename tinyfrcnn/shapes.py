@@ -42,7 +42,8 @@ import os
 
 import numpy as np
 
-from .checks import as_array, as_boxes, as_float_array, check_finite, check_non_negative_int, check_positive_int
+from .checks import (as_array, as_boxes, as_float_array, check_array_fits, check_finite, check_non_negative_int,
+                     check_positive_int)
 
 CLASS_NAMES = ("background", "circle", "square", "triangle")
 NUM_CLASSES = len(CLASS_NAMES) - 1
@@ -65,6 +66,7 @@ def _check_image_size(value, name="image_size", low=MIN_IMAGE_SIZE):
     value = check_positive_int(value, name)
     if value < low:
         raise ValueError(f"{name} must be at least {low}, got {value}")
+    check_array_fits((3, value, value), name)
     return value
 
 
@@ -121,17 +123,19 @@ def shape_mask(label, size, orientation=0):
     turns the apex-up triangle by k quarter turns. A pixel is in the shape when its
     centre is: inside the disc of radius size/2, or inside the triangle.
     """
+    if label not in (1, 2, 3):
+        raise ValueError(f"shape_mask: label must be 1, 2 or 3, got {label!r}")
+    size = check_positive_int(size, "size", "shape_mask")
+    check_array_fits((size, size), "size", "shape_mask")
     c = (np.arange(size, dtype=np.float32) + 0.5) - size / 2  # (s,) pixel centres from the window centre
     if label == 1:
         r = size / 2
         return c[:, None] ** 2 + c[None, :] ** 2 <= r * r  # (s, s)
     if label == 2:
         return np.ones((size, size), dtype=bool)
-    if label == 3:
-        depth = (np.arange(size, dtype=np.float32) + 0.5) / size  # (s,) fraction of the height below the apex
-        mask = np.abs(c)[None, :] <= depth[:, None] * (size / 2)  # (s, s) apex up
-        return np.rot90(mask, orientation)
-    raise ValueError(f"label must be 1, 2 or 3, got {label!r}")
+    depth = (np.arange(size, dtype=np.float32) + 0.5) / size  # (s,) fraction of the height below the apex (label 3)
+    mask = np.abs(c)[None, :] <= depth[:, None] * (size / 2)  # (s, s) apex up
+    return np.rot90(mask, orientation)
 
 
 def _tight_box(mask, y0, x0):
@@ -166,7 +170,7 @@ def render_scene(rng, image_size, with_record=False):
     pixels, ``full_boxes`` (K, 4) tight boxes before occlusion, ``colors`` (K, 3),
     ``visible_fraction`` (K,).
     """
-    H = W = image_size
+    H = W = _check_image_size(image_size)
     img = background(rng, H, W)  # (3, H, W)
     owner = np.full((H, W), -1, dtype=np.int16)  # index of the object visible at each pixel
     full_count, visible_count, full_boxes, labels, colors = [], [], [], [], []
@@ -279,6 +283,7 @@ def shape_crops(num_images, crop_size=32, seed=0):
     n = check_non_negative_int(num_images, "num_images")
     S = _check_image_size(crop_size, "crop_size", low=16)
     seed = check_non_negative_int(seed, "seed")
+    check_array_fits((n, 3, S, S), "(num_images, 3, crop_size, crop_size)")
     rng = np.random.default_rng([seed, S])
     images = np.empty((n, 3, S, S), dtype=np.float32)  # (N, 3, S, S)
     labels = rng.integers(0, NUM_CLASSES, size=n).astype(np.int64)  # (N,)
