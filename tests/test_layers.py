@@ -526,6 +526,11 @@ def test_bad_constructor_arguments():
         MaxPool2d(2, 0)
     with pytest.raises(ValueError, match="Linear: out_features must be a positive integer"):
         Linear(2, 2.5)
+    # Weights beyond NumPy's size limit are refused by name, before any allocation.
+    with pytest.raises(ValueError, match=r"Conv2d: weight \(out_channels, in_channels, kh, kw\) \(10+, 1, 3, 3\)"):
+        Conv2d(1, 10**30, 3)
+    with pytest.raises(ValueError, match=r"Linear: weight \(out_features, in_features\) \(2, 10+\)"):
+        Linear(10**30, 2)
     with pytest.raises(ValueError, match="Sequential: layer 1 must be a Module"):
         Sequential(ReLU(), "relu")
     relu = ReLU()

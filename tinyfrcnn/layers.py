@@ -28,7 +28,8 @@ import math
 import numpy as np
 from numba import cuda, njit, prange
 
-from .checks import as_array, as_float_array, check_finite, check_positive_int, check_shape, padding_pair, pair
+from .checks import (as_array, as_float_array, check_array_fits, check_finite, check_positive_int, check_shape,
+                     padding_pair, pair)
 from .device import check_device, empty_on_device, grid_1d, is_device_array, launch, on_device
 from .im2col import _col2im, _contiguous, _im2col, _output_size, output_size
 from .matmul import _device_matmul, matmul
@@ -597,6 +598,8 @@ class Conv2d(Module):
         self.needs_input_grad = bool(needs_input_grad)
         rng = np.random.default_rng(0) if rng is None else rng
         kh, kw = self.kernel_size
+        check_array_fits((self.out_channels, self.in_channels, kh, kw), "weight (out_channels, in_channels, kh, kw)",
+                         where)
         fan_in = self.in_channels * kh * kw
         self.weight = Parameter(_he_normal((self.out_channels, self.in_channels, kh, kw), fan_in, rng))
         self.bias = Parameter(np.zeros(self.out_channels, dtype=np.float32))
@@ -990,6 +993,7 @@ class Linear(Module):
         where = "Linear"
         self.in_features = check_positive_int(in_features, "in_features", where)
         self.out_features = check_positive_int(out_features, "out_features", where)
+        check_array_fits((self.out_features, self.in_features), "weight (out_features, in_features)", where)
         rng = np.random.default_rng(0) if rng is None else rng
         self.weight = Parameter(_he_normal((self.out_features, self.in_features), self.in_features, rng))
         self.bias = Parameter(np.zeros(self.out_features, dtype=np.float32))
