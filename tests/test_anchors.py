@@ -84,6 +84,12 @@ def test_empty_feature_map_gives_no_anchors():
     (lambda: base_anchors(16, scales=np.array(8)), "scales must be a non-empty sequence"),
     (lambda: base_anchors(1e30, scales=(1e10,)), "overflows float32"),
     (lambda: base_anchors(1e-300), "underflows float32"),
+    (lambda: base_anchors(0), "base_anchors: base_size must be > 0, got 0"),
+    (lambda: base_anchors(-16), "base_anchors: base_size must be > 0, got -16"),
+    (lambda: base_anchors(16, scales=(8, 0)), "base_anchors: scales must be > 0, got 0"),
+    (lambda: base_anchors(16, ratios=(1, 0.0)), r"base_anchors: ratios must be > 0, got 0\.0"),
+    (lambda: base_anchors(1e-30, scales=(1,), ratios=(1e30,)), "underflows float32"),  # width 1e-45 rounds to 0
+    (lambda: base_anchors(1e-30, scales=(1,), ratios=(1e-30,)), "underflows float32"),  # height 1e-45 rounds to 0
     (lambda: grid_anchors(np.zeros((9, 3), np.float32), 2, 2, 16), "base"),
     (lambda: grid_anchors(np.zeros((9, 4), np.int64), 2, 2, 16), "base"),
     (lambda: grid_anchors(np.full((9, 4), np.nan, np.float32), 2, 2, 16), "base"),

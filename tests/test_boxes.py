@@ -104,6 +104,11 @@ def test_box_area():
     np.testing.assert_array_equal(out, [6, 0])
 
 
+def test_box_area_of_boxes_away_from_the_origin():
+    boxes = np.array([[1, 2, 4, 8], [-3, 5, 2, 6]], np.float64)  # 3 x 6 and 5 x 1
+    np.testing.assert_array_equal(box_area(boxes), [18, 5])
+
+
 # ---------------------------------------------------------------- clip / remove small
 
 def test_clip_boxes():
@@ -141,6 +146,12 @@ def test_remove_small_boxes():
     assert keep.dtype == np.int64
     np.testing.assert_array_equal(keep, [0, 3])
     np.testing.assert_array_equal(remove_small_boxes(boxes, 0.0), np.arange(5))
+
+
+def test_remove_small_boxes_away_from_the_origin():
+    # each side measured between its own corners: 3 x 2, 2 x 3, 3 x 1.5
+    boxes = np.array([[5, 0, 8, 2], [0, 5, 2, 8], [10, 20, 13, 21.5]], np.float32)
+    np.testing.assert_array_equal(remove_small_boxes(boxes, 2.0), [0, 1])
 
 
 # ---------------------------------------------------------------- encode / decode
@@ -282,6 +293,23 @@ def test_bad_arguments_raise():
         remove_small_boxes(GOOD, float("nan"))
 
 
+TWO = np.array([[0, 0, 1, 1], [0, 0, 2, 2]], np.float32)
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: clip_boxes(GOOD, 4, -1), "clip_boxes: width must be >= 0, got -1"),
+    (lambda: clip_boxes(np.zeros((2, 0), np.float32), 4, 4), r"clip_boxes: boxes must have shape \(N, 4\) or \(N, 4\*K\)"),
+    (lambda: remove_small_boxes(GOOD, -1.0), "remove_small_boxes: min_size must be >= 0, got -1.0"),
+    (lambda: encode(GOOD, GOOD, weights=(1, 1, 1, 1, 1)), r"encode: weights must be 4 numbers \(wx, wy, ww, wh\)"),
+    (lambda: decode(GOOD, np.zeros((1, 4), np.float32), weights=(1, 1, -5, 1)), r"decode: weights\[2\] must be > 0"),
+    (lambda: encode(TWO, GOOD), "encode: reference has 2 boxes but target has 1"),
+    (lambda: decode(TWO, np.zeros((1, 4), np.float32)), "decode: reference has 2 boxes but deltas has 1 rows"),
+])
+def test_bad_arguments_name_the_argument(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
+
+
 # ---------------------------------------------------------------- CUDA (simulator) and PTX
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -307,6 +335,13 @@ def test_box_iou_cuda_bad_input():
         encode(cuda.to_device(GOOD), GOOD)
     empty = box_iou(cuda.to_device(np.zeros((0, 4), np.float32)), cuda.to_device(GOOD))
     assert empty.shape == (0, 1)
+
+
+def test_box_iou_cuda_checks_both_arguments():
+    with pytest.raises(ValueError, match=r"box_iou: b\[0\] = \[2.0, 0.0, 1.0, 1.0\] has x2 < x1"):
+        box_iou(cuda.to_device(GOOD), cuda.to_device(np.array([[2, 0, 1, 1]], np.float32)))
+    with pytest.raises(ValueError, match=r"box_iou: b holds NaN or inf"):
+        box_iou(cuda.to_device(GOOD), cuda.to_device(np.array([[0, 0, np.nan, 1]], np.float32)))
 
 
 def test_kernels_compile_to_ptx():

@@ -250,6 +250,29 @@ def test_coco_hand_worked_iou_threshold():
     assert_matches_cocoeval(detections, ground_truths)
 
 
+def test_coco_max_detections_keeps_the_top_per_image():
+    # 2 gts, both found, but only the best detection counts with max_detections=1:
+    # recall 1/2 at precision 1 -> recall points 0..0.50 (51 of 101) read 1.
+    ground_truths = [gt([[0, 0, 10, 10], [50, 50, 60, 60]], [1, 1])]
+    detections = [det([[0, 0, 10, 10], [50, 50, 60, 60]], [0.9, 0.8], [1, 1])]
+    out = coco_ap(detections, ground_truths, max_detections=1)
+    assert out["AP"] == pytest.approx(51 / 101, abs=1e-12) and out["AR100"] == 0.5
+    assert_matches_cocoeval(detections, ground_truths, max_dets=1)
+
+
+def test_coco_thresholds_at_the_ends():
+    # t = 1 asks for IoU >= 1 - 1e-10 (COCOeval's min(t, 1 - 1e-10)): a box off by 1e-11 matches
+    ground_truths = [gt([[0, 0, 10, 10]], [1])]
+    ap = coco_ap([det([[1e-11, 0, 10, 10]], [0.9], [1])], ground_truths, iou_thresholds=[1.0])["AP"]
+    assert ap == pytest.approx(1.0, abs=1e-12)
+    assert coco_ap([det([[1e-9, 0, 10, 10]], [0.9], [1])], ground_truths, iou_thresholds=[1.0])["AP"] == 0.0
+    # t = 0: IoU 0 >= 0, so any detection takes a free gt, also one that overlaps it in x
+    # only (IoU 0, not a negative "intersection" of 5 x -10) or not at all
+    for box in ([5, 20, 15, 30], [20, 20, 30, 30]):
+        ap = coco_ap([det([box], [0.9], [1])], ground_truths, iou_thresholds=[0.0])["AP"]
+        assert ap == pytest.approx(1.0, abs=1e-12)
+
+
 def test_coco_perfect_detections():
     rng = np.random.default_rng(40)
     _, ground_truths = random_scene(rng, gts_per_image=(1, 5))
@@ -287,6 +310,14 @@ def test_voc_hand_worked_curve():
     assert _voc_ap_from_curve(precision, recall, True) == pytest.approx((6 + 5 * 2 / 3) / 11, abs=1e-12)
     # Area: 0.5 * 1 + 0.5 * 2/3.
     assert _voc_ap_from_curve(precision, recall, False) == pytest.approx(0.5 + 1 / 3, abs=1e-12)
+
+
+def test_voc_area_uses_the_monotone_envelope():
+    # Ranked FP, TP, TP with 2 gts: precision [0, 1/2, 2/3], recall [0, 1/2, 1]. The
+    # envelope reads 2/3 over all of [0, 1]; the raw curve would give 1/2 * 1/2 + 1/2 * 2/3.
+    precision, recall = np.array([0, 0.5, 2 / 3]), np.array([0, 0.5, 1.0])
+    assert _voc_ap_from_curve(precision, recall, False) == pytest.approx(2 / 3, abs=1e-12)
+    assert _voc_ap_from_curve(precision, recall, True) == pytest.approx(2 / 3, abs=1e-12)
 
 
 def test_voc_hand_made_11_point():
@@ -332,6 +363,15 @@ def test_voc_threshold_is_inclusive():
     detections = [det([[0, 0, 10, 5]], [0.5], [1])]  # IoU exactly 0.5
     assert voc_ap(detections, ground_truths)["mAP"] == 1.0
     assert voc_ap(detections, ground_truths, iou_threshold=0.51)["mAP"] == 0.0
+
+
+def test_voc_threshold_zero_still_needs_overlap():
+    # the devkit's ov > 0 test: at iou_threshold 0 a box that does not overlap is a false positive
+    ground_truths = [gt([[0, 0, 10, 10]], [1])]
+    detections = [det([[20, 20, 30, 30], [0, 0, 10, 1]], [0.9, 0.8], [1, 1])]  # IoU 0, then 0.1
+    p, r, _ = precision_recall(detections, ground_truths, 1, iou_threshold=0.0)
+    np.testing.assert_allclose(p, [0, 0.5])
+    np.testing.assert_allclose(r, [0, 1])
 
 
 def test_voc_perfect_and_empty():
@@ -415,13 +455,21 @@ def test_labels_are_object_classes_and_areas_stay_within_cocos_limit(metric):
             metric(d, [{**g[0], "labels": np.asarray(labels)}])
     with pytest.raises(ValueError, match=f"{name}: class_ids must be object classes >= 1"):
         metric(d, g, class_ids=[0, 1])
+    with pytest.raises(ValueError, match=rf"{name}: class_ids must not repeat a class, got \[1, 2, 1\]"):
+        metric(d, g, class_ids=[1, 2, 1])
+    with pytest.raises(ValueError, match=f"{name}: class_ids must be integers, got dtype float64"):
+        metric(d, g, class_ids=[1.0])
     huge = [[0, 0, 1e160, 1e160]]  # its IoU with itself would overflow to NaN
     with pytest.raises(ValueError, match=rf"{name}: ground_truths\[0\]: boxes\[0\] has area 1e\+320|area inf"):
         metric([det(huge, [0.5], [1])], [gt(huge, [1])])
+    with pytest.raises(ValueError, match=rf"{name}: detections\[0\]: boxes\[0\] has area 1.5e\+10, beyond COCO"):
+        metric([det([[0, 0, 1e5, 1.5e5]], [0.5], [1])], g)
     edge = [[0, 0, 1e5, 1e5]]  # exactly COCO's limit: still evaluated
     assert metric([det(edge, [0.5], [1])], [gt(edge, [1])])["per_class"][1] == pytest.approx(1.0)
     with pytest.raises(ValueError, match=rf"{name}: detections\[0\] has no 'scores'"):
         metric([{"boxes": np.zeros((0, 4)), "labels": np.zeros(0, np.int64)}], g)
-    # integer boxes and plain lists are accepted
+    # integer boxes and scores, and plain lists, are accepted
     assert coco_ap([{"boxes": [[0, 0, 5, 5]], "scores": [0.5], "labels": [1]}],
                    [{"boxes": [[0, 0, 5, 5]], "labels": [1]}])["AP"] == pytest.approx(1.0)
+    assert metric([{"boxes": [[0, 0, 5, 5], [9, 9, 12, 12]], "scores": [2, 3], "labels": [1, 1]}],
+                  [{"boxes": [[0, 0, 5, 5]], "labels": [1]}])["per_class"][1] == pytest.approx(0.5)

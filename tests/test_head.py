@@ -43,6 +43,31 @@ def test_head_gradient_check_features_and_every_parameter(pooling):
         assert rel_err(p.grad, numeric) < 1e-6, name
 
 
+@pytest.mark.parametrize("pooling", ["roi_pool", "roi_align"])
+def test_head_forward_is_its_layers_written_out(pooling):
+    """pool -> flatten -> fc6 -> ReLU -> fc7 -> ReLU -> (cls_score, bbox_pred), in NumPy;
+    RoIAlign with 2 x 2 samples per bin and the half-pixel alignment."""
+    from tinyfrcnn.roi import roi_align, roi_pool
+
+    rng = np.random.default_rng(5)
+    head = FastRCNNHead(3, 2, pool_size=2, hidden=6, spatial_scale=0.5, pooling=pooling, rng=rng).astype(np.float64)
+    for p in head.parameters():
+        p.data = rng.standard_normal(p.shape)
+    features = distinct_features(rng, (2, 3, 8, 9))
+    rois = np.array([[0, 0.7, 1.3, 15.2, 11.9], [1, 3.1, 2.2, 9.6, 14.7], [1, 0, 0, 17, 15]])
+    if pooling == "roi_pool":
+        pooled, _ = roi_pool(features, rois, 2, 0.5)  # (R, C, 2, 2) and the argmax
+    else:
+        pooled = roi_align(features, rois, 2, 0.5, sampling_ratio=2, aligned=True)
+    x = pooled.reshape(3, -1)  # (R, C * 2 * 2)
+    x = np.maximum(x @ head.fc6.weight.data.T + head.fc6.bias.data, 0)
+    x = np.maximum(x @ head.fc7.weight.data.T + head.fc7.bias.data, 0)
+    assert x.any()
+    cls, box = head.forward(features, rois)
+    np.testing.assert_allclose(cls, x @ head.cls_score.weight.data.T + head.cls_score.bias.data, rtol=1e-12)
+    np.testing.assert_allclose(box, x @ head.bbox_pred.weight.data.T + head.bbox_pred.bias.data, rtol=1e-12)
+
+
 def test_head_backward_accumulates_parameter_gradients():
     rng = np.random.default_rng(1)
     head = FastRCNNHead(2, 1, pool_size=2, hidden=4, spatial_scale=1.0, rng=rng)
@@ -75,6 +100,13 @@ def test_head_shapes_dtype_init_and_empty():
     assert grad.shape == features.shape and not grad.any()
 
 
+def test_head_defaults():
+    """7 x 7 max pooling of a stride-8 feature map and 256 hidden units, as the docstring says."""
+    head = FastRCNNHead(4, 2)
+    assert head.pool.output_size == (7, 7) and head.pool.spatial_scale == 1 / 8 and head.pooling == "roi_pool"
+    assert head.fc6.weight.shape == (256, 4 * 7 * 7) and head.fc7.weight.shape == (256, 256)
+
+
 def test_head_bad_input():
     with pytest.raises(ValueError, match="pooling"):
         FastRCNNHead(4, 2, pooling="max")
@@ -90,6 +122,9 @@ def test_head_bad_input():
     head.forward(np.zeros((1, 4, 4, 4)), np.array([[0, 0, 0, 8, 8]], float))
     with pytest.raises(ValueError, match="grad_cls and grad_box must have shapes"):
         head.backward(np.zeros((1, 3)), np.zeros((1, 8)))
+    with pytest.raises(ValueError, match=r"FastRCNNHead.backward: grad_cls and grad_box must have shapes \(1, 3\) "
+                                         r"and \(1, 12\), got \(1, 2\) and \(1, 12\)"):
+        head.backward(np.zeros((1, 2)), np.zeros((1, 12)))
 
 
 # --------------------------------------------------------------------------- head_loss
@@ -143,6 +178,8 @@ def test_head_loss_nothing_sampled_and_bad_input():
         head_loss(np.zeros((2, 3)), np.zeros((2, 8)), np.array([0, 1]), np.zeros((2, 4)))
     with pytest.raises(ValueError, match=r"labels\[1\] = 3"):
         head_loss(np.zeros((2, 3)), np.zeros((2, 12)), np.array([0, 3]), np.zeros((2, 4)))
+    with pytest.raises(ValueError, match=r"head_loss: labels\[1\] = -2 is outside \[-1, 2\]"):
+        head_loss(np.zeros((2, 3)), np.zeros((2, 12)), np.array([0, -2]), np.zeros((2, 4)))
     with pytest.raises(ValueError, match="box_targets must have shape"):
         head_loss(np.zeros((2, 3)), np.zeros((2, 12)), np.array([0, 1]), np.zeros((2, 5)))
     with pytest.raises(ValueError, match="sigma"):
@@ -201,6 +238,49 @@ def test_postprocess_decodes_with_normalised_weights():
     assert np.allclose(out["boxes"], [[0, 0, 16, 10]])
 
 
+def test_postprocess_nms_is_per_class():
+    """One RoI scored for two classes gives two detections of the same box: NMS only
+    compares boxes of one class."""
+    rois = np.array([[0, 0, 10, 10], [1, 0, 11, 10], [30, 30, 40, 40.0]])
+    logits = np.log(np.array([[0.2, 0.5, 0.3], [0.2, 0.6, 0.2], [0.9, 0.05, 0.05]]))
+    out = postprocess_detections(rois, logits, np.zeros((3, 12)), (50, 50), score_thresh=0.1, nms_thresh=0.5)
+    # class 1: RoI 1 (0.6) suppresses RoI 0 (0.5, IoU 9/11); class 2: RoI 0 (0.3) and RoI 1 (0.2) likewise
+    assert out["labels"].tolist() == [1, 2]
+    np.testing.assert_allclose(out["scores"], [0.6, 0.3])
+    np.testing.assert_array_equal(out["boxes"], [[1, 0, 11, 10], [0, 0, 10, 10]])
+
+
+def test_postprocess_defaults():
+    """score_thresh 0.05, nms_thresh 0.3 and at most 100 detections."""
+    rois = np.array([[0, 0, 10, 10], [3, 0, 13, 10], [40, 0, 50, 10], [60, 0, 70, 10.0]])
+    # IoU(RoI 0, RoI 1) = 7/13 > 0.3; RoI 3's score 0.04 is below 0.05
+    logits = np.log(np.array([[0.1, 0.9], [0.2, 0.8], [0.94, 0.06], [0.96, 0.04]]))
+    out = postprocess_detections(rois, logits, np.zeros((4, 8)), (80, 80))
+    np.testing.assert_array_equal(out["boxes"], rois[[0, 2]])
+    np.testing.assert_allclose(out["scores"], [0.9, 0.06])
+    # IoU 1/3 (boxes 0 and 1) is above 0.3: suppressed; 1/4 (boxes 0 and 2) is not
+    rois = np.array([[0, 0, 10, 10], [5, 0, 15, 10], [6, 0, 16, 10.0]])
+    out = postprocess_detections(rois, np.log([[0.1, 0.9], [0.2, 0.8], [0.3, 0.7]]), np.zeros((3, 8)), (80, 80))
+    np.testing.assert_array_equal(out["boxes"], rois[[0, 2]])
+    x = np.arange(150.0) * 20  # 150 boxes that do not overlap
+    rois = np.column_stack([x, np.zeros(150), x + 10, np.full(150, 10.0)])
+    out = postprocess_detections(rois, np.tile([0.0, 1.0], (150, 1)), np.zeros((150, 8)), (10, 3000))
+    assert len(out["boxes"]) == 100
+
+
+def test_postprocess_score_threshold_is_strict_and_small_boxes_go():
+    """Kept: score > score_thresh (a score equal to it goes) and boxes at least 0.01 wide
+    and high (torchvision's remove_small_boxes(boxes, 1e-2))."""
+    rois = np.array([[0, 0, 0.5, 10], [5, 0, 5.005, 10], [20, 20, 30, 30.0]])
+    logits = np.log(np.array([[0.2, 0.8], [0.2, 0.8], [0.5, 0.5]]))
+    out = postprocess_detections(rois, logits, np.zeros((3, 8)), (40, 40), score_thresh=0.05)
+    np.testing.assert_array_equal(out["boxes"], [[0, 0, 0.5, 10], [20, 20, 30, 30]])  # the 0.005-wide box goes
+    out = postprocess_detections(rois, logits, np.zeros((3, 8)), (40, 40), score_thresh=0.5)
+    np.testing.assert_array_equal(out["boxes"], [[0, 0, 0.5, 10]])  # score 0.5 is not above 0.5
+    assert postprocess_detections(rois, np.zeros((3, 4)), np.zeros((3, 16)), (40, 40),
+                                  score_thresh=0.25)["scores"].size == 0  # every score exactly 1/4
+
+
 @settings(max_examples=25, deadline=None)
 @given(seed=st.integers(0, 2**32 - 1), r=st.integers(0, 40), k=st.integers(1, 4),
        nms_thresh=st.sampled_from([0.0, 0.3, 0.5, 0.7]), score_thresh=st.sampled_from([0.0, 0.05, 0.3]),
@@ -237,6 +317,10 @@ def test_postprocess_bad_input():
         postprocess_detections(rois, logits, deltas, (10,))
     with pytest.raises(ValueError, match="score_thresh"):
         postprocess_detections(rois, logits, deltas, (10, 10), score_thresh=2)
+    with pytest.raises(ValueError, match="postprocess_detections: nms_thresh must be <= 1, got 1.5"):
+        postprocess_detections(rois, logits, deltas, (10, 10), nms_thresh=1.5)
+    with pytest.raises(ValueError, match="cls_logits needs a background and at least one object column, got 1"):
+        postprocess_detections(rois, np.zeros((1, 1)), np.zeros((1, 4)), (10, 10))
     with pytest.raises(ValueError, match="max_detections"):
         postprocess_detections(rois, logits, deltas, (10, 10), max_detections=0)
     with pytest.raises(ValueError, match="rois_boxes has 2 rows"):

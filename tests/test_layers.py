@@ -101,7 +101,8 @@ def test_im2col_reuses_out_only_when_it_can_write_there_safely():
     read_only.flags.writeable = False
     buf = np.arange(40.0)
     overlapping, x_in_buf = buf[1:17].reshape(1, 1, 16), buf[:16].reshape(1, 1, 4, 4)
-    for bad, src in [(read_only, x), (overlapping, x_in_buf), (np.zeros((1, 16, 1)), x), (np.zeros((16,)), x)]:
+    for bad, src in [(read_only, x), (overlapping, x_in_buf), (np.zeros((1, 16, 1)), x), (np.zeros((16,)), x),
+                     (np.zeros((1, 1, 16), np.float32), x)]:
         before = bad.copy()
         cols = im2col(src, 1, 1, 0, out=bad)
         assert cols is not bad
@@ -128,6 +129,7 @@ def test_im2col_and_col2im_empty_batch():
 
 @pytest.mark.parametrize("x,args,match", [
     (np.ones((1, 1, 5, 5)), ((9, 9), (1, 1), (0, 0)), r"im2col: kernel \(9, 9\) is larger than the padded input"),
+    (np.ones((1, 1, 5, 5)), ((3, 9), (1, 1), (0, 0)), r"im2col: kernel \(3, 9\) is larger than the padded input \(5, 5\)"),
     (np.ones((1, 1, 5, 5)), ((3, 3), (0, 0), (0, 0)), r"im2col: stride must be a positive integer"),
     (np.ones((1, 1, 5, 5)), ((3, 3), (1, 1), (-1, 0)), r"im2col: padding must be a non-negative"),
     (np.ones((1, 1, 5, 5)), ((3, 3, 3), (1, 1), (0, 0)), r"im2col: kernel must be an int or an \(h, w\) pair"),
@@ -323,6 +325,10 @@ _A = np.array([[[[0, 2], [8, 10]]]], np.int32)  # each 2x2 window's top-left in 
     (_G, _A, (1, 1, 4, 4), {"kernel": 2, "stride": 0}, r"maxpool2d_backward: stride must be a positive integer"),
     (_G, np.zeros((1, 1, 2, 2), np.int32), (1, 1, 4, 4), {"kernel": 2, "stride": 2},
      r"maxpool2d_backward: argmax\[0, 0, 0, 1\] = 0 is not in its 2x2 window at row 0, column 2"),
+    (_G, np.array([[[[8, 2], [8, 10]]]], np.int32), (1, 1, 4, 4), {"kernel": 2, "stride": 2},
+     r"maxpool2d_backward: argmax\[0, 0, 0, 0\] = 8 is not in its 2x2 window at row 0, column 0"),  # a row below
+    (_G, np.array([[[[2, 2], [8, 10]]]], np.int32), (1, 1, 4, 4), {"kernel": 2, "stride": 2},
+     r"maxpool2d_backward: argmax\[0, 0, 0, 0\] = 2 is not in its 2x2 window at row 0, column 0"),  # a column right
     (_G.astype(np.int32), _A, (1, 1, 4, 4), {}, r"maxpool2d_backward: grad_out must be float32 or float64"),
     (_G, _A.astype(">i4"), (1, 1, 4, 4), {}, r"maxpool2d_backward: argmax must be in this machine's byte order"),
     (_G.astype(">f4"), _A, (1, 1, 4, 4), {}, r"maxpool2d_backward: grad_out must be in this machine's byte order"),
@@ -531,6 +537,10 @@ def test_bad_constructor_arguments():
         Conv2d(1, 10**30, 3)
     with pytest.raises(ValueError, match=r"Linear: weight \(out_features, in_features\) \(2, 10+\)"):
         Linear(10**30, 2)
+    with pytest.raises(ValueError, match="Conv2d: rng must be a numpy.random.Generator"):
+        Conv2d(1, 2, 3, rng=5)
+    with pytest.raises(ValueError, match="Linear: rng must be a numpy.random.Generator"):
+        Linear(2, 3, rng=np.random.RandomState(0))  # the legacy API draws other numbers
     with pytest.raises(ValueError, match="Sequential: layer 1 must be a Module"):
         Sequential(ReLU(), "relu")
     relu = ReLU()
@@ -618,6 +628,29 @@ def test_cuda_im2col_and_col2im_match_cpu_to_the_bit(shape, kernel, stride, padd
     c = rng.standard_normal(cols.shape)
     np.testing.assert_array_equal(_host(col2im(cuda.to_device(c), shape, kernel, stride, padding)),
                                   col2im(c, shape, kernel, stride, padding))
+
+
+def test_cuda_im2col_reuses_only_a_contiguous_out_on_the_same_side():
+    x = np.arange(16.0, dtype=np.float32).reshape(1, 1, 4, 4)
+    expected = _im2col_reference(x, (1, 1), (1, 1), (0, 0))  # (1, 1, 16)
+    out = cuda.to_device(np.zeros((1, 1, 16), np.float32))
+    assert im2col(cuda.to_device(x), 1, 1, 0, out=out) is out
+    np.testing.assert_array_equal(_host(out), expected)
+    strided = cuda.to_device(np.zeros((1, 1, 32), np.float32))[:, :, ::2]
+    host_out = np.zeros((1, 1, 16), np.float32)
+    for src, bad in [(cuda.to_device(x), strided), (cuda.to_device(x), host_out),
+                     (x, cuda.to_device(np.zeros((1, 1, 16), np.float32)))]:
+        cols = im2col(src, 1, 1, 0, out=bad)
+        assert cols is not bad and is_device_array(cols) == is_device_array(src)
+        np.testing.assert_array_equal(_host(cols) if is_device_array(cols) else cols, expected)
+        assert not (_host(bad) if is_device_array(bad) else bad).any()
+
+
+def test_cuda_im2col_and_col2im_refuse_strided_device_input():
+    with pytest.raises(ValueError, match="im2col: x must be C-contiguous on the device"):
+        im2col(cuda.to_device(np.zeros((1, 1, 4, 8), np.float32))[..., ::2], 1, 1, 0)
+    with pytest.raises(ValueError, match="col2im: cols must be C-contiguous on the device"):
+        col2im(cuda.to_device(np.zeros((1, 1, 32), np.float32))[..., ::2], (1, 1, 4, 4), 1, 1, 0)
 
 
 def _small_net(rng):
@@ -883,6 +916,17 @@ def test_to_cuda_packs_parameters_into_one_store():
     assert not store.data.copy_to_host()[gaps].any() and not store.grad.copy_to_host()[gaps].any()
     assert packed_store(dev.parameters()[:2]) is None  # only the whole store, in order
     assert packed_store(dev.parameters()[::-1]) is None
+
+
+def test_to_cuda_keeps_each_parameters_dtype_when_they_differ():
+    m = Three()
+    m.b.data, m.b.grad = m.b.data.astype(np.float64), m.b.grad.astype(np.float64)
+    before = [p.data.copy() for p in m.parameters()]
+    m.to("cuda")
+    assert packed_store(m.parameters()) is None  # one store holds one dtype
+    for p, want in zip(m.parameters(), before):
+        assert p.data.dtype == want.dtype
+        np.testing.assert_array_equal(p.data.copy_to_host(), want)
 
 
 def test_store_runs_of_some_parameters():

@@ -24,6 +24,14 @@ def test_cross_entropy_hand_worked():
     np.testing.assert_allclose(grad, [[0.125, -0.125], [-0.375, 0.375], [0.0, 0.0]], atol=1e-12)
 
 
+def test_cross_entropy_one_kept_row_is_not_averaged_further():
+    # one row kept: the mean is that row's -ln(3/4), the gradient softmax - one-hot itself
+    logits = np.array([[0.0, np.log(3.0)], [5.0, 1.0]])
+    loss, grad = softmax_cross_entropy(logits, np.array([1, -1]))
+    assert loss == pytest.approx(-np.log(0.75), rel=1e-12)
+    np.testing.assert_allclose(grad, [[0.25, -0.25], [0.0, 0.0]], atol=1e-12)
+
+
 def test_cross_entropy_matches_reference_and_gradcheck():
     rng = np.random.default_rng(0)
     logits = rng.normal(size=(7, 4)) * 3
@@ -89,6 +97,7 @@ def test_cross_entropy_properties(n, k, seed):
         (np.array([[0.0, np.nan], [0, 0]]), np.array([0, 1]), "NaN"),
         (np.zeros((2, 2)), np.array([0.0, 1.0]), "integer"),
         (np.zeros(4), np.array([0, 1, 0, 1]), "2-D"),
+        (np.zeros((2, 0)), np.array([-1, -1]), "logits must have at least one class column"),
     ],
 )
 def test_cross_entropy_bad_input(logits, labels, match):
@@ -116,6 +125,15 @@ def test_smooth_l1_hand_worked():
     loss, grad = smooth_l1(np.array([0.5, 0.1]), np.zeros(2), beta=1 / 9)
     assert loss == pytest.approx(0.5 - 1 / 18 + 0.5 * 0.01 * 9)
     np.testing.assert_allclose(grad, [1.0, 0.9])
+
+
+def test_smooth_l1_beta_zero_is_l1():
+    # beta = 0: |x|, whose slope at x = 0 is sign(0) = 0 (torch's L1 gradient there)
+    pred = np.array([1.5, -2.0, 0.25, 0.0])
+    target = np.array([0.0, 0.0, 0.25, 0.0])
+    loss, grad = smooth_l1(pred, target, beta=0.0)
+    assert loss == 3.5
+    np.testing.assert_array_equal(grad, [1.0, -1.0, 0.0, 0.0])
 
 
 def test_smooth_l1_weights_and_reference():
@@ -188,6 +206,9 @@ def test_smooth_l1_properties(n, beta, seed):
         (dict(pred=np.array([0.0, np.inf]), target=np.zeros(2)), "NaN or inf"),
         (dict(pred=np.zeros(2), target=np.array([np.nan, 0])), "target"),
         (dict(pred=np.zeros(2), target=np.zeros(2), beta=-1.0), "beta"),
+        (dict(pred=np.zeros(3), target=np.zeros(3), weights=np.ones(3, np.float32)),
+         "smooth_l1: weights has dtype float32 but pred has float64"),
+        (dict(pred=np.zeros(2), target=np.zeros(2), weights=np.array([1.0, np.nan])), "smooth_l1: weights holds NaN"),
     ],
 )
 def test_smooth_l1_bad_input(kwargs, match):

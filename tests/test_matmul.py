@@ -184,6 +184,15 @@ def test_empty(gpu):
     np.testing.assert_array_equal(got, np.ones((2, 4)))
 
 
+def test_an_empty_product_on_the_device_launches_nothing(monkeypatch):
+    # a grid with no blocks along a dimension is an invalid launch on a GPU
+    grids = []
+    monkeypatch.setattr(mm, "launch", lambda kernel, grid, block, *args: grids.append(grid))
+    for m, k, n in [(0, 3, 4), (3, 4, 0), (0, 2, 0)]:
+        assert matmul(cuda.to_device(np.zeros((m, k))), cuda.to_device(np.zeros((k, n)))).shape == (m, n)
+    assert grids == []
+
+
 # ------------------------------------------------------------------ validation
 
 
@@ -222,6 +231,9 @@ def test_bad_tiling_is_rejected():
         mm.tiled_kernel((8, 8, 1, 2, 2))
     with pytest.raises(ValueError, match="needs 4096 threads; a block holds at most 1024"):
         mm.tiled_kernel((128, 128, 8, 2, 2))
+    assert mm.tiled_kernel((128, 128, 8, 4, 4)).tiling == (128, 128, 8, 4, 4)  # 1024 threads: a full block
+    with pytest.raises(ValueError, match=r"the 32 threads must load the 8x4 and 4x4 tiles evenly"):
+        mm.tiled_kernel((8, 4, 4, 1, 1))  # op(A)'s tile takes one load each, op(B)'s half a load
     with pytest.raises(ValueError, match="need 65536 bytes of shared memory in float64; a block has 49152"):
         mm.tiled_kernel((256, 256, 16, 16, 16))
 
@@ -230,6 +242,24 @@ def test_too_many_rows_for_the_cuda_grid_are_rejected():
     a = cuda.to_device(np.zeros((16 * 65535 + 1, 1), np.float32))  # (M, K)
     with pytest.raises(ValueError, match=r"op\(a\) has 1048561 rows; the CUDA kernels take at most 1048560"):
         matmul(a, cuda.to_device(np.zeros((1, 1), np.float32)))
+
+
+def test_the_cuda_grid_holds_exactly_its_limit_of_blocks(monkeypatch):
+    grids = []
+    monkeypatch.setattr(mm, "launch", lambda kernel, grid, block, *args: grids.append(grid))
+    rows = 16 * 65535  # the most the naive kernel's 16-row blocks can cover
+    a = cuda.to_device(np.zeros((rows, 1), np.float32))
+    assert matmul(a, cuda.to_device(np.zeros((1, 1), np.float32))).shape == (rows, 1)
+    assert grids == [(1, 16384, 1)]  # 64-row tiles
+    for m, ok in [(8 * 65535, True), (8 * 65535 + 1, False)]:  # SMALL's 8-row tiles: 65535 blocks, then 65536
+        a, b, out = (cuda.to_device(np.zeros(shape, np.float32)) for shape in [(m, 1), (1, 1), (m, 1)])
+        if ok:
+            mm.launch_tiled(a, b, out, False, False, False, tiling=SMALL, splits=1)
+            assert grids[-1] == (1, 65535, 1)
+        else:
+            with pytest.raises(ValueError, match=r"launch_tiled: 524281 rows and 1 slices of K need a grid of "
+                                                 r"\(1, 65536, 1\)"):
+                mm.launch_tiled(a, b, out, False, False, False, tiling=SMALL, splits=1)
 
 
 # ------------------------------------------------------------------ CUDA (simulator)
@@ -309,6 +339,8 @@ def test_choose_splits():
     assert mm.choose_splits(64, 576, 8192, mm.Tiling(64, 64, 8, 4, 4), multiprocessors=132) == 30
     assert mm.choose_splits(4096, 4096, 4096, mm.Tiling(64, 64, 8, 4, 4), multiprocessors=132) == 1
     assert mm.choose_splits(64, 64, 100, mm.Tiling(64, 64, 8, 4, 4), multiprocessors=132) == 1
+    assert mm.choose_splits(64, 576, 8192, mm.Tiling(64, 64, 8, 4, 4), multiprocessors=9) == 1  # one block each
+    assert mm.choose_splits(64, 576, 8192, mm.Tiling(64, 64, 8, 4, 4), multiprocessors=10) == 3
 
 
 def test_device_out_must_be_contiguous():

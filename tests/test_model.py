@@ -73,6 +73,105 @@ def test_one_training_step_gradients_match_central_differences():
     assert checked >= 40, checked
 
 
+def wide_batch(n=2):
+    """Shapes images padded on the right to 64 rows x 80 columns (objects stay put)."""
+    images, boxes, labels = tiny_batch(n)
+    return np.concatenate([images, np.zeros((n, 3, 64, 16), images.dtype)], axis=3), boxes, labels
+
+
+def test_forward_losses_are_those_of_the_public_pieces():
+    """One training step's four losses, rebuilt from the public functions with the
+    config's settings (each image's anchors sampled, then its RoIs, from one stream):
+    anchor_targets -> sample_labels -> rpn_loss per image, averaged over the images;
+    sample_proposals -> the head -> head_loss over all sampled RoIs."""
+    from tinyfrcnn.head import head_loss
+    from tinyfrcnn.rpn import rpn_loss
+    from tinyfrcnn.targets import anchor_targets, sample_labels, sample_proposals
+
+    cfg = dataclasses.replace(TINY, rpn_pos_iou=0.6, rpn_neg_iou=0.2, rpn_allowed_border=0.0, rpn_batch=20,
+                              rpn_pos_fraction=0.25, rpn_sigma=2.0, roi_batch=6, fg_fraction=0.5, fg_iou=0.6,
+                              bg_iou=(0.1, 0.6), head_sigma=1.5)
+    model = FasterRCNN(cfg, rng=np.random.default_rng(4)).astype(np.float64)
+    images, boxes, labels = wide_batch()
+    images = images.astype(np.float64)
+    rng = np.random.default_rng(8)
+    props = []
+    for b in boxes:  # near each object, and 12x12 boxes anywhere
+        xy = rng.uniform(0, 60, (30, 2))
+        near = b + rng.normal(0, 2, b.shape)
+        props.append(np.concatenate([near, np.column_stack([xy, xy + 12])]).astype(np.float32))
+    losses = model.forward(images, boxes, labels, rng=np.random.default_rng(9), proposals=props)
+
+    feats = model.backbone.forward(images)
+    assert feats.shape[2:] == (8, 10) and model.head.pool.spatial_scale == 1 / 8  # the backbone's stride
+    logits, deltas = model.rpn.forward(feats)
+    anchors = model.anchors_for(*feats.shape[2:])
+    draws = np.random.default_rng(9)
+    rpn_cls = rpn_reg = 0.0
+    rois, roi_labels, roi_targets = [], [], []
+    for i in range(2):
+        anchor_labels, _, reg_targets = anchor_targets(anchors, boxes[i], 0.6, 0.2, image_size=(64, 80),
+                                                       allowed_border=0.0)
+        sampled = sample_labels(anchor_labels, 20, 0.25, rng=draws)
+        out = rpn_loss(logits[i], deltas[i], sampled, reg_targets, sigma=2.0)
+        rpn_cls += out["loss_cls"] / 2
+        rpn_reg += out["loss_reg"] / 2
+        sample = sample_proposals(props[i], boxes[i], labels[i], num_samples=6, fg_fraction=0.5, fg_iou=0.6,
+                                  bg_iou=(0.1, 0.6), rng=draws)
+        rois.append(np.column_stack([np.full(len(sample["rois"]), i), sample["rois"]]))
+        roi_labels.append(sample["labels"])
+        roi_targets.append(sample["box_targets"])
+    assert all((r[:, 0] == i).sum() > 0 for i, r in enumerate(rois))
+    cls_logits, box_deltas = model.head.forward(feats, np.concatenate(rois))
+    head = head_loss(cls_logits, box_deltas, np.concatenate(roi_labels), np.concatenate(roi_targets), sigma=1.5)
+    assert head["loss_box"] > 0 and rpn_reg > 0
+    expected = {"rpn_cls": rpn_cls, "rpn_reg": rpn_reg, "head_cls": head["loss_cls"], "head_box": head["loss_box"]}
+    for name, value in expected.items():
+        assert losses[name] == pytest.approx(value, rel=1e-9), name
+
+
+def test_forward_takes_image_size_as_height_then_width():
+    model = FasterRCNN(TINY, rng=np.random.default_rng(0))
+    images, boxes, labels = wide_batch()  # 64 rows, 80 columns
+    right = [np.concatenate([b, [[66, 40, 79, 63]]]).astype(np.float32) for b in boxes]  # right of column 64
+    model.forward(images, right, [np.append(l, 1) for l in labels], rng=np.random.default_rng(0), train_head=False)
+    low = [boxes[0], np.concatenate([boxes[1], [[10, 50, 20, 70]]]).astype(np.float32)]  # below row 64
+    with pytest.raises(ValueError, match=r"FasterRCNN.forward: gt_boxes\[1\]\[\d+\] = .* not inside the 64x80 image"):
+        model.forward(images, low, [labels[0], np.append(labels[1], 1)], rng=np.random.default_rng(0))
+
+
+def test_detect_is_postprocess_of_each_images_rois():
+    """detect: the test-time proposals of each image, the head on all of them, then
+    postprocess_detections per image with the config's thresholds."""
+    from tinyfrcnn.head import postprocess_detections
+
+    cfg = dataclasses.replace(TINY, score_thresh=0.3, nms_thresh=0.5, max_detections=7)
+    model = FasterRCNN(cfg, rng=np.random.default_rng(0))
+    for p in model.head.parameters():  # spread the class scores out
+        p.data *= 5
+    images, _, _ = wide_batch()
+    dets = model.detect(images)
+    proposals = model.propose(images)
+    feats = model.backbone.forward(images)
+    rois = np.concatenate([np.column_stack([np.full(len(p), i), p]) for i, (p, _) in enumerate(proposals)])
+    cls_logits, box_deltas = model.head.forward(feats, rois.astype(np.float32))
+    counts = []
+    for i in range(2):
+        rows = rois[:, 0] == i
+        expected = postprocess_detections(rois[rows, 1:], cls_logits[rows], box_deltas[rows], (64, 80),
+                                          score_thresh=0.3, nms_thresh=0.5, max_detections=7)
+        assert 0 < len(expected["scores"])
+        for key in ("boxes", "scores", "labels"):
+            np.testing.assert_array_equal(dets[i][key], expected[key], err_msg=key)
+        others = [postprocess_detections(rois[rows, 1:], cls_logits[rows], box_deltas[rows], (64, 80), **kwargs)
+                  for kwargs in (dict(score_thresh=0.05, nms_thresh=0.5, max_detections=7),
+                                 dict(score_thresh=0.3, nms_thresh=0.5, max_detections=100))]
+        counts.append([len(o["scores"]) for o in others])
+    # here each setting matters: a lower threshold or a higher cap would give more detections
+    assert any(c[0] > len(d["scores"]) for c, d in zip(counts, dets))
+    assert any(c[1] > len(d["scores"]) for c, d in zip(counts, dets))
+
+
 def test_anchors_for_keeps_each_grid_read_only():
     from tinyfrcnn.anchors import grid_anchors
 
@@ -172,6 +271,11 @@ def test_bad_checkpoints_are_clear_errors(tmp_path):
     model.save(path)
     with pytest.raises(ValueError, match="shape"):
         FasterRCNN(ModelConfig()).load_state_dict(FasterRCNN.load(path)[0].state_dict())
+    state = model.state_dict()
+    state["head.cls_score.bias"] = state["head.cls_score.bias"][:1]  # would broadcast over the (4,) bias
+    with pytest.raises(ValueError, match=r"checkpoint parameter 'head.cls_score.bias' has shape \(1,\), "
+                                         r"the model expects \(4,\)"):
+        model.load_state_dict(state)
 
 
 def test_damaged_checkpoints_and_unreadable_extras_are_clear_errors(tmp_path):
@@ -206,6 +310,7 @@ def test_damaged_checkpoints_and_unreadable_extras_are_clear_errors(tmp_path):
     ("backbone_channels", (8, 8, 8), "backbone_channels needs at least 4 entries"),
     ("anchor_sizes", (16, -1), r"anchor_sizes\[1\] must be > 0"), ("rpn_neg_iou", 0.8, "rpn_neg_iou must be <= 0.7"),
     ("bg_iou", (0.0, 0.6), r"bg_iou\[1\] must be <= 0.5"), ("pooling", "max", "pooling must be 'roi_pool' or"),
+    ("bg_iou", (0.2, 0.2), r"bg_iou must be a \(low, high\) pair with low < high, got \(0.2, 0.2\)"),
     ("num_classes", True, "num_classes must be a positive integer"),
 ])
 def test_model_config_checks_its_fields(field, value, match):

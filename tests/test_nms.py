@@ -247,6 +247,13 @@ def test_batched_nms_different_classes_never_suppress():
     np.testing.assert_array_equal(batched_nms(boxes, scores, np.array([0, 1, 2], np.int32), 0.5), [0, 1, 2])
 
 
+def test_batched_nms_ids_that_agree_in_their_low_16_bits():
+    # ids 0 and 65536 span 2**16, one more than 16-bit keys hold: box 2 is still box 0's category
+    boxes = np.array([[0, 0, 10, 10]] * 3, np.float32)
+    scores = np.array([0.9, 0.8, 0.7], np.float32)
+    np.testing.assert_array_equal(batched_nms(boxes, scores, np.array([0, 65536, 0]), 0.5), [0, 1])
+
+
 # ---------------------------------------------------------------- empty and bad input
 
 def test_empty_input_gives_empty_output():
@@ -318,6 +325,19 @@ def test_nms_cuda_edge_cases():
     assert empty.copy_to_host().shape == (0,)
 
 
+def test_nms_cuda_hand_worked():
+    boxes = np.array([
+        [0, 0, 2, 1],  # 0: kept
+        [0, 0, 1, 1],  # 1: IoU exactly 1/2 with box 0
+        [3, 3, 5, 5],  # 2: apart from both on x and on y, so it shares no area with either
+    ], np.float32)
+    scores = np.array([0.9, 0.8, 0.7], np.float32)
+    for threshold, kept in ((0.5, [0, 1, 2]), (0.0, [0, 2])):
+        keep = nms(cuda.to_device(boxes), cuda.to_device(scores), threshold).copy_to_host()
+        np.testing.assert_array_equal(keep, kept)
+        np.testing.assert_array_equal(keep, nms(boxes, scores, threshold))
+
+
 @settings(max_examples=60, deadline=None)
 @given(st.integers(0, 2**32 - 1), st.integers(0, 300), st.sampled_from([np.float32, np.float64]))
 def test_descending_order_is_stable_argsort(seed, n, dtype):
@@ -342,6 +362,15 @@ def test_descending_order_with_ties_is_lexsort(seed, rows, n, dtype):
     ties = rng.choice(np.array([0.0, -0.0, 1e-8, 2e-8, -3.0, 40.0, 1e300]), (rows, n))
     ties[rng.random((rows, n)) < 0.3] = rng.standard_normal()
     np.testing.assert_array_equal(_descending_order(scores, ties=ties), np.lexsort((-ties, -scores), axis=-1))
+
+
+def test_descending_order_with_ties_beyond_a_64_bit_key():
+    # 32 score bits + 16 bits of tie rank + 16 bits of index do not fit an int64 key
+    rng = np.random.default_rng(0)
+    n = 2**15 + 1
+    scores = rng.choice(np.array([-1.5, -0.25, 0.5], np.float32), n)
+    ties = rng.permutation(n).astype(np.float64)  # n distinct tie values: ranks up to 2**15
+    np.testing.assert_array_equal(_descending_order(scores, ties=ties), np.lexsort((-ties, -scores)))
 
 
 @pytest.mark.parametrize("n, density, threads", [(150, 0.02, 32), (150, 0.3, 32), (200, 0.9, 2), (64, 0.1, 32),

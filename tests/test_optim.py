@@ -71,6 +71,12 @@ def test_state_dict_roundtrip():
 def test_bad_arguments():
     with pytest.raises(ValueError, match="SGD: lr must be >= 0"):
         SGD([_param([1.0])], lr=-1)
+    with pytest.raises(ValueError, match="SGD: momentum must be >= 0, got -0.9"):
+        SGD([_param([1.0])], lr=0.1, momentum=-0.9)
+    with pytest.raises(ValueError, match="SGD: weight_decay must be >= 0, got -0.0005"):
+        SGD([_param([1.0])], lr=0.1, weight_decay=-5e-4)
+    with pytest.raises(ValueError, match=r"warmup_step_lr: warmup_factor must be <= 1, got 1.5"):
+        warmup_step_lr(0, 0.1, [], warmup_steps=4, warmup_factor=1.5)
     with pytest.raises(ValueError, match="SGD: params is empty"):
         SGD([], lr=0.1)
     with pytest.raises(ValueError, match=r"SGD: params\[0\] must be a Parameter"):
@@ -98,6 +104,10 @@ def test_parameters_that_sgd_would_step_wrongly_are_refused():
     with pytest.raises(ValueError, match=r"SGD.step: params\[0\].grad has shape \(1,\), its data \(3,\)"):
         opt.step()
     p.grad = np.ones(3)
+    opt.lr = -0.1  # a schedule sets lr between steps
+    with pytest.raises(ValueError, match="SGD.step: lr must be >= 0, got -0.1"):
+        opt.step()
+    opt.lr = 0.1
     opt.momentum = float("nan")
     with pytest.raises(ValueError, match="SGD.step: momentum must be finite"):
         opt.step()
@@ -171,6 +181,26 @@ def test_warmup_step_lr_hand_worked():
     assert warmup_step_lr(100, 0.1, []) == 0.1
 
 
+def test_warmup_starts_at_a_third_by_default():
+    # torch.optim.lr_scheduler.LinearLR's start_factor, 1/3, as torchvision's reference scripts use it
+    assert warmup_step_lr(0, 0.3, [], warmup_steps=2) == pytest.approx(0.1)
+    assert warmup_step_lr(1, 0.3, [], warmup_steps=2) == pytest.approx(0.2)
+    opt = SGD([_param([0.0])], lr=0.3)
+    WarmupStepLR(opt, milestones=[], warmup_steps=2)
+    assert opt.lr == pytest.approx(0.1)
+
+
+def test_load_state_dict_copies_the_buffers():
+    opt = _stepped()
+    state = opt.state_dict()
+    before = state["buffers"][0].copy()
+    again = SGD([_param([1.0, 2.0])], lr=0.1, momentum=0.9)
+    again.load_state_dict(state)
+    again.params[0].grad[...] = 1
+    again.step()
+    np.testing.assert_array_equal(state["buffers"][0], before)  # the caller's state is left as it was
+
+
 def test_scheduler_sets_optimizer_lr():
     p = _param([0.0])
     opt = SGD([p], lr=0.02)
@@ -231,6 +261,12 @@ def test_cuda_grad_must_live_with_data():
     p.grad = np.ones(2, np.float32)
     with pytest.raises(ValueError, match=r"SGD.step: params\[0\] is on the device"):
         SGD([p], lr=0.1).step()
+    for grad in (np.ones(3, np.float32), np.ones(2, np.float64)):  # a wrong shape, a wrong dtype
+        p.grad = cuda.to_device(grad)
+        with pytest.raises(ValueError, match=r"SGD.step: params\[0\] is on the device, so its grad must be a device "
+                                             "array of the same shape and dtype"):
+            SGD([p], lr=0.1).step()
+    np.testing.assert_array_equal(p.data.copy_to_host(), [1.0, 1.0])
 
 
 def test_cuda_kernel_compiles_to_ptx():
@@ -390,6 +426,24 @@ def test_packed_state_dict_roundtrip(packed_target):
         np.testing.assert_array_equal(q.data.copy_to_host(), p.data.copy_to_host())
     for buf, ref in zip(opt2.state_dict()["buffers"], opt.state_dict()["buffers"]):
         np.testing.assert_array_equal(buf, ref)
+
+
+def test_packed_load_of_a_state_with_some_buffers_unset_matches_cpu():
+    # a parameter whose buffer is None takes its first momentum step; the others go on from theirs
+    host, dev = net(), net().to("cuda")
+    first = SGD(net().parameters(), lr=0.05, momentum=0.9)
+    for p in first.params:
+        p.grad[...] = 1
+    first.step()
+    state = first.state_dict()
+    state["buffers"][2:] = [None, None]
+    opts = [SGD(m.parameters(), lr=0.05, momentum=0.9) for m in (host, dev)]
+    for opt in opts:
+        opt.load_state_dict(state)
+    for step in range(2):
+        _sgd_step(opts, (host, dev), step)
+    for p, q in zip(host.parameters(), dev.parameters()):
+        np.testing.assert_array_equal(q.data.copy_to_host(), p.data)
 
 
 class Empty(Module):

@@ -119,6 +119,27 @@ def test_roi_align_sample_rules_at_the_border():
     assert out[0, 0, 0, 0] == f[0, 0, 0, 0] / 4
 
 
+@pytest.mark.parametrize("to", [np.asarray, cuda.to_device], ids=["cpu", "cuda"])
+def test_roi_align_samples_exactly_on_the_limits_count(to):
+    # Only samples below -1 or beyond H (W) drop out, as in torchvision: one at exactly -1
+    # or exactly H is clamped onto the edge cell, forward and backward.
+    f = plane_features(4, 4) + 1  # (1, 1, 4, 4)
+    # One sample each (1 x 1 cell, not aligned): at (-1, -1), (4, 4), (y 4, x -1) and (5, 5).
+    rois = np.array([[0, -1.5, -1.5, -0.5, -0.5], [0, 3.5, 3.5, 4.5, 4.5], [0, -1.5, 3.5, -0.5, 4.5],
+                     [0, 4.5, 4.5, 5.5, 5.5]])
+    out = roi_align(to(f), to(rois), 1, 1.0, sampling_ratio=1, aligned=False)
+    out = out if isinstance(out, np.ndarray) else out.copy_to_host()
+    assert out.ravel().tolist() == [f[0, 0, 0, 0], f[0, 0, 3, 3], f[0, 0, 3, 0], 0]
+    np.testing.assert_array_equal(_roi_align_reference(f, rois, 1, 1.0, 1, False), out)
+    g = np.ones((4, 1, 1, 1))
+    grad = roi_align_backward(to(g), to(rois), f.shape, 1.0, sampling_ratio=1, aligned=False)
+    grad = grad if isinstance(grad, np.ndarray) else grad.copy_to_host()
+    expected = np.zeros(f.shape)
+    expected[0, 0, [0, 3, 3], [0, 3, 0]] = 1
+    np.testing.assert_array_equal(grad, expected)
+    np.testing.assert_array_equal(_roi_align_backward_reference(g, rois, f.shape, 1.0, 1, False), expected)
+
+
 def test_roi_align_adaptive_grid_is_ceil_of_bin_size():
     geometry = roi._align_geometry(np.array([[0, 0, 0, 10, 3]], float), 1.0, 2, 2, -1, True)
     assert geometry[4].tolist() == [2] and geometry[5].tolist() == [5]  # ceil(3/2), ceil(10/2)
@@ -281,6 +302,21 @@ def test_roi_align_layer_keeps_its_own_rois_and_checks_the_gradient_shape():
         with pytest.raises(ValueError, match=r"RoIAlign.backward: grad_out must have the forward output's shape "
                                              r"\(3, 2, 2, 2\)"):
             align.backward(np.zeros(shape))
+
+
+def test_roi_align_layer_backward_in_another_dtype_than_its_forward():
+    # A float64 gradient after a float32 forward: the forward's RoIs and their samples are
+    # worked out again in float64, as the function does for float64 gradients.
+    rng = np.random.default_rng(13)
+    f = rng.standard_normal((1, 2, 6, 6)).astype(np.float32)
+    rois = random_rois(rng, 3, 1, 20, 20).astype(np.float32)
+    g = rng.standard_normal((3, 2, 2, 2))  # (R, C, 2, 2) float64
+    expected = roi_align_backward(g, rois, f.shape, 0.3, 3)
+    align = RoIAlign(2, 0.3, sampling_ratio=3)
+    align.forward(f, rois)
+    rois[:, 1:] += 1.5  # the caller reuses its array (already in the features' dtype) before the backward
+    grad = align.backward(g)
+    assert grad.dtype == np.float64 and np.array_equal(grad, expected)
 
 
 def test_roi_pool_backward_rejects_argmax_in_another_channel():
@@ -511,6 +547,37 @@ def test_cuda_geometry_in_kernel_is_the_cpus_to_the_bit(dtype):
         assert np.allclose(gpu, cpu, rtol=4 * np.finfo(dtype).eps, atol=4 * np.finfo(dtype).eps)
 
 
+@pytest.mark.parametrize("to", [np.asarray, cuda.to_device], ids=["cpu", "cuda"])
+def test_roi_pool_backward_argmax_range_is_exactly_minus_1_to_size(to):
+    # features_shape (1, 1, 4, 4): -1 (an empty bin) and 15 (the last cell) are valid
+    # entries; -2 and 16 are one step outside.
+    g = np.array([[[[1.0, 2.0]]]])  # (1, 1, 1, 2)
+    grad = roi_pool_backward(to(g), to(np.array([[[[-1, 15]]]])), (1, 1, 4, 4))
+    grad = grad if isinstance(grad, np.ndarray) else grad.copy_to_host()
+    assert grad.ravel().tolist() == [0] * 15 + [2]
+    for bad in (-2, 16):
+        with pytest.raises(ValueError, match=r"roi_pool_backward: argmax holds indices outside \[-1, 16\)"):
+            roi_pool_backward(to(g), to(np.array([[[[0, bad]]]])), (1, 1, 4, 4))
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")  # the simulator's float32(1e39)
+@pytest.mark.parametrize("corruption", ["negative", "reversed", "huge"])
+def test_device_rois_are_checked_when_the_features_have_no_channels(corruption):
+    """With no channels there is nothing for a kernel to compute, but bad RoIs are still
+    an error, with the host path's words."""
+    rois, _ = corrupted_rois(0, np.float32, np.float32, corruption)
+    f = np.zeros((3, 0, 5, 6), np.float32)  # (N, 0, H, W)
+    g = np.zeros((len(rois), 0, 2, 2), np.float32)  # (R, 0, 2, 2)
+    calls = [lambda f, r, g: roi_pool(f, r, 2, 0.5), lambda f, r, g: roi_align(f, r, 2, 0.5, sampling_ratio=2),
+             lambda f, r, g: roi_align_backward(g, r, f.shape, 0.5, sampling_ratio=2)]
+    for call in calls:
+        with pytest.raises(ValueError) as on_host:
+            call(f, rois, g)
+        with pytest.raises(ValueError) as on_device:
+            call(cuda.to_device(f), cuda.to_device(rois), cuda.to_device(g))
+        assert str(on_device.value) == str(on_host.value)
+
+
 def test_cuda_pool_backward_rejects_bad_argmax_after_the_kernel():
     f = np.arange(16.0).reshape(1, 1, 4, 4)
     out, argmax = roi_pool(f, np.array([[0, 0, 0, 3, 3]], float), 2, 1.0)
@@ -598,6 +665,7 @@ def test_empty_rois_give_empty_outputs():
     (np.zeros((3, 4, 4)), np.zeros((1, 5)), 2, 1.0, "features must be 4-D"),
     (np.zeros((1, 1, 4, 4), np.int64), np.zeros((1, 5)), 2, 1.0, "features must be float32 or float64"),
     (np.zeros((1, 1, 0, 4)), np.zeros((1, 5)), 2, 1.0, "non-zero height"),
+    (np.zeros((1, 1, 4, 0)), np.zeros((1, 5)), 2, 1.0, "non-zero height and width"),
     (np.zeros((1, 1, 4, 4)), np.zeros((1, 4)), 2, 1.0, r"rois must have shape \(R, 5\)"),
     (np.zeros((1, 1, 4, 4)), np.zeros(5), 2, 1.0, "rois must be 2-D"),
     (np.zeros((1, 1, 4, 4)), np.zeros((1, 5), np.int64), 2, 1.0, "rois must be float32 or float64"),
@@ -626,6 +694,8 @@ def test_bad_input_align_options_backward_and_devices():
         roi_align(f, rois, 2, 1.0, sampling_ratio=1.5)
     with pytest.raises(ValueError, match="aligned"):
         roi_align(f, rois, 2, 1.0, aligned="yes")
+    with pytest.raises(ValueError, match="roi_align: sampling_ratio must be an integer"):
+        roi_align(f, rois, 2, 1.0, sampling_ratio=True)
     out, argmax = roi_pool(f, rois, 2, 1.0)
     with pytest.raises(ValueError, match="argmax has shape"):
         roi_pool_backward(out, argmax[:, :, :1], f.shape)
@@ -635,16 +705,25 @@ def test_bad_input_align_options_backward_and_devices():
         roi_pool_backward(out, argmax + 100, f.shape)
     with pytest.raises(ValueError, match="features_shape"):
         roi_pool_backward(out, argmax, (4, 4))
+    with pytest.raises(ValueError, match=r"roi_pool_backward: grad_out has 1 channels but features_shape \(1, 2, 4, 4\)"):
+        roi_pool_backward(out, argmax, (1, 2, 4, 4))
     with pytest.raises(ValueError, match="grad_out has shape"):
         roi_align_backward(np.zeros((2, 1, 2, 2)), rois, f.shape, 1.0)
+    with pytest.raises(ValueError, match=r"roi_align_backward: grad_out has shape \(1, 2, 2, 2\) but there are 1 rois "
+                                         r"and features_shape \(1, 1, 4, 4\) has 1 channels"):
+        roi_align_backward(np.zeros((1, 2, 2, 2)), rois, f.shape, 1.0)
+    with pytest.raises(ValueError, match="roi_align_backward: features_shape must have non-zero height and width"):
+        roi_align_backward(np.zeros((1, 1, 2, 2)), rois, (1, 1, 0, 4), 1.0)
     with pytest.raises(ValueError, match="device arrays"):
         roi_align(f, cuda.to_device(rois), 2, 1.0)
     with pytest.raises(ValueError, match="call forward first"):
         RoIPool(2, 1.0).backward(out)
     with pytest.raises(ValueError, match="call forward first"):
         RoIAlign(2, 1.0).backward(out)
-    with pytest.raises(ValueError, match="spatial_scale"):
+    with pytest.raises(ValueError, match="RoIAlign: spatial_scale must be > 0"):
         RoIAlign(2, 0)
+    with pytest.raises(ValueError, match="RoIPool: spatial_scale must be > 0"):
+        RoIPool(2, 0)
 
 
 @pytest.mark.parametrize("op", [roi_pool, roi_align])

@@ -82,6 +82,10 @@ def test_head_bad_input():
         head.backward(np.zeros((1, 9, 2), np.float32), None)
     with pytest.raises(ValueError, match="both None"):
         head.backward(None, None)
+    from numba import cuda
+
+    with pytest.raises(ValueError, match="RPNHead.backward: grad_deltas must be a NumPy array, like the forward's"):
+        head.backward(None, cuda.to_device(np.zeros((1, 8, 4), np.float32)))
     with pytest.raises(ValueError, match="channels"):
         head.forward(np.zeros((1, 4, 2, 2), np.float32))
     with pytest.raises(ValueError, match="num_anchors"):
@@ -190,6 +194,8 @@ def test_rpn_loss_batch_is_each_image_alone(dtype):
         ((np.zeros((3, 2)), np.zeros((2, 4)), np.array([0, 1, 0]), np.zeros((3, 4))), "deltas must have shape"),
         ((np.zeros((3, 3)), np.zeros((3, 4)), np.array([0, 1, 0]), np.zeros((3, 4))), "logits must have shape"),
         ((np.zeros((3, 2)), np.zeros((3, 4)), np.array([0, 2, 0]), np.zeros((3, 4))), "labels must be"),
+        ((np.zeros((3, 2)), np.zeros((3, 4)), np.array([0, -2, 0]), np.zeros((3, 4))),
+         r"rpn_loss: labels must be integers in \{-1, 0, 1\}, got dtype int64, values \[-2, 0\]"),
         ((np.zeros((3, 2)), np.zeros((3, 4)), np.array([0, 1, 0]), np.full((3, 4), np.nan)), "NaN"),
         ((np.array([[0, 0], [np.inf, 0], [0, 0]]), np.zeros((3, 4)), np.array([0, 1, 0]), np.zeros((3, 4))),
          "rpn_loss: logits"),
@@ -366,6 +372,9 @@ def test_proposals_batch_bad_input():
     anchors = simple_anchors(2, 2, 1)
     with pytest.raises(ValueError, match="same A anchors"):
         generate_proposals_batch(np.zeros((2, 4, 2)), np.zeros((3, 4, 4)), anchors, (16, 16))
+    for logits in (np.zeros((2, 5, 2)), np.zeros((2, 5))):  # 5 anchors' logits or scores, 4 anchors
+        with pytest.raises(ValueError, match=r"generate_proposals_batch: logits \(2, 5.*same A anchors"):
+            generate_proposals_batch(logits, np.zeros((2, 4, 4)), anchors, (16, 16))
     with pytest.raises(ValueError, match=r"\(N, A, 2\) logits"):
         generate_proposals_batch(np.zeros((2, 4, 3)), np.zeros((2, 4, 4)), anchors, (16, 16))
     with pytest.raises(ValueError, match="deltas"):

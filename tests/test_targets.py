@@ -101,10 +101,32 @@ def test_border_anchors_ignored_even_above_pos_iou():
     np.testing.assert_array_equal(labels, [-1, 1, 0])
 
 
+def test_image_size_is_height_then_width():
+    """On a tall image (40 rows, 20 columns) x is checked against the width and y against
+    the height, for the ground truth and for the border anchors alike."""
+    tall = (40, 20)
+    labels, _ = label_anchors(B([0, 0, 10, 30]), B([0, 0, 10, 30]), image_size=tall)
+    np.testing.assert_array_equal(labels, [1])
+    with pytest.raises(ValueError, match=r"gt_boxes\[0\] = \[0.0, 0.0, 30.0, 10.0\] is not inside the 40x20 image"):
+        label_anchors(B([0, 0, 10, 10]), B([0, 0, 30, 10]), image_size=tall)
+    anchors = B(
+        [0, 0, 10, 36],   # inside: 36 rows of the 40
+        [0, 0, 24, 10],   # 24 columns: crosses the right border by 4
+        [0, 0, 20, 40],   # the whole image
+        [0, 0, 10, 44],   # crosses the bottom border by 4
+    )
+    labels, _ = label_anchors(anchors, B([0, 0, 10, 36]), image_size=tall, allowed_border=0)
+    np.testing.assert_array_equal(labels, [1, -1, -1, -1])  # anchor 2: IoU 0.45, ignored
+    labels, _ = label_anchors(anchors, B([0, 0, 10, 36]), image_size=tall, allowed_border=4)
+    np.testing.assert_array_equal(labels, [1, 0, -1, 1])  # anchor 3: IoU 36/44 >= 0.7
+
+
 @pytest.mark.parametrize(
     "gt, kwargs, match",
     [
         (B([0, 0, 0, 10]), {}, "zero width"),
+        (B([0, 0, 10, 10]), dict(image_size=(0, 32)), r"image_size must be > 0, got 0"),
+        (B([0, 0, 10, 10]), dict(image_size=(32, 0)), r"image_size must be > 0, got 0"),
         (B([0, 0, np.nan, 10]), {}, "NaN"),
         (B([0, 0, 40, 10]), dict(image_size=(32, 32)), "inside"),
         (B([-1, 0, 10, 10]), dict(image_size=(32, 32)), "inside"),
@@ -293,12 +315,16 @@ def test_sample_labels_other_fraction():
     out = sample_labels(make_labels(300, 5000, 0), num_samples=64, positive_fraction=0.25,
                         rng=np.random.default_rng(0))
     assert (out == 1).sum() == 16 and (out == 0).sum() == 48
+    # at most int(7 * 0.5) = 3 positives (rounded down), the other 4 negatives
+    out = sample_labels(make_labels(20, 20, 0), num_samples=7, positive_fraction=0.5, rng=np.random.default_rng(0))
+    assert (out == 1).sum() == 3 and (out == 0).sum() == 4
 
 
 @pytest.mark.parametrize(
     "labels, kwargs, match",
     [
         (np.array([0, 1, 2]), {}, "only"),
+        (np.array([0, 1, -2]), {}, r"labels must hold only \[-1, 0, 1\], found -2"),
         (np.array([0.0, 1.0]), {}, "integer"),
         (np.array([0, 1]), dict(rng=None), "rng"),
         (np.array([0, 1]), dict(num_samples=0), "num_samples"),

@@ -28,8 +28,8 @@ import math
 import numpy as np
 from numba import cuda, njit, prange
 
-from .checks import (as_array, as_float_array, check_array_fits, check_finite, check_positive_int, check_shape,
-                     padding_pair, pair)
+from .checks import (as_array, as_float_array, check_array_fits, check_finite, check_positive_int, check_rng,
+                     check_shape, padding_pair, pair)
 from .device import check_device, empty_on_device, grid_1d, is_device_array, launch, on_device
 from .im2col import _col2im, _contiguous, _im2col, _output_size, output_size
 from .matmul import _device_matmul, matmul
@@ -596,7 +596,7 @@ class Conv2d(Module):
         if not isinstance(needs_input_grad, (bool, np.bool_)):
             raise ValueError(f"{where}: needs_input_grad must be True or False, got {needs_input_grad!r}")
         self.needs_input_grad = bool(needs_input_grad)
-        rng = np.random.default_rng(0) if rng is None else rng
+        rng = np.random.default_rng(0) if rng is None else check_rng(rng, where)
         kh, kw = self.kernel_size
         check_array_fits((self.out_channels, self.in_channels, kh, kw), "weight (out_channels, in_channels, kh, kw)",
                          where)
@@ -994,7 +994,7 @@ class Linear(Module):
         self.in_features = check_positive_int(in_features, "in_features", where)
         self.out_features = check_positive_int(out_features, "out_features", where)
         check_array_fits((self.out_features, self.in_features), "weight (out_features, in_features)", where)
-        rng = np.random.default_rng(0) if rng is None else rng
+        rng = np.random.default_rng(0) if rng is None else check_rng(rng, where)
         self.weight = Parameter(_he_normal((self.out_features, self.in_features), self.in_features, rng))
         self.bias = Parameter(np.zeros(self.out_features, dtype=np.float32))
         self._cache = None
